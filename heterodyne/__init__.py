@@ -1,0 +1,43 @@
+"""heterodyne: fit XPCS two-time correlation matrices with the heterodyne model."""
+
+import jax
+
+# The model's rates span many decades (q² D t ~ 1e-4 .. 1e3): float64 everywhere.
+jax.config.update("jax_enable_x64", True)
+
+from heterodyne import model  # noqa: E402
+from heterodyne.data import from_arrays, select, to_netcdf, validate  # noqa: E402
+from heterodyne.errors import (  # noqa: E402
+    DataError,
+    FileFormatError,
+    HeterodyneError,
+    OptionError,
+    ParameterError,
+)
+from heterodyne.io import load, q_values  # noqa: E402
+from heterodyne.nlsq import fit_nlsq  # noqa: E402
+from heterodyne.parameters import Parameters  # noqa: E402
+from heterodyne.results import NLSQResult, open_result  # noqa: E402
+from heterodyne.simulate import simulate  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataError",
+    "FileFormatError",
+    "HeterodyneError",
+    "NLSQResult",
+    "OptionError",
+    "ParameterError",
+    "Parameters",
+    "fit_nlsq",
+    "from_arrays",
+    "load",
+    "model",
+    "open_result",
+    "q_values",
+    "select",
+    "simulate",
+    "to_netcdf",
+    "validate",
+]

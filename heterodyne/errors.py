@@ -1,0 +1,37 @@
+"""The package's error types: every problem with user input raises one of these.
+
+=====================  =====================================================  ============
+error                  raised when                                            subclass of
+=====================  =====================================================  ============
+``HeterodyneError``    base of all errors below                               ``Exception``
+``DataError``          a Dataset or array fails validation (shape, times,     ``ValueError``
+                       q, all-NaN angle, ...)
+``FileFormatError``    a file is missing, unreadable, of an unknown layout    ``DataError``
+                       or inconsistent; the message names the file and the
+                       path inside it
+``ParameterError``     an unknown parameter name, bounds with min > max, a    ``ValueError``
+                       value outside its bounds or of the wrong shape
+``OptionError``        a keyword argument of a public function has the        ``ValueError``
+                       wrong type or value
+=====================  =====================================================  ============
+"""
+
+
+class HeterodyneError(Exception):
+    """Base class of the errors raised by heterodyne."""
+
+
+class DataError(HeterodyneError, ValueError):
+    """A Dataset or array does not have the canonical form."""
+
+
+class FileFormatError(DataError):
+    """A file cannot be read as heterodyne data."""
+
+
+class ParameterError(HeterodyneError, ValueError):
+    """A parameter name, value or bound is invalid."""
+
+
+class OptionError(HeterodyneError, ValueError):
+    """A keyword option has the wrong type or value."""

@@ -1,0 +1,212 @@
+"""The heterodyne two-time correlation model of MODEL.md, as pure JAX functions.
+
+Every equation exists once here. Two evaluation paths share the same building blocks:
+
+- :func:`c2_grid` (meshgrid path, NLSQ): the full ``(phi, t1, t2)`` array;
+- :func:`c2_pairs` (pairwise path, CMC): ``c2`` at given ``(angle, i, j)`` pairs from the
+  same per-frame integrals gathered at ``i`` and ``j``; memory ``O(N + n_pairs)``.
+
+Units: ``t`` in s, ``q`` in 1/Å, ``phi`` and ``phi0`` in degrees, transport rates in
+Å²/s, velocities in Å/s. ``physics`` is the vector of the 14 physics parameters in the
+canonical order of :data:`heterodyne.parameters.PHYSICS_NAMES`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Largest exponent fed to exp in the fraction law: exp(700) ~ 1e304 is still finite, so
+# neither the value nor its gradient (value * (t - f2)) becomes inf * 0 = NaN.
+_MAX_EXPONENT = 700.0
+
+
+def power_law(t, prefactor, exponent, offset):
+    """``prefactor * t**exponent + offset`` with ``t**exponent`` taken as 0 at ``t <= 0``.
+
+    MODEL.md, "Parameters". The power is evaluated at a safe ``t = 1`` where ``t <= 0``
+    and then masked, so that neither the value nor its gradient (``log t``) is NaN.
+    """
+    positive = t > 0
+    safe_t = jnp.where(positive, t, 1.0)
+    return jnp.where(positive, prefactor * safe_t**exponent, 0.0) + offset
+
+
+def transport_rate(t, prefactor, exponent, offset):
+    """``J(t) = max(D0 t**alpha + D_offset, 0)`` in Å²/s (MODEL.md, "Parameters").
+
+    The floor uses ``>=`` so that at ``J = 0`` (a static component, ``D0 = 0``) the
+    gradient from above is kept: an optimiser at the bound can still move away from 0.
+    """
+    rate = power_law(t, prefactor, exponent, offset)
+    return jnp.where(rate >= 0, rate, 0.0)
+
+
+def velocity(t, v0, beta, v_offset):
+    """``v(t) = v0 t**beta + v_offset`` in Å/s, signed (MODEL.md, "Parameters")."""
+    return power_law(t, v0, beta, v_offset)
+
+
+def sample_fraction(t, f0, f1, f2, f3):
+    """``x_s(t) = clip(f0 exp(f1 (t - f2)) + f3, 0, 1)`` (MODEL.md, "Parameters").
+
+    The clip is written with ``where`` so that at exactly 0 or 1 the gradient from
+    inside is kept; the exponent is capped so that neither value nor gradient overflow.
+    """
+    x = f0 * jnp.exp(jnp.minimum(f1 * (t - f2), _MAX_EXPONENT)) + f3
+    return jnp.where(x < 0, 0.0, jnp.where(x > 1, 1.0, x))
+
+
+def cumulative_trapezoid(rate, t):
+    """``P(t_0) = 0``, ``P(t_k) = sum_{i<k} (p_i + p_{i+1}) / 2 (t_{i+1} - t_i)``.
+
+    MODEL.md, "The two-time correlation": the integral between frames ``i`` and ``j``
+    is ``P(t_j) - P(t_i)``.
+    """
+    increments = 0.5 * (rate[1:] + rate[:-1]) * jnp.diff(t)
+    return jnp.concatenate([jnp.zeros(1, dtype=increments.dtype), jnp.cumsum(increments)])
+
+
+class FrameIntegrals(NamedTuple):
+    """Per-frame quantities from which every pair ``(i, j)`` is built."""
+
+    t: jax.Array  #: frame time [s]
+    P_ref: jax.Array  #: cumulative reference transport integral [Å²]
+    P_sample: jax.Array  #: cumulative sample transport integral [Å²]
+    V: jax.Array  #: cumulative velocity integral (displacement) [Å]
+    x_sample: jax.Array  #: sample fraction x_s(t) [-]
+
+
+def frame_integrals(physics, t) -> FrameIntegrals:
+    """Rates, fraction and their trapezoid integrals on the frame times ``t`` [s]."""
+    (
+        D0_ref,
+        alpha_ref,
+        D_offset_ref,
+        D0_sample,
+        alpha_sample,
+        D_offset_sample,
+        v0,
+        beta,
+        v_offset,
+        f0,
+        f1,
+        f2,
+        f3,
+        _phi0,
+    ) = physics
+    return FrameIntegrals(
+        t=t,
+        P_ref=cumulative_trapezoid(transport_rate(t, D0_ref, alpha_ref, D_offset_ref), t),
+        P_sample=cumulative_trapezoid(
+            transport_rate(t, D0_sample, alpha_sample, D_offset_sample), t
+        ),
+        V=cumulative_trapezoid(velocity(t, v0, beta, v_offset), t),
+        x_sample=sample_fraction(t, f0, f1, f2, f3),
+    )
+
+
+def correlation(frames_i: FrameIntegrals, frames_j: FrameIntegrals, q, q_parallel):
+    """Normalised heterodyne correlation ``g`` of frames ``i`` and ``j``.
+
+    MODEL.md, "The two-time correlation"::
+
+        g = [ r_i² r_j² exp(-q² A_r) + s_i² s_j² exp(-q² A_s)
+            + 2 r_i r_j s_i s_j exp(-q² (A_r + A_s)/2) cos(q cos(phi - phi0) V) ] / (n_i n_j)
+
+    with ``A = |P_j - P_i|``, ``V = V_j - V_i``, ``r = 1 - s``, ``n = r² + s²``.
+    The rates are floored at 0, so ``P`` is non-decreasing and ``|P_j - P_i|`` is
+    ``P_later - P_earlier``; writing it by time order rather than with ``abs`` gives the
+    right one-sided gradient at ``A = 0`` (a static component) in both triangles.
+    ``q_parallel = q cos(phi - phi0)`` [1/Å]. Arguments broadcast: frames gathered as
+    ``(N, 1)`` and ``(1, N)`` give the grid, frames gathered at pair indices give pairs.
+    """
+    q2 = q * q
+    direction = jnp.where(frames_j.t >= frames_i.t, 1.0, -1.0)
+    A_ref = direction * (frames_j.P_ref - frames_i.P_ref)
+    A_sample = direction * (frames_j.P_sample - frames_i.P_sample)
+    s_i, s_j = frames_i.x_sample, frames_j.x_sample
+    r_i, r_j = 1.0 - s_i, 1.0 - s_j
+    rr, ss = r_i * r_j, s_i * s_j
+    reference = rr * rr * jnp.exp(-q2 * A_ref)
+    sample = ss * ss * jnp.exp(-q2 * A_sample)
+    cross_amplitude = 2.0 * rr * ss * jnp.exp(-0.5 * q2 * (A_ref + A_sample))
+    phase = q_parallel * (frames_j.V - frames_i.V)
+    norm = (r_i * r_i + s_i * s_i) * (r_j * r_j + s_j * s_j)
+    return (reference + sample + cross_amplitude * jnp.cos(phase)) / norm
+
+
+def parallel_wavevector(physics, phi, q):
+    """``q cos(phi - phi0)`` [1/Å]: the wavevector component along the flow."""
+    return q * jnp.cos(jnp.deg2rad(phi - physics[13]))
+
+
+@jax.jit
+def c2_grid(physics, contrast, offset, t, phi, q):
+    """Model ``c2`` on the full grid, shape ``(n_phi, N, N)`` (meshgrid path).
+
+    ``c2(phi, t_i, t_j) = offset_phi + contrast_phi * g(i, j; phi)``. ``contrast`` and
+    ``offset`` are scalars or have one value per angle.
+    """
+    frames = frame_integrals(physics, t)
+    rows = jax.tree.map(lambda f: f[:, None], frames)
+    cols = jax.tree.map(lambda f: f[None, :], frames)
+    q_parallel = parallel_wavevector(physics, phi, q)[:, None, None]
+    g = correlation(rows, cols, q, q_parallel)
+    scale = jnp.broadcast_to(contrast, jnp.shape(phi))[:, None, None]
+    base = jnp.broadcast_to(offset, jnp.shape(phi))[:, None, None]
+    return base + scale * g
+
+
+@jax.jit
+def c2_pairs(physics, contrast, offset, t, phi, q, angle, i, j):
+    """Model ``c2`` at the pairs ``(phi[angle[k]], t[i[k]], t[j[k]])``, shape ``(n_pairs,)``.
+
+    Pairwise path: the per-frame integrals are computed once (``O(N)``) and gathered at
+    ``i`` and ``j``; no ``N x N`` array is formed.
+    """
+    frames = frame_integrals(physics, t)
+    q_parallel = parallel_wavevector(physics, phi, q)[angle]
+    g = correlation(
+        jax.tree.map(lambda f: f[i], frames),
+        jax.tree.map(lambda f: f[j], frames),
+        q,
+        q_parallel,
+    )
+    scale = jnp.broadcast_to(contrast, jnp.shape(phi))[angle]
+    base = jnp.broadcast_to(offset, jnp.shape(phi))[angle]
+    return base + scale * g
+
+
+@jax.jit
+def g2(physics, contrast, offset, tau, phi, q):
+    """One-time (equilibrium) limit ``g2(phi, tau)``, shape ``(n_phi, n_tau)``.
+
+    MODEL.md, "The one-time limit": with constant rates and fraction
+    (``alpha_* = beta = 0``, offsets 0, ``f1 = 0``), and ``X = s² / (r² + s²)``::
+
+        g2 = offset + contrast [ (1-X)² exp(-q² D0_ref tau) + X² exp(-q² D0_sample tau)
+             + 2 X (1-X) exp(-q² (D0_ref + D0_sample) tau / 2) cos(q v0 tau cos(phi - phi0)) ]
+
+    The exponents, offsets and ``f1`` of ``physics`` are ignored (taken as zero).
+    """
+    D0_ref, D0_sample, v0 = physics[0], physics[3], physics[6]
+    s = sample_fraction(0.0, physics[9], 0.0, physics[11], physics[12])
+    X = s * s / ((1.0 - s) ** 2 + s * s)
+    q2 = q * q
+    tau = jnp.abs(tau)[None, :]
+    q_parallel = parallel_wavevector(physics, phi, q)[:, None]
+    g = (
+        (1.0 - X) ** 2 * jnp.exp(-q2 * D0_ref * tau)
+        + X**2 * jnp.exp(-q2 * D0_sample * tau)
+        + 2.0
+        * X
+        * (1.0 - X)
+        * jnp.exp(-0.5 * q2 * (D0_ref + D0_sample) * tau)
+        * jnp.cos(q_parallel * v0 * tau)
+    )
+    scale = jnp.broadcast_to(contrast, jnp.shape(phi))[:, None]
+    base = jnp.broadcast_to(offset, jnp.shape(phi))[:, None]
+    return base + scale * g

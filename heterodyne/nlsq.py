@@ -1,0 +1,394 @@
+"""Non-linear least squares: ``fit_nlsq``.
+
+``scipy.optimize.least_squares`` (trust-region reflective, bounds from the parameter
+table) minimises the sum of squared weighted residuals of :mod:`heterodyne.objective`
+with an exact Jacobian from ``jax.jacfwd``. The residual and Jacobian are compiled once
+per data shape: the data and the fixed values are arguments, not constants, so a
+multi-start or a second fit of same-shaped data reuses the compiled code.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+from scipy.optimize import least_squares
+from scipy.stats import qmc
+from tqdm.auto import tqdm
+
+from heterodyne import model, objective
+from heterodyne.data import validate
+from heterodyne.errors import OptionError, ParameterError
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
+from heterodyne.results import NLSQResult, identifiability_warnings
+
+SCALINGS = ("per_angle", "shared")
+# Parameters drawn log-uniformly by multistart: positive scales spanning decades.
+LOG_SCALE = ("D0_ref", "D0_sample", "v0")
+# The log-uniform range of a log-scale parameter whose lower bound is 0 starts this many
+# decades below its upper bound.
+LOG_DECADES = 6
+
+
+# Pairs are processed in blocks of this many, so that the Jacobian is never held for all
+# pairs at once: memory O(BLOCK x n_varied) whatever the size of the data.
+BLOCK = 2**16
+
+
+def _residuals(x, template, free, pairs, n_scale):
+    return objective.residuals(template.at[free].set(x), pairs, n_scale)
+
+
+def _normal_equations(x, template, free, pairs, n_scale):
+    """``(J^T J, J^T r, r^T r)`` at ``x``, accumulated over blocks of pairs."""
+    per_pair = {k: getattr(pairs, k) for k in ("angle", "i", "j", "c2", "weight")}
+    n_blocks = -(-pairs.n_pairs // BLOCK)
+    pad = n_blocks * BLOCK - pairs.n_pairs
+    # padded pairs have weight 0: their residual and Jacobian rows are exactly 0
+    blocks = {k: jnp.pad(v, (0, pad)).reshape(n_blocks, BLOCK) for k, v in per_pair.items()}
+
+    def accumulate(totals, block):
+        part = pairs._replace(**block)
+        r = _residuals(x, template, free, part, n_scale)
+        jac = jax.jacfwd(_residuals)(x, template, free, part, n_scale)
+        return (totals[0] + jac.T @ jac, totals[1] + jac.T @ r, totals[2] + r @ r), None
+
+    n = x.shape[0]
+    zeros = (jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(()))
+    return jax.lax.scan(accumulate, zeros, blocks)[0]
+
+
+_residuals_jit = jax.jit(_residuals, static_argnums=4)
+_normal_equations_jit = jax.jit(_normal_equations, static_argnums=4)
+
+
+def fit_nlsq(
+    ds: xr.Dataset,
+    params=None,
+    *,
+    fix=(),
+    multistart: int = 0,
+    seed: int = 0,
+    scaling: str = "per_angle",
+    progress: bool = True,
+    **least_squares_options,
+) -> NLSQResult:
+    """Fit the heterodyne model to all angles of ``ds`` by least squares.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Canonical two-time Dataset (``hd.load``, ``hd.simulate``, ``hd.from_arrays``).
+    params : Parameters, dict or None
+        Starting values, bounds and which parameters vary; ``None`` takes the defaults
+        of the parameter table. ``contrast`` and ``offset`` left at ``None`` are
+        estimated from the data per angle (offset from the long-lag plateau, contrast
+        from the pairs next to the diagonal).
+    fix : sequence of str
+        Names of parameters to hold at their value (same as ``params[name].vary = False``).
+    multistart : int
+        Number of extra starts from a scrambled Sobol design inside the bounds of the
+        varied physics parameters (log-uniform for ``D0_*`` and ``v0``). The best fit by
+        cost is returned; all are kept in ``result.starts``.
+    seed : int
+        Seed of the multistart design.
+    scaling : {"per_angle", "shared"}
+        One contrast/offset pair per angle, or one pair for all angles.
+    progress : bool
+        Show a progress bar (cost evaluations, or starts with ``multistart``).
+    **least_squares_options
+        Passed to ``scipy.optimize.least_squares`` (``ftol``, ``xtol``, ``gtol``,
+        ``max_nfev``, ``x_scale``, ``loss`` ...).
+
+    Returns
+    -------
+    NLSQResult
+        ``.params``, ``.stderr``, ``.report()``, ``.plot()``, ``.to_netcdf()``.
+
+    Notes
+    -----
+    Minimises ``sum_k ((model_k - c2_k) / sigma_k)²`` over the pairs ``t1 < t2`` of all
+    angles (diagonal and non-finite pairs excluded). Standard errors are
+    ``sqrt(diag((J^T J)^-1))`` at the optimum; without ``sigma`` they are scaled by the
+    residual variance ``chi2 / (n_pairs - n_varied)``, as ``curve_fit`` does. Two-time
+    pairs share frames, so these nominal errors are lower bounds (MODEL.md, "Noise").
+
+    Examples
+    --------
+    >>> ds = hd.simulate({"v0": 500.0}, phi=[0, 45, 90], noise=0.01)
+    >>> result = hd.fit_nlsq(ds, hd.Parameters(v0=400.0))
+    >>> print(result.report())  # doctest: +SKIP
+    """
+    problem = _Problem.build(ds, params, fix=fix, scaling=scaling)
+    if not isinstance(multistart, int | np.integer) or multistart < 0:
+        raise OptionError(f"multistart must be an integer >= 0; got {multistart!r}")
+    if "jac" in least_squares_options or "bounds" in least_squares_options:
+        raise OptionError("jac and bounds are set by fit_nlsq; set bounds on the Parameters")
+    options = {"x_scale": "jac", "method": "trf", **least_squares_options}
+    starts = [problem.x0] + list(problem.design(multistart, seed))
+    if len(starts) == 1:
+        outcomes = [problem.solve(starts[0], options, progress=progress)]
+    else:
+        workers = min(len(starts), os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(problem.solve, x, options, progress=False) for x in starts]
+            outcomes = [
+                f.result()
+                for f in tqdm(futures, desc="multistart", unit="start", disable=not progress)
+            ]
+    return problem.result(outcomes, options)
+
+
+class _Problem:
+    """Everything one fit needs, built and checked before any compile."""
+
+    def __init__(self, ds, params, pairs, template, free, labels, lower, upper, n_scale, scaling):
+        self.ds, self.params, self.pairs = ds, params, pairs
+        self.template, self.free, self.labels = template, free, labels
+        self.lower, self.upper, self.n_scale, self.scaling = lower, upper, n_scale, scaling
+        self.x0 = np.asarray(template)[np.asarray(free)]
+
+    @classmethod
+    def build(cls, ds, params, *, fix, scaling):
+        validate(ds)
+        if scaling not in SCALINGS:
+            raise OptionError(f"scaling must be one of {SCALINGS}; got {scaling!r}")
+        p = Parameters.coerce(params)
+        if isinstance(fix, str):
+            fix = (fix,)
+        p.fix(*fix)
+        n_phi = ds.sizes["phi"]
+        p.validate(n_phi)
+        for message in identifiability_warnings(p):
+            warnings.warn(message, stacklevel=3)
+        pairs = objective.fitted_pairs(ds)
+        n_scale = n_phi if scaling == "per_angle" else 1
+        estimates = estimate_scaling(ds)
+        values, lower, upper, labels, free = [], [], [], [], []
+        for name in PHYSICS_NAMES:
+            par = p[name]
+            if par.vary:
+                free.append(len(values))
+                labels.append(name)
+                lower.append(par.min)
+                upper.append(par.max)
+            values.append(float(par.value))
+        for name in SCALING_NAMES:
+            par = p[name]
+            start = (
+                estimates[name]
+                if par.value is None
+                else np.broadcast_to(np.asarray(par.value, dtype=np.float64), (n_phi,))
+            )
+            start = np.clip(start, par.min, par.max)
+            if n_scale == 1:
+                start = np.array([np.mean(start)])
+            for k in range(n_scale):
+                if par.vary:
+                    free.append(len(values))
+                    labels.append(f"{name}[{k}]" if scaling == "per_angle" else name)
+                    lower.append(par.min)
+                    upper.append(par.max)
+                values.append(float(start[k]))
+        if not free:
+            raise ParameterError("no parameter varies; nothing to fit")
+        if len(free) >= pairs.n_pairs:
+            raise ParameterError(
+                f"{len(free)} varied parameters but only {pairs.n_pairs} finite pairs"
+            )
+        return cls(
+            ds,
+            p,
+            pairs,
+            jnp.asarray(values),
+            jnp.asarray(free, dtype=jnp.int32),
+            tuple(labels),
+            np.asarray(lower),
+            np.asarray(upper),
+            n_scale,
+            scaling,
+        )
+
+    def residuals(self, x):
+        """Weighted residuals at all fitted pairs, (n_pairs,)."""
+        return np.asarray(
+            _residuals_jit(jnp.asarray(x), self.template, self.free, self.pairs, self.n_scale)
+        )
+
+    def normal_equations(self, x):
+        """``(J^T J, J^T r, r^T r)`` at ``x`` as numpy arrays."""
+        out = _normal_equations_jit(
+            jnp.asarray(x), self.template, self.free, self.pairs, self.n_scale
+        )
+        return tuple(np.asarray(a) for a in out)
+
+    def design(self, n, seed):
+        """``n`` starts from a scrambled Sobol design in the bounds of the varied physics
+        parameters (log-uniform for ``LOG_SCALE``); contrast and offset keep ``x0``."""
+        if n == 0:
+            return np.empty((0, self.x0.size))
+        physics = [k for k, label in enumerate(self.labels) if label in PHYSICS_NAMES]
+        unit = qmc.Sobol(len(physics), scramble=True, seed=seed).random(n)
+        starts = np.tile(self.x0, (n, 1))
+        for column, k in enumerate(physics):
+            lo, hi = self.lower[k], self.upper[k]
+            if self.labels[k] in LOG_SCALE and hi > 0:
+                lo_log = np.log10(max(lo, hi * 10.0**-LOG_DECADES))
+                starts[:, k] = 10.0 ** (lo_log + unit[:, column] * (np.log10(hi) - lo_log))
+            else:
+                starts[:, k] = lo + unit[:, column] * (hi - lo)
+        return starts
+
+    def solve(self, x0, options, *, progress):
+        """One ``least_squares`` run on the compressed problem of :class:`Compressed`."""
+        bar = tqdm(desc="nlsq", unit=" evals", disable=not progress, leave=False)
+        compressed = Compressed(self.normal_equations)
+
+        def fun(x):
+            f = compressed.residual(x)
+            bar.update(1)
+            bar.set_postfix(cost=f"{0.5 * float(f @ f):.6g}", refresh=False)
+            return f
+
+        try:
+            outcome = least_squares(
+                fun,
+                np.clip(x0, self.lower, self.upper),
+                jac=compressed.jacobian,
+                bounds=(self.lower, self.upper),
+                **options,
+            )
+        finally:
+            bar.close()
+        outcome.jtj = compressed.normal_matrix(outcome.x)
+        return outcome
+
+    def result(self, outcomes, options):
+        costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
+        best = outcomes[int(np.argmin(costs))]
+        z = np.asarray(self.template).copy()
+        z[np.asarray(self.free)] = best.x
+        n_pairs, n_free = self.pairs.n_pairs, best.x.size
+        chi2 = float(2.0 * best.cost)
+        covariance = pseudo_inverse(best.jtj)
+        if "sigma" not in self.ds.data_vars:
+            covariance *= chi2 / max(n_pairs - n_free, 1)
+        physics, contrast, offset = objective.unpack(z, self.n_scale)
+        model_c2 = model.c2_grid(
+            physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q
+        )
+        success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
+        starts = xr.Dataset(
+            {
+                "x": (("start", "name"), np.array([o.x for o in outcomes])),
+                "cost": ("start", costs),
+                "nfev": ("start", np.array([o.nfev for o in outcomes])),
+                "success": ("start", np.array([int(o.success) for o in outcomes])),
+            },
+            coords={"start": np.arange(len(outcomes)), "name": list(self.labels)},
+        )
+        return NLSQResult.from_fit(
+            data=self.ds,
+            params=self.params,
+            z=z,
+            labels=self.labels,
+            covariance=covariance,
+            model_c2=np.asarray(model_c2),
+            pairs=self.pairs,
+            residuals=self.residuals(best.x),
+            chi2=chi2,
+            nfev=int(best.nfev),
+            success=success,
+            message=str(best.message),
+            starts=starts,
+            scaling=self.scaling,
+            lower=self.lower,
+            upper=self.upper,
+        )
+
+
+def estimate_scaling(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """Per-angle starting ``offset`` (median ``c2`` over the longest 10 % of lags) and
+    ``contrast`` (mean ``c2`` one frame off the diagonal, minus the offset)."""
+    c2 = ds["c2"].values
+    n = c2.shape[-1]
+    lag = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :])
+    far = lag >= max(1, int(0.9 * (n - 1)))
+    near = lag == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an angle may be NaN in a band
+        offset = np.nanmedian(c2[:, far], axis=1)
+        contrast = np.nanmean(c2[:, near], axis=1) - offset
+    offset = np.where(np.isfinite(offset), offset, 1.0)
+    contrast = np.where(np.isfinite(contrast) & (contrast > 0), contrast, 0.1)
+    return {"contrast": contrast, "offset": offset}
+
+
+class Compressed:
+    """The least-squares problem reduced to ``n + 1`` rows with the same geometry.
+
+    With ``A = J^T J = D^-1 V L V^T D^-1`` (``D`` the column norms, ``L`` the eigenvalues of
+    the normalised matrix), the Jacobian ``J_c = [L^1/2 V^T D^-1; 0]`` and residual
+    ``f_c = [L^-1/2 V^T D J^T r; rho]``, ``rho² = r^T r - |L^-1/2 V^T D J^T r|²``, satisfy
+    ``J_c^T J_c = J^T J``, ``J_c^T f_c = J^T r`` and ``|f_c| = |r|``, so the trust-region
+    steps, predicted and actual reductions of ``least_squares`` are those of the full
+    problem, while scipy never holds an ``n_pairs x n`` matrix.
+
+    ``fun(x)`` and ``jac(x)`` are called at the same ``x`` in turn; both come from one
+    evaluation of the normal equations, cached by ``x``.
+    """
+
+    def __init__(self, normal_equations):
+        self._normal_equations = normal_equations
+        self._x = None
+
+    def _at(self, x):
+        if self._x is None or not np.array_equal(x, self._x):
+            jtj, jtr, rtr = self._normal_equations(x)
+            scale, eigval, eigvec, keep = normalised_eigh(jtj)
+            root = np.sqrt(np.where(keep, eigval, 0.0))
+            inv = _safe_inverse(scale)
+            y = np.where(keep, (eigvec.T @ (inv * jtr)) / np.where(keep, root, 1.0), 0.0)
+            rho = np.sqrt(max(rtr - y @ y, 0.0))
+            jac = np.vstack([(root[:, None] * eigvec.T) * scale, np.zeros(jtj.shape[0])])
+            self._x, self._f, self._jac, self._jtj = x.copy(), np.append(y, rho), jac, jtj
+        return self
+
+    def residual(self, x):
+        return self._at(x)._f
+
+    def jacobian(self, x):
+        return self._at(x)._jac
+
+    def normal_matrix(self, x):
+        return self._at(x)._jtj
+
+
+def normalised_eigh(jtj: np.ndarray):
+    """Eigen-decomposition of ``J^T J`` with unit diagonal: ``(column norms, eigenvalues,
+    eigenvectors, mask of eigenvalues above eps * n * max)``. Normalising first keeps
+    parameters of very different units (D0 ~ 1e4, f0 ~ 0.5) from spoiling the
+    conditioning; a zero column (a parameter with no effect) gets a zero eigenvalue."""
+    scale = np.sqrt(np.diag(jtj))
+    inv = _safe_inverse(scale)
+    eigval, eigvec = np.linalg.eigh(jtj * np.outer(inv, inv))
+    keep = eigval > np.finfo(float).eps * jtj.shape[0] * max(eigval.max(), 0.0)
+    return scale, eigval, eigvec, keep
+
+
+def pseudo_inverse(jtj: np.ndarray) -> np.ndarray:
+    """``(J^T J)^+`` from :func:`normalised_eigh`: a degenerate direction gives large, not
+    infinite, errors."""
+    scale, eigval, eigvec, keep = normalised_eigh(jtj)
+    inv = _safe_inverse(scale)
+    normalised = (eigvec[:, keep] / eigval[keep]) @ eigvec[:, keep].T
+    return normalised * np.outer(inv, inv)
+
+
+def _safe_inverse(scale):
+    return np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)

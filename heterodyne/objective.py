@@ -1,0 +1,84 @@
+"""The one objective shared by NLSQ and CMC: weighted residuals over the fitted pairs.
+
+MODEL.md, "Fitting conventions": each independent pair ``t_i < t_j`` of each angle is
+fitted once, the diagonal never; pairs whose ``c2`` (or ``sigma``) is not finite are
+masked. The residual of a pair is ``(model - data) / sigma``, or ``model - data`` when
+the Dataset has no ``sigma``.
+
+The fitted quantities are packed in one vector ``z = [physics (14), contrast (n_scale),
+offset (n_scale)]`` with ``n_scale = n_phi`` (per-angle scaling) or 1 (shared).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+
+from heterodyne import model
+from heterodyne.data import validate
+from heterodyne.errors import DataError
+from heterodyne.parameters import PHYSICS_NAMES
+
+
+class Pairs(NamedTuple):
+    """The fitted pairs of a Dataset, flattened over angles (a JAX pytree)."""
+
+    t: jax.Array  #: frame times [s], (N,)
+    phi: jax.Array  #: angles [deg], (n_phi,)
+    q: jax.Array  #: wavevector [1/Å], ()
+    angle: jax.Array  #: angle index of each pair, (n_pairs,)
+    i: jax.Array  #: first frame index (i < j), (n_pairs,)
+    j: jax.Array  #: second frame index, (n_pairs,)
+    c2: jax.Array  #: measured c2, (n_pairs,)
+    weight: jax.Array  #: 1 / sigma, or 1 without sigma, (n_pairs,)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.c2.shape[0])
+
+
+def fitted_pairs(ds: xr.Dataset) -> Pairs:
+    """The pairs ``t_i < t_j`` of every angle with finite ``c2`` (and ``sigma``)."""
+    validate(ds)
+    n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
+    i, j = np.triu_indices(n, 1)
+    c2 = ds["c2"].values[:, i, j]
+    sigma = ds["sigma"].values[:, i, j] if "sigma" in ds.data_vars else np.ones_like(c2)
+    keep = np.isfinite(c2) & np.isfinite(sigma)
+    if not keep.any():
+        raise DataError("no finite c2 pairs to fit")
+    angle = np.broadcast_to(np.arange(n_phi)[:, None], c2.shape)[keep]
+    return Pairs(
+        t=jnp.asarray(ds["t1"].values, dtype=jnp.float64),
+        phi=jnp.asarray(ds["phi"].values, dtype=jnp.float64),
+        q=jnp.asarray(float(ds["q"].values)),
+        angle=jnp.asarray(angle, dtype=jnp.int32),
+        i=jnp.asarray(np.broadcast_to(i, c2.shape)[keep], dtype=jnp.int32),
+        j=jnp.asarray(np.broadcast_to(j, c2.shape)[keep], dtype=jnp.int32),
+        c2=jnp.asarray(c2[keep]),
+        weight=jnp.asarray(1.0 / sigma[keep]),
+    )
+
+
+def unpack(z, n_scale: int):
+    """Split the packed vector into ``(physics (14,), contrast, offset)``."""
+    n = len(PHYSICS_NAMES)
+    return z[:n], z[n : n + n_scale], z[n + n_scale : n + 2 * n_scale]
+
+
+def model_at_pairs(z, pairs: Pairs, n_scale: int):
+    """Model ``c2`` at the fitted pairs from the packed vector ``z``."""
+    # With shared scaling contrast and offset have shape (1,) and broadcast to all angles.
+    physics, contrast, offset = unpack(z, n_scale)
+    return model.c2_pairs(
+        physics, contrast, offset, pairs.t, pairs.phi, pairs.q, pairs.angle, pairs.i, pairs.j
+    )
+
+
+def residuals(z, pairs: Pairs, n_scale: int):
+    """Weighted residuals ``(model - data) * weight`` at the fitted pairs, (n_pairs,)."""
+    return (model_at_pairs(z, pairs, n_scale) - pairs.c2) * pairs.weight

@@ -1,0 +1,256 @@
+"""The parameter table of MODEL.md and a mutable ``Parameters`` mapping built from it.
+
+The table below is the single source of truth for names, units, defaults, bounds and
+which parameters vary by default. Everything else (the model's argument order, the
+simulator, the fitters, reports, plots) reads it from here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from heterodyne.errors import ParameterError
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One row of the MODEL.md parameter table."""
+
+    name: str
+    unit: str
+    default: float
+    min: float
+    max: float
+    vary: bool
+    meaning: str
+
+
+# Canonical order: the model takes the 14 physics parameters as one vector in this order.
+# Defaults vary only identifiable parameters (MODEL.md, "Fitting conventions"): with
+# alpha = beta = 0 the offsets D_offset_*, v_offset are the same rate as D0_*, v0; f2 enters
+# only through f0 * exp(-f1 f2); with f1 = 0 only f0 + f3 is identifiable.
+# fmt: off
+PHYSICS = (
+    #             name               unit          default  min    max   vary   meaning
+    ParameterSpec("D0_ref",          "Å²/s^(1+α)", 1e4,  0.0,   1e7,  True,
+                  "reference transport prefactor, J_r = D0_ref t^alpha_ref + D_offset_ref"),
+    ParameterSpec("alpha_ref",       "",           0.0,  -2.0,  2.0,  True,
+                  "reference transport exponent"),
+    ParameterSpec("D_offset_ref",    "Å²/s",       0.0,  -1e5,  1e5,  False,
+                  "reference transport offset"),
+    ParameterSpec("D0_sample",       "Å²/s^(1+α)", 1e4,  0.0,   1e7,  True,
+                  "sample transport prefactor, J_s = D0_sample t^alpha_sample + D_offset_sample"),
+    ParameterSpec("alpha_sample",    "",           0.0,  -2.0,  2.0,  True,
+                  "sample transport exponent"),
+    ParameterSpec("D_offset_sample", "Å²/s",       0.0,  -1e5,  1e5,  False,
+                  "sample transport offset"),
+    ParameterSpec("v0",              "Å/s^(1+β)",  1e3,  0.0,   1e6,  True,
+                  "flow velocity prefactor, v = v0 t^beta + v_offset"),
+    ParameterSpec("beta",            "",           0.0,  -2.0,  2.0,  True,
+                  "flow velocity exponent"),
+    ParameterSpec("v_offset",        "Å/s",        0.0,  -1e5,  1e5,  False,
+                  "flow velocity offset (fixes the sign of v)"),
+    ParameterSpec("f0",              "",           0.5,  0.0,   1.0,  True,
+                  "sample fraction amplitude, x_s = clip(f0 exp(f1 (t - f2)) + f3, 0, 1)"),
+    ParameterSpec("f1",              "1/s",        0.0,  -10.0, 10.0, True,
+                  "sample fraction growth rate"),
+    ParameterSpec("f2",              "s",          0.0,  -1e4,  1e4,  False,
+                  "sample fraction time shift (enters only through f0 exp(-f1 f2))"),
+    ParameterSpec("f3",              "",           0.0,  0.0,   1.0,  False,
+                  "sample fraction baseline"),
+    ParameterSpec("phi0",            "deg",        0.0,  -90.0, 90.0, True,
+                  "flow direction in the detector frame (period 180°)"),
+)
+SCALING = (
+    ParameterSpec("contrast",        "",           0.5,  0.0,   1.0,  True,
+                  "speckle contrast of each angle, c2 = offset + contrast g"),
+    ParameterSpec("offset",          "",           1.0,  0.5,   1.5,  True,
+                  "baseline of each angle"),
+)
+# fmt: on
+PHYSICS_NAMES = tuple(s.name for s in PHYSICS)
+SCALING_NAMES = tuple(s.name for s in SCALING)
+SPECS = {s.name: s for s in PHYSICS + SCALING}
+UNITS = {s.name: s.unit for s in PHYSICS + SCALING}
+
+
+class Parameter:
+    """A parameter's current setting: ``value``, ``vary``, ``min``, ``max``.
+
+    For ``contrast`` and ``offset`` the value may be ``None`` (estimate it from the data
+    per angle), a number (all angles) or one number per angle.
+    """
+
+    __slots__ = ("name", "value", "vary", "min", "max")
+
+    def __init__(self, name, value, vary, min, max):  # noqa: A002 (lmfit's names)
+        self.name = name
+        self.value = value
+        self.vary = vary
+        self.min = min
+        self.max = max
+
+    @property
+    def spec(self) -> ParameterSpec:
+        return SPECS[self.name]
+
+    @property
+    def unit(self) -> str:
+        return self.spec.unit
+
+    def __repr__(self):
+        return (
+            f"<Parameter {self.name}={self.value!r} vary={self.vary} "
+            f"bounds=[{self.min:g}, {self.max:g}]>"
+        )
+
+
+class Parameters(MutableMapping):
+    """The 14 physics parameters and the per-angle ``contrast``/``offset`` by name.
+
+    >>> p = Parameters()
+    >>> p["v0"].value = 250
+    >>> p["f2"].vary = False
+    >>> p["D0_sample"].min = 10
+    >>> print(p)  # doctest: +SKIP
+
+    ``Parameters(v0=250, D0_sample=3e3)`` sets values at construction. ``contrast`` and
+    ``offset`` start as ``None``: the fitters estimate them from the data.
+    """
+
+    def __init__(self, values: Mapping[str, float] | None = None, /, **kwargs):
+        self._params = {s.name: Parameter(s.name, s.default, s.vary, s.min, s.max) for s in PHYSICS}
+        for s in SCALING:
+            self._params[s.name] = Parameter(s.name, None, s.vary, s.min, s.max)
+        for name, value in {**dict(values or {}), **kwargs}.items():
+            self[name].value = value
+
+    @classmethod
+    def coerce(cls, params) -> Parameters:
+        """A ``Parameters`` from ``None`` (defaults), a dict of values or a ``Parameters``
+        (copied)."""
+        if params is None:
+            return cls()
+        if isinstance(params, Parameters):
+            return params.copy()
+        if isinstance(params, Mapping):
+            return cls(params)
+        raise ParameterError(
+            f"params must be a heterodyne.Parameters, a dict of name -> value or None; "
+            f"got {type(params).__name__}"
+        )
+
+    def __getitem__(self, name: str) -> Parameter:
+        try:
+            return self._params[name]
+        except KeyError:
+            raise ParameterError(
+                f"unknown parameter {name!r}; the parameters are "
+                f"{', '.join(PHYSICS_NAMES + SCALING_NAMES)}"
+            ) from None
+
+    def __setitem__(self, name, value):
+        if isinstance(value, Parameter):
+            if value.name != name:
+                raise ParameterError(f"cannot store parameter {value.name!r} under {name!r}")
+            self[name]  # raises for unknown names
+            self._params[name] = value
+        else:
+            self[name].value = value
+
+    def __delitem__(self, name):
+        raise ParameterError("parameters cannot be removed; fix one with p[name].vary = False")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def copy(self) -> Parameters:
+        return copy.deepcopy(self)
+
+    def fix(self, *names: str) -> Parameters:
+        """Set ``vary = False`` on the named parameters; returns ``self``."""
+        for name in names:
+            self[name].vary = False
+        return self
+
+    def physics_values(self) -> np.ndarray:
+        """The 14 physics values as a float64 vector in canonical order."""
+        return np.array([float(self[n].value) for n in PHYSICS_NAMES], dtype=np.float64)
+
+    @property
+    def varied(self) -> tuple[str, ...]:
+        """Names of the varied physics parameters, in canonical order."""
+        return tuple(n for n in PHYSICS_NAMES if self[n].vary)
+
+    def validate(self, n_phi: int | None = None) -> None:
+        """Raise ``ParameterError`` for non-finite values, min > max or values outside
+        the bounds. ``n_phi`` checks the length of per-angle contrast/offset."""
+        for name, p in self._params.items():
+            if not (np.isfinite(p.min) or p.min == -np.inf) or np.isnan(p.max):
+                raise ParameterError(f"{name}: bounds must be numbers, got [{p.min}, {p.max}]")
+            if p.min > p.max:
+                raise ParameterError(f"{name}: min {p.min:g} > max {p.max:g}")
+            if p.value is None:
+                if name in PHYSICS_NAMES:
+                    raise ParameterError(f"{name}: value is None; physics parameters need one")
+                continue
+            values = np.atleast_1d(np.asarray(p.value, dtype=np.float64))
+            if name in PHYSICS_NAMES and values.size != 1:
+                raise ParameterError(f"{name}: expected one number, got shape {values.shape}")
+            if name in SCALING_NAMES and n_phi is not None and values.size not in (1, n_phi):
+                raise ParameterError(
+                    f"{name}: expected one value or one per angle ({n_phi}), got {values.size}"
+                )
+            if not np.all(np.isfinite(values)):
+                raise ParameterError(f"{name}: value {p.value!r} is not finite")
+            if np.any(values < p.min) or np.any(values > p.max):
+                raise ParameterError(
+                    f"{name}: value {p.value!r} outside its bounds [{p.min:g}, {p.max:g}]"
+                )
+
+    def table(self) -> str:
+        """The parameters as a fixed-width text table."""
+        rows = [f"{'name':<16}{'value':>12}{'vary':>6}{'min':>11}{'max':>11}  unit"]
+        for name, p in self._params.items():
+            if p.value is None:
+                value = "auto"
+            elif np.ndim(p.value) == 0:
+                value = f"{float(p.value):.6g}"
+            else:
+                value = "[" + ",".join(f"{v:.3g}" for v in np.ravel(p.value)) + "]"
+            rows.append(
+                f"{name:<16}{value:>12}{'yes' if p.vary else 'no':>6}"
+                f"{p.min:>11.4g}{p.max:>11.4g}  {p.unit}"
+            )
+        return "\n".join(rows)
+
+    def __str__(self):
+        return self.table()
+
+    def __repr__(self):
+        return f"Parameters(\n{self.table()}\n)"
+
+    def _repr_html_(self):
+        head = "".join(
+            f"<th>{h}</th>" for h in ("name", "value", "vary", "min", "max", "unit", "meaning")
+        )
+        body = []
+        for name, p in self._params.items():
+            value = (
+                "auto"
+                if p.value is None
+                else np.array2string(np.asarray(p.value, dtype=float), precision=6)
+            )
+            body.append(
+                f"<tr><td>{name}</td><td>{value}</td><td>{'yes' if p.vary else 'no'}</td>"
+                f"<td>{p.min:g}</td><td>{p.max:g}</td><td>{p.unit}</td>"
+                f"<td style='text-align:left'>{p.spec.meaning}</td></tr>"
+            )
+        return f"<table><tr>{head}</tr>{''.join(body)}</table>"

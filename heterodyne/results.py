@@ -1,0 +1,435 @@
+"""Result objects: one immutable object per fit, saved and reopened without loss.
+
+``NLSQResult`` holds xarray objects only: ``params`` and ``stderr`` (one scalar variable
+per physics parameter, ``contrast``/``offset`` along ``phi``), ``covariance`` over the
+varied names, the multistart outcomes, the model and residuals, the fitted data and the
+parameter settings. ``to_netcdf`` writes them as groups of one netCDF-4 file;
+``open_result`` reads any result type back.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+from heterodyne.data import atomic_write
+from heterodyne.errors import FileFormatError
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
+
+CORRELATION_WARN = 0.99  # MODEL.md: report parameter pairs more correlated than this
+CORRELATION_SHOW = 0.5  # the report lists correlations above this
+AT_BOUND_RTOL = 1e-6  # a value this close to a bound (relative to the range) is "at bound"
+
+
+def identifiability_warnings(p: Parameters) -> list[str]:
+    """Degeneracies of the model (MODEL.md, "Fitting conventions") that ``p`` lets vary."""
+    out = []
+
+    def varies(*names):
+        return all(p[n].vary for n in names)
+
+    def fixed_zero(name):
+        return not p[name].vary and float(p[name].value) == 0.0
+
+    for side in ("ref", "sample"):
+        if varies(f"D0_{side}", f"D_offset_{side}") and fixed_zero(f"alpha_{side}"):
+            out.append(
+                f"with alpha_{side} = 0 fixed, D0_{side} and D_offset_{side} are one "
+                f"rate: fix one of them"
+            )
+    if varies("v0", "v_offset") and fixed_zero("beta"):
+        out.append("with beta = 0 fixed, v0 and v_offset are one velocity: fix one of them")
+    if varies("f0", "f2"):
+        out.append("f0 and f2 enter only through f0 exp(-f1 f2): fix one of them")
+    if varies("f0", "f3") and fixed_zero("f1"):
+        out.append("with f1 = 0 fixed only f0 + f3 is identifiable: fix one of them")
+    if p["f2"].vary and fixed_zero("f1"):
+        out.append("with f1 = 0 fixed, f2 has no effect: fix it")
+    return out
+
+
+def params_layout(physics: np.ndarray, contrast, offset, phi, q, *, attrs=None) -> xr.Dataset:
+    """The ``params``/``stderr`` layout: a scalar per physics parameter, ``contrast`` and
+    ``offset`` along ``phi``; units in attrs."""
+    n_phi = np.size(phi)
+    variables = {
+        name: ((), float(physics[k]), {"units": UNITS[name]})
+        for k, name in enumerate(PHYSICS_NAMES)
+    }
+    for name, value in (("contrast", contrast), ("offset", offset)):
+        variables[name] = (
+            "phi",
+            np.broadcast_to(np.asarray(value, float), (n_phi,)).copy(),
+            {"units": UNITS[name]},
+        )
+    coords = {
+        "phi": ("phi", np.asarray(phi, float), {"units": "deg"}),
+        "q": ((), float(q), {"units": "1/Å"}),
+    }
+    return xr.Dataset(variables, coords=coords, attrs=dict(attrs or {}))
+
+
+def settings_dataset(p: Parameters) -> xr.Dataset:
+    """The parameter settings (vary, min, max) as a Dataset over ``name``."""
+    names = list(PHYSICS_NAMES + SCALING_NAMES)
+    return xr.Dataset(
+        {
+            "vary": ("name", np.array([int(p[n].vary) for n in names])),
+            "min": ("name", np.array([p[n].min for n in names], float)),
+            "max": ("name", np.array([p[n].max for n in names], float)),
+        },
+        coords={"name": names},
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class NLSQResult:
+    """The outcome of :func:`heterodyne.fit_nlsq`.
+
+    Attributes
+    ----------
+    params, stderr : xarray.Dataset
+        Best-fit values and their standard errors (NaN for fixed parameters).
+    covariance : xarray.DataArray
+        Covariance of the varied quantities, dims ``(name, name_)``.
+    starts : xarray.Dataset
+        Every multistart outcome (``x``, ``cost``, ``nfev``, ``success`` by ``start``).
+    model : xarray.Dataset
+        The model ``c2`` at the best fit on the data's grid.
+    residuals : xarray.DataArray
+        Weighted residuals ``(model - data) / sigma`` at the fitted pairs (mirrored into
+        the lower triangle; NaN on the diagonal and at masked pairs).
+    data : xarray.Dataset
+        The fitted Dataset.
+    settings : xarray.Dataset
+        ``vary``, ``min``, ``max`` of every parameter as fitted.
+    info : dict
+        ``chi2``, ``nfev``, ``success``, ``message``, ``scaling``, ``n_pairs``,
+        ``nan_pairs``, ``errors``.
+    """
+
+    params: xr.Dataset
+    stderr: xr.Dataset
+    covariance: xr.DataArray
+    starts: xr.Dataset
+    model: xr.Dataset
+    residuals: xr.DataArray
+    data: xr.Dataset
+    settings: xr.Dataset
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_fit(
+        cls,
+        *,
+        data,
+        params,
+        z,
+        labels,
+        covariance,
+        model_c2,
+        pairs,
+        residuals,
+        chi2,
+        nfev,
+        success,
+        message,
+        starts,
+        scaling,
+        lower,
+        upper,
+    ):
+        n_scale = 1 if scaling == "shared" else data.sizes["phi"]
+        phi, q = data["phi"].values, float(data["q"].values)
+        physics = z[: len(PHYSICS_NAMES)]
+        contrast = z[len(PHYSICS_NAMES) : len(PHYSICS_NAMES) + n_scale]
+        offset = z[len(PHYSICS_NAMES) + n_scale :]
+        errors = dict(zip(labels, np.sqrt(np.clip(np.diag(covariance), 0, None)), strict=True))
+        err_physics = np.array([errors.get(n, np.nan) for n in PHYSICS_NAMES])
+
+        def err_scale(name):
+            if scaling == "shared":
+                return errors.get(name, np.nan)
+            return np.array([errors.get(f"{name}[{k}]", np.nan) for k in range(n_scale)])
+
+        n_pairs, n_free = pairs.n_pairs, len(labels)
+        info = {
+            "chi2": chi2,
+            "nfev": nfev,
+            "success": int(success),
+            "message": message,
+            "scaling": scaling,
+            "n_pairs": n_pairs,
+            "n_varied": n_free,
+            "nan_pairs": int(data.attrs.get("nan_pairs", 0)),
+            "weighted": int("sigma" in data.data_vars),
+            "errors": "nominal",
+        }
+        fitted = np.full(data["c2"].shape, np.nan)
+        fitted[np.asarray(pairs.angle), np.asarray(pairs.i), np.asarray(pairs.j)] = residuals
+        fitted[np.asarray(pairs.angle), np.asarray(pairs.j), np.asarray(pairs.i)] = residuals
+        coords = {k: data.coords[k] for k in ("phi", "t1", "t2", "q")}
+        return cls(
+            params=params_layout(physics, contrast, offset, phi, q),
+            stderr=params_layout(err_physics, err_scale("contrast"), err_scale("offset"), phi, q),
+            covariance=xr.DataArray(
+                covariance,
+                dims=("name", "name_"),
+                coords={"name": list(labels), "name_": list(labels)},
+                name="covariance",
+            ),
+            starts=starts,
+            model=xr.Dataset(
+                {
+                    "c2": (
+                        ("phi", "t1", "t2"),
+                        model_c2,
+                        {"long_name": "model two-time correlation"},
+                    )
+                },
+                coords=coords,
+            ),
+            residuals=xr.DataArray(
+                fitted,
+                dims=("phi", "t1", "t2"),
+                coords=coords,
+                name="residuals",
+                attrs={"long_name": "weighted residual (model - data)"},
+            ),
+            data=data,
+            settings=settings_dataset(params),
+            info=info,
+        )
+
+    @property
+    def chi2(self) -> float:
+        """Sum of squared weighted residuals."""
+        return float(self.info["chi2"])
+
+    @property
+    def reduced_chi2(self) -> float:
+        """``chi2 / (n_pairs - n_varied)``."""
+        return self.chi2 / max(self.info["n_pairs"] - self.info["n_varied"], 1)
+
+    @property
+    def nfev(self) -> int:
+        return int(self.info["nfev"])
+
+    @property
+    def success(self) -> bool:
+        return bool(self.info["success"])
+
+    @property
+    def message(self) -> str:
+        return str(self.info["message"])
+
+    @property
+    def correlation(self) -> xr.DataArray:
+        """Correlation matrix of the varied quantities."""
+        sd = np.sqrt(np.diag(self.covariance.values))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = self.covariance.values / np.outer(sd, sd)
+        return self.covariance.copy(data=corr).rename("correlation")
+
+    def value(self, label: str) -> float:
+        """Best-fit value of a varied quantity by label (``"v0"``, ``"contrast[1]"``)."""
+        return _by_label(self.params, label)
+
+    def error(self, label: str) -> float:
+        """Standard error of a quantity by label."""
+        return _by_label(self.stderr, label)
+
+    def strong_correlations(self, threshold: float = CORRELATION_SHOW):
+        """``(a, b, corr)`` for varied pairs with ``|corr| > threshold``, strongest first."""
+        corr = self.correlation.values
+        names = list(self.covariance["name"].values)
+        rows = [
+            (names[a], names[b], float(corr[a, b]))
+            for a in range(len(names))
+            for b in range(a + 1, len(names))
+            if abs(corr[a, b]) > threshold
+        ]
+        return sorted(rows, key=lambda r: -abs(r[2]))
+
+    def at_bounds(self) -> list[str]:
+        """Varied quantities whose value sits on a bound."""
+        out = []
+        for label in self.covariance["name"].values:
+            name = str(label).split("[")[0]
+            lo, hi = (float(self.settings[k].sel(name=name)) for k in ("min", "max"))
+            value = self.value(str(label))
+            tol = AT_BOUND_RTOL * (hi - lo)
+            if value - lo <= tol or hi - value <= tol:
+                out.append(str(label))
+        return out
+
+    def warnings(self) -> list[str]:
+        """Everything the user should know before trusting the numbers."""
+        out = []
+        if not self.success:
+            out.append(f"the fit did not converge: {self.message}")
+        out += [
+            f"{a} and {b} are {c:+.4f} correlated: only a combination is determined"
+            for a, b, c in self.strong_correlations(CORRELATION_WARN)
+        ]
+        out += [
+            f"{label} is at a bound; its stderr is not meaningful" for label in self.at_bounds()
+        ]
+        p = self.parameters()
+        out += identifiability_warnings(p)
+        if self.info.get("errors") == "nominal":
+            out.append(
+                "stderr are nominal least-squares errors, which treat the pairs as "
+                "independent; two-time pairs share frames, so they are lower bounds"
+            )
+        return out
+
+    def parameters(self) -> Parameters:
+        """The fitted values as a ``Parameters`` (for a warm start or a refit)."""
+        p = Parameters()
+        for name in PHYSICS_NAMES + SCALING_NAMES:
+            row = self.settings.sel(name=name)
+            p[name].vary = bool(row["vary"])
+            p[name].min, p[name].max = float(row["min"]), float(row["max"])
+            value = self.params[name].values
+            p[name].value = float(value) if value.ndim == 0 else value.copy()
+        return p
+
+    def _rows(self):
+        for name in PHYSICS_NAMES + SCALING_NAMES:
+            values = np.atleast_1d(self.params[name].values)
+            errors = np.atleast_1d(self.stderr[name].values)
+            vary = bool(self.settings["vary"].sel(name=name))
+            lo, hi = (float(self.settings[k].sel(name=name)) for k in ("min", "max"))
+            shared = self.info["scaling"] == "shared" and name in SCALING_NAMES
+            for k in range(1 if shared else values.size):
+                label = name if values.size == 1 or shared else f"{name}[{k}]"
+                flags = []
+                if not vary:
+                    flags.append("fixed")
+                elif label in self.at_bounds():
+                    flags.append("at bound")
+                yield label, values[k], errors[k], lo, hi, ", ".join(flags), SPECS[name].unit
+
+    def report(self) -> str:
+        """An lmfit-style text report: statistics, parameters, correlations, warnings."""
+        info = self.info
+        weighting = (
+            "absolute, sigma-weighted" if info["weighted"] else ("scaled by the residual variance")
+        )
+        lines = [
+            "[[NLSQ fit]]",
+            "    method            scipy least_squares (trf), exact JAX Jacobian",
+            f"    errors            {info['errors']} ({weighting})",
+            f"    scaling           {info['scaling']}",
+            f"    q                 {float(self.params['q']):.6g} 1/Å; phi = "
+            f"{', '.join(f'{v:g}' for v in self.params['phi'].values)} deg",
+            f"    pairs fitted      {info['n_pairs']} (masked non-finite pairs: "
+            f"{info['nan_pairs']})",
+            f"    varied            {info['n_varied']}",
+            f"    chi2              {self.chi2:.6g}",
+            f"    reduced chi2      {self.reduced_chi2:.6g}",
+            f"    evaluations       {self.nfev}",
+            f"    success           {self.success}: {self.message}",
+            f"    starts            {self.starts.sizes['start']}",
+            "[[Parameters]]",
+            f"    {'name':<16}{'value':>13}{'stderr':>12}{'rel.':>9}{'min':>11}{'max':>11}"
+            f"  {'flags':<9} unit",
+        ]
+        for label, value, error, lo, hi, flags, unit in self._rows():
+            rel = f"{100 * error / abs(value):.2f}%" if np.isfinite(error) and value else ""
+            err = f"{error:.4g}" if np.isfinite(error) else "-"
+            lines.append(
+                f"    {label:<16}{value:>13.6g}{err:>12}{rel:>9}{lo:>11.4g}"
+                f"{hi:>11.4g}  {flags:<9} {unit}"
+            )
+        correlations = self.strong_correlations()
+        if correlations:
+            lines.append(f"[[Correlations]] (|corr| > {CORRELATION_SHOW})")
+            lines += [f"    C({a}, {b}) = {c:+.4f}" for a, b, c in correlations]
+        warns = self.warnings()
+        if warns:
+            lines.append("[[Warnings]]")
+            lines += [f"    - {w}" for w in warns]
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"<NLSQResult success={self.success} reduced_chi2={self.reduced_chi2:.4g}>"
+
+    def _repr_html_(self):
+        rows = "".join(
+            f"<tr><td>{html.escape(label)}</td><td>{value:.6g}</td>"
+            f"<td>{error:.4g}</td><td>{lo:.4g}</td><td>{hi:.4g}</td>"
+            f"<td>{flags}</td><td>{html.escape(unit)}</td></tr>"
+            for label, value, error, lo, hi, flags, unit in self._rows()
+        )
+        warns = "".join(f"<li>{html.escape(w)}</li>" for w in self.warnings())
+        return (
+            f"<b>NLSQ fit</b>: success={self.success}, reduced χ²={self.reduced_chi2:.4g}, "
+            f"{self.info['n_pairs']} pairs, {self.nfev} evaluations, errors "
+            f"{self.info['errors']}<table><tr><th>name</th><th>value</th><th>stderr</th>"
+            f"<th>min</th><th>max</th><th>flags</th><th>unit</th></tr>{rows}</table>"
+            + (f"<ul>{warns}</ul>" if warns else "")
+        )
+
+    def to_netcdf(self, path, *, overwrite: bool = False):
+        """Write the whole result to one netCDF-4 file (groups); ``hd.open_result``
+        reads it back."""
+        tree = xr.DataTree.from_dict(
+            {
+                "/": xr.Dataset(attrs={"result_type": "NLSQResult", **self.info}),
+                "/params": self.params,
+                "/stderr": self.stderr,
+                "/covariance": self.covariance.to_dataset(),
+                "/starts": self.starts,
+                "/model": self.model,
+                "/residuals": self.residuals.to_dataset(),
+                "/data": self.data,
+                "/settings": self.settings,
+            }
+        )
+        return atomic_write(
+            lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"), path, overwrite=overwrite
+        )
+
+    @classmethod
+    def _from_tree(cls, tree):
+        group = {name: tree[name].to_dataset() for name in tree.children}
+        return cls(
+            params=group["params"],
+            stderr=group["stderr"],
+            covariance=group["covariance"]["covariance"],
+            starts=group["starts"],
+            model=group["model"],
+            residuals=group["residuals"]["residuals"],
+            data=group["data"],
+            settings=group["settings"],
+            info={k: v for k, v in tree.attrs.items() if k != "result_type"},
+        )
+
+
+RESULT_TYPES = {"NLSQResult": NLSQResult}
+
+
+def open_result(path):
+    """Read a result written by ``.to_netcdf`` (``NLSQResult`` or ``CMCResult``)."""
+    try:
+        tree = xr.open_datatree(path, engine="h5netcdf").load()
+    except (OSError, ValueError) as err:
+        raise FileFormatError(f"{path}: cannot be read as a heterodyne result ({err})") from err
+    kind = tree.attrs.get("result_type")
+    if kind not in RESULT_TYPES:
+        raise FileFormatError(
+            f"{path}: attribute result_type is {kind!r}; expected one of "
+            f"{sorted(RESULT_TYPES)} (is this a data file? use hd.load)"
+        )
+    return RESULT_TYPES[kind]._from_tree(tree)
+
+
+def _by_label(ds: xr.Dataset, label: str) -> float:
+    name, _, index = label.partition("[")
+    values = np.atleast_1d(ds[name].values)
+    return float(values[int(index.rstrip("]"))] if index else values[0])
