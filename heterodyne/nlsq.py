@@ -92,7 +92,7 @@ def fit_nlsq(
     fix : sequence of str
         Names of parameters to hold at their value (same as ``params[name].vary = False``).
     multistart : int
-        Number of extra starts from a scrambled Sobol design inside the bounds of the
+        Number of extra starts from a Latin-hypercube design inside the bounds of the
         varied physics parameters (log-uniform for ``D0_*`` and ``v0``). The best fit by
         cost is returned; all are kept in ``result.starts``.
     seed : int
@@ -228,12 +228,12 @@ class _Problem:
         return tuple(np.asarray(a) for a in out)
 
     def design(self, n, seed):
-        """``n`` starts from a scrambled Sobol design in the bounds of the varied physics
+        """``n`` starts from a Latin-hypercube design in the bounds of the varied physics
         parameters (log-uniform for ``LOG_SCALE``); contrast and offset keep ``x0``."""
         if n == 0:
             return np.empty((0, self.x0.size))
         physics = [k for k, label in enumerate(self.labels) if label in PHYSICS_NAMES]
-        unit = qmc.Sobol(len(physics), scramble=True, seed=seed).random(n)
+        unit = qmc.LatinHypercube(len(physics), seed=seed).random(n)
         starts = np.tile(self.x0, (n, 1))
         for column, k in enumerate(physics):
             lo, hi = self.lower[k], self.upper[k]

@@ -20,7 +20,8 @@ from heterodyne.errors import FileFormatError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
 
 CORRELATION_WARN = 0.99  # MODEL.md: report parameter pairs more correlated than this
-CORRELATION_SHOW = 0.5  # the report lists correlations above this
+CORRELATION_SHOW = 0.7  # the report lists correlations above this
+CORRELATION_LINES = 12  # ... the strongest this many of them
 AT_BOUND_RTOL = 1e-6  # a value this close to a bound (relative to the range) is "at bound"
 
 
@@ -349,7 +350,12 @@ class NLSQResult:
         correlations = self.strong_correlations()
         if correlations:
             lines.append(f"[[Correlations]] (|corr| > {CORRELATION_SHOW})")
-            lines += [f"    C({a}, {b}) = {c:+.4f}" for a, b, c in correlations]
+            lines += [f"    C({a}, {b}) = {c:+.4f}" for a, b, c in correlations[:CORRELATION_LINES]]
+            if len(correlations) > CORRELATION_LINES:
+                lines.append(
+                    f"    ... and {len(correlations) - CORRELATION_LINES} more "
+                    "(result.strong_correlations())"
+                )
         warns = self.warnings()
         if warns:
             lines.append("[[Warnings]]")
@@ -374,6 +380,13 @@ class NLSQResult:
             f"<th>min</th><th>max</th><th>flags</th><th>unit</th></tr>{rows}</table>"
             + (f"<ul>{warns}</ul>" if warns else "")
         )
+
+    def plot(self):
+        """Data | model | residual per angle and the one-time projection
+        (:func:`heterodyne.plot.fit`)."""
+        from heterodyne import plot
+
+        return plot.fit(self)
 
     def to_netcdf(self, path, *, overwrite: bool = False):
         """Write the whole result to one netCDF-4 file (groups); ``hd.open_result``

@@ -1,0 +1,5 @@
+import sys
+
+from heterodyne.cli import main
+
+sys.exit(main())

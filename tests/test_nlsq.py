@@ -1,0 +1,246 @@
+"""fit_nlsq against truth, against an independent curve_fit, and its contracts."""
+
+import jax
+import numpy as np
+import pytest
+from scipy.optimize import curve_fit
+
+import heterodyne as hd
+from heterodyne import nlsq, objective
+
+TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
+PHI = [-45.0, 0.0, 45.0]
+
+
+def off_by_30_percent(truth=TRUTH):
+    p = hd.Parameters(truth)
+    for name, value in truth.items():
+        p[name].value = value * 1.3
+    return p
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return hd.simulate(TRUTH, n_frames=60, phi=PHI, noise=0.01, seed=1)
+
+
+def test_recovers_truth_from_a_guess_30_percent_off(dataset):
+    result = hd.fit_nlsq(dataset, off_by_30_percent(), progress=False)
+    assert result.success
+    assert result.reduced_chi2 == pytest.approx(0.01**2, rel=0.05)
+    for name in result.params.data_vars:
+        value, error = result.params[name].values, result.stderr[name].values
+        truth = dataset.attrs[f"true_{name}"]
+        varied = np.isfinite(error)
+        assert np.all(np.abs(value - truth)[varied] < 3 * error[varied] + 1e-12), name
+
+
+@pytest.mark.slow
+def test_stderr_matches_the_scatter_over_noise_seeds():
+    """Issue 3: noise 0.01, 3 angles, N = 200, start 30 % off; 20 seeds."""
+    fits = []
+    for seed in range(20):
+        ds = hd.simulate(TRUTH, n_frames=200, phi=PHI, noise=0.01, seed=seed)
+        fits.append(hd.fit_nlsq(ds, off_by_30_percent(), progress=False))
+    labels = list(fits[0].covariance["name"].values)
+    values = np.array([[f.value(label) for label in labels] for f in fits])
+    errors = np.array([[f.error(label) for label in labels] for f in fits])
+    truth = [fits[0].data.attrs[f"true_{label.split('[')[0]}"] for label in labels]
+    truth = [
+        np.atleast_1d(t)[int(label[-2])] if "[" in label else t
+        for t, label in zip(truth, labels, strict=True)
+    ]
+    z = (values - np.asarray(truth)) / errors
+    assert np.all(np.abs(z) < 3.5), dict(zip(labels, np.abs(z).max(axis=0), strict=True))
+    ratio = errors.mean(axis=0) / values.std(axis=0, ddof=1)
+    assert np.all((ratio > 1 / 1.5) & (ratio < 1.5)), dict(zip(labels, ratio, strict=True))
+
+
+def test_one_time_limit_matches_curve_fit_of_closed_form_g2():
+    truth = {**TRUTH, "f0": 0.35}
+    ds = hd.simulate(
+        truth,
+        n_frames=40,
+        phi=[0.0, 60.0],
+        contrast=[0.4, 0.3],
+        offset=[1.0, 1.02],
+        noise=0.01,
+        seed=3,
+    )
+    p = off_by_30_percent(truth).fix("alpha_ref", "alpha_sample", "beta", "f1")
+    tight = {"ftol": 1e-14, "xtol": 1e-14, "gtol": 1e-14}
+    result = hd.fit_nlsq(ds, p, progress=False, **tight)
+
+    i, j = np.triu_indices(ds.sizes["t1"], 1)
+    tau = ds["t1"].values[j] - ds["t1"].values[i]
+    phi = ds["phi"].values
+    y = ds["c2"].values[:, i, j].ravel()
+    angle = np.repeat(np.arange(phi.size), tau.size)
+    tau_all = np.tile(tau, phi.size)
+    q = float(ds["q"])
+
+    def g2(_, D_r, D_s, v, f0, phi0, c0, c1, o0, o1):
+        X = f0**2 / (f0**2 + (1 - f0) ** 2)
+        cos = np.cos(q * v * tau_all * np.cos(np.deg2rad(phi[angle] - phi0)))
+        g = (
+            (1 - X) ** 2 * np.exp(-q * q * D_r * tau_all)
+            + X**2 * np.exp(-q * q * D_s * tau_all)
+            + 2 * X * (1 - X) * np.exp(-q * q * (D_r + D_s) * tau_all / 2) * cos
+        )
+        return np.array([o0, o1])[angle] + np.array([c0, c1])[angle] * g
+
+    start = [p[n].value for n in TRUTH] + [0.35, 0.25, 1.0, 1.0]
+    popt, _ = curve_fit(g2, None, y, p0=start, **tight, maxfev=100000)
+    ours = [result.value(n) for n in TRUTH] + [result.value(f"contrast[{k}]") for k in (0, 1)]
+    ours += [result.value(f"offset[{k}]") for k in (0, 1)]
+    np.testing.assert_allclose(ours, popt, rtol=1e-6)
+
+
+def test_normal_equations_equal_the_explicit_jacobian(dataset):
+    problem = nlsq._Problem.build(dataset, off_by_30_percent(), fix=(), scaling="per_angle")
+    x = problem.x0 * 1.01
+    jtj, jtr, rtr = problem.normal_equations(x)
+    jac = np.asarray(
+        jax.jacfwd(nlsq._residuals)(
+            x, problem.template, problem.free, problem.pairs, problem.n_scale
+        )
+    )
+    r = problem.residuals(x)
+    np.testing.assert_allclose(jtj, jac.T @ jac, rtol=1e-10, atol=1e-12 * np.abs(jtj).max())
+    np.testing.assert_allclose(jtr, jac.T @ r, rtol=1e-10, atol=1e-12 * np.abs(jtr).max())
+    assert rtr == pytest.approx(r @ r, rel=1e-12)
+    # the compressed problem has the same geometry as the full one
+    compressed = nlsq.Compressed(problem.normal_equations)
+    f_c, j_c = compressed.residual(x), compressed.jacobian(x)
+    np.testing.assert_allclose(j_c.T @ j_c, jtj, rtol=1e-9, atol=1e-12 * np.abs(jtj).max())
+    np.testing.assert_allclose(j_c.T @ f_c, jtr, rtol=1e-8, atol=1e-10 * np.abs(jtr).max())
+    assert f_c @ f_c == pytest.approx(rtr, rel=1e-12)
+
+
+def test_fixed_parameters_stay_put_and_shared_scaling(dataset):
+    p = off_by_30_percent()
+    p["phi0"].value = 20.0
+    result = hd.fit_nlsq(dataset, p, fix=["phi0", "beta"], scaling="shared", progress=False)
+    assert float(result.params["phi0"]) == 20.0 and float(result.params["beta"]) == 0.0
+    assert np.isnan(float(result.stderr["phi0"]))
+    contrast = result.params["contrast"].values
+    assert np.all(contrast == contrast[0]) and contrast[0] == pytest.approx(0.5, abs=0.01)
+    assert "phi0" not in result.covariance["name"].values
+    assert "contrast" in result.covariance["name"].values
+
+
+def test_multistart_is_deterministic_keeps_all_starts_and_does_not_recompile(dataset):
+    compiled = nlsq._normal_equations_jit._cache_size()
+    a = hd.fit_nlsq(dataset, off_by_30_percent(), multistart=3, seed=5, progress=False)
+    b = hd.fit_nlsq(dataset, off_by_30_percent(), multistart=3, seed=5, progress=False)
+    assert nlsq._normal_equations_jit._cache_size() - compiled <= 1
+    assert a.starts.sizes["start"] == 4
+    assert float(a.starts["cost"].min()) == pytest.approx(a.chi2 / 2, rel=1e-12)
+    for name in a.params.data_vars:
+        np.testing.assert_array_equal(a.params[name].values, b.params[name].values)
+    np.testing.assert_array_equal(a.starts["x"].values, b.starts["x"].values)
+
+
+def test_multistart_design_is_inside_bounds_and_log_uniform_for_scales(dataset):
+    problem = nlsq._Problem.build(dataset, None, fix=(), scaling="per_angle")
+    starts = problem.design(256, seed=0)
+    assert np.all(starts >= problem.lower) and np.all(starts <= problem.upper)
+    k = problem.labels.index("D0_sample")
+    decades = np.log10(starts[:, k])
+    # log-uniform over LOG_DECADES decades below the upper bound: uniform in log10
+    assert decades.min() >= 7 - nlsq.LOG_DECADES and decades.max() <= 7
+    assert abs(np.mean(decades) - (7 - nlsq.LOG_DECADES / 2)) < 0.2
+
+
+def test_nan_pairs_are_masked_and_counted(dataset):
+    ds = dataset.copy(deep=True)
+    ds["c2"].values[:, 5:9, 20:30] = np.nan
+    ds["c2"].values[:, 20:30, 5:9] = np.nan
+    ds = hd.from_arrays(ds["c2"].values, ds["t1"].values, ds["phi"].values, float(ds["q"]))
+    assert ds.attrs["nan_pairs"] == 3 * 4 * 10
+    result = hd.fit_nlsq(ds, off_by_30_percent(), progress=False)
+    assert result.info["nan_pairs"] == 120 and "masked non-finite pairs: 120" in result.report()
+    assert result.info["n_pairs"] == 3 * 60 * 59 // 2 - 120
+    assert abs(result.value("v0") - 800) < 3 * result.error("v0")
+
+
+def test_sigma_weighted_errors_are_absolute(dataset):
+    ds = hd.simulate(TRUTH, n_frames=60, phi=PHI, noise=0.01, seed=1, store_sigma=True)
+    weighted = hd.fit_nlsq(ds, off_by_30_percent(), progress=False)
+    unweighted = hd.fit_nlsq(dataset, off_by_30_percent(), progress=False)
+    assert weighted.reduced_chi2 == pytest.approx(1.0, rel=0.05)
+    for name in TRUTH:
+        assert weighted.value(name) == pytest.approx(unweighted.value(name), rel=1e-8)
+        ratio = weighted.error(name) / unweighted.error(name)
+        assert ratio == pytest.approx(1 / np.sqrt(unweighted.reduced_chi2) * 0.01, rel=1e-6)
+
+
+def test_round_trip_through_netcdf(dataset, tmp_path):
+    result = hd.fit_nlsq(dataset, off_by_30_percent(), progress=False)
+    path = result.to_netcdf(tmp_path / "fit.nc")
+    again = hd.open_result(path)
+    assert isinstance(again, hd.NLSQResult)
+    assert again.report() == result.report()
+    for name in ("params", "stderr", "starts", "model", "data", "settings"):
+        assert getattr(again, name).identical(getattr(result, name)), name
+    assert again.covariance.identical(result.covariance)
+    np.testing.assert_array_equal(again.residuals.values, result.residuals.values)
+    with pytest.raises(FileExistsError):
+        result.to_netcdf(path)
+
+
+def test_report_flags_degenerate_pairs_and_bounds(dataset):
+    p = off_by_30_percent()
+    p["D_offset_sample"].vary = True
+    p["alpha_sample"].vary = False
+    with pytest.warns(UserWarning, match="one rate"):
+        result = hd.fit_nlsq(dataset, p, progress=False)
+    report = result.report()
+    assert "D0_sample and D_offset_sample are +1.0000 correlated" in report
+    assert "C(D0_sample, D_offset_sample) = +1.0000" in report
+
+
+def test_static_reference_at_the_bound_is_reported():
+    truth = {**TRUTH, "D0_ref": 0.0}
+    ds = hd.simulate(truth, n_frames=50, phi=PHI, noise=0.01, seed=2)
+    p = off_by_30_percent(truth)
+    p["D0_ref"].value = 500.0
+    result = hd.fit_nlsq(ds, p, progress=False)
+    assert result.value("D0_ref") < 5.0
+    assert abs(result.value("v0") - 800) < 3 * result.error("v0")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda ds, p: (ds.rename({"c2": "g2"}), p), hd.DataError, "no variable 'c2'"),
+        (lambda ds, p: (ds.assign(c2=ds.c2 * np.nan), p), hd.DataError, "all NaN"),
+        (lambda ds, p: (ds, p.__setitem__("v0", -1.0) or p), hd.ParameterError, "outside"),
+        (lambda ds, p: (ds, setattr(p["v0"], "min", 2e6) or p), hd.ParameterError, "min"),
+        (lambda ds, p: (ds, {"velocity": 3.0}), hd.ParameterError, "unknown parameter"),
+        (lambda ds, p: (ds, "v0=3"), hd.ParameterError, "params must be"),
+    ],
+)
+def test_bad_input_fails_before_any_compile(dataset, mutate, error, match):
+    compiled = nlsq._normal_equations_jit._cache_size()
+    ds, p = mutate(dataset.copy(deep=True), hd.Parameters(TRUTH))
+    with pytest.raises(error, match=match):
+        hd.fit_nlsq(ds, p, progress=False)
+    assert nlsq._normal_equations_jit._cache_size() == compiled
+
+
+def test_bad_options(dataset):
+    with pytest.raises(hd.OptionError, match="scaling"):
+        hd.fit_nlsq(dataset, scaling="global", progress=False)
+    with pytest.raises(hd.OptionError, match="multistart"):
+        hd.fit_nlsq(dataset, multistart=-1, progress=False)
+    with pytest.raises(hd.ParameterError, match="unknown parameter 'vzero'"):
+        hd.fit_nlsq(dataset, fix=["vzero"], progress=False)
+    with pytest.raises(hd.OptionError, match="jac"):
+        hd.fit_nlsq(dataset, jac="2-point", progress=False)
+
+
+def test_pairs_exclude_diagonal_and_lower_triangle(dataset):
+    pairs = objective.fitted_pairs(dataset)
+    assert np.all(np.asarray(pairs.i) < np.asarray(pairs.j))
+    assert pairs.n_pairs == 3 * 60 * 59 // 2
