@@ -168,7 +168,7 @@ class _Problem:
             warnings.warn(message, stacklevel=3)
         pairs = objective.fitted_pairs(ds)
         n_scale = n_phi if scaling == "per_angle" else 1
-        estimates = estimate_scaling(ds)
+        estimates = estimate_scaling(ds, p.physics_values())
         values, lower, upper, labels, free = [], [], [], [], []
         for name in PHYSICS_NAMES:
             par = p[name]
@@ -312,20 +312,33 @@ class _Problem:
         )
 
 
-def estimate_scaling(ds: xr.Dataset) -> dict[str, np.ndarray]:
-    """Per-angle starting ``offset`` (median ``c2`` over the longest 10 % of lags) and
-    ``contrast`` (mean ``c2`` one frame off the diagonal, minus the offset)."""
+def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-angle starting ``contrast`` and ``offset`` from the data.
+
+    ``c2 = offset + contrast g`` is linear in both, so given the starting physics (hence
+    ``g``) they are solved for by linear least squares over the fitted pairs. Where that
+    gives a non-positive contrast (a starting ``g`` far from the data), the plateau
+    estimate is used instead: offset = median ``c2`` over the longest 10 % of lags,
+    contrast = mean ``c2`` one frame off the diagonal minus the offset.
+    """
     c2 = ds["c2"].values
     n = c2.shape[-1]
-    lag = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :])
-    far = lag >= max(1, int(0.9 * (n - 1)))
-    near = lag == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an angle may be NaN in a band
-        offset = np.nanmedian(c2[:, far], axis=1)
-        contrast = np.nanmean(c2[:, near], axis=1) - offset
-    offset = np.where(np.isfinite(offset), offset, 1.0)
-    contrast = np.where(np.isfinite(contrast) & (contrast > 0), contrast, 0.1)
+    i, j = np.triu_indices(n, 1)
+    g = np.asarray(
+        model.c2_grid(physics, 1.0, 0.0, ds["t1"].values, ds["phi"].values, float(ds["q"]))
+    )[:, i, j]
+    lag = j - i
+    far, near = lag >= max(1, int(0.9 * (n - 1))), lag == 1
+    contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
+    for k, data in enumerate(c2[:, i, j]):
+        ok = np.isfinite(data)
+        design = np.stack([np.ones(ok.sum()), g[k, ok]], axis=1)
+        (base, scale), *_ = np.linalg.lstsq(design, data[ok], rcond=None)
+        if scale <= 0 and np.any(ok & far) and np.any(ok & near):
+            base = np.median(data[ok & far])
+            scale = np.mean(data[ok & near]) - base
+        if np.isfinite(base) and np.isfinite(scale) and scale > 0:
+            contrast[k], offset[k] = scale, base
     return {"contrast": contrast, "offset": offset}
 
 

@@ -1,0 +1,179 @@
+"""Parameter surveys: fit every q-bin of one or many files and gather the results."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from heterodyne import executors
+from heterodyne.errors import OptionError
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
+
+METHODS = ("nlsq",)
+
+
+def survey(
+    sources,
+    method: str = "nlsq",
+    *,
+    q=None,
+    phi=None,
+    frames=None,
+    params=None,
+    cache=None,
+    executor=None,
+    progress: bool = True,
+    **fit_options,
+) -> xr.Dataset:
+    """Fit every q-bin of every source and gather parameters and stderr in one Dataset.
+
+    Parameters
+    ----------
+    sources : path, Dataset, or a list of them
+        Files readable by :func:`heterodyne.load` (every q-bin is fitted, or those
+        nearest to ``q``), or canonical Datasets (fitted as they are).
+    method : {"nlsq"}
+        The fitting method.
+    q : float or sequence, optional
+        q-bins to fit [1/Å] (nearest); default all bins of each file.
+    phi, frames :
+        Passed to :func:`heterodyne.load`.
+    params : Parameters or dict, optional
+        Starting values and settings, the same for every fit.
+    cache : path, optional
+        Folder where each finished fit is saved (``NLSQResult.to_netcdf``) as soon as it
+        ends. A rerun with the same arguments reads those and fits only the rest, so an
+        interrupted survey resumes where it stopped.
+    executor : None, "processes", "dask://HOST:PORT" or concurrent.futures.Executor
+        Where the fits run (:mod:`heterodyne.executors`).
+    progress : bool
+        Show a progress bar over fits (the fits themselves run quietly).
+    **fit_options
+        Passed to :func:`heterodyne.fit_nlsq` (``multistart``, ``scaling``, ...).
+
+    Returns
+    -------
+    xarray.Dataset
+        Dimension ``q`` for one file, else ``fit``, with coordinates ``q`` and ``source``.
+        One variable per physics parameter and ``<name>_stderr``, ``contrast`` and
+        ``offset`` (and their stderr) along ``phi``, ``reduced_chi2``, ``success``,
+        ``nfev``. ``attrs["fitted"]`` and ``attrs["from_cache"]`` count the fits run now
+        and read back from ``cache``.
+    """
+    if method not in METHODS:
+        raise OptionError(f"method must be one of {METHODS}; got {method!r}")
+    executors.check(executor)
+    for key in ("progress", "params"):
+        fit_options.pop(key, None)
+    p = Parameters.coerce(params)
+    p.validate()
+    sources = list(sources) if isinstance(sources, list | tuple) else [sources]
+    if not sources:
+        raise OptionError("sources is empty: give a file, a Dataset or a list of them")
+    cache = None if cache is None else Path(cache)
+    tasks = []
+    for k, source in enumerate(sources):
+        for q_bin in _q_bins(source, q):
+            task = {
+                "source": source,
+                "q": q_bin,
+                "phi": phi,
+                "frames": frames,
+                "params": p,
+                "options": fit_options,
+                "name": _name(source, k),
+            }
+            task["cache"] = None if cache is None else cache / _cache_name(task)
+            tasks.append(task)
+    summaries = [None] * len(tasks)
+    pending = []
+    for index, task in enumerate(tasks):
+        if task["cache"] is not None and task["cache"].exists():
+            from heterodyne.results import open_result
+
+            summaries[index] = summarize(open_result(task["cache"]), task["name"])
+        else:
+            pending.append(index)
+    for k, summary in executors.run(
+        _fit_task, [tasks[i] for i in pending], executor, progress=progress, desc="survey"
+    ):
+        summaries[pending[k]] = summary
+    out = xr.concat(summaries, dim="fit", join="outer", combine_attrs="drop")
+    if len(sources) == 1:
+        out = out.swap_dims(fit="q").drop_vars("fit", errors="ignore")
+    out.attrs.update(method=method, fitted=len(pending), from_cache=len(tasks) - len(pending))
+    return out
+
+
+def _q_bins(source, q):
+    if isinstance(source, xr.Dataset):
+        return [None]
+    from heterodyne.io import q_values
+
+    available = q_values(source)
+    if q is None:
+        return [float(v) for v in available]
+    return [float(available[np.argmin(np.abs(available - v))]) for v in np.atleast_1d(q)]
+
+
+def _name(source, k):
+    return f"dataset{k}" if isinstance(source, xr.Dataset) else os.fspath(source)
+
+
+def _cache_name(task) -> str:
+    """A file name unique to the source, q-bin and every fit argument."""
+    source = task["source"]
+    if isinstance(source, xr.Dataset):
+        identity = hashlib.sha1(np.ascontiguousarray(source["c2"].values).tobytes()).hexdigest()
+        stem = task["name"]
+    else:
+        identity = os.path.abspath(source) + str(os.path.getmtime(source))
+        stem = Path(source).stem
+    settings = repr(
+        (
+            identity,
+            task["q"],
+            task["phi"],
+            task["frames"],
+            str(task["params"]),
+            sorted(task["options"].items()),
+        )
+    )
+    digest = hashlib.sha1(settings.encode()).hexdigest()[:10]
+    q = "" if task["q"] is None else f"_q{task['q']:.6g}"
+    return f"{stem}{q}_{digest}.nc"
+
+
+def _fit_task(task) -> xr.Dataset:
+    """Load one q-bin, fit it, save it to the cache, return its summary (runs in workers)."""
+    from heterodyne.io import load
+    from heterodyne.nlsq import fit_nlsq
+
+    source = task["source"]
+    ds = (
+        source
+        if isinstance(source, xr.Dataset)
+        else load(source, q=task["q"], phi=task["phi"], frames=task["frames"])
+    )
+    result = fit_nlsq(ds, task["params"], progress=False, **task["options"])
+    if task["cache"] is not None:
+        result.to_netcdf(task["cache"], overwrite=True)
+    return summarize(result, task["name"])
+
+
+def summarize(result, name: str) -> xr.Dataset:
+    """One fit as a row of the survey: values, ``<name>_stderr``, fit statistics."""
+    out = xr.Dataset()
+    for key in PHYSICS_NAMES + SCALING_NAMES:
+        out[key] = result.params[key]
+        out[f"{key}_stderr"] = result.stderr[key]
+    out["reduced_chi2"] = result.reduced_chi2
+    out["success"] = int(result.success)
+    out["nfev"] = result.nfev
+    return out.expand_dims("fit").assign_coords(
+        source=("fit", [name]), q=("fit", [float(result.params["q"])])
+    )
