@@ -1,5 +1,7 @@
 """heterodyne: fit XPCS two-time correlation matrices with the heterodyne model."""
 
+import importlib
+
 import jax
 
 # The model's rates span many decades (q² D t ~ 1e-4 .. 1e3): float64 everywhere.
@@ -19,8 +21,20 @@ from heterodyne.nlsq import fit_nlsq  # noqa: E402
 from heterodyne.parameters import Parameters  # noqa: E402
 from heterodyne.results import NLSQResult, open_result  # noqa: E402
 from heterodyne.simulate import simulate  # noqa: E402
+from heterodyne.survey import survey  # noqa: E402
 
 __version__ = "0.1.0"
+
+# The plotting layer imports holoviews' bokeh backend (~1.2 s): load it on first use.
+_LAZY = {"explore": ("heterodyne.explorer", "explore"), "plot": ("heterodyne.plot", None)}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'heterodyne' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
 
 __all__ = [
     "DataError",
@@ -30,14 +44,17 @@ __all__ = [
     "OptionError",
     "ParameterError",
     "Parameters",
+    "explore",
     "fit_nlsq",
     "from_arrays",
     "load",
     "model",
     "open_result",
+    "plot",
     "q_values",
     "select",
     "simulate",
+    "survey",
     "to_netcdf",
     "validate",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from heterodyne import model
+from heterodyne import model, speckle
 from heterodyne.data import from_arrays
 from heterodyne.errors import OptionError
 from heterodyne.parameters import PHYSICS_NAMES, Parameters
@@ -21,11 +21,18 @@ def simulate(
     q: float = 0.01,
     contrast=0.5,
     offset=1.0,
-    noise: float = 0.0,
+    noise: float | str = 0.0,
     store_sigma: bool = False,
+    n_pixels: int | None = None,
+    counts: float | None = None,
     seed: int = 0,
 ) -> xr.Dataset:
-    """Simulate a canonical Dataset: the model ``c2`` plus seeded Gaussian noise.
+    """Simulate a canonical Dataset: the model ``c2`` plus seeded noise.
+
+    The noise is Gaussian and independent per pair (``noise`` a number), or that of real
+    two-time data (``noise="speckle"``): ``c2`` computed over the pixels of a q-sector
+    from speckle intensities of the reference and sample fields, whose errors are
+    correlated along rows and columns (see :mod:`heterodyne.speckle`).
 
     Parameters
     ----------
@@ -42,12 +49,25 @@ def simulate(
     q : float
         Wavevector [1/Å].
     contrast, offset : float or sequence
-        One value, or one per angle.
-    noise : float
-        Standard deviation of the Gaussian noise added to each pair ``t1 <= t2``; the
-        lower triangle mirrors it, so the matrix stays symmetric.
+        One value, or one per angle. With ``noise="speckle"`` the contrast is the speckle
+        contrast ``beta`` in ``(0, 1]`` of a partially coherent beam, realised with
+        ``ceil(1 / contrast)`` coherent modes per pixel (the cost grows with it), and the
+        offset must be 1 (the pixel average is normalised).
+    noise : float or "speckle"
+        A number: standard deviation of the Gaussian noise added to each pair
+        ``t1 <= t2``; the lower triangle mirrors it, so the matrix stays symmetric.
+        ``"speckle"``: ``c2(i, j) = <I_i I_j> / (<I_i> <I_j>)`` over ``n_pixels``
+        independent speckle realisations per angle, diagonal included; its mean is the
+        model ``c2`` (``D0 = 2 D`` for Brownian motion, ``v0`` the drift velocity,
+        ``phi0`` its direction, offset 1).
     store_sigma : bool
-        Store ``sigma = noise`` as the Dataset's uncertainty (needs ``noise > 0``).
+        Store ``sigma = noise`` as the Dataset's uncertainty (needs a number ``noise > 0``).
+    n_pixels : int, optional
+        Speckle only: pixels per q-sector (default 1000).
+    counts : float, optional
+        Speckle only: Poisson-count the intensities at this mean photon count per pixel
+        and frame (default: no counting). The diagonal then carries the shot-noise spike
+        ``1 / counts``.
     seed : int
         Seed of the noise; the same seed gives the same Dataset.
 
@@ -55,39 +75,77 @@ def simulate(
     -------
     xarray.Dataset
         Canonical Dataset; the true values are in attrs ``true_<name>``
-        (``true_contrast`` and ``true_offset`` per angle) and ``attrs["noise"]``.
+        (``true_contrast`` and ``true_offset`` per angle) and ``attrs["noise"]``; with
+        speckle also ``attrs["n_pixels"]`` and, when counted, ``attrs["counts"]``.
 
     Examples
     --------
     >>> ds = simulate({"v0": 500.0}, n_frames=100, phi=[0, 45, 90], noise=0.01)
+    >>> ds = simulate({"v0": 500.0}, n_frames=100, phi=[0, 45], noise="speckle", n_pixels=500)
     """
     p = Parameters.coerce(params)
     if not isinstance(n_frames, int | np.integer) or n_frames < 3:
         raise OptionError(f"n_frames must be an integer >= 3; got {n_frames!r}")
     if not np.isfinite(dt) or dt <= 0:
         raise OptionError(f"dt must be a positive number of seconds; got {dt!r}")
-    if not np.isfinite(noise) or noise < 0:
-        raise OptionError(f"noise must be >= 0; got {noise!r}")
-    if store_sigma and noise <= 0:
-        raise OptionError("store_sigma=True needs noise > 0")
+    speckled = isinstance(noise, str)
+    if speckled:
+        n_pixels = 1000 if n_pixels is None else n_pixels
+        _check_speckle_options(noise, store_sigma, n_pixels, counts)
+    else:
+        if not np.isfinite(noise) or noise < 0:
+            raise OptionError(f"noise must be >= 0 or 'speckle'; got {noise!r}")
+        if store_sigma and noise <= 0:
+            raise OptionError("store_sigma=True needs noise > 0")
+        if n_pixels is not None or counts is not None:
+            raise OptionError("n_pixels and counts are options of noise='speckle'")
     phi = np.atleast_1d(np.asarray(phi, dtype=np.float64))
     n_phi = phi.size
     scale = _per_angle("contrast", contrast, n_phi)
     base = _per_angle("offset", offset, n_phi)
     p["contrast"].value, p["offset"].value = scale, base
     p.validate(n_phi)
+    if speckled and (np.any(scale <= 0) or np.any(base != 1)):
+        raise OptionError(
+            f"noise='speckle' needs contrast in (0, 1] and offset 1 (the pixel average is "
+            f"normalised); got contrast={scale.tolist()}, offset={base.tolist()}"
+        )
     t = (dt if t_start is None else float(t_start)) + dt * np.arange(n_frames)
-    c2 = np.array(model.c2_grid(p.physics_values(), scale, base, t, phi, float(q)))
-    if noise > 0:
-        rng = np.random.default_rng(seed)
-        upper = np.triu(rng.standard_normal(c2.shape) * noise)
-        c2 += upper + np.swapaxes(np.triu(upper, 1), 1, 2)
+    physics = p.physics_values()
+    if speckled:
+        intensity = speckle.intensities(
+            physics, scale, t, phi, float(q), n_pixels=n_pixels, counts=counts, seed=seed
+        )
+        c2 = speckle.two_time(intensity)
+    else:
+        c2 = np.array(model.c2_grid(physics, scale, base, t, phi, float(q)))
+        if noise > 0:
+            rng = np.random.default_rng(seed)
+            upper = np.triu(rng.standard_normal(c2.shape) * noise)
+            c2 += upper + np.swapaxes(np.triu(upper, 1), 1, 2)
     sigma = np.full_like(c2, noise) if store_sigma else None
     ds = from_arrays(c2, t, phi, q, sigma=sigma, source=f"heterodyne.simulate(seed={seed})")
     ds.attrs["dt"] = float(dt)
     ds.attrs.update({f"true_{n}": float(p[n].value) for n in PHYSICS_NAMES})
-    ds.attrs.update(true_contrast=scale, true_offset=base, noise=float(noise), seed=int(seed))
+    ds.attrs.update(true_contrast=scale, true_offset=base, seed=int(seed))
+    if speckled:
+        ds.attrs.update(noise="speckle", n_pixels=int(n_pixels))
+        if counts is not None:
+            ds.attrs["counts"] = float(counts)
+    else:
+        ds.attrs["noise"] = float(noise)
     return ds
+
+
+def _check_speckle_options(noise, store_sigma, n_pixels, counts):
+    if noise != "speckle":
+        raise OptionError(f"noise must be a number >= 0 or 'speckle'; got {noise!r}")
+    if store_sigma:
+        raise OptionError("store_sigma=True needs a number noise > 0, not 'speckle'")
+    if not isinstance(n_pixels, int | np.integer) or n_pixels < 2:
+        raise OptionError(f"n_pixels must be an integer >= 2; got {n_pixels!r}")
+    if counts is not None and not (np.isfinite(counts) and counts > 0):
+        raise OptionError(f"counts must be a positive mean photon count; got {counts!r}")
 
 
 def _per_angle(name, value, n_phi):
