@@ -25,17 +25,6 @@ from heterodyne.survey import survey  # noqa: E402
 
 __version__ = "0.1.0"
 
-# The plotting layer imports holoviews' bokeh backend (~1.2 s): load it on first use.
-_LAZY = {"explore": ("heterodyne.explorer", "explore"), "plot": ("heterodyne.plot", None)}
-
-
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'heterodyne' has no attribute {name!r}")
-    module_name, attribute = _LAZY[name]
-    module = importlib.import_module(module_name)
-    return module if attribute is None else getattr(module, attribute)
-
 __all__ = [
     "DataError",
     "FileFormatError",
@@ -58,3 +47,14 @@ __all__ = [
     "to_netcdf",
     "validate",
 ]
+
+# The plotting layer imports holoviews' bokeh backend (~1.2 s): load it on first use.
+_LAZY = {"explore": ("heterodyne.explorer", "explore"), "plot": ("heterodyne.plot", None)}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'heterodyne' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)

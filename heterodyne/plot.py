@@ -1,0 +1,460 @@
+"""HoloViews views of two-time data and fits (bokeh backend).
+
+Every function returns a HoloViews object that is interactive in JupyterLab (after
+``hv.extension("bokeh", inline=True)`` or ``pn.extension(inline=True)`` in the notebook)
+and that :func:`save` writes to a standalone HTML file.
+
+- :func:`c2`: one heatmap per angle on a shared colour scale;
+- :func:`cuts`: ``c2(t1, t1 + tau)`` against the lag at a few ages ``t1``;
+- :func:`fit`: data | model | residual per angle and the one-time projection ``g2(tau)``;
+- :func:`params`: fitted parameters with error bars across a survey.
+
+The diagonal ``t1 = t2`` is masked (NaN) in every heatmap: it is excluded from the fits
+(MODEL.md, "Fitting conventions") and in real data carries the shot-noise spike.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import holoviews as hv
+import holoviews.plotting.bokeh  # noqa: F401 (registers the bokeh backend and its options)
+import numpy as np
+import xarray as xr
+from bokeh.resources import INLINE
+
+from heterodyne.data import atomic_write, validate
+from heterodyne.errors import OptionError
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS
+
+ROBUST_PERCENTILES = (1.0, 99.0)  # colour range of c2 heatmaps, off-diagonal values
+RESIDUAL_PERCENTILE = 99.0  # the residual scale is +-this percentile of |residual|
+N_AGES = 4  # default number of ages t1 in the one-time cuts
+LOG_PARAMETERS = ("D0_ref", "D0_sample", "v0")  # shown on a log axis when all positive
+# Categorical colours of the ages (bokeh's Category10): data and model of an age share one.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+
+HEATMAP_SIZE = 260  # frame width and height of a heatmap [px]
+PANEL_SIZE = (300, 260)  # frame width and height of a line panel [px]
+
+
+def offdiagonal(c2) -> np.ndarray:
+    """A float copy of ``c2 (..., N, N)`` with the diagonal set to NaN."""
+    out = np.array(c2, dtype=np.float64)
+    n = out.shape[-1]
+    out[..., np.arange(n), np.arange(n)] = np.nan
+    return out
+
+
+def robust_range(values, percentiles=ROBUST_PERCENTILES) -> tuple[float, float]:
+    """``(low, high)`` percentiles of the finite ``values``; widened if they coincide."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return (0.0, 1.0)
+    low, high = (float(v) for v in np.percentile(finite, percentiles))
+    if high <= low:
+        pad = max(abs(low), 1.0) * 1e-6
+        low, high = low - pad, high + pad
+    return low, high
+
+
+def symmetric_range(values, percentile=RESIDUAL_PERCENTILE) -> tuple[float, float]:
+    """``(-m, m)`` with ``m`` the ``percentile`` of ``|values|``: a diverging scale
+    centred on 0."""
+    finite = np.abs(np.asarray(values, dtype=np.float64))
+    finite = finite[np.isfinite(finite)]
+    m = float(np.percentile(finite, percentile)) if finite.size else 1.0
+    m = m if m > 0 else 1.0
+    return -m, m
+
+
+def diagonal_mean(c2) -> np.ndarray:
+    """Mean of ``c2 (..., N, N)`` over the pairs of each lag: the one-time projection.
+
+    Returns shape ``(..., N - 1)``: element ``k - 1`` is ``mean_i c2[..., i, i + k]`` over
+    the pairs ``t_i < t_j`` with lag ``k`` frames (``k = 1 .. N - 1``) whose value is
+    finite; NaN where a lag has no finite pair. With constant rates this is the
+    one-time ``g2(tau = k dt)`` (MODEL.md, "The one-time limit").
+    """
+    c2 = np.asarray(c2, dtype=np.float64)
+    n = c2.shape[-1]
+    i, j = np.triu_indices(n, 1)
+    values = c2[..., i, j].reshape(-1, i.size)
+    # One bin per (leading index, lag): bincount sums all of them in one pass.
+    bins = np.arange(values.shape[0])[:, None] * (n - 1) + (j - i - 1)[None, :]
+    finite = np.isfinite(values)
+    size = values.shape[0] * (n - 1)
+    sums = np.bincount(bins[finite], weights=values[finite], minlength=size)
+    counts = np.bincount(bins[finite], minlength=size)
+    with np.errstate(invalid="ignore"):
+        mean = sums / counts
+    return mean.reshape(c2.shape[:-2] + (n - 1,))
+
+
+def age_frames(t, ages=None, *, n_ages: int = N_AGES) -> np.ndarray:
+    """Frame indices of the ages ``t1`` of the one-time cuts.
+
+    ``ages`` are times [s], each matched to the nearest frame that has at least one
+    later frame; ``None`` spreads ``n_ages`` over the first three quarters of the run
+    (a cut at age ``t1`` has only the lags up to the end of the run).
+    """
+    t = np.asarray(t, dtype=np.float64)
+    n = t.size
+    if ages is None:
+        return np.unique(np.round(np.linspace(0, 0.75 * (n - 1), n_ages)).astype(int))
+    ages = np.atleast_1d(np.asarray(ages, dtype=np.float64))
+    outside = ages[(ages < t[0]) | (ages > t[-2])]
+    if outside.size:
+        raise OptionError(
+            f"ages {outside.tolist()} s are outside the run: an age t1 must lie in "
+            f"[{t[0]:g}, {t[-2]:g}] s so that the cut has a lag"
+        )
+    return np.unique(np.argmin(np.abs(t[None, :] - ages[:, None]), axis=1))
+
+
+def c2(ds: xr.Dataset, *, cmap: str = "viridis") -> hv.Layout:
+    """One ``c2(t1, t2)`` heatmap per angle on one shared colour scale.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Canonical two-time Dataset.
+    cmap : str
+        Colour map of ``c2``.
+
+    Returns
+    -------
+    holoviews.Layout
+        One ``hv.Image`` per angle (kdims ``t1``, ``t2``; vdim ``c2``), titled with ``phi``
+        and ``q``; the diagonal is NaN and the colour range is the 1st-99th percentile of
+        the off-diagonal values of all angles.
+
+    Examples
+    --------
+    >>> hd.plot.c2(hd.simulate({"v0": 500.0}, phi=[0, 90]))  # doctest: +SKIP
+    """
+    validate(ds)
+    matrices = offdiagonal(ds["c2"].values)
+    clim = robust_range(matrices)
+    t = ds["t1"].values
+    panels = [
+        _heatmap(m, t, _time_dims(ds), _value_dim(ds["c2"], "c2"), clim, cmap, _title(ds, k))
+        for k, m in enumerate(matrices)
+    ]
+    return _layout(panels, min(len(panels), 3))
+
+
+def cuts(ds: xr.Dataset, result=None, ages=None, *, n_ages: int = N_AGES) -> hv.Layout:
+    """One-time view: ``c2(t1, t1 + tau)`` against the lag ``tau`` at a few ages ``t1``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        Canonical two-time Dataset; drawn as points.
+    result : NLSQResult, optional
+        A fit of ``ds``; its model ``result.model["c2"]`` is drawn as lines.
+    ages : sequence of float, optional
+        Ages ``t1`` [s]; each is matched to the nearest frame. Default: ``n_ages`` spread
+        over the first three quarters of the run.
+    n_ages : int
+        Number of default ages.
+
+    Returns
+    -------
+    holoviews.Layout
+        One ``hv.Overlay`` per angle of ``hv.Scatter`` (data) and ``hv.Curve`` (model),
+        kdim ``tau`` [s], vdim ``c2``, one colour per age, log lag axis.
+    """
+    validate(ds)
+    t = ds["t1"].values
+    frames = age_frames(t, ages, n_ages=n_ages)
+    data = offdiagonal(ds["c2"].values)
+    fitted = None if result is None else _model_on(result, ds)
+    tau_dim = hv.Dimension("tau", label="τ", unit=ds["t1"].attrs.get("units", "s"))
+    c2_dim = _value_dim(ds["c2"], "c2")
+    panels = []
+    for k in range(ds.sizes["phi"]):
+        layers = []
+        for n, i in enumerate(frames):
+            tau = t[i + 1 :] - t[i]
+            label = f"t1 = {t[i]:.3g} s"
+            color = PALETTE[n % len(PALETTE)]
+            layers.append(
+                hv.Scatter((tau, data[k, i, i + 1 :]), tau_dim, c2_dim, label=label).opts(
+                    color=color, size=4, alpha=0.7, tools=["hover"], backend="bokeh"
+                )
+            )
+            if fitted is not None:
+                layers.append(
+                    hv.Curve((tau, fitted[k, i, i + 1 :]), tau_dim, c2_dim, label=label).opts(
+                        color=color, line_width=2, backend="bokeh"
+                    )
+                )
+        panels.append(_line_panel(layers, _title(ds, k), logx=True))
+    return _layout(panels, min(len(panels), 3))
+
+
+def fit(result) -> hv.Layout:
+    """Data | model | residual heatmaps and the one-time projection, one row per angle.
+
+    Parameters
+    ----------
+    result : NLSQResult
+        A fit: ``result.data``, ``result.model["c2"]`` and ``result.residuals``.
+
+    Returns
+    -------
+    holoviews.Layout
+        Four panels per angle: data and model ``hv.Image`` on one colour scale (vdim
+        ``c2``), the weighted residual on a diverging scale symmetric about 0 (vdim
+        ``residual``), and an ``hv.Overlay`` of the diagonal means (:func:`diagonal_mean`)
+        of data (``hv.Scatter``) and model (``hv.Curve``) against ``tau``.
+
+    Notes
+    -----
+    The model is averaged over the same pairs as the data (pairs where the data are NaN
+    are left out of both), so the two projections compare like with like.
+    """
+    ds = result.data
+    t = ds["t1"].values
+    data = offdiagonal(ds["c2"].values)
+    fitted = np.where(np.isfinite(data), _model_on(result, ds), np.nan)
+    residual = offdiagonal(result.residuals.transpose("phi", "t1", "t2").values)
+    clim, rlim = robust_range(data), symmetric_range(residual)
+    dims = _time_dims(ds)
+    c2_dim = _value_dim(ds["c2"], "c2")
+    residual_dim = hv.Dimension("residual", label="weighted residual")
+    tau_dim = hv.Dimension("tau", label="τ", unit=ds["t1"].attrs.get("units", "s"))
+    tau = t[1:] - t[0]
+    g2_data, g2_model = diagonal_mean(data), diagonal_mean(fitted)
+    panels = []
+    for k in range(ds.sizes["phi"]):
+        title = _title(ds, k)
+        panels += [
+            _heatmap(data[k], t, dims, c2_dim, clim, "viridis", f"data, {title}"),
+            _heatmap(fitted[k], t, dims, c2_dim, clim, "viridis", f"model, {title}"),
+            _heatmap(residual[k], t, dims, residual_dim, rlim, "RdBu_r", f"residual, {title}"),
+            _line_panel(
+                [
+                    hv.Scatter((tau, g2_data[k]), tau_dim, c2_dim, label="data").opts(
+                        color=PALETTE[0], size=4, tools=["hover"], backend="bokeh"
+                    ),
+                    hv.Curve((tau, g2_model[k]), tau_dim, c2_dim, label="model").opts(
+                        color=PALETTE[1], line_width=2, backend="bokeh"
+                    ),
+                ],
+                f"diagonal mean, {title}",
+                logx=True,
+            ),
+        ]
+    return _layout(panels, 4)
+
+
+def params(results, x: str = "q") -> hv.Layout:
+    """Fitted parameters with error bars across a survey (one panel per parameter).
+
+    Parameters
+    ----------
+    results : xarray.Dataset, (Dataset, Dataset) or list of NLSQResult
+        A Dataset with one variable per parameter and a ``<name>_stderr`` variable for
+        each; or a pair ``(params, stderr)`` of Datasets with the same variables; or fit
+        results, whose ``.params`` and ``.stderr`` are stacked along a new dimension
+        ``x`` at each result's coordinate ``x`` (e.g. its ``q``).
+    x : str
+        The survey coordinate on the horizontal axis (``q``, ``phi``, ``file`` or any
+        coordinate of the Dataset); a coordinate that is not a dimension is drawn over
+        the one dimension it lies along.
+
+    Returns
+    -------
+    holoviews.Layout
+        For each parameter that varies in the survey (a finite stderr somewhere, or
+        values that change along ``x``): an ``hv.Overlay`` of ``hv.Scatter`` and
+        ``hv.ErrorBars`` (kdim ``x``, vdim the parameter), one pair per value of any other
+        dimension (e.g. ``contrast`` per ``phi``). ``D0_*`` and ``v0`` use a log axis
+        when all their values are positive. Bars span ``value -+ stderr`` clipped to
+        the parameter's bounds in the MODEL.md table (an undetermined parameter's bar
+        would otherwise flatten the panel).
+    """
+    values, errors = _survey(results, x)
+    if x not in values.coords:
+        raise OptionError(
+            f"x={x!r} is not a coordinate of the survey; its coordinates are "
+            f"{sorted(map(str, values.coords))}"
+        )
+    if values[x].ndim != 1:
+        raise OptionError(f"coordinate {x!r} has dims {values[x].dims}; expected one dimension")
+    along = values[x].dims[0]
+    x_dim = hv.Dimension(x, unit=values[x].attrs.get("units") or None)
+    names = [n for n in PHYSICS_NAMES + SCALING_NAMES if n in values.data_vars]
+    names += [n for n in values.data_vars if n not in names]
+    panels = []
+    for name in names:
+        value = values[name]
+        error = errors[name] if name in errors.data_vars else xr.full_like(value, np.nan)
+        if along not in value.dims:
+            continue
+        varies = np.isfinite(error.values).any() or np.ptp(value.values) > 0
+        if not varies:
+            continue
+        unit = value.attrs.get("units") or UNITS.get(name) or None
+        y_dim = hv.Dimension(name, unit=unit)
+        positive = bool(np.all(value.values[np.isfinite(value.values)] > 0))
+        log = name in LOG_PARAMETERS and positive
+        others = [d for d in value.dims if d != along]
+        stacked = value.transpose(along, *others).values.reshape(value.sizes[along], -1)
+        spread = error.transpose(along, *others).values.reshape(value.sizes[along], -1)
+        labels = _series_labels(value, others)
+        spec = SPECS.get(name)
+        layers = []
+        for s in range(stacked.shape[1]):
+            xs, ys, es = values[x].values, stacked[:, s], np.nan_to_num(spread[:, s])
+            # A value cannot leave its bounds: a bar beyond them (an undetermined
+            # parameter) would only stretch the axis. On a log axis stop short of 0.
+            low, high = ys - es, ys + es
+            if spec is not None:
+                low, high = np.maximum(low, spec.min), np.minimum(high, spec.max)
+            if log:
+                low = np.maximum(low, 1e-3 * ys)
+            color = PALETTE[s % len(PALETTE)]
+            layers += [
+                hv.ErrorBars((xs, ys, ys - low, high - ys), x_dim, [y_dim, "low", "high"]).opts(
+                    color=color, backend="bokeh"
+                ),
+                hv.Scatter((xs, ys), x_dim, y_dim, label=labels[s]).opts(
+                    color=color, size=6, tools=["hover"], backend="bokeh"
+                ),
+            ]
+        panels.append(_line_panel(layers, name, logy=log))
+    if not panels:
+        raise OptionError(f"no parameter varies along {along!r}: nothing to plot")
+    return _layout(panels, min(len(panels), 4))
+
+
+def save(obj, path, *, overwrite: bool = False, title: str | None = None):
+    """Write a HoloViews object to a standalone HTML file, atomically.
+
+    BokehJS is embedded in the file (no CDN), so it opens without internet.
+
+    Parameters
+    ----------
+    obj : HoloViews object
+        E.g. the return value of :func:`c2` or :func:`fit`.
+    path : str or Path
+        The HTML file.
+    overwrite : bool
+        Replace an existing file.
+    title : str, optional
+        Title of the HTML page; default: the file name.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    page_title = title if title is not None else Path(path).name
+
+    def write(tmp):
+        buffer = io.StringIO()
+        hv.save(obj, buffer, fmt="html", backend="bokeh", resources=INLINE, title=page_title)
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+    return atomic_write(write, path, overwrite=overwrite)
+
+
+def _heatmap(matrix, t, dims, vdim, clim, cmap, title) -> hv.Image:
+    # hv.Image wants z[y, x]; x is t1 (first index of the matrix), y is t2.
+    return hv.Image((t, t, np.asarray(matrix).T), kdims=dims, vdims=[vdim]).opts(
+        cmap=cmap,
+        clim=clim,
+        colorbar=True,
+        tools=["hover"],
+        title=title,
+        frame_width=HEATMAP_SIZE,
+        frame_height=HEATMAP_SIZE,
+        backend="bokeh",
+    )
+
+
+def _line_panel(layers, title, **opts) -> hv.Overlay:
+    width, height = PANEL_SIZE
+    return hv.Overlay(layers).opts(
+        title=title, frame_width=width, frame_height=height, backend="bokeh", **opts
+    )
+
+
+def _layout(panels, cols: int) -> hv.Layout:
+    # Panels of one figure have different axes (lag, time, parameters): link none of them.
+    return hv.Layout(panels).opts(shared_axes=False, backend="bokeh").cols(cols)
+
+
+def _time_dims(ds) -> list[hv.Dimension]:
+    return [hv.Dimension(name, unit=ds[name].attrs.get("units", "s")) for name in ("t1", "t2")]
+
+
+def _value_dim(da: xr.DataArray, name: str) -> hv.Dimension:
+    return hv.Dimension(name, unit=da.attrs.get("units") or None)
+
+
+def _title(ds, k: int) -> str:
+    phi_unit = ds["phi"].attrs.get("units", "deg")
+    q_unit = ds["q"].attrs.get("units", "1/Å")
+    return f"φ = {float(ds['phi'].values[k]):g} {phi_unit}, q = {float(ds['q']):.4g} {q_unit}"
+
+
+def _model_on(result, ds) -> np.ndarray:
+    """The model ``c2`` of ``result`` on the grid of ``ds``, diagonal NaN."""
+    model = result.model["c2"].transpose("phi", "t1", "t2")
+    if model.shape != ds["c2"].shape:
+        raise OptionError(
+            f"the result's model has shape {model.shape} but the data {ds['c2'].shape}; "
+            "pass the Dataset that was fitted"
+        )
+    return offdiagonal(model.values)
+
+
+def _series_labels(value: xr.DataArray, others: Sequence[str]) -> list[str]:
+    if not others:
+        return [""]  # one series: the panel title names it, no legend
+    grid = np.stack(
+        np.meshgrid(*(value[d].values for d in others), indexing="ij"), axis=-1
+    ).reshape(-1, len(others))
+    return [", ".join(f"{d} = {v:g}" for d, v in zip(others, row, strict=True)) for row in grid]
+
+
+def _survey(results, x: str) -> tuple[xr.Dataset, xr.Dataset]:
+    """``(values, errors)`` Datasets with the same variables, from any accepted input."""
+    if isinstance(results, xr.Dataset):
+        names = [n for n in results.data_vars if f"{n}_stderr" in results.data_vars]
+        errors = xr.Dataset({n: results[f"{n}_stderr"] for n in names})
+        return results[names], errors
+    if isinstance(results, tuple) and len(results) == 2:
+        values, errors = results
+        if isinstance(values, xr.Dataset) and isinstance(errors, xr.Dataset):
+            return values, errors
+    if isinstance(results, Sequence) and results and all(hasattr(r, "params") for r in results):
+        missing = [k for k, r in enumerate(results) if x not in r.params.coords]
+        if missing:
+            raise OptionError(
+                f"results {missing} have no coordinate {x!r} to place them along; their "
+                f"coordinates are {sorted(map(str, results[missing[0]].params.coords))}"
+            )
+        if any(np.size(r.params[x].values) != 1 for r in results):
+            raise OptionError(f"each result must have one value of {x!r} to stack along it")
+        coord = xr.DataArray(
+            [float(r.params[x].values) for r in results],
+            dims=x,
+            attrs=results[0].params[x].attrs,
+        )
+
+        def stack(datasets):
+            dropped = [d.drop_vars(x) if x not in d.dims else d for d in datasets]
+            return xr.concat(dropped, dim=x, data_vars="all").assign_coords({x: coord})
+
+        return stack([r.params for r in results]), stack([r.stderr for r in results])
+    raise OptionError(
+        "results must be an xarray.Dataset with <name>_stderr variables, a pair "
+        f"(params, stderr) of Datasets or a list of fit results; got {type(results).__name__}"
+    )
