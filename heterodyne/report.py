@@ -1,0 +1,42 @@
+"""A standalone HTML report of a fit: the summary table, warnings and the plots."""
+
+from __future__ import annotations
+
+import html
+
+from heterodyne.data import atomic_write
+
+
+def write_html(result, path, *, overwrite: bool = False, title: str | None = None):
+    """Write ``result`` (an ``NLSQResult`` or ``CMCResult``) as one HTML page.
+
+    The page holds the result's HTML summary (values, errors, flags, warnings), its
+    ``.plot()`` figure and, for results that carry a model, the one-time cuts of data
+    and model. BokehJS is embedded, so the page opens without internet.
+    """
+    import holoviews as hv
+    from bokeh.embed import file_html
+    from bokeh.layouts import column
+    from bokeh.models import Div
+    from bokeh.resources import INLINE
+
+    from heterodyne import plot
+
+    page_title = title or f"heterodyne {type(result).__name__}"
+    source = html.escape(str(result.data.attrs.get("source", "")))
+    parts = [
+        Div(
+            text=f"<h1>{html.escape(page_title)}</h1><p>data: {source}</p>{result._repr_html_()}",
+            width=1100,
+        ),
+        hv.render(result.plot(), backend="bokeh"),
+    ]
+    if hasattr(result, "model"):
+        parts += [
+            Div(text="<h2>One-time cuts: data (points) and model (lines)</h2>"),
+            hv.render(plot.cuts(result.data, result), backend="bokeh"),
+        ]
+    page = file_html(column(*parts), INLINE, page_title)
+    return atomic_write(
+        lambda tmp: tmp.write_text(page, encoding="utf-8"), path, overwrite=overwrite
+    )

@@ -1,0 +1,84 @@
+"""The command line: the README's demo, fitting a file, and argument errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import heterodyne as hd
+from heterodyne.cli import DEMO_TRUTH, main
+from heterodyne.examples import example_file
+
+
+def run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "heterodyne", *args], capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+def test_demo_writes_data_fit_and_an_html_report(tmp_path):
+    out = tmp_path / "demo"
+    done = run("demo", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "data.nc",
+        "nlsq.nc",
+        "nlsq_report.html",
+        "nlsq_report.txt",
+    ]
+    result = hd.open_result(out / "nlsq.nc")
+    for name, truth in DEMO_TRUTH.items():
+        assert abs(result.value(name) - truth) < 4 * result.error(name), name
+    assert hd.load(out / "data.nc").identical(result.data)
+    page = (out / "nlsq_report.html").read_text()
+    assert "cdn.bokeh.org" not in page and "D0_sample" in page
+    again = run("demo", "--out", str(out))
+    assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_fit_a_beamline_file(tmp_path, capsys):
+    path = example_file(tmp_path / "f.h5", q=(0.008, 0.012), n_frames=40, phi=(0.0, 45.0))
+    code = main(
+        [
+            "fit",
+            str(path),
+            "--q",
+            "0.012",
+            "--phi",
+            "0",
+            "45",
+            "--frames",
+            "0:30",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    assert "[[NLSQ fit]]" in capsys.readouterr().out
+    result = hd.open_result(tmp_path / "out" / "nlsq.nc")
+    assert float(result.params["q"]) == 0.012
+    np.testing.assert_allclose(result.data["t1"].values[[0, -1]], [0.1, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit"], "the following arguments are required: file"),
+        (["fit", "x.h5", "--out", "o", "--frames", "1-5"], "--frames must look like A:B"),
+        (["fit", "x.h5", "--out", "o", "--method", "mcmc"], "invalid choice: 'mcmc'"),
+        (["launch"], "invalid choice: 'launch'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_file_is_one_line_and_exit_1(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "none.h5"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("heterodyne fit: ") and "none.h5" in err and "\n" not in err
