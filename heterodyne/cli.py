@@ -68,13 +68,40 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--multistart", type=int, default=0, help="extra NLSQ starts")
     fit.add_argument("--out", type=Path, required=True, help="output folder")
     fit.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    survey = commands.add_parser(
+        "survey",
+        help="fit every q-bin of a file and gather the parameters",
+        description="Fit every q-bin of FILE by NLSQ; write survey.nc (parameters and "
+        "stderr against q), survey.html (the plot) and each fit under "
+        "--out/fits (a rerun resumes from there).",
+    )
+    survey.add_argument("file", type=Path, help="APS-U / legacy HDF5 file")
+    survey.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
+    survey.add_argument("--frames", type=_frames, help="frame window A:B")
+    survey.add_argument(
+        "--executor",
+        type=_executor,
+        default=None,
+        help="processes, or dask://HOST:PORT (default: in this process)",
+    )
+    survey.add_argument("--multistart", type=int, default=0, help="extra NLSQ starts")
+    survey.add_argument("--out", type=Path, required=True, help="output folder")
+    survey.add_argument("--overwrite", action="store_true", help="replace survey.nc/html")
     return parser
+
+
+def _executor(text: str) -> str:
+    if text == "processes" or text.startswith(("dask://", "tcp://")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"--executor must be 'processes' or dask://HOST:PORT, got {text!r}"
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": run_demo, "fit": run_fit}[args.command](args)
+        return {"demo": run_demo, "fit": run_fit, "survey": run_survey}[args.command](args)
     except (HeterodyneError, FileExistsError) as err:
         print(f"heterodyne {args.command}: {err}", file=sys.stderr)
         return 1
@@ -111,6 +138,39 @@ def run_fit(args) -> int:
     result = hd.fit_nlsq(ds, multistart=args.multistart)
     _write_result(result, args.out, args.method, overwrite=args.overwrite)
     print(result.report())
+    return 0
+
+
+def run_survey(args) -> int:
+    import heterodyne as hd
+    from heterodyne import plot
+    from heterodyne.data import atomic_write
+
+    out = hd.survey(
+        args.file,
+        phi=args.phi,
+        frames=args.frames,
+        executor=args.executor,
+        cache=args.out / "fits",
+        multistart=args.multistart,
+    )
+    out.attrs["file"] = str(args.file)
+    atomic_write(
+        lambda tmp: out.to_netcdf(tmp, engine="h5netcdf"),
+        args.out / "survey.nc",
+        overwrite=args.overwrite,
+    )
+    plot.save(
+        plot.params(out, x="q"),
+        args.out / "survey.html",
+        overwrite=args.overwrite,
+        title=f"heterodyne survey of {args.file.name}",
+    )
+    print(out[[name for name in out.data_vars if not name.endswith("_stderr")]])
+    print(
+        f"{out.attrs['fitted']} fits run, {out.attrs['from_cache']} read from "
+        f"{args.out / 'fits'}; wrote survey.nc and survey.html to {args.out}/"
+    )
     return 0
 
 

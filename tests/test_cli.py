@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import xarray as xr
 
 import heterodyne as hd
 from heterodyne.cli import DEMO_TRUTH, main
@@ -62,6 +63,17 @@ def test_fit_a_beamline_file(tmp_path, capsys):
     np.testing.assert_allclose(result.data["t1"].values[[0, -1]], [0.1, 3.0])
 
 
+def test_survey_writes_the_table_and_plot_and_resumes(tmp_path, capsys):
+    path = example_file(tmp_path / "f.h5", q=(0.008, 0.012), n_frames=40, phi=(0.0, 45.0))
+    out = tmp_path / "survey"
+    assert main(["survey", str(path), "--out", str(out)]) == 0
+    table = xr.open_dataset(out / "survey.nc", engine="h5netcdf")
+    np.testing.assert_allclose(table["q"].values, [0.008, 0.012])
+    assert "cdn.bokeh.org" not in (out / "survey.html").read_text()
+    assert main(["survey", str(path), "--out", str(out), "--overwrite"]) == 0
+    assert "0 fits run, 2 read from" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -69,6 +81,7 @@ def test_fit_a_beamline_file(tmp_path, capsys):
         (["fit", "x.h5", "--out", "o", "--frames", "1-5"], "--frames must look like A:B"),
         (["fit", "x.h5", "--out", "o", "--method", "mcmc"], "invalid choice: 'mcmc'"),
         (["launch"], "invalid choice: 'launch'"),
+        (["survey", "x.h5", "--out", "o", "--executor", "threads"], "--executor must be"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
