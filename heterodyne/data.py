@@ -126,6 +126,8 @@ def symmetrize(matrix: np.ndarray) -> np.ndarray:
     """Fill a one-triangle matrix (the other triangle all zero) by symmetry.
 
     Beamline files store only the upper triangle; a full matrix is returned unchanged.
+    A triangle of zeros and NaN only counts as empty; when both are, no value off the
+    diagonal is known, and a NaN in either triangle is set in both.
     """
     if matrix.ndim < 2 or matrix.shape[-1] != matrix.shape[-2] or matrix.shape[-1] < 2:
         return matrix
@@ -141,6 +143,9 @@ def symmetrize(matrix: np.ndarray) -> np.ndarray:
             m[lower] = m.T[lower]
         elif upper_zero and not lower_zero:
             m[upper] = m.T[upper]
+        elif upper_zero and lower_zero:
+            # An all-NaN stored triangle beside a zero one is missing data, not zeros.
+            m[np.isnan(m.T)] = np.nan
     return out
 
 
@@ -179,6 +184,8 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
     for name in ("phi", "t1", "t2", "q"):
         if name not in ds.coords:
             raise DataError(f"the Dataset has no coordinate {name!r}")
+        if ds[name].dtype.kind not in "iuf":
+            raise DataError(f"coordinate {name!r} has dtype {ds[name].dtype}; expected numbers")
     t = np.asarray(ds["t1"].values, dtype=np.float64)
     if not np.array_equal(t, np.asarray(ds["t2"].values, dtype=np.float64)):
         raise DataError("coordinates t1 and t2 differ; they must be the same frame times")
@@ -195,9 +202,9 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
             f"t1 is not uniformly spaced: steps range from {steps.min():g} to "
             f"{steps.max():g} s; the model needs t_i = t_start + i dt"
         )
-    if "dt" in ds.attrs and not np.isclose(float(ds.attrs["dt"]), dt, rtol=_RTOL_TIME):
+    if "dt" in ds.attrs and not np.isclose(_number(ds.attrs["dt"]), dt, rtol=_RTOL_TIME):
         raise DataError(
-            f"attrs['dt'] = {ds.attrs['dt']} s does not match the spacing of t1 ({dt:g} s)"
+            f"attrs['dt'] = {ds.attrs['dt']!r} s does not match the spacing of t1 ({dt:g} s)"
         )
     q = np.asarray(ds["q"].values)
     if q.ndim != 0:
@@ -229,6 +236,14 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
         if np.any(values[np.isfinite(values)] <= 0):
             raise DataError("sigma must be > 0 where finite")
     return ds
+
+
+def _number(value) -> float:
+    """``value`` as a float; NaN when it is not one number (an attribute read from a file)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return np.nan
 
 
 def count_nan_pairs(ds: xr.Dataset) -> int:
@@ -277,6 +292,10 @@ def atomic_write(write, path, *, overwrite: bool = False) -> Path:
 
     A process killed mid-write leaves any old file intact and no half-written file under
     ``path``. Refuses to replace an existing file unless ``overwrite=True``.
+
+    ``tmp_path`` is ``.NAME.PID.tmp`` in the folder of ``path``: hidden, ending in
+    ``.tmp`` (no ``*.nc`` or ``*.h5`` pattern matches it) and renamed only once complete.
+    A process killed by SIGKILL leaves it behind, half written; delete it by hand.
     """
     path = Path(path)
     if path.is_dir():

@@ -15,7 +15,8 @@ Three layouts are recognised by the group that holds the matrices:
     ``measurement/instrument/detector/exposure_period``, else
     ``entry/instrument/detector_1/frame_time``.
 ``netcdf`` (written by :func:`heterodyne.data.to_netcdf`), found by a root variable ``c2``
-    Read with xarray (``engine="h5netcdf"``) and returned unchanged.
+    Read with xarray (``engine="h5netcdf"``) and returned unchanged but for
+    ``attrs["nan_pairs"]``, counted again.
 
 Beamline matrices may hold one triangle only (the other zero); they are symmetrised.
 Every problem with a file raises :class:`~heterodyne.errors.FileFormatError` naming the
@@ -37,7 +38,7 @@ import h5py
 import numpy as np
 import xarray as xr
 
-from heterodyne.data import from_arrays, select, validate
+from heterodyne.data import count_nan_pairs, from_arrays, select, validate
 from heterodyne.errors import DataError, FileFormatError, OptionError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ _LAYOUTS = {
     "aps_u": "xpcs/twotime/correlation_map",
     "aps_legacy": "exchange/C2T_all",
     "netcdf": "c2",
+}
+# Where each beamline layout lists the q and the phi of its bins.
+_LISTS = {
+    "aps_u": ("xpcs/qmap/dynamic_v_list_dim0", "xpcs/qmap/dynamic_v_list_dim1"),
+    "aps_legacy": ("xpcs/dqlist", "xpcs/dphilist"),
 }
 _APS_U_FRAME_TIME = ("entry/instrument/detector_1/frame_time",)
 _LEGACY_FRAME_TIME = (
@@ -133,7 +139,7 @@ def load(
         layout = _detect(f, path)
         if layout != "netcdf":
             bins = _READERS[layout](f, path)
-            q_all, labels = _group_q(bins.q, path)
+            q_all, labels = _group_q(bins, path)
             iq = _pick_q(q_all, q, path)
             return _read_bins(
                 f, path, bins, np.flatnonzero(labels == iq), iq, q_all[iq], phi, frames
@@ -154,7 +160,7 @@ def q_values(path: str | os.PathLike) -> np.ndarray:
         layout = _detect(f, path)
         if layout == "netcdf":
             return _vector(f, "q", path)
-        return _group_q(_READERS[layout](f, path).q, path)[0]
+        return _group_q(_READERS[layout](f, path), path)[0]
 
 
 def _check_path(path) -> Path:
@@ -198,7 +204,7 @@ def _detect(f: h5py.File, path: Path) -> str:
 def _dataset(f: h5py.File, inner: str, path: Path) -> h5py.Dataset:
     obj = f.get(inner)
     if obj is None:
-        raise FileFormatError(f"{path}: {inner} is missing")
+        raise FileFormatError(f"{path}: {inner} is missing; expected a dataset there")
     if not isinstance(obj, h5py.Dataset):
         raise FileFormatError(f"{path}: {inner} is a group; expected a dataset")
     return obj
@@ -216,14 +222,18 @@ def _vector(f: h5py.File, inner: str, path: Path, *, integer: bool = False) -> n
     dset = _dataset(f, inner, path)
     if dset.dtype.kind not in "iuf":
         raise FileFormatError(f"{path}: {inner} has dtype {dset.dtype}; expected numbers")
+    if dset.shape is None:
+        raise FileFormatError(f"{path}: {inner} has an empty dataspace; expected numbers")
     values = np.asarray(_read(dset, path))
     if sum(size > 1 for size in values.shape) > 1:
         raise FileFormatError(f"{path}: {inner} has shape {values.shape}; expected a vector")
     values = values.ravel().astype(np.float64)
     if values.size == 0:
-        raise FileFormatError(f"{path}: {inner} is empty")
+        raise FileFormatError(f"{path}: {inner} is empty; expected at least one number")
     if not np.all(np.isfinite(values)):
-        raise FileFormatError(f"{path}: {inner} holds non-finite values: {values}")
+        raise FileFormatError(
+            f"{path}: {inner} holds non-finite values: {values}; expected finite numbers"
+        )
     if integer:
         if np.any(values != np.round(values)):
             raise FileFormatError(f"{path}: {inner} holds non-integer values; expected bin numbers")
@@ -243,7 +253,11 @@ def _frame_time(f: h5py.File, path: Path, candidates: tuple[str, ...]) -> float:
 
 def _matrices(f: h5py.File, group: str, path: Path) -> tuple[np.ndarray, list[str], int]:
     """Numbers and paths of the ``c2_NNNNN`` matrices of ``group``, by number; and N."""
-    obj = f[group]
+    obj = f.get(group)
+    if obj is None:
+        raise FileFormatError(
+            f"{path}: {group} is a broken link; expected a group of c2_NNNNN matrices"
+        )
     if not isinstance(obj, h5py.Group):
         raise FileFormatError(
             f"{path}: {group} is a dataset; expected a group of c2_NNNNN matrices"
@@ -278,8 +292,7 @@ def _matrices(f: h5py.File, group: str, path: Path) -> tuple[np.ndarray, list[st
 
 
 def _read_aps_u(f: h5py.File, path: Path) -> _Bins:
-    q_list = _vector(f, "xpcs/qmap/dynamic_v_list_dim0", path)
-    phi_list = _vector(f, "xpcs/qmap/dynamic_v_list_dim1", path)
+    q_list, phi_list = (_vector(f, inner, path) for inner in _LISTS["aps_u"])
     bins = _vector(f, "xpcs/twotime/processed_bins", path, integer=True)
     numbers, names, n_frames = _matrices(f, _LAYOUTS["aps_u"], path)
     if not np.array_equal(numbers, np.arange(1, bins.size + 1)):
@@ -313,7 +326,7 @@ def _first_frame(f: h5py.File, path: Path, n_frames: int, dt: float) -> int:
     # Time stamps stored in float32 lose absolute precision as t grows.
     tol = _T_RTOL * dt + 4 * np.finfo(_dataset(f, inner, path).dtype).eps * np.abs(t).max()
     steps = np.diff(t)
-    if np.max(np.abs(steps - dt)) > tol:
+    if steps.size and np.max(np.abs(steps - dt)) > tol:
         raise FileFormatError(
             f"{path}: {inner} steps range from {steps.min():g} to {steps.max():g} s; "
             f"expected the frame time {dt:g} s of {_APS_U_FRAME_TIME[0]} (dropped frames, "
@@ -329,8 +342,7 @@ def _first_frame(f: h5py.File, path: Path, n_frames: int, dt: float) -> int:
 
 
 def _read_legacy(f: h5py.File, path: Path) -> _Bins:
-    q_list = _vector(f, "xpcs/dqlist", path)
-    phi_list = _vector(f, "xpcs/dphilist", path)
+    q_list, phi_list = (_vector(f, inner, path) for inner in _LISTS["aps_legacy"])
     if q_list.size != phi_list.size:
         raise FileFormatError(
             f"{path}: xpcs/dqlist has {q_list.size} entries and "
@@ -350,10 +362,13 @@ def _read_legacy(f: h5py.File, path: Path) -> _Bins:
 _READERS = {"aps_u": _read_aps_u, "aps_legacy": _read_legacy}
 
 
-def _group_q(q: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _group_q(bins: _Bins, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Distinct q-bins, increasing, and the q-bin index of each bin."""
+    q = bins.q
     if np.any(q <= 0):
-        raise FileFormatError(f"{path}: q values must be positive [1/Å]; the bins have {q}")
+        raise FileFormatError(
+            f"{path}: {_LISTS[bins.layout][0]} gives the bins q = {q}; expected q > 0 [1/Å]"
+        )
     order = np.argsort(q, kind="stable")
     new = np.r_[True, np.diff(q[order]) > _Q_SAME * q[order][1:]]
     labels = np.empty(q.size, dtype=np.int64)
@@ -408,7 +423,8 @@ def _read_bins(
     angles = bins.phi[members]
     if np.unique(angles).size != angles.size:
         raise FileFormatError(
-            f"{path}: two bins at q = {q:g} 1/Å have the same phi ({angles.tolist()} deg)"
+            f"{path}: {_LISTS[bins.layout][1]} gives two bins at q = {q:g} 1/Å the same phi "
+            f"({angles.tolist()} deg); expected one bin per angle"
         )
     if phi is not None:
         wanted = np.atleast_1d(np.asarray(phi, dtype=np.float64))
@@ -428,7 +444,8 @@ def _read_bins(
     try:
         ds = from_arrays(c2, t, bins.phi[members], q, source=source)
     except DataError as err:
-        raise FileFormatError(f"{path} ({bins.layout}, q-bin {iq}): {err}") from err
+        names = ", ".join(bins.names[k] for k in members)
+        raise FileFormatError(f"{path} ({bins.layout}, q-bin {iq}, {names}): {err}") from err
     ds.attrs["dt"] = bins.dt
     return ds
 
@@ -442,6 +459,9 @@ def _read_netcdf(path: Path) -> xr.Dataset:
             f"{path}: has a root variable c2 but xarray (h5netcdf) cannot read it as netCDF: {err}"
         ) from err
     try:
-        return validate(ds)
+        validate(ds)
     except DataError as err:
         raise FileFormatError(f"{path} (netcdf): {err}") from err
+    # Counted again: a file written by another tool may lack or misstate the count.
+    ds.attrs["nan_pairs"] = count_nan_pairs(ds)
+    return ds

@@ -2,9 +2,10 @@
 
 import logging
 
-import h5py
+import _files
 import numpy as np
 import pytest
+from _files import EXPOSURE_PERIOD, FRAME_TIME, write_h5
 
 import heterodyne as hd
 from heterodyne.errors import FileFormatError, OptionError
@@ -28,40 +29,19 @@ def _matrix(seed):
 TRUTH = {pair: _matrix(seed) for seed, pair in enumerate(PROCESSED)}
 
 
-def _write(path, datasets):
-    """Write ``{inner path: array}``; a value ``{}`` makes an empty group."""
-    with h5py.File(path, "w") as f:
-        for inner, value in datasets.items():
-            if isinstance(value, dict):
-                f.create_group(inner)
-            else:
-                f[inner] = value
-    return path
-
-
 def _aps_u(half=True):
-    bins = [iq * PHI_LIST.size + ip + 1 for iq, ip in PROCESSED]
-    out = {
-        "xpcs/qmap/dynamic_v_list_dim0": Q_LIST,
-        "xpcs/qmap/dynamic_v_list_dim1": PHI_LIST,
-        "xpcs/twotime/processed_bins": np.array(bins),
-        "entry/instrument/detector_1/frame_time": DT,
-    }
-    for k, pair in enumerate(PROCESSED):
-        matrix = TRUTH[pair]
-        out[f"xpcs/twotime/correlation_map/c2_{k + 1:05d}"] = np.triu(matrix) if half else matrix
-    return out
+    matrices = [np.triu(TRUTH[pair]) if half else TRUTH[pair] for pair in PROCESSED]
+    return _files.aps_u(Q_LIST, PHI_LIST, PROCESSED, matrices, DT)
 
 
-def _legacy(frame_time_path="measurement/instrument/detector/exposure_period"):
-    out = {
-        "xpcs/dqlist": Q_LIST[[iq for iq, _ in PROCESSED]][None, :],
-        "xpcs/dphilist": PHI_LIST[[ip for _, ip in PROCESSED]][None, :],
-        frame_time_path: np.array([DT]),
-    }
-    for k, pair in enumerate(PROCESSED):
-        out[f"exchange/C2T_all/c2_{k + 1:05d}"] = np.triu(TRUTH[pair])
-    return out
+def _legacy(frame_time_path=EXPOSURE_PERIOD):
+    return _files.legacy(
+        Q_LIST[[iq for iq, _ in PROCESSED]][None, :],
+        PHI_LIST[[ip for _, ip in PROCESSED]][None, :],
+        {k + 1: np.triu(TRUTH[pair]) for k, pair in enumerate(PROCESSED)},
+        np.array([DT]),
+        frame_time_path,
+    )
 
 
 def _expected(iq, phis=PHI_LIST):
@@ -70,12 +50,12 @@ def _expected(iq, phis=PHI_LIST):
 
 @pytest.fixture
 def aps_u(tmp_path):
-    return _write(tmp_path / "aps_u.h5", _aps_u())
+    return write_h5(tmp_path / "aps_u.h5", _aps_u())
 
 
 @pytest.mark.parametrize("half", [True, False], ids=["upper-triangle", "full"])
 def test_aps_u_reads_the_written_numbers(tmp_path, half):
-    path = _write(tmp_path / "a.h5", _aps_u(half=half))
+    path = write_h5(tmp_path / "a.h5", _aps_u(half=half))
     ds = hd.load(path, q=0.01)
     np.testing.assert_array_equal(ds["c2"].values, _expected(1))
     np.testing.assert_array_equal(ds["phi"].values, PHI_LIST)
@@ -95,7 +75,7 @@ def test_aps_u_reads_only_processed_angles(aps_u):
 
 def test_q_values_lists_processed_q_bins(aps_u, tmp_path):
     np.testing.assert_array_equal(hd.q_values(aps_u), Q_LIST[:3])
-    np.testing.assert_array_equal(hd.q_values(_write(tmp_path / "l.h5", _legacy())), Q_LIST[:3])
+    np.testing.assert_array_equal(hd.q_values(write_h5(tmp_path / "l.h5", _legacy())), Q_LIST[:3])
 
 
 def test_several_q_bins_need_q(aps_u):
@@ -111,7 +91,7 @@ def test_one_q_bin_needs_no_q(tmp_path):
     data["xpcs/twotime/processed_bins"] = np.arange(1, 5)
     for k in range(5, 11):
         del data[f"xpcs/twotime/correlation_map/c2_{k:05d}"]
-    ds = hd.load(_write(tmp_path / "one.h5", data))
+    ds = hd.load(write_h5(tmp_path / "one.h5", data))
     np.testing.assert_array_equal(ds["c2"].values, _expected(0))
 
 
@@ -147,7 +127,7 @@ def test_frames_window_keeps_absolute_times(aps_u):
 def test_time_vector_sets_the_first_frame(tmp_path):
     data = _aps_u()
     data["xpcs/twotime/t"] = DT * np.arange(100, 100 + N)
-    ds = hd.load(_write(tmp_path / "t.h5", data), q=0.01, frames=slice(2, 10))
+    ds = hd.load(write_h5(tmp_path / "t.h5", data), q=0.01, frames=slice(2, 10))
     np.testing.assert_array_equal(ds["t1"].values, DT * np.arange(103, 111))
 
 
@@ -156,17 +136,14 @@ def test_nan_blocks_are_data(tmp_path):
     block = np.array(data["xpcs/twotime/correlation_map/c2_00001"])
     block[2:4, 10:13] = np.nan
     data["xpcs/twotime/correlation_map/c2_00001"] = block
-    ds = hd.load(_write(tmp_path / "nan.h5", data), q=0.005)
+    ds = hd.load(write_h5(tmp_path / "nan.h5", data), q=0.005)
     assert ds.attrs["nan_pairs"] == 6
     assert np.isnan(ds["c2"].values[0, 11, 3])
 
 
-@pytest.mark.parametrize(
-    "frame_time_path",
-    ["measurement/instrument/detector/exposure_period", "entry/instrument/detector_1/frame_time"],
-)
+@pytest.mark.parametrize("frame_time_path", [EXPOSURE_PERIOD, FRAME_TIME])
 def test_legacy_reads_the_written_numbers(tmp_path, frame_time_path):
-    path = _write(tmp_path / "legacy.h5", _legacy(frame_time_path))
+    path = write_h5(tmp_path / "legacy.h5", _legacy(frame_time_path))
     ds = hd.load(path, q=0.02)
     np.testing.assert_array_equal(ds["c2"].values, _expected(2, [45.0, 135.0]))
     np.testing.assert_array_equal(ds["phi"].values, [45.0, 135.0])
@@ -248,7 +225,7 @@ BAD_APS_U = {
 
 @pytest.mark.parametrize("change, message", BAD_APS_U.values(), ids=BAD_APS_U.keys())
 def test_bad_aps_u_files_raise_file_format_error(tmp_path, change, message):
-    path = _write(tmp_path / "bad.h5", _bad_aps_u(change))
+    path = write_h5(tmp_path / "bad.h5", _bad_aps_u(change))
     with pytest.raises(FileFormatError) as info:
         hd.load(path, q=0.005)
     assert str(path) in str(info.value)
@@ -277,7 +254,7 @@ BAD_LEGACY = {
 def test_bad_legacy_files_raise_file_format_error(tmp_path, change, message):
     data = _legacy()
     change(data)
-    path = _write(tmp_path / "bad_legacy.h5", data)
+    path = write_h5(tmp_path / "bad_legacy.h5", data)
     with pytest.raises(FileFormatError) as info:
         hd.load(path, q=0.005)
     assert str(path) in str(info.value)
@@ -294,11 +271,11 @@ def test_unreadable_paths_raise_file_format_error(tmp_path):
         tmp_path / "fake.nc": "(netcdf): c2 has dims",
     }
     (tmp_path / "notes.txt").write_text("q = 0.01\n")
-    _write(tmp_path / "cut.h5", _aps_u())
+    write_h5(tmp_path / "cut.h5", _aps_u())
     raw = (tmp_path / "cut.h5").read_bytes()
     (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 2])
-    _write(tmp_path / "other.h5", {"entry/data": np.ones(3)})
-    _write(tmp_path / "fake.nc", {"c2": np.ones((4, 4))})
+    write_h5(tmp_path / "other.h5", {"entry/data": np.ones(3)})
+    write_h5(tmp_path / "fake.nc", {"c2": np.ones((4, 4))})
     for path, message in cases.items():
         with pytest.raises(FileFormatError) as info:
             hd.load(path)
@@ -307,7 +284,7 @@ def test_unreadable_paths_raise_file_format_error(tmp_path):
 
 
 def test_unknown_layout_lists_what_was_looked_for(tmp_path):
-    path = _write(tmp_path / "multitau.h5", {"xpcs/multitau/normalized_g2": np.ones((5, 3))})
+    path = write_h5(tmp_path / "multitau.h5", {"xpcs/multitau/normalized_g2": np.ones((5, 3))})
     with pytest.raises(FileFormatError) as info:
         hd.q_values(path)
     for looked_for in ("xpcs/twotime/correlation_map", "exchange/C2T_all", "c2 (netcdf)"):
