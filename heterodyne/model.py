@@ -138,6 +138,47 @@ def correlation(frames_i: FrameIntegrals, frames_j: FrameIntegrals, q, q_paralle
     return (reference + sample + cross_amplitude * jnp.cos(phase)) / norm
 
 
+def correlation_factors(frames: FrameIntegrals, q, q_parallel):
+    """Per-frame factors of :func:`correlation` in separable form, for ``t_i <= t_j``.
+
+    MODEL.md, "The two-time correlation", rewritten as a sum of ``M = 4`` rank-one terms
+    (reference, sample, cross cos, cross sin)::
+
+        g_ij = sum_m a_im b_jm exp(-(e_jm - e_im))
+
+        a = [r²/n, s²/n, 2 r s cos(k V)/n, 2 r s sin(k V)/n]
+        b = [r²/n, s²/n,   r s cos(k V)/n,   r s sin(k V)/n]
+        e = q² [P_r, P_s, (P_r + P_s)/2, (P_r + P_s)/2]
+
+    with ``k = q_parallel`` [1/Å]: on ``t_i <= t_j`` the transport integrals are
+    ``A = P_j - P_i`` (``P`` is non-decreasing), and
+    ``cos(k (V_j - V_i)) = cos(k V_j) cos(k V_i) + sin(k V_j) sin(k V_i)``. The
+    exponents ``e`` are non-decreasing in time, so ``exp(-(e_j - e_i)) <= 1``; a caller
+    that splits it as ``exp(e_i - e_c) exp(-(e_j - e_c))`` must pick ``e_i <= e_c <= e_j``
+    to keep both factors in range.
+
+    Returns
+    -------
+    a, b : jax.Array
+        Shape ``q_parallel.shape + (N, 4)``: one set per angle.
+    e : jax.Array
+        Shape ``(N, 4)``, the same for every angle [-].
+    """
+    s = frames.x_sample
+    r = 1.0 - s
+    norm = r * r + s * s
+    phase = q_parallel[..., None] * frames.V
+    cos, sin = jnp.cos(phase), jnp.sin(phase)
+    rs = r * s / norm
+    ones = jnp.ones_like(phase)
+    b = jnp.stack([ones * (r * r / norm), ones * (s * s / norm), rs * cos, rs * sin], axis=-1)
+    a = b * jnp.array([1.0, 1.0, 2.0, 2.0])
+    q2 = q * q
+    cross = 0.5 * (frames.P_ref + frames.P_sample)
+    e = q2 * jnp.stack([frames.P_ref, frames.P_sample, cross, cross], axis=-1)
+    return a, b, e
+
+
 def parallel_wavevector(physics, phi, q):
     """``q cos(phi - phi0)`` [1/Å]: the wavevector component along the flow."""
     return q * jnp.cos(jnp.deg2rad(phi - physics[13]))

@@ -21,7 +21,7 @@ from scipy.optimize import least_squares
 from scipy.stats import qmc
 from tqdm.auto import tqdm
 
-from heterodyne import model, objective
+from heterodyne import model, objective, structured, uncertainty
 from heterodyne.data import validate
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
@@ -75,6 +75,7 @@ def fit_nlsq(
     multistart: int = 0,
     seed: int = 0,
     scaling: str = "per_angle",
+    errors: str = "nominal",
     progress: bool = True,
     **least_squares_options,
 ) -> NLSQResult:
@@ -99,6 +100,13 @@ def fit_nlsq(
         Seed of the multistart design.
     scaling : {"per_angle", "shared"}
         One contrast/offset pair per angle, or one pair for all angles.
+    errors : {"nominal", "speckle"}
+        Which standard errors ``.stderr`` and ``.covariance`` hold. ``"nominal"``: least
+        squares, treating the pairs as independent (lower bounds for two-time data).
+        ``"speckle"``: the covariance of pixel-averaged ``c2``, whose pairs share frames,
+        with its scale estimated from the residuals (:mod:`heterodyne.uncertainty`); it
+        reduces to the nominal errors for independent noise. The nominal errors are kept
+        in ``.stderr_nominal`` either way.
     progress : bool
         Show a progress bar (cost evaluations, or starts with ``multistart``).
     **least_squares_options
@@ -116,7 +124,8 @@ def fit_nlsq(
     angles (diagonal and non-finite pairs excluded). Standard errors are
     ``sqrt(diag((J^T J)^-1))`` at the optimum; without ``sigma`` they are scaled by the
     residual variance ``chi2 / (n_pairs - n_varied)``, as ``curve_fit`` does. Two-time
-    pairs share frames, so these nominal errors are lower bounds (MODEL.md, "Noise").
+    pairs share frames, so these nominal errors are lower bounds (MODEL.md, "Noise");
+    ``errors="speckle"`` accounts for it.
 
     Examples
     --------
@@ -124,6 +133,8 @@ def fit_nlsq(
     >>> result = hd.fit_nlsq(ds, hd.Parameters(v0=400.0))
     >>> print(result.report())  # doctest: +SKIP
     """
+    if errors not in uncertainty.ERRORS:
+        raise OptionError(f"errors must be one of {uncertainty.ERRORS}; got {errors!r}")
     problem = _Problem.build(ds, params, fix=fix, scaling=scaling)
     if not isinstance(multistart, int | np.integer) or multistart < 0:
         raise OptionError(f"multistart must be an integer >= 0; got {multistart!r}")
@@ -141,7 +152,7 @@ def fit_nlsq(
                 f.result()
                 for f in tqdm(futures, desc="multistart", unit="start", disable=not progress)
             ]
-    return problem.result(outcomes, options)
+    return problem.result(outcomes, options, errors=errors)
 
 
 class _Problem:
@@ -221,10 +232,23 @@ class _Problem:
         )
 
     def normal_equations(self, x):
-        """``(J^T J, J^T r, r^T r)`` at ``x`` as numpy arrays."""
-        out = _normal_equations_jit(
-            jnp.asarray(x), self.template, self.free, self.pairs, self.n_scale
-        )
+        """``(J^T J, J^T r, r^T r)`` at ``x`` as numpy arrays.
+
+        From the separable form of the model (:mod:`heterodyne.structured`, ``O(N)``
+        transcendentals) where its rule allows (weights constant per angle, fewer masked
+        pairs than fitted ones), else from the blocked Jacobian. The block layout of the
+        data is built on the first call and kept.
+        """
+        if "_blocks" not in self.__dict__:
+            self._blocks = structured.blocks(self.pairs)
+        x = jnp.asarray(x)
+        if self._blocks is None:
+            out = _normal_equations_jit(x, self.template, self.free, self.pairs, self.n_scale)
+        else:
+            n_physics = int(np.sum(np.asarray(self.free) < len(PHYSICS_NAMES)))
+            out = structured.normal_equations_jit(
+                x, self.template, self.free, self._blocks, self.n_scale, n_physics
+            )
         return tuple(np.asarray(a) for a in out)
 
     def design(self, n, seed):
@@ -268,20 +292,36 @@ class _Problem:
         outcome.jtj = compressed.normal_matrix(outcome.x)
         return outcome
 
-    def result(self, outcomes, options):
+    def result(self, outcomes, options, *, errors="nominal"):
         costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
         best = outcomes[int(np.argmin(costs))]
         z = np.asarray(self.template).copy()
         z[np.asarray(self.free)] = best.x
         n_pairs, n_free = self.pairs.n_pairs, best.x.size
         chi2 = float(2.0 * best.cost)
-        covariance = pseudo_inverse(best.jtj)
+        jtj_inverse = pseudo_inverse(best.jtj)
+        nominal = jtj_inverse.copy()
         if "sigma" not in self.ds.data_vars:
-            covariance *= chi2 / max(n_pairs - n_free, 1)
+            nominal *= chi2 / max(n_pairs - n_free, 1)
         physics, contrast, offset = objective.unpack(z, self.n_scale)
-        model_c2 = model.c2_grid(
-            physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q
+        model_c2 = np.asarray(
+            model.c2_grid(physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q)
         )
+        residuals = self.residuals(best.x)
+        covariance, scales = nominal, {}
+        if errors == "speckle":
+            speckle = uncertainty.speckle_covariance(
+                jtj_inverse,
+                best.x,
+                self.template,
+                self.free,
+                self.pairs,
+                self.n_scale,
+                residuals,
+                uncertainty.intensity_covariance(model_c2, self.ds["c2"].values, offset),
+            )
+            covariance = speckle.covariance
+            scales = {"speckle_kappa": speckle.kappa, "white_variance": speckle.white}
         success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
         starts = xr.Dataset(
             {
@@ -298,9 +338,12 @@ class _Problem:
             z=z,
             labels=self.labels,
             covariance=covariance,
-            model_c2=np.asarray(model_c2),
+            nominal=nominal,
+            errors=errors,
+            error_scales=scales,
+            model_c2=model_c2,
             pairs=self.pairs,
-            residuals=self.residuals(best.x),
+            residuals=residuals,
             chi2=chi2,
             nfev=int(best.nfev),
             success=success,

@@ -93,9 +93,14 @@ class NLSQResult:
     Attributes
     ----------
     params, stderr : xarray.Dataset
-        Best-fit values and their standard errors (NaN for fixed parameters).
+        Best-fit values and their standard errors (NaN for fixed parameters), of the kind
+        ``info["errors"]`` (``fit_nlsq(errors=...)``).
+    stderr_nominal : xarray.Dataset
+        The nominal least-squares standard errors, which treat the pairs as independent
+        (the same as ``stderr`` when ``info["errors"] == "nominal"``).
     covariance : xarray.DataArray
-        Covariance of the varied quantities, dims ``(name, name_)``.
+        Covariance of the varied quantities, dims ``(name, name_)``, of the same kind as
+        ``stderr``.
     starts : xarray.Dataset
         Every multistart outcome (``x``, ``cost``, ``nfev``, ``success`` by ``start``).
     model : xarray.Dataset
@@ -109,11 +114,14 @@ class NLSQResult:
         ``vary``, ``min``, ``max`` of every parameter as fitted.
     info : dict
         ``chi2``, ``nfev``, ``success``, ``message``, ``scaling``, ``n_pairs``,
-        ``nan_pairs``, ``errors``.
+        ``nan_pairs``, ``errors``; with ``errors="speckle"`` also ``speckle_kappa`` and
+        ``white_variance``, the two scales of the error model
+        (:mod:`heterodyne.uncertainty`).
     """
 
     params: xr.Dataset
     stderr: xr.Dataset
+    stderr_nominal: xr.Dataset
     covariance: xr.DataArray
     starts: xr.Dataset
     model: xr.Dataset
@@ -131,6 +139,9 @@ class NLSQResult:
         z,
         labels,
         covariance,
+        nominal,
+        errors,
+        error_scales,
         model_c2,
         pairs,
         residuals,
@@ -148,13 +159,17 @@ class NLSQResult:
         physics = z[: len(PHYSICS_NAMES)]
         contrast = z[len(PHYSICS_NAMES) : len(PHYSICS_NAMES) + n_scale]
         offset = z[len(PHYSICS_NAMES) + n_scale :]
-        errors = dict(zip(labels, np.sqrt(np.clip(np.diag(covariance), 0, None)), strict=True))
-        err_physics = np.array([errors.get(n, np.nan) for n in PHYSICS_NAMES])
 
-        def err_scale(name):
-            if scaling == "shared":
-                return errors.get(name, np.nan)
-            return np.array([errors.get(f"{name}[{k}]", np.nan) for k in range(n_scale)])
+        def stderr_layout(cov):
+            errors = dict(zip(labels, np.sqrt(np.clip(np.diag(cov), 0, None)), strict=True))
+
+            def err_scale(name):
+                if scaling == "shared":
+                    return errors.get(name, np.nan)
+                return np.array([errors.get(f"{name}[{k}]", np.nan) for k in range(n_scale)])
+
+            err_physics = np.array([errors.get(n, np.nan) for n in PHYSICS_NAMES])
+            return params_layout(err_physics, err_scale("contrast"), err_scale("offset"), phi, q)
 
         n_pairs, n_free = pairs.n_pairs, len(labels)
         info = {
@@ -167,7 +182,8 @@ class NLSQResult:
             "n_varied": n_free,
             "nan_pairs": int(data.attrs.get("nan_pairs", 0)),
             "weighted": int("sigma" in data.data_vars),
-            "errors": "nominal",
+            "errors": errors,
+            **error_scales,
         }
         fitted = np.full(data["c2"].shape, np.nan)
         fitted[np.asarray(pairs.angle), np.asarray(pairs.i), np.asarray(pairs.j)] = residuals
@@ -175,7 +191,8 @@ class NLSQResult:
         coords = {k: data.coords[k] for k in ("phi", "t1", "t2", "q")}
         return cls(
             params=params_layout(physics, contrast, offset, phi, q),
-            stderr=params_layout(err_physics, err_scale("contrast"), err_scale("offset"), phi, q),
+            stderr=stderr_layout(covariance),
+            stderr_nominal=stderr_layout(nominal),
             covariance=xr.DataArray(
                 covariance,
                 dims=("name", "name_"),
@@ -284,7 +301,8 @@ class NLSQResult:
         if self.info.get("errors") == "nominal":
             out.append(
                 "stderr are nominal least-squares errors, which treat the pairs as "
-                "independent; two-time pairs share frames, so they are lower bounds"
+                "independent; two-time pairs share frames, so they are lower bounds "
+                '(fit_nlsq(..., errors="speckle") accounts for it)'
             )
         return out
 
@@ -321,10 +339,21 @@ class NLSQResult:
         weighting = (
             "absolute, sigma-weighted" if info["weighted"] else ("scaled by the residual variance")
         )
+        nominal = info["errors"] == "nominal"
+        if nominal:
+            errors = [f"    errors            nominal ({weighting})"]
+        else:
+            kappa = float(info["speckle_kappa"])
+            pixels = f" (~ 1/{1 / kappa:.4g} pixels)" if kappa > 0 and not info["weighted"] else ""
+            errors = [
+                "    errors            speckle: pairs share frames; nominal stderr alongside",
+                f"    error model       kappa {kappa:.4g}{pixels}, white variance "
+                f"{float(info['white_variance']):.4g}",
+            ]
         lines = [
             "[[NLSQ fit]]",
             "    method            scipy least_squares (trf), exact JAX Jacobian",
-            f"    errors            {info['errors']} ({weighting})",
+            *errors,
             f"    scaling           {info['scaling']}",
             f"    q                 {float(self.params['q']):.6g} 1/Å; phi = "
             f"{', '.join(f'{v:g}' for v in self.params['phi'].values)} deg",
@@ -337,18 +366,20 @@ class NLSQResult:
             f"    success           {self.success}: {self.message}",
             f"    starts            {self.starts.sizes['start']}",
             "[[Parameters]]",
-            f"    {'name':<16}{'value':>13}{'stderr':>12}{'rel.':>9}{'min':>11}{'max':>11}"
-            f"  {'flags':<9} unit",
+            f"    {'name':<16}{'value':>13}{'stderr':>12}{'rel.':>9}"
+            + ("" if nominal else f"{'nominal':>12}")
+            + f"{'min':>11}{'max':>11}  {'flags':<9} unit",
         ]
         for label, value, error, lo, hi, flags, unit in self._rows():
             rel = ""
             if np.isfinite(error) and value:
                 rel = f"{100 * error / abs(value):.2f}%" if error < 1e3 * abs(value) else ">1e5%"
             err = f"{error:.4g}" if np.isfinite(error) else "-"
-            lines.append(
-                f"    {label:<16}{value:>13.6g}{err:>12}{rel:>9}{lo:>11.4g}"
-                f"{hi:>11.4g}  {flags:<9} {unit}"
-            )
+            row = f"    {label:<16}{value:>13.6g}{err:>12}{rel:>9}"
+            if not nominal:
+                least = _by_label(self.stderr_nominal, label)
+                row += f"{least:>12.4g}" if np.isfinite(least) else f"{'-':>12}"
+            lines.append(f"{row}{lo:>11.4g}{hi:>11.4g}  {flags:<9} {unit}")
         correlations = self.strong_correlations()
         if correlations:
             lines.append(f"[[Correlations]] (|corr| > {CORRELATION_SHOW})")
@@ -368,10 +399,15 @@ class NLSQResult:
         return f"<NLSQResult success={self.success} reduced_chi2={self.reduced_chi2:.4g}>"
 
     def _repr_html_(self):
+        nominal = self.info["errors"] == "nominal"
+
+        def number(x):
+            return f"{x:.4g}" if np.isfinite(x) else "-"
+
         rows = "".join(
-            f"<tr><td>{html.escape(label)}</td><td>{value:.6g}</td>"
-            f"<td>{f'{error:.4g}' if np.isfinite(error) else '-'}</td>"
-            f"<td>{lo:.4g}</td><td>{hi:.4g}</td>"
+            f"<tr><td>{html.escape(label)}</td><td>{value:.6g}</td><td>{number(error)}</td>"
+            + ("" if nominal else f"<td>{number(_by_label(self.stderr_nominal, label))}</td>")
+            + f"<td>{lo:.4g}</td><td>{hi:.4g}</td>"
             f"<td>{flags}</td><td>{html.escape(unit)}</td></tr>"
             for label, value, error, lo, hi, flags, unit in self._rows()
         )
@@ -380,7 +416,8 @@ class NLSQResult:
             f"<b>NLSQ fit</b>: success={self.success}, reduced χ²={self.reduced_chi2:.4g}, "
             f"{self.info['n_pairs']} pairs, {self.nfev} evaluations, errors "
             f"{self.info['errors']}<table><tr><th>name</th><th>value</th><th>stderr</th>"
-            f"<th>min</th><th>max</th><th>flags</th><th>unit</th></tr>{rows}</table>"
+            + ("" if nominal else "<th>nominal stderr</th>")
+            + f"<th>min</th><th>max</th><th>flags</th><th>unit</th></tr>{rows}</table>"
             + (f"<ul>{warns}</ul>" if warns else "")
         )
 
@@ -399,6 +436,7 @@ class NLSQResult:
                 "/": xr.Dataset(attrs={"result_type": "NLSQResult", **self.info}),
                 "/params": self.params,
                 "/stderr": self.stderr,
+                "/stderr_nominal": self.stderr_nominal,
                 "/covariance": self.covariance.to_dataset(),
                 "/starts": self.starts,
                 "/model": self.model,
@@ -417,6 +455,8 @@ class NLSQResult:
         return cls(
             params=group["params"],
             stderr=group["stderr"],
+            # files written before errors= existed hold nominal errors only
+            stderr_nominal=group.get("stderr_nominal", group["stderr"]),
             covariance=group["covariance"]["covariance"],
             starts=group["starts"],
             model=group["model"],
@@ -573,9 +613,11 @@ class CMCResult:
     def warnings(self) -> list[str]:
         """Everything the user should know before trusting the numbers."""
         out = [
-            f"shard {s} failed its diagnostics ({'; '.join(found)}); it is combined with "
-            "the others, so the combined posterior is not to be trusted: rerun with more "
-            "warmup/samples or better start values (init=hd.fit_nlsq(...))"
+            f"shard {s} failed {len(found)} diagnostic figure(s): {'; '.join(found[:3])}"
+            + (f"; and {len(found) - 3} more (result.failures())" if len(found) > 3 else "")
+            + "; it is combined with the others, so the combined posterior is not to be "
+            "trusted: rerun with more warmup/samples or better start values "
+            "(init=hd.fit_nlsq(...))"
             for s, found in self.failures().items()
         ]
         floors = self.prior["floor"]

@@ -1,0 +1,476 @@
+"""The NLSQ normal equations from the separable form of the model: O(N) transcendentals.
+
+``least_squares`` in :mod:`heterodyne.nlsq` needs only ``(J^T J, J^T r, r^T r)``. On the
+upper triangle ``t_i < t_j`` the model is a sum of ``M = 4`` rank-one terms
+(:func:`heterodyne.model.correlation_factors`)::
+
+    g_ij = sum_m a_im b_jm E_ijm,     E_ijm = exp(-(e_jm - e_im)) <= 1
+
+so the Jacobian row of a pair of angle ``a`` (contrast ``c_a``) is, with per-frame
+derivatives ``Da_im = da_im + a_im de_im`` and ``Db_jm = db_jm - b_jm de_jm``::
+
+    dg_ij = sum_m E_ijm (Da_im b_jm + a_im Db_jm)
+
+and the three quantities need no pairwise Jacobian:
+
+- ``J^T r = sum_a c_a sum_m [sum_i Da_im X_im + sum_j Db_jm Y_jm]`` with
+  ``X_im = sum_{j>i} R_ij E_ijm b_jm`` and ``Y_jm = sum_{i<j} R_ij E_ijm a_im``: the
+  residual matrix ``R = model - data`` times a few vectors, one pass over the data;
+- ``r^T r`` is a pass over ``R``;
+- ``J^T J = sum_{i<j} (dg dg^T)`` expands into products of per-frame factors weighted by
+  ``E_ijm E_ijn = exp(-(F_jmn - F_imn))``, ``F = e_m + e_n``: suffix and prefix sums
+  over frames, ``O(N M² P²)``.
+
+Exactness: ``E_ijm`` is never formed as ``exp(e_i) exp(-e_j)``, which overflows. Frames
+are cut in blocks; between blocks ``I < J`` the split point is the first frame ``c`` of
+block ``J``, so ``exp(e_i - e_c) <= 1`` and ``exp(e_c - e_j) <= 1``. A diagonal block is
+split at its first frame too when its exponents span at most ``DIAG_SPAN`` (factors up to
+``exp(300)``), and is computed pair by pair otherwise. The suffix sums use the recurrence
+``S_i = exp(-(F_{i+1} - F_i)) (S_{i+1} + b_{i+1})``, whose factors are all ``<= 1``. Only
+values below ~1e-308 underflow, where the true value is below that too.
+
+Accuracy: the expanded sums round at ~1e-16 of their terms' magnitudes, so they equal the
+pairwise Jacobian path to ~1e-13 except where the terms of a column cancel (the
+reference and sample terms of ``d/df0`` at ``r = s`` with equal rates, the default start).
+There the true entry is rounding on both paths; a column below ``RESOLUTION`` of its
+magnitude is set to zero, so ``J^T J`` never gets a negative diagonal.
+
+Where it applies: the separable sums hold when the weight ``1 / sigma`` is one number per
+angle (no ``sigma``, the usual case for two-time data, or a constant ``sigma`` per angle).
+Pairs masked because their ``c2`` is not finite are zero in ``R``; their Jacobian rows
+are computed one by one and subtracted from ``J^T J``, so the fast path is used while
+they are fewer than the fitted pairs. Elsewhere :func:`blocks` returns ``None`` and
+:mod:`heterodyne.nlsq` uses its blocked ``jax.jacfwd`` path, the reference this module is
+tested against.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from heterodyne import model, objective
+from heterodyne.parameters import PHYSICS_NAMES
+
+# The off-diagonal pass handles this many pairs (several blocks) per step: large enough
+# that the loop overhead is small, small enough that a step's arrays stay in cache.
+STEP_PAIRS = 2**14
+# A diagonal block whose exponents span at most this much is split at its first frame
+# like the off-diagonal ones (factors up to exp(DIAG_SPAN), far from overflow); a wider
+# one is computed pair by pair.
+DIAG_SPAN = 300.0
+# A column of J^T J smaller than this fraction of its magnitude (the sum of its separate
+# terms' squares) is rounding: its terms cancel to below what the sums resolve (~1e-15).
+RESOLUTION = 1e-11
+# Masked pairs are corrected in chunks of at most this many, so that their Jacobian rows
+# take O(MASK_CHUNK x P) memory whatever their number.
+MASK_CHUNK = 2**14
+# Masked-pair arrays are padded to a power of two at least this long: datasets of one
+# shape with a different number of NaN pairs reuse the compiled code.
+MIN_MASK_PAD = 256
+
+
+class Blocks(NamedTuple):
+    """The fitted pairs of a Dataset laid out in square blocks of frames (a JAX pytree).
+
+    The ``N`` frames are padded to ``n_blocks * B``. ``off[s, k]`` holds the data of
+    block row ``rows[s, k]`` and block column ``cols[s, k] > rows[s, k]`` (step ``s`` of
+    the off-diagonal pass, ``k``-th block of the step); ``diag[K]`` the data of block
+    ``K`` with itself. Pairs that are not fitted (lower triangle, diagonal, non-finite,
+    padding, and the blocks that fill the last step) are NaN.
+    """
+
+    t: jax.Array  #: frame times [s], (N,)
+    phi: jax.Array  #: angles [deg], (n_phi,)
+    q: jax.Array  #: wavevector [1/Å], ()
+    off: jax.Array  #: (n_steps, per_step, n_phi, B, B) data of the blocks above the diagonal
+    diag: jax.Array  #: (n_blocks, n_phi, B, B) data of the diagonal blocks
+    rows: jax.Array  #: (n_steps, per_step) block row of each off-diagonal block
+    cols: jax.Array  #: (n_steps, per_step) block column of each off-diagonal block
+    weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
+    masked_angle: jax.Array  #: angle of each masked pair (padded to a power of two)
+    masked_i: jax.Array  #: first frame of each masked pair
+    masked_j: jax.Array  #: second frame of each masked pair
+    masked_valid: jax.Array  #: 1 for a masked pair, 0 for padding
+
+
+def block_size(n_frames: int) -> int:
+    """Frames per block: the power of two nearest ``4 sqrt(N)``, between 16 and 128.
+
+    Diagonal blocks cost ``O(N B)`` and the off-diagonal pass runs ``(N / B)²`` block
+    products whose efficiency grows with ``B``; on two cores ``B = 128`` was fastest at
+    ``N = 1000`` and ``N = 2000`` (4 angles).
+    """
+    return int(np.clip(2 ** np.round(np.log2(4.0 * np.sqrt(n_frames))), 16, 128))
+
+
+def blocks(pairs: objective.Pairs, block: int | None = None) -> Blocks | None:
+    """The data of ``pairs`` in the block layout of the fast path, or ``None`` where the
+    fast path does not apply (weights not constant per angle, or more masked pairs than
+    fitted ones).
+
+    Built once per fit on the host; ``block`` (frames per block) defaults to
+    :func:`block_size`.
+    """
+    angle, i, j = (np.asarray(v) for v in (pairs.angle, pairs.i, pairs.j))
+    c2, w = np.asarray(pairs.c2), np.asarray(pairs.weight)
+    n_phi, n = int(pairs.phi.shape[0]), int(pairs.t.shape[0])
+    weight = np.zeros(n_phi)
+    weight[angle] = w
+    if np.any(w != weight[angle]):
+        return None
+    fitted_angles = np.bincount(angle, minlength=n_phi) > 0
+    n_masked = int(fitted_angles.sum()) * n * (n - 1) // 2 - c2.size
+    if n_masked > c2.size:
+        return None
+
+    size = block_size(n) if block is None else int(block)
+    n_blocks = -(-n // size)
+    rows, cols = np.triu_indices(n_blocks, 1)
+    per_step = max(1, min(STEP_PAIRS // size**2, rows.size))
+    n_steps = -(-rows.size // per_step)
+    filler = n_steps * per_step - rows.size
+    # filler blocks (row 0, last column) hold no data; any block above the diagonal would do
+    rows = np.append(rows, np.zeros(filler, dtype=rows.dtype))
+    cols = np.append(cols, np.full(filler, n_blocks - 1, dtype=cols.dtype))
+    pair_index = np.full((n_blocks, n_blocks), -1)
+    pair_index[rows[: rows.size - filler], cols[: cols.size - filler]] = np.arange(
+        rows.size - filler
+    )
+    # one flat scatter: slots 0.. hold the off-diagonal blocks, then the diagonal ones
+    bi, bj = i // size, j // size
+    slot = np.where(bi == bj, rows.size + bi, pair_index[bi, bj])
+    within = (angle.astype(np.int64) * size + i % size) * size + j % size
+    layout = np.full((rows.size + n_blocks, n_phi, size, size), np.nan)
+    layout.reshape(-1)[slot * (n_phi * size * size) + within] = c2
+    off, diag = layout[: rows.size], layout[rows.size :]
+
+    if n_masked:
+        fitted = np.zeros((n_phi, n, n), dtype=bool)
+        fitted[angle, i, j] = True
+        upper = np.triu(np.ones((n, n), dtype=bool), 1)
+        m_angle, m_i, m_j = np.nonzero(~fitted & upper & fitted_angles[:, None, None])
+        pad = max(MIN_MASK_PAD, 2 ** int(np.ceil(np.log2(n_masked))))
+    else:
+        m_angle = m_i = m_j = np.zeros(0, dtype=np.int32)
+        pad = 0
+    valid = np.zeros(pad)
+    valid[:n_masked] = 1.0
+
+    def padded(v):
+        return jnp.asarray(np.pad(v, (0, pad - v.size)), dtype=jnp.int32)
+
+    return Blocks(
+        t=pairs.t,
+        phi=pairs.phi,
+        q=pairs.q,
+        off=jnp.asarray(off.reshape(n_steps, per_step, n_phi, size, size)),
+        diag=jnp.asarray(diag),
+        rows=jnp.asarray(rows.reshape(n_steps, per_step), dtype=jnp.int32),
+        cols=jnp.asarray(cols.reshape(n_steps, per_step), dtype=jnp.int32),
+        weight=jnp.asarray(weight),
+        masked_angle=padded(m_angle),
+        masked_i=padded(m_i),
+        masked_j=padded(m_j),
+        masked_valid=jnp.asarray(valid),
+    )
+
+
+def _factors(physics, t, phi, q):
+    frames = model.frame_integrals(physics, t)
+    return model.correlation_factors(frames, q, model.parallel_wavevector(physics, phi, q))
+
+
+def _factor_derivatives(x_physics, template, free_physics, t, phi, q):
+    """Factors ``(a, b, e)`` and their exact derivatives along the varied physics
+    parameters, tangent axis last: one ``jvp`` per parameter, batched by ``vmap``, which
+    shares the primal (faster here than ``jax.jacfwd``, whose output transposes)."""
+
+    def factors(y):
+        return _factors(template[: len(PHYSICS_NAMES)].at[free_physics].set(y), t, phi, q)
+
+    def push(tangent):
+        return jax.jvp(factors, (x_physics,), (tangent,))
+
+    primal, tangents = jax.vmap(push, out_axes=(None, -1))(jnp.eye(x_physics.shape[0]))
+    return primal, tangents
+
+
+def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: int):
+    """``(J^T J, J^T r, r^T r)`` of the weighted residuals at ``x``, from the separable form.
+
+    The arguments of the blocked Jacobian path of :mod:`heterodyne.nlsq`, with the data as
+    :class:`Blocks` instead of pairs, and ``n_physics`` (static): how many of the varied
+    parameters are physics ones. ``z = template.at[free].set(x)`` packs
+    ``[physics (14), contrast (n_scale), offset (n_scale)]`` and ``free`` is ascending, so
+    the first ``n_physics`` entries of ``x`` are the varied physics parameters. The residual
+    of a fitted pair of angle ``a`` is ``w_a (offset_a + contrast_a g_ij - c2_ij)``.
+
+    Each angle contributes, in the coordinates ``(varied physics, contrast_a, offset_a)``,
+    the Jacobian row ``w_a [c_a dg_ij, g_ij, 1]``; its sums over pairs are assembled per
+    angle, added into the coordinates ``(varied physics, all contrasts, all offsets)`` and
+    restricted to the varied ones. Derivatives are taken only along the varied physics
+    parameters, so the cost grows with their number, not with the 14 of the table. A
+    column whose terms cancel below ``RESOLUTION`` of their magnitude is returned as zero.
+    """
+    z = template.at[free].set(x)
+    _, contrast, offset = objective.unpack(z, n_scale)
+    n_phi = data.phi.shape[0]
+    scale = jnp.broadcast_to(contrast, (n_phi,))
+    base = jnp.broadcast_to(offset, (n_phi,))
+    (a, b, e), (da, db, de) = _factor_derivatives(
+        x[:n_physics], template, free[:n_physics], data.t, data.phi, data.q
+    )
+    Da = da + a[..., None] * de
+    Db = db - b[..., None] * de
+
+    X, Y, sums = _residual_pass(a, b, e, scale, base, data)
+    physics_jtr = jnp.einsum("aimp,aim->ap", Da, X) + jnp.einsum("aimp,aim->ap", Db, Y)
+    jtr_angle = jnp.concatenate([scale[:, None] * physics_jtr, sums[:, 1:]], axis=1)
+    gram, magnitude = _separable_gram(a, b, e, Da, Db, scale)
+    if data.masked_i.shape[0]:
+        gram = gram - _masked_gram(a, b, e, Da, Db, scale, data)
+
+    # coordinates (varied physics, contrast (n_scale), offset (n_scale)), then the varied
+    k = np.arange(n_phi) % n_scale
+    index = np.concatenate(
+        [
+            np.broadcast_to(np.arange(n_physics), (n_phi, n_physics)),
+            (n_physics + k)[:, None],
+            (n_physics + n_scale + k)[:, None],
+        ],
+        axis=1,
+    )
+    varied = jnp.concatenate(
+        [jnp.arange(n_physics), free[n_physics:] - len(PHYSICS_NAMES) + n_physics]
+    )
+    squared = data.weight**2
+    size = n_physics + 2 * n_scale
+    jtj = (
+        jnp.zeros((size, size))
+        .at[index[:, :, None], index[:, None, :]]
+        .add(squared[:, None, None] * gram)
+    )
+    jtr = jnp.zeros(size).at[index].add(squared[:, None] * jtr_angle)
+    magnitude = jnp.zeros(size).at[index].add(squared[:, None] * magnitude)
+    jtj, jtr, magnitude = jtj[varied][:, varied], jtr[varied], magnitude[varied]
+    # Where the terms of a column cancel (at r = s with equal rates the reference and
+    # sample terms of d/df0 do), the separable sums hold only rounding, of either sign: the
+    # parameter has no resolvable effect at x, and its column is zero.
+    live = jnp.diag(jtj) > RESOLUTION * magnitude
+    jtj = jnp.where(live[:, None] & live[None, :], jtj, 0.0)
+    return 0.5 * (jtj + jtj.T), jnp.where(live, jtr, 0.0), squared @ sums[:, 0]
+
+
+normal_equations_jit = jax.jit(normal_equations, static_argnums=(4, 5))
+
+
+def _residual_pass(a, b, e, scale, base, data: Blocks):
+    """One pass over the data: ``X``, ``Y`` of the module docstring, shape
+    ``(n_phi, N, M)``, and per angle ``(sum R², sum R g, sum R)`` of the unweighted
+    residual ``R = offset + contrast g - c2`` over the fitted pairs.
+
+    Between blocks ``I < J`` with split frame ``c`` (the first of ``J``), ``u = a_I
+    exp(e_I - e_c)`` and ``w = b_J exp(e_c - e_J)`` give ``g = u w^T``,
+    ``X_I = exp(e_I - e_c) (R w)``, ``Y_J = exp(e_c - e_J) (R^T u)``; ``sum R g`` is
+    ``sum u (R w)`` and ``sum R`` comes from a column of ones appended to ``w``, so the
+    only pass over ``R`` besides the two products is ``sum R²``.
+    """
+    n_phi, n, m = a.shape
+    n_blocks, _, size, _ = data.diag.shape
+    pad = n_blocks * size - n
+
+    def by_block(v):
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0)))
+        return v.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
+
+    # padded frames have a = b = 0 and the last exponent, so every factor stays <= 1
+    a_blocks, b_blocks = by_block(a), by_block(b)
+    e_blocks = jnp.pad(e, ((0, pad), (0, 0)), mode="edge").reshape(n_blocks, size, m)
+    c, o = scale[:, None, None], base[:, None, None]
+
+    def residual(c2, g):
+        return jnp.where(jnp.isnan(c2), 0.0, o + c * g - c2)
+
+    def products(c2, u, w, row_shift, col_shift):
+        r = residual(c2, jnp.einsum("...im,...jm->...ij", u, w))
+        ones = jnp.ones_like(w[..., :1])
+        rw = jnp.einsum("...ij,...jm->...im", r, jnp.concatenate([w, ones], -1))
+        sums = jnp.stack(
+            [jnp.sum(r * r, (-2, -1)), jnp.sum(u * rw[..., :m], (-2, -1)), jnp.sum(rw[..., m], -1)],
+            -1,
+        )
+        x_part = row_shift * rw[..., :m]
+        # u^T R, then transposed: R is read along its rows, as it is laid out
+        y_part = col_shift * jnp.swapaxes(jnp.einsum("...im,...ij->...mj", u, r), -1, -2)
+        return sums, x_part, y_part
+
+    def off_step(carry, step):
+        rows, cols, c2 = step
+        split = e_blocks[cols, :1]
+        row_shift = jnp.exp(e_blocks[rows] - split)[:, None]
+        col_shift = jnp.exp(split - e_blocks[cols])[:, None]
+        u = a_blocks[rows] * row_shift
+        w = b_blocks[cols] * col_shift
+        sums, x_part, y_part = products(c2, u, w, row_shift, col_shift)
+        return carry + jnp.sum(sums, 0), (x_part, y_part)
+
+    upper = jnp.triu(jnp.ones((size, size), dtype=bool), 1)[:, :, None]
+
+    def split_diag(a_k, b_k, e_k, c2):
+        # split at the first frame: exp(e_i - e_c) >= 1, bounded by exp(DIAG_SPAN)
+        row_shift = jnp.exp(e_k - e_k[:1])
+        col_shift = jnp.exp(e_k[:1] - e_k)
+        return products(c2, a_k * row_shift, b_k * col_shift, row_shift, col_shift)
+
+    def pairwise_diag(a_k, b_k, e_k, c2):
+        decay = jnp.where(upper, jnp.exp(jnp.minimum(e_k[:, None] - e_k[None], 0.0)), 0.0)
+        row_kernel = decay * b_k[:, None]
+        g = jnp.sum(a_k[:, :, None] * row_kernel, -1)
+        r = residual(c2, g)
+        x_part = jnp.einsum("aij,aijm->aim", r, row_kernel)
+        y_part = jnp.einsum("aij,aijm->ajm", r, decay * a_k[:, :, None])
+        sums = jnp.stack([jnp.sum(r * r, (1, 2)), jnp.sum(r * g, (1, 2)), jnp.sum(r, (1, 2))], 1)
+        return sums, x_part, y_part
+
+    def diag_block(carry, block):
+        e_k = block[2]
+        narrow = jnp.max(e_k[-1] - e_k[0]) <= DIAG_SPAN
+        sums, x_part, y_part = jax.lax.cond(narrow, split_diag, pairwise_diag, *block)
+        return carry + sums, (x_part, y_part)
+
+    sums, (x_off, y_off) = jax.lax.scan(
+        off_step, jnp.zeros((n_phi, 3)), (data.rows, data.cols, data.off)
+    )
+    sums, (x_diag, y_diag) = jax.lax.scan(
+        diag_block, sums, (a_blocks, b_blocks, e_blocks, data.diag)
+    )
+    flat = (-1, n_phi, size, m)
+    X = x_diag.at[data.rows.ravel()].add(x_off.reshape(flat))
+    Y = y_diag.at[data.cols.ravel()].add(y_off.reshape(flat))
+
+    def by_frame(v):
+        return v.transpose(1, 0, 2, 3).reshape(n_phi, n_blocks * size, m)[:, :n]
+
+    return by_frame(X), by_frame(Y), sums
+
+
+def _decayed_prefix(values, decay):
+    """``h_0 = 0``, ``h_k = decay_{k-1} (h_{k-1} + values_{k-1})`` along axis 0.
+
+    With ``decay_k = exp(-(F_{k+1} - F_k)) <= 1`` this is
+    ``h_k = sum_{i<k} exp(-(F_k - F_i)) values_i`` without ever forming ``exp(F)``: each
+    step multiplies by a factor ``<= 1``, so nothing overflows and errors do not grow.
+    ``values`` and ``decay`` are pytrees with matching leaves.
+    """
+
+    def step(h, inputs):
+        d, v = inputs
+        h = jax.tree.map(lambda hk, dk, vk: dk * (hk + vk), h, d, v)
+        return h, h
+
+    start = jax.tree.map(lambda v: jnp.zeros_like(v[0]), values)
+    _, h = jax.lax.scan(step, start, (decay, jax.tree.map(lambda v: v[:-1], values)))
+    return jax.tree.map(lambda z, hk: jnp.concatenate([z[None], hk]), start, h)
+
+
+def _separable_gram(a, b, e, Da, Db, scale):
+    """Per angle, ``sum_{i<j} v v^T`` over *all* pairs of the upper triangle, with
+    ``v = [c dg (P), g, 1]``, shape ``(n_phi, P + 2, P + 2)``, and the magnitude of its
+    diagonal, ``sum_{i<j} sum_m v_m²`` with ``v = sum_m v_m`` split by term, shape
+    ``(n_phi, P + 2)``: the scale of the rounding errors of the separable sums.
+
+    The contrast direction is one more derivative: with ``A_im = [c Da_im, a_im]`` and
+    ``B_jm = [c Db_jm, 0]``, ``[c dg, g]_ij = sum_m E_ijm (A_im b_jm + a_im B_jm)``. With
+    ``F_imn = e_im + e_in`` (so ``E_ijm E_ijn = exp(-(F_jmn - F_imn))``), the suffix sums
+    ``S1_imn = sum_{j>i} E_ijm E_ijn b_jm b_jn``, ``S2_imn = sum_{j>i} E_ijm E_ijn b_jm B_jn``,
+    ``s_im = sum_{j>i} E_ijm b_jm`` and the prefix sums
+    ``S4_jmn = sum_{i<j} E_ijm E_ijn a_im a_in``, ``p_jm = sum_{i<j} E_ijm a_im`` give::
+
+        sum [c dg, g] [c dg, g]^T = H + H^T,
+            H = sum_im A_im (S1 A / 2 + a S2)_im^T + B_im (S4 B / 2)_im^T
+        sum [c dg, g] = sum_im A_im s_im + B_im p_im,      sum 1 = N (N - 1) / 2
+
+    where ``(S1 A)_im = sum_n S1_imn A_in`` and ``(a S2)_im = sum_n a_in S2_imn``; the
+    terms ``n = m`` alone give the magnitude.
+    """
+    n_phi, n, m = a.shape
+    c = scale[:, None, None, None]
+    A = jnp.concatenate([c * Da, a[..., None]], -1).transpose(1, 0, 2, 3)
+    B = jnp.concatenate([c * Db, jnp.zeros_like(b[..., None])], -1).transpose(1, 0, 2, 3)
+    a, b = a.transpose(1, 0, 2), b.transpose(1, 0, 2)
+    pair_exponent = e[:, :, None] + e[:, None, :]
+    pair_decay = jnp.exp(-(pair_exponent[1:] - pair_exponent[:-1]))[:, None]
+    term_decay = jnp.exp(-(e[1:] - e[:-1]))[:, None]
+
+    def flip(tree):
+        return jax.tree.map(lambda v: v[::-1], tree)
+
+    # one scan: the prefix sums forward, the suffix sums over the reversed frames
+    prefix, suffix = _decayed_prefix(
+        (
+            (a[..., :, None] * a[..., None, :], a),
+            flip(
+                (b[..., :, None] * b[..., None, :], b[..., :, None, None] * B[..., None, :, :], b)
+            ),
+        ),
+        ((pair_decay, term_decay), flip((pair_decay, pair_decay[..., None], term_decay))),
+    )
+    (S4, p), (S1, S2, s) = prefix, flip(suffix)
+
+    row_side = 0.5 * jnp.sum(S1[..., None] * A[:, :, None], 3) + jnp.sum(
+        a[:, :, None, :, None] * S2, 3
+    )
+    col_side = 0.5 * jnp.sum(S4[..., None] * B[:, :, None], 3)
+    half = jnp.einsum(
+        "iamp,iamq->apq",
+        jnp.concatenate([A, B], 2),
+        jnp.concatenate([row_side, col_side], 2),
+    )
+    gram = half + half.transpose(0, 2, 1)
+    total = jnp.einsum("iamp,iam->ap", A, s) + jnp.einsum("iamp,iam->ap", B, p)
+    count = jnp.full((n_phi, 1, 1), n * (n - 1) / 2)
+    gram = jnp.concatenate(
+        [
+            jnp.concatenate([gram, total[:, :, None]], 2),
+            jnp.concatenate([total[:, None, :], count], 2),
+        ],
+        1,
+    )
+
+    def same_term(S):
+        return jnp.moveaxis(jnp.diagonal(S, axis1=2, axis2=3), -1, 2)
+
+    row_same = 0.5 * same_term(S1)[..., None] * A + a[..., None] * same_term(S2)
+    col_same = 0.5 * same_term(S4)[..., None] * B
+    magnitude = 2.0 * jnp.sum(A * row_same + B * col_same, (0, 2))
+    return gram, jnp.concatenate([magnitude, count[:, 0]], 1)
+
+
+def _masked_gram(a, b, e, Da, Db, scale, data: Blocks):
+    """Per angle, ``sum v v^T`` over the masked pairs (``v`` as in
+    :func:`_separable_gram`), accumulated in chunks of at most ``MASK_CHUNK`` pairs."""
+    n_phi = a.shape[0]
+    total = data.masked_i.shape[0]
+    chunk = min(total, MASK_CHUNK)
+    masked = (data.masked_angle, data.masked_i, data.masked_j, data.masked_valid)
+
+    def accumulate(gram, part):
+        angle, i, j, valid = part
+        decay = jnp.exp(-(e[j] - e[i]))
+        a_i, b_j = a[angle, i], b[angle, j]
+        g = jnp.sum(a_i * b_j * decay, axis=1)
+        dg = jnp.einsum("km,kmp->kp", decay * b_j, Da[angle, i]) + jnp.einsum(
+            "km,kmp->kp", decay * a_i, Db[angle, j]
+        )
+        v = jnp.concatenate([scale[angle, None] * dg, g[:, None], jnp.ones_like(g)[:, None]], 1)
+        v = v * valid[:, None]
+        one_hot = (angle[:, None] == jnp.arange(n_phi)).astype(v.dtype)
+        return gram + jnp.einsum("ka,kp,kq->apq", one_hot, v, v), None
+
+    size = Da.shape[-1] + 2
+    parts = tuple(v.reshape(total // chunk, chunk) for v in masked)
+    return jax.lax.scan(accumulate, jnp.zeros((n_phi, size, size)), parts)[0]

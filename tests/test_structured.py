@@ -1,0 +1,246 @@
+"""The separable normal equations against the blocked-Jacobian path they replace."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import heterodyne as hd
+from heterodyne import model, nlsq, structured
+from heterodyne.parameters import PHYSICS_NAMES
+
+TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
+# every physics parameter varies, so that each column of the Jacobian is checked
+pytestmark = pytest.mark.filterwarnings("ignore:f0 and f2 enter only")
+
+
+def random_physics(rng, **overrides):
+    """Rates that decay and oscillate on the grid, with every time dependence switched on
+    (``alpha``, ``beta``, ``f1`` and the offsets non-zero)."""
+    p = {
+        "D0_ref": 10 ** rng.uniform(2.5, 4),
+        "alpha_ref": rng.uniform(-1, 1),
+        "D_offset_ref": rng.uniform(0, 300),
+        "D0_sample": 10 ** rng.uniform(3, 4.5),
+        "alpha_sample": rng.uniform(-1, 1),
+        "D_offset_sample": rng.uniform(0, 300),
+        "v0": 10 ** rng.uniform(2, 3.3),
+        "beta": rng.uniform(-1, 1),
+        "v_offset": rng.uniform(-100, 100),
+        "f0": rng.uniform(0.1, 0.8),
+        "f1": rng.uniform(-0.5, 0.5),
+        "f2": rng.uniform(-1, 1),
+        "f3": rng.uniform(0, 0.2),
+        "phi0": rng.uniform(-90, 90),
+    }
+    return {**p, **overrides}
+
+
+def problem_for(ds, values, scaling="per_angle", fix=()):
+    """The NLSQ problem with every physics parameter varied except ``fix``."""
+    p = hd.Parameters(values)
+    for name in PHYSICS_NAMES:
+        p[name].vary = True
+    return nlsq._Problem.build(ds, p, fix=fix, scaling=scaling)
+
+
+def both_paths(problem, x, block=None):
+    """``(J^T J, J^T r, r^T r)`` from the blocked Jacobian and from the separable form."""
+    plain = nlsq._normal_equations_jit(
+        jnp.asarray(x), problem.template, problem.free, problem.pairs, problem.n_scale
+    )
+    n_physics = int(np.sum(np.asarray(problem.free) < len(PHYSICS_NAMES)))
+    fast = structured.normal_equations_jit(
+        jnp.asarray(x),
+        problem.template,
+        problem.free,
+        structured.blocks(problem.pairs, block),
+        problem.n_scale,
+        n_physics,
+    )
+    return [np.asarray(v) for v in plain], [np.asarray(v) for v in fast]
+
+
+def assert_same_normal_equations(plain, fast, rtol=1e-10):
+    """Entry by entry to ``rtol``; entries that cancel to nearly zero are held to ``rtol``
+    of their natural scale, ``sqrt(A_pp A_qq)`` for ``J^T J`` and ``sqrt(A_pp r^T r)``
+    for ``J^T r`` (Cauchy-Schwarz bounds). A parameter without effect at ``x`` (a zero
+    column) must be exactly zero on both paths."""
+    (jtj, jtr, rtr), (jtj_f, jtr_f, rtr_f) = plain, fast
+    live = np.diag(jtj) > 0
+    assert np.all(jtj_f[~live] == 0) and np.all(jtr_f[~live] == 0)
+    jtj, jtj_f = jtj[np.ix_(live, live)], jtj_f[np.ix_(live, live)]
+    jtr, jtr_f = jtr[live], jtr_f[live]
+    norms = np.sqrt(np.diag(jtj))
+    for got, want, scale in (
+        (jtj_f, jtj, np.outer(norms, norms)),
+        (jtr_f, jtr, norms * np.sqrt(rtr)),
+    ):
+        error = np.abs(got - want) / (np.abs(want) + 1e-3 * scale)
+        assert error.max() < rtol, np.unravel_index(np.argmax(error), error.shape)
+    assert rtr_f == pytest.approx(rtr, rel=rtol)
+
+
+def test_correlation_factors_reproduce_the_correlation_on_the_upper_triangle():
+    rng = np.random.default_rng(0)
+    t = 0.05 + 0.05 * np.arange(40)
+    phi = np.array([-30.0, 0.0, 60.0])
+    i, j = np.triu_indices(t.size)
+    for _ in range(10):
+        physics = jnp.asarray([random_physics(rng)[n] for n in PHYSICS_NAMES])
+        frames = model.frame_integrals(physics, t)
+        q_parallel = model.parallel_wavevector(physics, phi, 0.01)
+        direct = model.correlation(
+            frames._replace(**{k: v[:, None] for k, v in frames._asdict().items()}),
+            frames._replace(**{k: v[None, :] for k, v in frames._asdict().items()}),
+            0.01,
+            q_parallel[:, None, None],
+        )
+        a, b, e = (np.asarray(v) for v in model.correlation_factors(frames, 0.01, q_parallel))
+        separable = np.sum(a[:, i] * b[:, j] * np.exp(-(e[j] - e[i])), axis=-1)
+        np.testing.assert_allclose(separable, np.asarray(direct)[:, i, j], rtol=0, atol=1e-13)
+        assert np.all(np.diff(e, axis=0) >= 0)
+
+
+@pytest.mark.parametrize(
+    ("case", "phi", "scaling", "n_frames", "block"),
+    [
+        ("one angle, static reference, many steps", [10.0], "per_angle", 300, 16),
+        ("several angles", [-45.0, 0.0, 30.0, 80.0], "per_angle", 50, 16),
+        ("shared scaling", [-45.0, 0.0, 30.0], "shared", 50, 16),
+        ("default block size, padded frames", [-20.0, 40.0], "per_angle", 37, None),
+    ],
+)
+def test_fast_path_equals_the_blocked_jacobian_on_random_parameters(
+    case, phi, scaling, n_frames, block
+):
+    rng = np.random.default_rng(len(case))
+    overrides = {"D0_ref": 0.0, "D_offset_ref": 0.0} if "static" in case else {}
+    truth = random_physics(rng, **overrides)
+    ds = hd.simulate(truth, n_frames=n_frames, phi=phi, noise=0.01, seed=1)
+    problem = problem_for(ds, truth, scaling)
+    for _ in range(3):
+        start = random_physics(rng, **overrides)
+        z = np.asarray(problem.template).copy()
+        z[: len(PHYSICS_NAMES)] = [start[n] for n in PHYSICS_NAMES]
+        x = z[np.asarray(problem.free)] * rng.uniform(0.95, 1.05, problem.x0.size)
+        plain, fast = both_paths(problem, x, block)
+        if "static" in case:
+            # J_r is floored at 0: alpha_ref has no effect on a static reference
+            assert np.diag(plain[0])[problem.labels.index("alpha_ref")] == 0
+        assert_same_normal_equations(plain, fast)
+
+
+def test_masked_pairs_and_a_fixed_contrast():
+    rng = np.random.default_rng(7)
+    truth = random_physics(rng)
+    ds = hd.simulate(truth, n_frames=48, phi=[-30.0, 15.0, 70.0], noise=0.01, seed=2)
+    c2 = ds["c2"].values.copy()
+    c2[:, 5:9, 20:33] = np.nan  # a rectangle crossing block boundaries
+    c2[1, 3, 4] = np.nan  # a pair next to the diagonal, one angle only
+    c2[2, :, 40] = np.nan  # a dead frame
+    c2 = c2 + 0.0 * np.swapaxes(c2, 1, 2)  # mirror the NaNs: the matrix stays symmetric
+    ds = hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, float(ds["q"]))
+    problem = problem_for(ds, truth, fix=("contrast", "f2"))
+    upper = np.triu(np.ones((48, 48), dtype=bool), 1)
+    assert problem.pairs.n_pairs == int(np.sum(~np.isnan(c2) & upper))
+    for _ in range(3):
+        x = problem.x0 * rng.uniform(0.9, 1.1, problem.x0.size)
+        assert_same_normal_equations(*both_paths(problem, x, block=16))
+
+
+def test_sigma_constant_per_angle_uses_the_fast_path_and_per_pair_sigma_does_not():
+    rng = np.random.default_rng(3)
+    truth = random_physics(rng)
+    ds = hd.simulate(truth, n_frames=40, phi=[0.0, 50.0], noise=0.01, seed=3, store_sigma=True)
+    ds["sigma"].values[1] = 0.02
+    problem = problem_for(ds, truth)
+    assert structured.blocks(problem.pairs) is not None  # the rule: one weight per angle
+    x = problem.x0 * rng.uniform(0.9, 1.1, problem.x0.size)
+    assert_same_normal_equations(*both_paths(problem, x, block=16))
+
+    ds["sigma"].values[0, 3, 10] = ds["sigma"].values[0, 10, 3] = 0.03
+    assert structured.blocks(problem_for(ds, truth).pairs) is None
+
+
+def test_mostly_masked_data_falls_back_to_the_blocked_jacobian():
+    ds = hd.simulate(TRUTH, n_frames=30, phi=[0.0], noise=0.01, seed=4)
+    c2 = ds["c2"].values.copy()
+    far = np.abs(np.subtract.outer(np.arange(30), np.arange(30))) > 8
+    c2[:, far] = np.nan
+    ds = hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, float(ds["q"]))
+    assert structured.blocks(problem_for(ds, TRUTH).pairs) is None
+
+
+def test_no_overflow_where_the_exponents_span_thousands():
+    """q² P reaches ~5e3 here (exp(710) overflows): blocks split at their first frame,
+    wide diagonal blocks pair by pair; both stay exact."""
+    truth = {**TRUTH, "D0_ref": 2e6, "D0_sample": 5e6, "alpha_sample": 0.5}
+    ds = hd.simulate(truth, n_frames=60, phi=[0.0, 45.0], noise=0.01, seed=5)
+    problem = problem_for(ds, truth)
+    frames = model.frame_integrals(problem.template[: len(PHYSICS_NAMES)], problem.pairs.t)
+    assert 1e-4 * float(frames.P_sample[-1]) > 4000
+    plain, fast = both_paths(problem, problem.x0, block=16)
+    assert np.all(np.isfinite(fast[0]))
+    assert_same_normal_equations(plain, fast)
+
+
+def test_cancelling_columns_are_zero_not_rounding_of_either_sign():
+    """The default start: r = s and equal rates, where the reference and sample terms of
+    d/df0 and d/df1 cancel. Near it the pairwise path gives rounding (~1e-21) and the
+    expanded sums rounding of their terms (~1e-15, of either sign): both are zero."""
+    ds = hd.simulate(TRUTH, n_frames=30, phi=[0.0, 45.0], noise=0.01, seed=9)
+    problem = nlsq._Problem.build(ds, None, fix=(), scaling="per_angle")
+    x = problem.x0.copy()
+    x[problem.labels.index("D0_sample")] *= 1 + 1e-13
+    plain, fast = both_paths(problem, x, block=16)
+    dead = [problem.labels.index(name) for name in ("f0", "f1")]
+    assert np.all(fast[0][dead] == 0) and np.all(fast[1][dead] == 0)
+    assert np.all(np.diag(plain[0])[dead] < 1e-18 * np.diag(plain[0]).max())
+    live = np.ones(x.size, dtype=bool)
+    live[dead] = False
+    assert_same_normal_equations(
+        [plain[0][np.ix_(live, live)], plain[1][live], plain[2]],
+        [fast[0][np.ix_(live, live)], fast[1][live], fast[2]],
+    )
+
+
+def test_fits_agree_with_the_blocked_jacobian_path():
+    ds = hd.simulate(
+        {**TRUTH, "alpha_ref": 0.2, "beta": 0.3},
+        n_frames=50,
+        phi=[-40.0, 0.0, 40.0],
+        noise=0.01,
+        seed=6,
+    )
+    guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()})
+    fits = []
+    for fast in (True, False):
+        problem = nlsq._Problem.build(ds, guess, fix=(), scaling="per_angle")
+        if not fast:
+            problem._blocks = None  # the dispatch's "rule does not apply" value
+        fits.append(problem.solve(problem.x0, {"x_scale": "jac", "method": "trf"}, progress=False))
+    fast, plain = fits
+    assert fast.nfev == plain.nfev
+    np.testing.assert_allclose(fast.x, plain.x, rtol=1e-10)
+    assert fast.cost == pytest.approx(plain.cost, rel=1e-10)
+    np.testing.assert_allclose(fast.jtj, plain.jtj, rtol=1e-10)
+
+
+def test_compiled_once_per_shape():
+    """Refits, multistarts and another dataset of the same shape (other values, a
+    different number of NaN pairs) reuse the compiled code."""
+    ds = hd.simulate(TRUTH, n_frames=40, phi=[0.0, 60.0], noise=0.01, seed=8)
+    guess = hd.Parameters({k: 1.2 * v for k, v in TRUTH.items()})
+    hd.fit_nlsq(ds, guess, progress=False)
+    compiled = structured.normal_equations_jit._cache_size()
+    hd.fit_nlsq(ds, guess, multistart=2, progress=False)
+    assert structured.normal_equations_jit._cache_size() == compiled
+    other = hd.simulate({**TRUTH, "v0": 500.0}, n_frames=40, phi=[0.0, 60.0], noise=0.02)
+    for rows in (slice(2, 4), slice(2, 5)):
+        c2 = other["c2"].values.copy()
+        c2[:, rows, 30:35] = np.nan
+        c2[:, 30:35, rows] = np.nan
+        masked = hd.from_arrays(c2, other["t1"].values, other["phi"].values, float(other["q"]))
+        hd.fit_nlsq(masked, guess, progress=False)
+    # the masked pairs (20, then 30) are padded to one length: one more compile in all
+    assert structured.normal_equations_jit._cache_size() == compiled + 1
