@@ -8,6 +8,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 from heterodyne import model  # noqa: E402
+from heterodyne.cmc import fit_cmc  # noqa: E402
 from heterodyne.data import from_arrays, select, to_netcdf, validate  # noqa: E402
 from heterodyne.errors import (  # noqa: E402
     DataError,
@@ -19,13 +20,14 @@ from heterodyne.errors import (  # noqa: E402
 from heterodyne.io import load, q_values  # noqa: E402
 from heterodyne.nlsq import fit_nlsq  # noqa: E402
 from heterodyne.parameters import Parameters  # noqa: E402
-from heterodyne.results import NLSQResult, open_result  # noqa: E402
+from heterodyne.results import CMCResult, NLSQResult, open_result  # noqa: E402
 from heterodyne.simulate import simulate  # noqa: E402
 from heterodyne.survey import survey  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CMCResult",
     "DataError",
     "FileFormatError",
     "HeterodyneError",
@@ -33,7 +35,9 @@ __all__ = [
     "OptionError",
     "ParameterError",
     "Parameters",
+    "dashboard",
     "explore",
+    "fit_cmc",
     "fit_nlsq",
     "from_arrays",
     "load",
@@ -49,7 +53,11 @@ __all__ = [
 ]
 
 # The plotting layer imports holoviews' bokeh backend (~1.2 s): load it on first use.
-_LAZY = {"explore": ("heterodyne.explorer", "explore"), "plot": ("heterodyne.plot", None)}
+_LAZY = {
+    "dashboard": ("heterodyne.app", "dashboard"),
+    "explore": ("heterodyne.explorer", "explore"),
+    "plot": ("heterodyne.plot", None),
+}
 
 
 def __getattr__(name):

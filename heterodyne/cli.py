@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     survey.add_argument("--multistart", type=int, default=0, help="extra NLSQ starts")
     survey.add_argument("--out", type=Path, required=True, help="output folder")
     survey.add_argument("--overwrite", action="store_true", help="replace survey.nc/html")
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="serve the interactive dashboard of a file",
+        description="Serve the panel dashboard of FILE (data views, NLSQ and CMC fits) at "
+        "http://ADDRESS:PORT/ until interrupted. Browsers on other machines also need "
+        "BOKEH_ALLOW_WS_ORIGIN=HOST:PORT in the environment.",
+    )
+    dashboard.add_argument("file", type=Path, help="APS-U / legacy HDF5 or heterodyne netCDF")
+    dashboard.add_argument("--port", type=int, default=5006, help="port (default: 5006)")
+    dashboard.add_argument("--address", help="address to listen on (default: localhost)")
+    dashboard.add_argument("--show", action="store_true", help="open it in a web browser")
     return parser
 
 
@@ -101,7 +112,13 @@ def _executor(text: str) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"demo": run_demo, "fit": run_fit, "survey": run_survey}[args.command](args)
+        commands = {
+            "demo": run_demo,
+            "fit": run_fit,
+            "survey": run_survey,
+            "dashboard": run_dashboard,
+        }
+        return commands[args.command](args)
     except (HeterodyneError, FileExistsError) as err:
         print(f"heterodyne {args.command}: {err}", file=sys.stderr)
         return 1
@@ -171,6 +188,16 @@ def run_survey(args) -> int:
         f"{out.attrs['fitted']} fits run, {out.attrs['from_cache']} read from "
         f"{args.out / 'fits'}; wrote survey.nc and survey.html to {args.out}/"
     )
+    return 0
+
+
+def run_dashboard(args) -> int:
+    from heterodyne.app import serve
+
+    try:
+        serve(args.file, port=args.port, address=args.address, show=args.show)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

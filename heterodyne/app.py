@@ -1,0 +1,697 @@
+"""The panel dashboard: pick the data, look at it, fit it by NLSQ and CMC, download results.
+
+``hd.dashboard(path_or_ds)`` returns a :class:`Dashboard`, one object for JupyterLab
+(after ``pn.extension("tabulator", inline=True)`` in the notebook) and for a server
+(:func:`serve`, ``heterodyne dashboard FILE``, or ``panel serve`` of a script that calls
+``hd.dashboard(path).servable()``). Three tabs:
+
+- Data: file, q-bin, angles and frame window; ``c2`` heatmaps, one-time cuts, a summary;
+- NLSQ: the parameter table (value, vary, min, max, editable), scaling, multistart, Fit;
+  the report, the fit plots and the result as netCDF;
+- CMC: shards, chains, warmup, samples, warm start from the NLSQ fit, Run; the report,
+  the diagnostics coloured by their thresholds and the posterior as netCDF.
+
+A fit runs in a worker thread while the page stays live, with its elapsed time (and,
+for CMC, the finished shards) shown. Errors (a bad file, bad parameters, a failed fit)
+appear as an alert at the top of the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import io
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import panel as pn
+import param
+import xarray as xr
+
+from heterodyne import diagnostics, plot
+from heterodyne.cmc import PAIRS_PER_SHARD, fit_cmc
+from heterodyne.data import select, validate
+from heterodyne.errors import OptionError, ParameterError
+from heterodyne.io import load, q_values
+from heterodyne.nlsq import SCALINGS, fit_nlsq
+from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
+from heterodyne.results import CMCResult, NLSQResult
+
+POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
+TABLE_COLUMNS = ("name", "value", "vary", "min", "max", "unit")
+REPORT_WIDTH = 900  # [px]: long warnings wrap instead of widening the page
+PASS_STYLE = "background-color: #d4edda"  # bootstrap's success/danger alert colours
+FAIL_STYLE = "background-color: #f8d7da"
+
+
+def dashboard(source, params=None) -> Dashboard:
+    """The dashboard of a file or a Dataset: data views, NLSQ and CMC fits.
+
+    Parameters
+    ----------
+    source : str, path-like or xarray.Dataset
+        A file :func:`heterodyne.load` reads (APS-U / legacy HDF5, heterodyne netCDF), or
+        a canonical Dataset.
+    params : Parameters or dict, optional
+        Start values, bounds and ``vary`` of the parameter table; default the MODEL.md
+        table. ``contrast``/``offset`` take one value for all angles, or ``None`` to
+        estimate them per angle from the data.
+
+    Returns
+    -------
+    Dashboard
+        A ``panel`` viewer: display it in JupyterLab, or serve it.
+
+    Examples
+    --------
+    >>> import panel as pn
+    >>> pn.extension("tabulator", inline=True)  # doctest: +SKIP
+    >>> hd.dashboard("sample_0001.h5")  # doctest: +SKIP
+    """
+    return Dashboard(source, params)
+
+
+def serve(source, *, port: int = 5006, address: str | None = None, show: bool = False, **kwargs):
+    """Serve the dashboard of ``source`` with ``pn.serve``, one :class:`Dashboard` per
+    browser session, at ``http://ADDRESS:PORT/``.
+
+    ``source`` is read once here, so that a bad file fails now rather than in the page.
+    ``kwargs`` go to ``pn.serve`` (``threaded``, ``liveness``, ``start``...); the server
+    (or its thread) is returned.
+    """
+    if not isinstance(source, xr.Dataset):
+        q_values(source)
+    return pn.serve(
+        {"/": lambda: Dashboard(source)},
+        port=port,
+        address=address,
+        show=show,
+        title="heterodyne",
+        **kwargs,
+    )
+
+
+class DashboardExecutor(ThreadPoolExecutor):
+    """The executor of the dashboard's CMC runs: one worker thread, counting finished
+    shards for the progress bar."""
+
+    def __init__(self):
+        super().__init__(max_workers=1, thread_name_prefix="heterodyne-cmc")
+        self.finished = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = super().submit(fn, *args, **kwargs)
+        future.add_done_callback(self._count)
+        return future
+
+    def _count(self, _future):
+        self.finished += 1
+
+
+class Dashboard(pn.viewable.Viewer):
+    """Data, NLSQ and CMC tabs over one file or Dataset; build it with :func:`dashboard`.
+
+    The settings are ``param`` parameters, shared by the widgets and by code
+    (``dash.multistart = 4``); the results are ``dash.data`` (the selected Dataset),
+    ``dash.nlsq`` and ``dash.cmc``. ``dash.nlsq_button.clicks += 1`` presses Fit.
+    """
+
+    path = param.String(default="", doc="File on the server; empty for an in-memory Dataset.")
+    q = param.Selector(objects=[], doc="q-bin [1/Å].")
+    phi = param.ListSelector(default=[], objects=[], doc="Angles to fit [deg].")
+    frames = param.Range(default=(0, 3), bounds=(0, 3), doc="Frame window [a, b).")
+    scaling = param.Selector(objects=list(SCALINGS), default="per_angle")
+    multistart = param.Integer(default=0, bounds=(0, None), doc="Extra NLSQ starts.")
+    shards = param.Integer(default=1, bounds=(1, None))
+    chains = param.Integer(default=2, bounds=(1, None))
+    warmup = param.Integer(default=500, bounds=(0, None))
+    samples = param.Integer(default=500, bounds=(4, None))
+    seed = param.Integer(default=0, bounds=(0, None))
+    warm_start = param.Boolean(
+        default=True,
+        doc="Start CMC from the last NLSQ fit, with priors centred on it; unticked, from "
+        "the table's values with uniform priors on its bounds.",
+    )
+    data = param.ClassSelector(class_=xr.Dataset, allow_None=True, doc="The selected Dataset.")
+    nlsq = param.ClassSelector(class_=NLSQResult, allow_None=True, doc="The last NLSQ fit.")
+    cmc = param.ClassSelector(class_=CMCResult, allow_None=True, doc="The last CMC run.")
+
+    def __init__(self, source=None, params=None, **kwargs):
+        super().__init__(**kwargs)
+        self._full = None  # the loaded q-bin, all angles and frames
+        self._resetting = False  # True while the selectors are reset to a new q-bin
+        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["hd-alert"])
+        self._build_data_tab()
+        self._build_nlsq_tab(Parameters.coerce(params))
+        self._build_cmc_tab()
+        self._layout = pn.Column(
+            pn.pane.Markdown("## heterodyne", margin=(0, 10)),
+            self.alert,
+            pn.Tabs(("Data", self._data_tab), ("NLSQ", self._nlsq_tab), ("CMC", self._cmc_tab)),
+            sizing_mode="stretch_width",
+        )
+        if isinstance(source, xr.Dataset):
+            self._set_full(validate(source))
+        elif source is not None:
+            self.path = str(source)
+
+    def __panel__(self):
+        return self._layout
+
+    # ---- Data ------------------------------------------------------------------------
+
+    def _build_data_tab(self):
+        self.file_input = pn.widgets.TextInput.from_param(
+            self.param.path, name="file", placeholder="path of an HDF5 or netCDF file", width=500
+        )
+        self.q_select = pn.widgets.Select.from_param(self.param.q, name="q [1/Å]", width=150)
+        self.phi_select = pn.widgets.CheckButtonGroup.from_param(
+            self.param.phi, name="angles [deg]", button_type="primary", button_style="outline"
+        )
+        self.frames_slider = pn.widgets.IntRangeSlider.from_param(
+            self.param.frames, name="frames [a, b)", throttled=True, width=300
+        )
+        self.summary = pn.pane.HTML("", css_classes=["hd-summary"])
+        self.c2_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-c2-plots"])
+        self.cuts_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-cuts-plots"])
+        self._data_tab = pn.Column(
+            pn.Row(self.file_input, self.q_select),
+            pn.Row(
+                pn.Column(pn.pane.Markdown("angles [deg]", margin=(0, 10)), self.phi_select),
+                self.frames_slider,
+            ),
+            self.summary,
+            self.c2_view,
+            self.cuts_view,
+        )
+
+    @param.depends("path", watch=True)
+    def _open_file(self):
+        try:
+            qs = q_values(self.path)
+            self.param.q.objects = {f"{q:.5g}": float(q) for q in qs}
+            self._resetting = True
+            try:
+                self.q = float(qs[0])
+            finally:
+                self._resetting = False
+            self._load_q()
+        except Exception as err:  # the page is where the user sees it
+            self._fail(f"cannot open {self.path}", err)
+            self._full = None
+            self.data = None
+
+    @param.depends("q", watch=True)
+    def _load_q(self):
+        if self._resetting or not self.path:
+            return
+        try:
+            self._set_full(load(self.path, q=self.q))
+        except Exception as err:
+            self._fail(f"cannot read q = {self.q:g} 1/Å of {self.path} (kept the last q)", err)
+
+    def _set_full(self, ds: xr.Dataset):
+        """Take ``ds`` as the loaded q-bin: reset the angle and frame selectors to all."""
+        self._full = ds
+        phi = [float(v) for v in ds["phi"].values]
+        n = ds.sizes["t1"]
+        self.param.phi.objects = {f"{v:g}": v for v in phi}
+        self.param.frames.bounds = (0, n)
+        if not self.path:
+            self.param.q.objects = {f"{float(ds['q']):.5g}": float(ds["q"])}
+        self._resetting = True
+        try:
+            self.param.update(phi=phi, frames=(0, n), q=float(ds["q"]))
+        finally:
+            self._resetting = False
+        self.file_input.disabled = not self.path
+        self.q_select.disabled = len(self.param.q.objects) < 2
+        self._select()
+
+    @param.depends("phi", "frames", watch=True)
+    def _select(self):
+        if self._resetting or self._full is None:
+            return
+        try:
+            if not self.phi:
+                raise OptionError("select at least one angle")
+            a, b = (int(v) for v in self.frames)
+            self.data = select(self._full, phi=self.phi, frames=slice(a, b))
+        except Exception as err:
+            self._fail("cannot select these data (kept the last selection)", err)
+            return
+        self.alert.visible = False
+
+    @param.depends("data", watch=True)
+    def _show_data(self):
+        self.nlsq = None
+        self.cmc = None
+        ds = self.data
+        ready = ds is not None
+        self.nlsq_button.disabled = not ready
+        self.cmc_button.disabled = not ready
+        if not ready:
+            self.summary.object, self.c2_view.object, self.cuts_view.object = "", None, None
+            return
+        fitted = _pairs(ds) - int(ds.attrs.get("nan_pairs", 0))
+        self.shards = max(1, -(-fitted // PAIRS_PER_SHARD))  # fit_cmc's shards="auto"
+        self.summary.object = _summary_html(ds)
+        self.c2_view.object = plot.c2(ds)
+        self.cuts_view.object = plot.cuts(ds)
+
+    # ---- NLSQ ------------------------------------------------------------------------
+
+    def _build_nlsq_tab(self, params: Parameters):
+        self.table = pn.widgets.Tabulator(
+            parameter_frame(params),
+            show_index=False,
+            editors={"name": None, "unit": None},
+            layout="fit_data_table",
+            css_classes=["hd-parameters"],
+        )
+        self.nlsq_button = pn.widgets.Button(
+            name="Fit", button_type="primary", disabled=True, width=120
+        )
+        self.nlsq_button.on_click(self._on_fit)
+        self.from_fit_button = pn.widgets.Button(
+            name="Start from the fit", disabled=True, width=160
+        )
+        self.from_fit_button.on_click(self._on_start_from_fit)
+        self.nlsq_progress = pn.indicators.Progress(
+            value=-1, active=False, visible=False, width=300, bar_color="primary"
+        )
+        self.nlsq_status = pn.pane.Markdown("", css_classes=["hd-nlsq-status"])
+        self.nlsq_download = pn.widgets.FileDownload(
+            callback=self._nlsq_netcdf,
+            filename="heterodyne_nlsq.nc",
+            label="Download the result (netCDF)",
+            disabled=True,
+            embed=False,
+            width=260,
+        )
+        self.nlsq_report = pn.pane.HTML("", css_classes=["hd-nlsq-report"], width=REPORT_WIDTH)
+        self.nlsq_text = pn.pane.Str("", styles={"font-size": "11px"})
+        self.nlsq_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-nlsq-plots"])
+        self.nlsq_cuts = pn.pane.HoloViews(None, backend="bokeh")
+        controls = pn.Column(
+            pn.widgets.RadioButtonGroup.from_param(self.param.scaling, name="scaling"),
+            pn.widgets.IntInput.from_param(
+                self.param.multistart, name="multistart", width=120, css_classes=["hd-multistart"]
+            ),
+            pn.Row(self.nlsq_button, self.from_fit_button),
+            self.nlsq_progress,
+            self.nlsq_status,
+            self.nlsq_download,
+        )
+        self._nlsq_tab = pn.Column(
+            pn.Row(self.table, pn.Column(controls, self.nlsq_report)),
+            pn.Card(self.nlsq_text, title="text report", collapsed=True, width=REPORT_WIDTH),
+            self.nlsq_view,
+            self.nlsq_cuts,
+        )
+
+    def parameters(self) -> Parameters:
+        """The parameter table as a ``Parameters`` (checked against the data's angles).
+
+        Raises ``ParameterError`` for a value outside its bounds, a missing physics value
+        or a bound that is not a number.
+        """
+        p = Parameters()
+        for row in self.table.value.itertuples(index=False):
+            entry = p[row.name]
+            entry.vary = bool(row.vary)
+            entry.min, entry.max = _number(row.min), _number(row.max)
+            value = _number(row.value)
+            entry.value = None if row.name in SCALING_NAMES and np.isnan(value) else value
+        p.validate(None if self.data is None else self.data.sizes["phi"])
+        return p
+
+    async def _on_fit(self, _event=None):
+        ds = self.data
+        try:
+            params = self.parameters()
+            options = {"scaling": self.scaling, "multistart": self.multistart}
+            self._busy(True)
+            self.nlsq_progress.param.update(visible=True, active=True, value=-1)
+
+            def report(seconds):
+                self.nlsq_status.object = f"fitting... {seconds:.0f} s"
+
+            result, seconds = await self._in_thread(
+                lambda: fit_nlsq(ds, params, progress=False, **options), report
+            )
+        except Exception as err:
+            self._fail("the NLSQ fit failed", err)
+            self.nlsq_status.object = ""
+            return
+        finally:
+            self.nlsq_progress.param.update(visible=False, active=False)
+            self._busy(False)
+        self.nlsq_status.object = (
+            f"fitted in {seconds:.1f} s: reduced χ² = {result.reduced_chi2:.4g}"
+        )
+        if result.success:
+            self.alert.visible = False
+        else:
+            self._warn(f"the NLSQ fit did not converge: {result.message}")
+        self.nlsq = result
+
+    def _on_start_from_fit(self, _event=None):
+        frame = self.table.value.copy()
+        for k, name in enumerate(frame["name"]):
+            if name in PHYSICS_NAMES:
+                frame.loc[k, "value"] = self.nlsq.value(name)
+        self.table.value = frame
+
+    @param.depends("nlsq", watch=True)
+    def _show_nlsq(self):
+        result = self.nlsq
+        self.nlsq_download.disabled = self.from_fit_button.disabled = result is None
+        if result is None:
+            self.nlsq_report.object = self.nlsq_text.object = ""
+            self.nlsq_view.object = self.nlsq_cuts.object = None
+            return
+        self.nlsq_report.object = result._repr_html_()
+        self.nlsq_text.object = result.report()
+        self.nlsq_view.object = result.plot()
+        self.nlsq_cuts.object = plot.cuts(result.data, result)
+
+    def _nlsq_netcdf(self):
+        return _netcdf_bytes(self.nlsq)
+
+    # ---- CMC -------------------------------------------------------------------------
+
+    def _build_cmc_tab(self):
+        def number(name, **kwargs):
+            return pn.widgets.IntInput.from_param(
+                self.param[name], width=110, css_classes=[f"hd-cmc-{name}"], **kwargs
+            )
+
+        self.cmc_warm = pn.widgets.Checkbox.from_param(
+            self.param.warm_start,
+            name="warm start from the NLSQ fit",
+            css_classes=["hd-cmc-warm-start"],
+        )
+        self.cmc_button = pn.widgets.Button(
+            name="Run", button_type="primary", disabled=True, width=120
+        )
+        self.cmc_button.on_click(self._on_run)
+        self.cmc_progress = pn.indicators.Progress(
+            value=0, max=1, visible=False, width=300, bar_color="primary"
+        )
+        self.cmc_status = pn.pane.Markdown("", css_classes=["hd-cmc-status"])
+        self.cmc_download = pn.widgets.FileDownload(
+            callback=self._cmc_netcdf,
+            filename="heterodyne_cmc.nc",
+            label="Download the posterior (netCDF)",
+            disabled=True,
+            embed=False,
+            width=260,
+        )
+        self.cmc_report = pn.pane.HTML("", css_classes=["hd-cmc-report"], width=REPORT_WIDTH)
+        self.cmc_text = pn.pane.Str("", styles={"font-size": "11px"})
+        self.cmc_shards = pn.pane.HTML("", css_classes=["hd-cmc-diagnostics"])
+        self.cmc_parameters = pn.pane.HTML("", css_classes=["hd-cmc-parameters"])
+        self.cmc_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-cmc-plots"])
+        self._cmc_tab = pn.Column(
+            pn.Row(
+                number("shards"),
+                number("chains"),
+                number("warmup", step=100),
+                number("samples", step=100),
+                number("seed"),
+            ),
+            self.cmc_warm,
+            self.cmc_button,
+            self.cmc_progress,
+            self.cmc_status,
+            self.cmc_download,
+            pn.Row(
+                pn.Column(
+                    pn.pane.Markdown("#### Diagnostics by shard"),
+                    self.cmc_shards,
+                    pn.pane.Markdown("#### Diagnostics by parameter (worst shard)"),
+                    self.cmc_parameters,
+                ),
+                self.cmc_report,
+            ),
+            pn.Card(self.cmc_text, title="text report", collapsed=True, width=REPORT_WIDTH),
+            self.cmc_view,
+        )
+
+    async def _on_run(self, _event=None):
+        ds = self.data
+        try:
+            init = None
+            params = None
+            if self.warm_start:
+                if self.nlsq is None:
+                    raise OptionError(
+                        "warm start needs an NLSQ fit: run it in the NLSQ tab first, or "
+                        "untick the warm start (the chains then start at the table's values "
+                        "with uniform priors on its bounds)"
+                    )
+                init = self.nlsq
+            else:
+                params = self.parameters()
+            options = {
+                "shards": self.shards,
+                "chains": self.chains,
+                "warmup": self.warmup,
+                "samples": self.samples,
+                "seed": self.seed,
+                "scaling": None if init is not None else self.scaling,
+            }
+            executor = DashboardExecutor()
+            self._busy(True)
+            self.cmc_progress.param.update(visible=True, value=0, max=self.shards)
+
+            def report(seconds):
+                done = executor.finished
+                self.cmc_progress.value = done
+                self.cmc_status.object = (
+                    f"sampling... {done} of {self.shards} shards finished, {seconds:.0f} s"
+                )
+
+            try:
+                result, seconds = await self._in_thread(
+                    lambda: fit_cmc(
+                        ds, init, params=params, executor=executor, progress=False, **options
+                    ),
+                    report,
+                )
+            finally:
+                executor.shutdown(wait=False)
+        except Exception as err:
+            self._fail("the CMC run failed", err)
+            self.cmc_status.object = ""
+            return
+        finally:
+            self.cmc_progress.visible = False
+            self._busy(False)
+        n_shards = result.info["shards"]
+        self.cmc_status.object = f"sampled in {seconds:.1f} s; shards: {n_shards}"
+        failed = result.failures()
+        if failed:
+            self._warn(
+                f"CMC did not converge: shard(s) {', '.join(map(str, failed))} of {n_shards} "
+                "fail their diagnostics (red in the tables below); do not use this posterior "
+                "as is"
+            )
+        else:
+            self.alert.visible = False
+        self.cmc = result
+
+    @param.depends("cmc", watch=True)
+    def _show_cmc(self):
+        result = self.cmc
+        self.cmc_download.disabled = result is None
+        if result is None:
+            self.cmc_report.object = self.cmc_text.object = ""
+            self.cmc_shards.object = self.cmc_parameters.object = ""
+            self.cmc_view.object = None
+            return
+        self.cmc_report.object = result._repr_html_()
+        self.cmc_text.object = result.report()
+        shards, by_parameter = diagnostics_tables(result)
+        self.cmc_shards.object = shards.to_html()
+        self.cmc_parameters.object = by_parameter.to_html()
+        self.cmc_view.object = result.plot()
+
+    def _cmc_netcdf(self):
+        return _netcdf_bytes(self.cmc)
+
+    # ---- running and reporting -------------------------------------------------------
+
+    async def _in_thread(self, work, report):
+        """Run ``work()`` in a worker thread; call ``report(seconds)`` every ``POLL_S``
+        on the event loop (where the page's widgets may be changed) until it ends.
+        Returns ``(work(), seconds)``."""
+        future = asyncio.get_running_loop().run_in_executor(None, work)
+        start = time.perf_counter()
+        while True:
+            report(time.perf_counter() - start)
+            if future.done():
+                return future.result(), time.perf_counter() - start
+            await asyncio.wait([future], timeout=POLL_S)
+
+    def _busy(self, busy: bool):
+        ready = not busy and self.data is not None
+        self.nlsq_button.disabled = self.cmc_button.disabled = not ready
+        for widget in (self.file_input, self.q_select, self.phi_select, self.frames_slider):
+            widget.disabled = busy
+        if not busy:
+            self.file_input.disabled = not self.path
+            self.q_select.disabled = len(self.param.q.objects) < 2
+
+    def _fail(self, what: str, err: Exception):
+        self.alert.param.update(
+            object=f"**{html.escape(what)}**: {html.escape(type(err).__name__)}: "
+            f"{html.escape(str(err))}",
+            alert_type="danger",
+            visible=True,
+        )
+
+    def _warn(self, text: str):
+        self.alert.param.update(object=html.escape(text), alert_type="warning", visible=True)
+
+
+def parameter_frame(params: Parameters) -> pd.DataFrame:
+    """The parameter table as a DataFrame: ``name, value, vary, min, max, unit``.
+
+    ``contrast``/``offset`` show one value for all angles, NaN (blank) for "estimate per
+    angle"; per-angle values that differ cannot be shown in one cell and raise
+    ``ParameterError``.
+    """
+    rows = []
+    for spec in PHYSICS + SCALING:
+        entry = params[spec.name]
+        value = entry.value
+        if value is None:
+            value = np.nan
+        elif np.ndim(value):
+            values = np.ravel(np.asarray(value, dtype=np.float64))
+            if np.ptp(values) > 0:
+                raise ParameterError(
+                    f"{spec.name}: the dashboard takes one value for all angles or None "
+                    f"(estimated per angle); got {values.tolist()}"
+                )
+            value = values[0]
+        rows.append((spec.name, float(value), bool(entry.vary), entry.min, entry.max, spec.unit))
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, ...]:
+    """The CMC diagnostics as two styled tables, each figure green where it passes its
+    threshold and red where it fails (:data:`heterodyne.diagnostics.THRESHOLDS`).
+
+    By shard: pairs, seconds, divergences, least BFMI over chains, worst R-hat and least
+    ESS over parameters, and the shard's verdict (``result.failures()``). By parameter:
+    the worst R-hat and least ESS over shards. A figure passes by the comparisons of
+    :func:`heterodyne.diagnostics.failures` (a NaN fails).
+    """
+    figures = result.diagnostics
+    limits = diagnostics.thresholds_of(figures)
+    ess_min = limits.ess_per_chain_min * figures.sizes["chain"]
+    failed = result.failures()
+
+    def rhat_ok(v):
+        return v < limits.rhat_max
+
+    def ess_ok(v):
+        return v >= ess_min
+
+    shards = pd.DataFrame(
+        {
+            "shard": figures["shard"].values,
+            "pairs": figures["n_pairs"].values,
+            "seconds": figures["seconds"].values,
+            "divergent %": 100 * figures["divergent_fraction"].values,
+            "min BFMI": figures["bfmi"].min("chain").values,
+            "max R-hat": figures["rhat"].max("parameter", skipna=False).values,
+            "min ESS bulk": figures["ess_bulk"].min("parameter", skipna=False).values,
+            "min ESS tail": figures["ess_tail"].min("parameter", skipna=False).values,
+            "verdict": ["fail" if int(s) in failed else "pass" for s in figures["shard"].values],
+        }
+    )
+    by_parameter = pd.DataFrame(
+        {
+            "parameter": figures["parameter"].values,
+            "R-hat": figures["rhat"].max("shard", skipna=False).values,
+            "ESS bulk": figures["ess_bulk"].min("shard", skipna=False).values,
+            "ESS tail": figures["ess_tail"].min("shard", skipna=False).values,
+        }
+    )
+    checks = {
+        "divergent %": lambda v: v <= 100 * limits.divergence_max,
+        "min BFMI": lambda v: v >= limits.bfmi_min,
+        "max R-hat": rhat_ok,
+        "min ESS bulk": ess_ok,
+        "min ESS tail": ess_ok,
+        "verdict": lambda v: v == "pass",
+        "R-hat": rhat_ok,
+        "ESS bulk": ess_ok,
+        "ESS tail": ess_ok,
+    }
+
+    formats = {
+        "seconds": "{:.1f}",
+        "divergent %": "{:.3g}",
+        "min BFMI": "{:.3f}",
+        "max R-hat": "{:.4f}",
+        "R-hat": "{:.4f}",
+        **{c: "{:.0f}" for c in ("min ESS bulk", "min ESS tail", "ESS bulk", "ESS tail")},
+    }
+
+    def styled(frame):
+        shown = {c: f for c, f in formats.items() if c in frame.columns}
+        style = frame.style.hide(axis="index").format(shown, na_rep="nan")
+        for column in frame.columns:
+            if column in checks:
+                ok = checks[column]
+                style = style.map(
+                    lambda v, ok=ok: PASS_STYLE if ok(v) else FAIL_STYLE, subset=[column]
+                )
+        return style
+
+    return styled(shards), styled(by_parameter)
+
+
+def _summary_html(ds: xr.Dataset) -> str:
+    t = ds["t1"].values
+    rows = {
+        "source": ds.attrs.get("source", "-"),
+        "q": f"{float(ds['q']):.5g} {ds['q'].attrs.get('units', '1/Å')}",
+        "angles": f"{', '.join(f'{v:g}' for v in ds['phi'].values)} deg",
+        "frames": f"{t.size}: t = {t[0]:.4g} ... {t[-1]:.4g} s, dt = {float(ds.attrs['dt']):.4g} s",
+        "pairs t1 < t2": f"{_pairs(ds)} ({int(ds.attrs.get('nan_pairs', 0))} non-finite, masked)",
+        "uncertainties": "sigma given" if "sigma" in ds.data_vars else "none (noise estimated)",
+    }
+    body = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in rows.items()
+    )
+    return f"<table>{body}</table>"
+
+
+def _pairs(ds: xr.Dataset) -> int:
+    """Number of pairs ``t1 < t2`` over all angles."""
+    n = ds.sizes["t1"]
+    return ds.sizes["phi"] * n * (n - 1) // 2
+
+
+def _number(value) -> float:
+    """A table cell as a float; an empty cell is NaN."""
+    number = pd.to_numeric(value, errors="coerce")
+    return float("nan") if number is None or pd.isna(number) else float(number)
+
+
+def _netcdf_bytes(result) -> io.BytesIO:
+    """``result.to_netcdf`` written to a temporary file, as bytes for a download."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = result.to_netcdf(Path(folder) / "result.nc")
+        return io.BytesIO(path.read_bytes())

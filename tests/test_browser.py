@@ -1,0 +1,136 @@
+"""The dashboard served and driven in a real browser (headless chromium via Playwright).
+
+Needs Debian's chromium and the playwright package (``apt-get install chromium; pip
+install playwright``; never ``playwright install``): without them these tests skip, or
+fail when ``HETERODYNE_REQUIRE_BROWSER=1`` (as in CI).
+"""
+
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from heterodyne.app import serve
+from heterodyne.examples import EXAMPLE_TRUTH, example_file
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+INSTALL = "apt-get install chromium; pip install playwright"
+VIEWPORT = {"width": 1500, "height": 1000}
+FIT_TIMEOUT_MS = 120_000  # a fit, compile included, on a loaded 2-core runner
+PAGE_TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = []
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("the playwright package")
+    if not (os.access(CHROMIUM, os.X_OK) or shutil.which("chromium")):
+        missing.append(f"chromium ({CHROMIUM})")
+    if missing:
+        message = f"browser tests need {' and '.join(missing)}: {INSTALL}"
+        if os.environ.get("HETERODYNE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    executable = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    """The dashboard of a small beamline file, served on a free local port."""
+    path = example_file(
+        tmp_path_factory.mktemp("data") / "sample.h5", q=(0.01,), n_frames=40, phi=(0.0, 45.0)
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = serve(path, port=port, address="127.0.0.1", threaded=True, show=False, liveness=True)
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/liveness", timeout=1) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise
+            time.sleep(0.1)
+    yield f"{address}/"
+    server.stop()
+
+
+@pytest.fixture
+def page(browser, url):
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(url)
+    page.locator(".hd-summary table").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    yield page
+    page.close()
+
+
+def fit_nlsq(page):
+    """Open the NLSQ tab, press Fit and wait for the report; return v0 as shown."""
+    page.locator(".bk-tab", has_text="NLSQ").click()
+    page.get_by_role("button", name="Fit", exact=True).click()
+    page.locator(".hd-nlsq-status p", has_text="fitted in").wait_for(timeout=FIT_TIMEOUT_MS)
+    report = page.locator(".hd-nlsq-report table").first
+    report.wait_for(timeout=PAGE_TIMEOUT_MS)
+    row = report.locator("tr").filter(has=page.locator("td", has_text=re.compile(r"^v0$")))
+    return float(row.locator("td").nth(1).inner_text())
+
+
+def screenshot(page, plots, path):
+    """A full-page screenshot once bokeh has drawn the figures of ``plots``."""
+    page.locator(f"{plots} canvas").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(500)
+    page.screenshot(path=path, full_page=True)
+
+
+def test_fit_in_the_browser_shows_the_report_with_v0(page, tmp_path):
+    assert "40: t = 0.1 ... 4 s" in page.locator(".hd-summary table").first.inner_text()
+    screenshot(page, ".hd-cuts-plots", tmp_path / "data.png")
+
+    v0 = fit_nlsq(page)
+    assert abs(v0 - EXAMPLE_TRUTH["v0"]) < 0.05 * EXAMPLE_TRUTH["v0"]
+    assert not page.locator(".hd-alert").first.is_visible()
+    screenshot(page, ".hd-nlsq-plots", tmp_path / "nlsq.png")
+
+
+@pytest.mark.slow
+def test_cmc_in_the_browser_shows_the_diagnostics(page, tmp_path):
+    fit_nlsq(page)
+    page.locator(".bk-tab", has_text="CMC").click()
+    # The settings of tests/test_dashboard.py: run in one process, the two share compiles.
+    for name, value in (("shards", 2), ("chains", 2), ("warmup", 60), ("samples", 40)):
+        box = page.locator(f".hd-cmc-{name} input")
+        box.fill(str(value))
+        box.press("Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
+    table = page.locator(".hd-cmc-diagnostics table").first
+    table.wait_for(timeout=FIT_TIMEOUT_MS)
+    assert table.locator("th").all_inner_texts()[-1] == "verdict"
+    assert table.locator("td").last.inner_text() in ("pass", "fail")
+    assert "sampled in" in page.locator(".hd-cmc-status p").first.inner_text()
+    screenshot(page, ".hd-cmc-plots", tmp_path / "cmc.png")

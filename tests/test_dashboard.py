@@ -1,0 +1,216 @@
+"""The dashboard object without a browser: selectors, the parameter table, the Fit and
+Run buttons pressed from code, the reports, downloads and alerts."""
+
+import asyncio
+
+import holoviews as hv
+import numpy as np
+import pytest
+
+import heterodyne as hd
+from heterodyne import diagnostics
+from heterodyne.app import (
+    FAIL_STYLE,
+    PASS_STYLE,
+    Dashboard,
+    diagnostics_tables,
+    parameter_frame,
+)
+from heterodyne.cli import main
+from heterodyne.examples import EXAMPLE_TRUTH, example_file
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES
+
+# Small data (the sizes of the browser tests, so the compiled fits are shared).
+DATA = {"n_frames": 40, "phi": [0.0, 45.0], "noise": 0.01}
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return hd.simulate(EXAMPLE_TRUTH, **DATA, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(ds):
+    """A dashboard whose Fit was pressed, starting at 0.7 x the truth."""
+    dash = hd.dashboard(ds, {name: 0.7 * value for name, value in EXAMPLE_TRUTH.items()})
+    dash.nlsq_button.clicks += 1
+    return dash
+
+
+def test_a_beamline_file_opens_with_its_q_bins_and_follows_the_selectors(tmp_path):
+    path = example_file(tmp_path / "f.h5", q=(0.008, 0.012), n_frames=30, phi=(-45.0, 0.0, 45.0))
+    dash = hd.dashboard(path)
+    assert isinstance(dash, Dashboard)
+    assert list(dash.param.q.objects) == [0.008, 0.012]
+    assert not dash.alert.visible
+    assert dash.data.identical(hd.load(path, q=0.008))
+    assert not dash.q_select.disabled and not dash.nlsq_button.disabled
+
+    dash.q = 0.012
+    full = hd.load(path, q=0.012)
+    assert dash.data.identical(full)
+    assert dash.phi == [-45.0, 0.0, 45.0] and dash.frames == (0, 30)
+    dash.param.update(phi=[45.0, -45.0], frames=(5, 25))
+    assert dash.data.identical(hd.select(full, phi=[45.0, -45.0], frames=slice(5, 25)))
+    heatmaps = dash.c2_view.object
+    assert isinstance(heatmaps, hv.Layout)
+    titles = [image.opts.get().kwargs["title"] for image in heatmaps]
+    assert titles == [f"φ = {v} deg, q = 0.012 1/Å" for v in ("45", "-45")]
+    assert "20: t = 0.6 ... 2.5 s" in dash.summary.object
+    assert "380 (0 non-finite, masked)" in dash.summary.object  # 2 x 20 x 19 / 2 pairs
+
+
+def test_a_bad_file_or_selection_shows_an_alert(tmp_path):
+    dash = hd.dashboard(tmp_path / "missing.h5")
+    assert dash.alert.visible and dash.alert.alert_type == "danger"
+    assert "no such file" in dash.alert.object
+    assert dash.data is None and dash.nlsq_button.disabled and dash.cmc_button.disabled
+
+    text = tmp_path / "notes.h5"
+    text.write_text("not HDF5")
+    dash.path = str(text)
+    assert dash.alert.visible and "FileFormatError" in dash.alert.object
+
+    dash.path = str(example_file(tmp_path / "f.h5", q=(0.01,), n_frames=20, phi=(0.0,)))
+    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+    dash.frames = (0, 2)
+    assert dash.alert.visible and "leaves 2 frames" in dash.alert.object
+    assert dash.data.sizes["t1"] == 20  # the last selection is kept
+    dash.phi = []
+    assert "select at least one angle" in dash.alert.object
+
+
+def test_the_parameter_table_is_the_parameters(ds):
+    p = hd.Parameters(v0=250.0, contrast=0.4)
+    p["f3"].vary = True
+    p["D0_ref"].min = 10.0
+    dash = hd.dashboard(ds, p)
+    assert list(dash.table.value["name"]) == list(PHYSICS_NAMES + SCALING_NAMES)
+    back = dash.parameters()
+    for name in PHYSICS_NAMES + SCALING_NAMES:
+        assert (back[name].value, back[name].vary, back[name].min, back[name].max) == (
+            p[name].value,
+            p[name].vary,
+            p[name].min,
+            p[name].max,
+        ), name
+    assert back["offset"].value is None  # blank: estimated per angle
+
+    with pytest.raises(hd.ParameterError, match="one value for all angles"):
+        parameter_frame(hd.Parameters(contrast=[0.3, 0.5]))
+
+
+def test_fit_pressed_from_code_fits_with_the_table_and_reports(fitted, ds, tmp_path):
+    result = fitted.nlsq
+    assert not fitted.alert.visible and result.success
+    for name, truth in EXAMPLE_TRUTH.items():
+        assert abs(result.value(name) - truth) < 4 * result.error(name), name
+    assert fitted.nlsq_report.object == result._repr_html_()
+    assert fitted.nlsq_text.object == result.report()
+    assert "reduced χ²" in fitted.nlsq_status.object and not fitted.nlsq_progress.visible
+    assert len(fitted.nlsq_view.object) == 4 * ds.sizes["phi"]
+    path = tmp_path / "download.nc"
+    path.write_bytes(fitted.nlsq_download.callback().getvalue())
+    back = hd.open_result(path)
+    assert back.params.identical(result.params) and back.data.identical(ds)
+
+    fitted._on_start_from_fit()
+    start = fitted.parameters()
+    for name in PHYSICS_NAMES:
+        assert start[name].value == result.value(name), name
+
+
+def test_the_event_loop_stays_live_while_a_fit_runs(ds):
+    dash = hd.dashboard(ds)
+
+    async def press_and_watch():
+        dash.nlsq_button.clicks += 1  # with a running loop, panel schedules the callback
+        shown = []
+        for _ in range(24_000):  # 2 minutes at most
+            if dash.nlsq is not None or dash.alert.visible:
+                break
+            shown.append((dash.nlsq_status.object, dash.nlsq_button.disabled))
+            await asyncio.sleep(0.005)
+        return shown
+
+    shown = asyncio.run(press_and_watch())
+    assert dash.nlsq is not None and not dash.nlsq_button.disabled
+    # The loop ran this coroutine between the start and the end of the fit, which had
+    # disabled the button and shown its progress.
+    assert any(status.startswith("fitting...") and disabled for status, disabled in shown)
+
+
+def test_a_fixed_parameter_and_shared_scaling_reach_the_fit(ds):
+    dash = hd.dashboard(ds)
+    table = dash.table.value.copy()
+    row = table["name"] == "phi0"
+    table.loc[row, "value"], table.loc[row, "vary"] = EXAMPLE_TRUTH["phi0"], False
+    dash.table.value = table
+    dash.scaling = "shared"
+    dash.nlsq_button.clicks += 1
+    result = dash.nlsq
+    assert result.value("phi0") == EXAMPLE_TRUTH["phi0"] and np.isnan(result.error("phi0"))
+    assert result.info["scaling"] == "shared" and result.params["contrast"].size == 2
+    assert abs(result.value("v0") - EXAMPLE_TRUTH["v0"]) < 4 * result.error("v0")
+
+
+def test_bad_parameters_or_a_missing_fit_show_alerts_instead_of_running(ds):
+    dash = hd.dashboard(ds)
+    table = dash.table.value.copy()
+    table.loc[table["name"] == "v0", "value"] = -1.0
+    dash.table.value = table
+    dash.nlsq_button.clicks += 1
+    assert dash.nlsq is None
+    assert dash.alert.visible and "ParameterError" in dash.alert.object
+    assert "v0: value -1.0 outside its bounds" in dash.alert.object
+    assert not dash.nlsq_button.disabled  # ready for another try
+
+    dash.cmc_button.clicks += 1  # warm start is ticked, but there is no NLSQ fit
+    assert dash.cmc is None and "warm start needs an NLSQ fit" in dash.alert.object
+
+
+def test_a_new_selection_drops_the_fits_of_the_old_one(fitted, ds):
+    dash = hd.dashboard(ds)
+    dash.nlsq = fitted.nlsq
+    assert dash.nlsq_report.object == fitted.nlsq._repr_html_()
+    assert not dash.nlsq_download.disabled and not dash.from_fit_button.disabled
+    dash.frames = (0, 30)
+    assert dash.nlsq is None and dash.nlsq_report.object == ""
+    assert dash.nlsq_download.disabled and dash.from_fit_button.disabled
+
+
+@pytest.mark.slow
+def test_run_pressed_from_code_samples_and_judges_the_shards(fitted, tmp_path):
+    fitted.param.update(shards=2, chains=2, warmup=60, samples=40)
+    fitted.cmc_button.clicks += 1
+    result = fitted.cmc
+    assert result.info["shards"] == 2 and result.info["prior"] == "nlsq"
+    assert result.diagnostics.sizes["shard"] == 2
+    assert fitted.cmc_report.object == result._repr_html_()
+    assert fitted.cmc_progress.value == 2 and "shards: 2" in fitted.cmc_status.object
+    assert abs(result.value("v0") - EXAMPLE_TRUTH["v0"]) < 0.05 * EXAMPLE_TRUTH["v0"]
+    assert (fitted.alert.visible and fitted.alert.alert_type == "warning") != result.converged
+    path = tmp_path / "posterior.nc"
+    path.write_bytes(fitted.cmc_download.callback().getvalue())
+    assert hd.open_result(path).diagnostics.identical(result.diagnostics)
+
+    shards, by_parameter = diagnostics_tables(result)
+    failed = result.failures()
+    assert list(shards.data["verdict"]) == ["fail" if s in failed else "pass" for s in (0, 1)]
+    limits = diagnostics.THRESHOLDS
+    figures = result.diagnostics
+    colours = by_parameter._compute().ctx
+    columns = list(by_parameter.data.columns)
+    for row, label in enumerate(figures["parameter"].values):
+        rhat = float(figures["rhat"].sel(parameter=label).max())
+        passed = rhat < limits.rhat_max
+        style = PASS_STYLE if passed else FAIL_STYLE
+        assert colours[(row, columns.index("R-hat"))] == [tuple(style.split(": "))], label
+        ess = float(figures["ess_bulk"].sel(parameter=label).min())
+        style = PASS_STYLE if ess >= limits.ess_per_chain_min * 2 else FAIL_STYLE
+        assert colours[(row, columns.index("ESS bulk"))] == [tuple(style.split(": "))], label
+
+
+def test_the_command_line_refuses_a_missing_file(tmp_path, capsys):
+    assert main(["dashboard", str(tmp_path / "missing.h5")]) == 1
+    assert "heterodyne dashboard:" in capsys.readouterr().err
