@@ -7,7 +7,8 @@ and that :func:`save` writes to a standalone HTML file.
 - :func:`c2`: one heatmap per angle on a shared colour scale;
 - :func:`cuts`: ``c2(t1, t1 + tau)`` against the lag at a few ages ``t1``;
 - :func:`fit`: data | model | residual per angle and the one-time projection ``g2(tau)``;
-- :func:`params`: fitted parameters with error bars across a survey.
+- :func:`params`: fitted parameters with error bars across a survey;
+- :func:`posterior`: CMC marginals, pairs, traces by shard and the diagnostics verdict.
 
 The diagonal ``t1 = t2`` is masked (NaN) in every heatmap: it is excluded from the fits
 (MODEL.md, "Fitting conventions") and in real data carries the shot-noise spike.
@@ -38,6 +39,8 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 HEATMAP_SIZE = 260  # frame width and height of a heatmap [px]
 PANEL_SIZE = (300, 260)  # frame width and height of a line panel [px]
+N_PAIRS = 3  # the posterior view shows the pair plots of this many most correlated pairs
+HISTOGRAM_BINS = 40
 
 
 def offdiagonal(c2) -> np.ndarray:
@@ -332,6 +335,137 @@ def params(results, x: str = "q") -> hv.Layout:
     if not panels:
         raise OptionError(f"no parameter varies along {along!r}: nothing to plot")
     return _layout(panels, min(len(panels), 4))
+
+
+def posterior(result) -> hv.Layout:
+    """A consensus Monte Carlo posterior at a glance.
+
+    Parameters
+    ----------
+    result : CMCResult
+
+    Returns
+    -------
+    holoviews.Layout
+        For each varied physics parameter, the marginal of the combined draws
+        (``hv.Histogram``, density) over which each shard's marginal is drawn as a line;
+        scatter plots of the ``N_PAIRS`` most correlated parameter pairs; the trace of
+        every shard (chains one after the other) per parameter; and the diagnostics as a
+        table coloured pass (green) / fail (red) by shard and figure.
+    """
+    combined = result.posterior.posterior
+    shards = result.posterior.shard_posterior
+    names = [n for n in PHYSICS_NAMES if n in combined.data_vars]
+    panels = []
+    for name in names:
+        dim = hv.Dimension(name, unit=UNITS[name] or None)
+        draws = combined[name].values.ravel()
+        edges = np.histogram_bin_edges(draws, bins=HISTOGRAM_BINS)
+        layers = [
+            hv.Histogram(
+                np.histogram(draws, edges, density=True),
+                kdims=[dim],
+                vdims=["density"],
+                label="combined",
+            ).opts(alpha=0.4, color="gray", backend="bokeh")
+        ]
+        for k, s in enumerate(shards["shard"].values):
+            shard_draws = shards[name].sel(shard=s).values.ravel()
+            density, shard_edges = np.histogram(shard_draws, bins=HISTOGRAM_BINS, density=True)
+            centres = 0.5 * (shard_edges[1:] + shard_edges[:-1])
+            layers.append(
+                hv.Curve((centres, density), dim, "density", label=f"shard {s}").opts(
+                    color=PALETTE[k % len(PALETTE)], backend="bokeh"
+                )
+            )
+        panels.append(_line_panel(layers, f"{name}: marginal", legend_position="top_right"))
+    flat = np.array([combined[n].values.ravel() for n in names])
+    if len(names) > 1:
+        corr = np.corrcoef(flat)
+        pairs = sorted(
+            ((abs(corr[a, b]), a, b) for a in range(len(names)) for b in range(a + 1, len(names))),
+            reverse=True,
+        )[:N_PAIRS]
+        for _, a, b in pairs:
+            panels.append(
+                _line_panel(
+                    [
+                        hv.Scatter((flat[a], flat[b]), names[a], names[b]).opts(
+                            size=2, alpha=0.3, backend="bokeh"
+                        )
+                    ],
+                    f"{names[a]} vs {names[b]} (ρ = {corr[a, b]:+.2f})",
+                )
+            )
+    for name in names:
+        traces = [
+            hv.Curve(
+                shards[name].sel(shard=s).values.ravel(),
+                "draw (chains in turn)",
+                name,
+                label=f"shard {s}",
+            ).opts(color=PALETTE[k % len(PALETTE)], line_width=0.7, backend="bokeh")
+            for k, s in enumerate(shards["shard"].values)
+        ]
+        panels.append(_line_panel(traces, f"{name}: trace by shard", show_legend=False))
+    panels.append(_diagnostics_table(result))
+    return _layout(panels, cols=3)
+
+
+def _diagnostics_table(result) -> hv.Overlay:
+    """Pass/fail of each shard's worst R-hat, ESS bulk/tail, BFMI and divergences."""
+    d = result.diagnostics
+    limits = {
+        k.removeprefix("threshold_"): v for k, v in d.attrs.items() if k.startswith("threshold_")
+    }
+    ess_min = limits["ess_per_chain_min"] * d.sizes["chain"]
+    cells = []
+    for s in d["shard"].values:
+        row = d.sel(shard=s)
+        figures = (
+            (
+                "R-hat (max)",
+                float(row["rhat"].max()),
+                float(row["rhat"].max()) < limits["rhat_max"],
+            ),
+            (
+                "ESS bulk (min)",
+                float(row["ess_bulk"].min()),
+                float(row["ess_bulk"].min()) >= ess_min,
+            ),
+            (
+                "ESS tail (min)",
+                float(row["ess_tail"].min()),
+                float(row["ess_tail"].min()) >= ess_min,
+            ),
+            (
+                "BFMI (min)",
+                float(row["bfmi"].min()),
+                float(row["bfmi"].min()) >= limits["bfmi_min"],
+            ),
+            (
+                "divergent %",
+                100 * float(row["divergent_fraction"]),
+                float(row["divergent_fraction"]) <= limits["divergence_max"],
+            ),
+        )
+        cells += [(figure, f"shard {s}", int(ok), f"{value:.4g}") for figure, value, ok in figures]
+    kdims, vdims = ["figure", "shard"], ["pass", "value"]
+    table = hv.HeatMap(cells, kdims, vdims).opts(
+        cmap=["#d62728", "#2ca02c"],
+        clim=(0, 1),
+        colorbar=False,
+        xrotation=30,
+        tools=["hover"],
+        frame_width=PANEL_SIZE[0] + 100,
+        frame_height=PANEL_SIZE[1],
+        title=f"diagnostics: {'converged' if result.converged else 'NOT converged'}",
+        backend="bokeh",
+    )
+    labels = hv.Labels([(c[0], c[1], c[3]) for c in cells], kdims, "value").opts(
+        text_color="white", text_font_size="9pt", backend="bokeh"
+    )
+    return table * labels
 
 
 def save(obj, path, *, overwrite: bool = False, title: str | None = None):

@@ -247,3 +247,37 @@ def test_save_writes_standalone_html_without_a_cdn(tmp_path, result):
         plot.save(layout, path)
     plot.save(plot.c2(result.data), path, overwrite=True)
     assert "weighted residual" not in path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def cmc_result():
+    truth = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
+    ds = hd.simulate(truth, n_frames=24, phi=[0, 60], noise=0.02, seed=1)
+    start = hd.Parameters(truth).fix("alpha_ref", "alpha_sample", "beta", "f1")
+    nlsq = hd.fit_nlsq(ds, start, progress=False)
+    with pytest.warns(UserWarning, match="failed its diagnostics"):
+        return hd.fit_cmc(ds, nlsq, shards=2, warmup=30, samples=30, progress=False)
+
+
+def test_posterior_shows_marginals_pairs_traces_and_the_verdict(cmc_result):
+    layout = hd.plot.posterior(cmc_result)
+    varied = ["D0_ref", "D0_sample", "v0", "f0", "phi0"]
+    titles = [panel.opts.get("plot").kwargs.get("title", "") for panel in layout]
+    assert titles[:5] == [f"{name}: marginal" for name in varied]
+    assert sum(" vs " in t for t in titles) == plot.N_PAIRS
+    assert [t for t in titles if "trace" in t] == [f"{n}: trace by shard" for n in varied]
+    marginal = layout[0]
+    draws = cmc_result.posterior.posterior["D0_ref"].values.ravel()
+    histogram = marginal.get(0)
+    np.testing.assert_allclose(
+        np.sum(histogram.dimension_values("density") * np.diff(histogram.edges)), 1.0, rtol=1e-12
+    )
+    assert histogram.edges[0] == draws.min() and histogram.edges[-1] == draws.max()
+    table = layout[-1].get(0)
+    failed = cmc_result.failures()
+    for shard in (0, 1):
+        cells = table.select(shard=f"shard {shard}")
+        rhat_ok = cells.select(figure="R-hat (max)").dimension_values("pass")[0]
+        assert bool(rhat_ok) == (not any(f.startswith("R-hat") for f in failed.get(shard, [])))
+    verdict = table.opts.get("plot").kwargs["title"]
+    assert verdict == "diagnostics: NOT converged" and not cmc_result.converged

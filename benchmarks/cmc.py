@@ -1,0 +1,120 @@
+"""CMC speed and memory: wall time, ESS per second and peak memory, sequential vs processes.
+
+Each configuration runs in a fresh process, so the wall time includes JIT compilation (in
+every worker process with ``executor="processes"``) and the peak resident memory is that
+configuration's own: the largest of the main process and its worker processes. The NLSQ
+warm start is fitted first and not timed. ESS is the smallest bulk ESS over the
+parameters of the combined posterior.
+
+    .venv/bin/python benchmarks/cmc.py [--frames 200 500] [--angles 1 4]
+        [--executors sequential processes] [--shards auto] [--warmup 200] [--samples 300]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
+NOT_IN_TRUTH = ("alpha_ref", "alpha_sample", "beta", "f1")
+
+
+def one(n_frames: int, n_angles: int, executor: str, shards: str, warmup: int, samples: int):
+    import numpy as np
+
+    import heterodyne as hd
+    from heterodyne import diagnostics
+
+    phi = np.linspace(-60, 60, n_angles) if n_angles > 1 else [0.0]
+    ds = hd.simulate(TRUTH, n_frames=n_frames, phi=phi, noise=0.02, seed=0)
+    # One angle sees only v0 cos(phi - phi0): phi0 is then not identifiable, and a sampler
+    # would spend its time on that ridge.
+    fixed = NOT_IN_TRUTH + (("phi0",) if n_angles == 1 else ())
+    init = hd.fit_nlsq(ds, hd.Parameters(TRUTH).fix(*fixed), progress=False)
+    start = time.perf_counter()
+    result = hd.fit_cmc(
+        ds,
+        init,
+        shards=shards if shards == "auto" else int(shards),
+        warmup=warmup,
+        samples=samples,
+        executor=None if executor == "sequential" else executor,
+        progress=False,
+    )
+    wall = time.perf_counter() - start
+    ess = diagnostics.ess(result.posterior.posterior)
+    min_ess = min(float(ess[name].min()) for name in ess.data_vars)
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    return {
+        "frames": n_frames,
+        "angles": n_angles,
+        "executor": executor,
+        "pairs": result.info["n_pairs"],
+        "shards": result.info["shards"],
+        "wall_s": wall,
+        "min_ess": min_ess,
+        "ess_per_s": min_ess / wall,
+        "converged": result.converged,
+        "peak_MB": peak / 1024,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[200, 500])
+    parser.add_argument("--angles", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--executors", nargs="+", default=["sequential", "processes"])
+    parser.add_argument("--shards", default="auto")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        frames, angles, executor = args.one
+        outcome = one(int(frames), int(angles), executor, args.shards, args.warmup, args.samples)
+        print(json.dumps(outcome))
+        return
+    print(f"warmup {args.warmup}, samples {args.samples}, 2 chains per shard, shards {args.shards}")
+    print(
+        f"{'frames':>6} {'angles':>6} {'pairs':>8} {'shards':>6} {'executor':>10} "
+        f"{'wall s':>8} {'min ESS':>8} {'ESS/s':>7} {'conv.':>5} {'peak MB':>8}"
+    )
+    for n in args.frames:
+        for a in args.angles:
+            for executor in args.executors:
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        str(n),
+                        str(a),
+                        executor,
+                        "--shards",
+                        args.shards,
+                        "--warmup",
+                        str(args.warmup),
+                        "--samples",
+                        str(args.samples),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(
+                    f"{r['frames']:>6} {r['angles']:>6} {r['pairs']:>8} {r['shards']:>6} "
+                    f"{r['executor']:>10} {r['wall_s']:>8.1f} {r['min_ess']:>8.0f} "
+                    f"{r['ess_per_s']:>7.2f} {'yes' if r['converged'] else 'no':>5} "
+                    f"{r['peak_MB']:>8.0f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
