@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -23,6 +24,13 @@ CORRELATION_WARN = 0.99  # MODEL.md: report parameter pairs more correlated than
 CORRELATION_SHOW = 0.7  # the report lists correlations above this
 CORRELATION_LINES = 12  # ... the strongest this many of them
 AT_BOUND_RTOL = 1e-6  # a value this close to a bound (relative to the range) is "at bound"
+
+
+def write_tree(tree: xr.DataTree, path, *, overwrite: bool) -> Path:
+    """Write a result's groups to one netCDF-4 file, atomically."""
+    return atomic_write(
+        lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"), path, overwrite=overwrite
+    )
 
 
 def identifiability_warnings(p: Parameters) -> list[str]:
@@ -445,9 +453,7 @@ class NLSQResult:
                 "/settings": self.settings,
             }
         )
-        return atomic_write(
-            lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"), path, overwrite=overwrite
-        )
+        return write_tree(tree, path, overwrite=overwrite)
 
     @classmethod
     def _from_tree(cls, tree):
@@ -785,9 +791,7 @@ class CMCResult:
                 "/settings": self.settings,
             }
         )
-        return atomic_write(
-            lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"), path, overwrite=overwrite
-        )
+        return write_tree(tree, path, overwrite=overwrite)
 
     @classmethod
     def _from_tree(cls, tree):
