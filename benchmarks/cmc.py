@@ -1,4 +1,5 @@
-"""CMC speed and memory: wall time, ESS per second and peak memory, sequential vs processes.
+"""CMC speed and memory: wall time, ESS per second and peak memory, sequential vs processes,
+and the whole-row likelihood against the pairwise reference path (ESS/s ratio).
 
 Each configuration runs in a fresh process, so the wall time includes JIT compilation (in
 every worker process with ``executor="processes"``) and the peak resident memory is that
@@ -7,7 +8,12 @@ warm start is fitted first and not timed. ESS is the smallest bulk ESS over the
 parameters of the combined posterior.
 
     .venv/bin/python benchmarks/cmc.py [--frames 200 500] [--angles 1 4]
-        [--executors sequential processes] [--shards auto] [--warmup 200] [--samples 300]
+        [--executors sequential processes] [--likelihoods rows pairs] [--shards auto]
+        [--warmup 200] [--samples 300]
+
+Issue 8's comparison: ``--frames 500 --angles 4 --executors sequential``. Besides the
+whole run, it times one shard's log density and gradient (``grad ms``), the cost NUTS
+pays per leapfrog step.
 """
 
 import argparse
@@ -21,11 +27,34 @@ TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 NOT_IN_TRUTH = ("alpha_ref", "alpha_sample", "beta", "f1")
 
 
-def one(n_frames: int, n_angles: int, executor: str, shards: str, warmup: int, samples: int):
+def gradient_ms(plan) -> float:
+    """Milliseconds per log density + gradient of the first shard (compiled, warm)."""
+    import jax
+    import jax.numpy as jnp
+
+    from heterodyne import cmc
+
+    job = plan.jobs()[0]
+    data = type(job.data)(*(jnp.asarray(a) for a in job.data))
+    potential = cmc._potential(
+        data, cmc._jax_space(job.space), n_scale=job.n_scale, n_free=job.n_free
+    )
+    step = jax.jit(jax.value_and_grad(potential))
+    w = {"w": jnp.zeros(job.space.u0.shape)}
+    jax.block_until_ready(step(w))
+    repeats = 200
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = step(w)
+    jax.block_until_ready(out)
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def one(n_frames, n_angles, executor, likelihood, shards, warmup, samples):
     import numpy as np
 
     import heterodyne as hd
-    from heterodyne import diagnostics
+    from heterodyne import cmc, diagnostics
 
     phi = np.linspace(-60, 60, n_angles) if n_angles > 1 else [0.0]
     ds = hd.simulate(TRUTH, n_frames=n_frames, phi=phi, noise=0.02, seed=0)
@@ -33,14 +62,17 @@ def one(n_frames: int, n_angles: int, executor: str, shards: str, warmup: int, s
     # would spend its time on that ridge.
     fixed = NOT_IN_TRUTH + (("phi0",) if n_angles == 1 else ())
     init = hd.fit_nlsq(ds, hd.Parameters(TRUTH).fix(*fixed), progress=False)
+    shards = shards if shards == "auto" else int(shards)
+    grad = gradient_ms(cmc.prepare(ds, init, shards=shards, likelihood=likelihood))
     start = time.perf_counter()
     result = hd.fit_cmc(
         ds,
         init,
-        shards=shards if shards == "auto" else int(shards),
+        shards=shards,
         warmup=warmup,
         samples=samples,
         executor=None if executor == "sequential" else executor,
+        likelihood=likelihood,
         progress=False,
     )
     wall = time.perf_counter() - start
@@ -54,6 +86,8 @@ def one(n_frames: int, n_angles: int, executor: str, shards: str, warmup: int, s
         "frames": n_frames,
         "angles": n_angles,
         "executor": executor,
+        "likelihood": likelihood,
+        "grad_ms": grad,
         "pairs": result.info["n_pairs"],
         "shards": result.info["shards"],
         "wall_s": wall,
@@ -69,51 +103,50 @@ def main():
     parser.add_argument("--frames", type=int, nargs="+", default=[200, 500])
     parser.add_argument("--angles", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--executors", nargs="+", default=["sequential", "processes"])
+    parser.add_argument("--likelihoods", nargs="+", default=["rows", "pairs"])
     parser.add_argument("--shards", default="auto")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        frames, angles, executor = args.one
-        outcome = one(int(frames), int(angles), executor, args.shards, args.warmup, args.samples)
+        frames, angles, executor, likelihood = args.one
+        outcome = one(
+            int(frames), int(angles), executor, likelihood, args.shards, args.warmup, args.samples
+        )
         print(json.dumps(outcome))
         return
     print(f"warmup {args.warmup}, samples {args.samples}, 2 chains per shard, shards {args.shards}")
     print(
         f"{'frames':>6} {'angles':>6} {'pairs':>8} {'shards':>6} {'executor':>10} "
-        f"{'wall s':>8} {'min ESS':>8} {'ESS/s':>7} {'conv.':>5} {'peak MB':>8}"
+        f"{'path':>6} {'grad ms':>8} {'wall s':>8} {'min ESS':>8} {'ESS/s':>7} {'conv.':>5} "
+        f"{'peak MB':>8}"
     )
     for n in args.frames:
         for a in args.angles:
             for executor in args.executors:
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--one",
-                        str(n),
-                        str(a),
-                        executor,
-                        "--shards",
-                        args.shards,
-                        "--warmup",
-                        str(args.warmup),
-                        "--samples",
-                        str(args.samples),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                print(
-                    f"{r['frames']:>6} {r['angles']:>6} {r['pairs']:>8} {r['shards']:>6} "
-                    f"{r['executor']:>10} {r['wall_s']:>8.1f} {r['min_ess']:>8.0f} "
-                    f"{r['ess_per_s']:>7.2f} {'yes' if r['converged'] else 'no':>5} "
-                    f"{r['peak_MB']:>8.0f}",
-                    flush=True,
-                )
+                ess_per_s = {}
+                for likelihood in args.likelihoods:
+                    r = run_one(n, a, executor, likelihood, args)
+                    ess_per_s[likelihood] = r["ess_per_s"]
+                    print(
+                        f"{r['frames']:>6} {r['angles']:>6} {r['pairs']:>8} {r['shards']:>6} "
+                        f"{r['executor']:>10} {likelihood:>6} {r['grad_ms']:>8.2f} "
+                        f"{r['wall_s']:>8.1f} {r['min_ess']:>8.0f} {r['ess_per_s']:>7.2f} "
+                        f"{'yes' if r['converged'] else 'no':>5} {r['peak_MB']:>8.0f}",
+                        flush=True,
+                    )
+                if {"rows", "pairs"} <= set(ess_per_s):
+                    print(f"    ESS/s rows / pairs: {ess_per_s['rows'] / ess_per_s['pairs']:.2f}")
+
+
+def run_one(n, a, executor, likelihood, args) -> dict:
+    """One configuration in a fresh process (its own compile and peak memory)."""
+    command = [sys.executable, __file__, "--one", str(n), str(a), executor, likelihood]
+    command += ["--shards", args.shards, "--warmup", str(args.warmup)]
+    command += ["--samples", str(args.samples)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

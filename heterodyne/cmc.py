@@ -37,18 +37,38 @@ Priors
 
 Likelihood
     The Gaussian of the residuals NLSQ minimises (:func:`heterodyne.objective.residuals`
-    on the shard's pairs, pairwise path): ``r ~ Normal(0, 1)`` with ``sigma`` from the
-    Dataset (``r = (model - c2) / sigma``), or ``r ~ Normal(0, noise[angle])`` with
+    on the shard's pairs): ``r ~ Normal(0, 1)`` with ``sigma`` from the Dataset
+    (``r = (model - c2) / sigma``), or ``r ~ Normal(0, noise[angle])`` with
     ``r = model - c2`` otherwise. ``-2 log L`` differs from NLSQ's ``chi2`` by a constant.
+    A shard holds whole rows of the two-time matrices (``likelihood="rows"``, the
+    default): the model is evaluated on the ``R x N`` block of its rows by
+    :func:`heterodyne.model.c2_rows` (exponentials shared by the angles, the flow phase
+    as a rank-2 product, dense array operations whose gradients are matrix products),
+    the pairs outside the upper triangle weighted 0. ``likelihood="pairs"`` evaluates
+    the same pairs one by one (:func:`heterodyne.model.c2_pairs`, gathers and scatters
+    per pair): the reference the tests hold the fast path against (to 1e-10), about
+    four times slower per gradient. No shard forms an ``N x N`` array: a block has
+    ``R = N / S`` rows.
 
 Shards
-    Pairs are grouped by (angle, age quartile ``(t1 + t2) / 2``, lag quartile
-    ``t2 - t1``), shuffled within each group with ``seed`` and dealt to the shards in
-    turn, so every shard holds an equal share (to one pair) of every angle and every
-    part of the time range. ``shards="auto"`` takes ``S = ceil(n_pairs /
-    PAIRS_PER_SHARD)``: shards of at most 20 000 pairs keep a gradient evaluation in the
-    millisecond range and each shard's posterior close to Gaussian. Shards are padded
-    to equal size with weight-0 pairs, so NUTS compiles once for all of them.
+    Shard ``s`` holds the rows (first frames ``t_i``) dealt to it in a snake order:
+    frames in groups of ``S`` consecutive ones, row ``s`` of the even groups and
+    ``S - 1 - s`` of the odd ones (:func:`split_rows`). Every shard thus spans the whole
+    record (all ages; all lags beyond its rows; every angle) and, as row ``i`` holds
+    ``N - 1 - i`` pairs, the same number of pairs to within one row. ``shards="auto"``
+    takes ``S = ceil(n_pairs / PAIRS_PER_SHARD)`` (at most ``N / 2``: a shard holds two
+    rows or more): shards of about 20 000 pairs keep a gradient evaluation well under a
+    millisecond and each shard's posterior close to Gaussian. Shards are padded to equal
+    size with weight-0 rows, so NUTS compiles once for all of them.
+
+Checkpoints
+    With ``checkpoint=DIR`` each shard's draws and statistics are written to ``DIR`` (an
+    ``.npz`` file named by a hash of the shard's data, sampled space, PRNG key and run
+    lengths) by the process that sampled it, as soon as it ends. A run stopped by an
+    interrupt or a crashed worker keeps the finished shards; rerun with the same
+    arguments, it reads them back and samples only the others. Each shard's draws
+    depend on nothing else, so the combined result is the one an uninterrupted run
+    gives. On a cluster ``DIR`` must be a folder every worker can write.
 
 Sampler
     NUTS (numpyro's functional ``hmc`` kernel, dense mass matrix, target acceptance
@@ -75,8 +95,26 @@ Diagnostics
     exceeds 1.01 in about 3 % of the figures, so a run of ten parameters on four shards
     is often flagged by chance; ``samples=1000`` (or more chains) makes that rare.
 
+Correlated noise (``errors="speckle"``)
+    Two-time pairs share frames, so their errors are correlated and the independent-pair
+    likelihood above gives a posterior too narrow (MODEL.md, "Noise"); NLSQ's
+    ``errors="speckle"`` estimates the covariance of the fit under the speckle error
+    model (:mod:`heterodyne.uncertainty`). CMC corrects the likelihood the way composite
+    likelihoods are corrected (Ribatet, Cooley, Davison 2012, curvature adjustment): the
+    combined draws are mapped ``u* = ubar + C (u - ubar)`` about their mean, with
+    ``C = Sigma_s^(1/2) Sigma_n^(-1/2)`` from the nominal (``Sigma_n``, independent
+    pairs, what the likelihood's curvature gives) and the speckle (``Sigma_s``)
+    covariances of the varied quantities at the posterior mean, carried into ``u`` by
+    the derivative of the map ``u -> x``. For a Gaussian posterior this is sampling the
+    likelihood whose curvature is ``Sigma_s^-1`` instead of ``Sigma_n^-1``: the draws
+    keep their shape and centre, and their covariance becomes ``Sigma_s``. Noise levels
+    are left as they are. It reduces to no change for independent noise. The draws
+    before the correction are kept (``uncorrected_posterior``).
+
 References
 ----------
+Ribatet, Cooley, Davison, "Bayesian inference from composite likelihoods, with an
+application to spatial extremes", Statistica Sinica 22 (2012).
 Scott, Blocker, Bonassi, Chipman, George, McCulloch, "Bayes and big data: the consensus
 Monte Carlo algorithm", Int. J. Management Science and Engineering Management 11 (2016).
 Hoffman, Gelman, "The No-U-Turn sampler", JMLR 15 (2014).
@@ -84,10 +122,12 @@ Hoffman, Gelman, "The No-U-Turn sampler", JMLR 15 (2014).
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -100,7 +140,8 @@ from numpyro.distributions import constraints
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
-from heterodyne import diagnostics, executors, model, objective
+from heterodyne import diagnostics, executors, model, objective, uncertainty
+from heterodyne.data import atomic_write
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.nlsq import LOG_SCALE, _Problem
 from heterodyne.parameters import PHYSICS_NAMES, UNITS
@@ -110,7 +151,7 @@ PAIRS_PER_SHARD = 20_000  # shards="auto": S = ceil(n_pairs / PAIRS_PER_SHARD)
 PRIOR_WIDTH = 10.0  # NLSQ-centred priors: standard deviation = PRIOR_WIDTH x NLSQ stderr
 FLOOR_EFFECT = 1e-4  # a log-space parameter's floor: q² ∫J (or q ∫v) over the record
 NOISE_BOUNDS = (1e-6, 1.0)  # log-uniform prior of the per-angle noise level of c2
-STRATA = 4  # shards take equal shares of each (angle, age quartile, lag quartile)
+LIKELIHOODS = ("rows", "pairs")  # fast whole-row blocks; the pairwise reference path
 CHAIN_METHOD = "sequential"
 # Whitening: curvature added to every unconstrained direction. A quantity the data do not
 # constrain has the logistic density of a uniform prior seen through the logit, whose
@@ -142,7 +183,7 @@ class Space(NamedTuple):
 class ShardJob(NamedTuple):
     """Everything one shard's NUTS run needs, as numpy arrays and builtins (picklable)."""
 
-    pairs: objective.Pairs
+    data: objective.Rows | objective.Pairs
     space: Space
     key: np.ndarray  #: raw key data of the shard's PRNG key
     chains: int
@@ -150,6 +191,7 @@ class ShardJob(NamedTuple):
     samples: int
     n_scale: int
     n_free: int
+    checkpoint: str | None = None  #: file where the finished shard is kept
 
 
 def interval(space: Space):
@@ -165,14 +207,16 @@ def physical(y, log):
     return jnp.where(log, jnp.exp(jnp.where(log, y, 0.0)), y)
 
 
-def shard_model(pairs: objective.Pairs, space: Space, *, n_scale: int, n_free: int):
+def shard_model(data, space: Space, *, n_scale: int, n_free: int):
     """NumPyro model of one shard: tempered prior times the Gaussian of the residuals.
 
     ``log p(w) = log|dy/du| + power * log prior(y) + sum_k log N(r_k | 0, s_k)``
 
     with ``u = u0 + A w``, ``r`` the residuals of :func:`heterodyne.objective.residuals`
-    on the shard's pairs and ``s_k = 1`` (``sigma`` in the data) or the noise level of
-    the pair's angle; weight-0 padding pairs are masked out. The prior is tempered by a
+    on the shard's pairs (``data``: :class:`~heterodyne.objective.Rows`, or the
+    reference pairwise path's :class:`~heterodyne.objective.Pairs`) and ``s_k = 1``
+    (``sigma`` in the data) or the noise level of the pair's angle; weight-0 entries
+    (padding, ``t_j <= t_i``, masked pairs) are left out. The prior is tempered by a
     factor, not by ``numpyro.handlers.scale`` on the sample sites: that would also
     temper the Jacobian of the support transform, which is not part of the prior.
     """
@@ -189,19 +233,25 @@ def shard_model(pairs: objective.Pairs, space: Space, *, n_scale: int, n_free: i
     )
     x = physical(y, space.log)
     z = space.template.at[space.free].set(x[:n_free])
-    r = objective.residuals(z, pairs, n_scale)
+    r = objective.residuals(z, data, n_scale)
     noise = x[n_free:]
-    scale = noise[pairs.angle] if noise.shape[0] else 1.0
-    numpyro.sample("residuals", dist.Normal(jnp.zeros_like(r), scale).mask(pairs.weight > 0), obs=r)
+    if not noise.shape[0]:
+        scale = 1.0
+    elif isinstance(data, objective.Rows):
+        scale = noise[:, None, None]
+    else:
+        scale = noise[data.angle]
+    log_density = -0.5 * (r / scale) ** 2 - jnp.log(scale) - 0.5 * jnp.log(2.0 * jnp.pi)
+    numpyro.factor("residuals", jnp.sum(jnp.where(data.weight > 0, log_density, 0.0)))
 
 
-def _potential(pairs, space, *, n_scale, n_free):
+def _potential(data, space, *, n_scale, n_free):
     shard = partial(shard_model, n_scale=n_scale, n_free=n_free)
-    return lambda params: potential_energy(shard, (pairs, space), {}, params)
+    return lambda params: potential_energy(shard, (data, space), {}, params)
 
 
 @partial(jax.jit, static_argnames=("warmup", "samples", "n_scale", "n_free"))
-def _chain(key, pairs, space, *, warmup, samples, n_scale, n_free):
+def _chain(key, data, space, *, warmup, samples, n_scale, n_free):
     """One NUTS chain, warmup and draws, as one compiled program.
 
     Data and settings are arguments, not constants: every shard (same padded size) and
@@ -212,7 +262,7 @@ def _chain(key, pairs, space, *, warmup, samples, n_scale, n_free):
     )
     key_start, key_nuts = jax.random.split(key)
     w0 = jax.random.uniform(key_start, space.u0.shape, minval=-1.0, maxval=1.0)
-    args = (pairs, space)
+    args = (data, space)
     state = init_kernel({"w": w0}, warmup, dense_mass=True, model_args=args, rng_key=key_nuts)
 
     def step(state, _):
@@ -236,16 +286,23 @@ def _chain(key, pairs, space, *, warmup, samples, n_scale, n_free):
 def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
     """Run the chains of one shard; numpy arrays ``(chain, draw, ...)`` by name, and the
     wall time in ``seconds``. A module-level function of picklable input: it runs the
-    same in this process, a spawned worker or a dask worker."""
+    same in this process, a spawned worker or a dask worker.
+
+    With ``job.checkpoint`` the outcome is written there as soon as it exists (in the
+    process that ran it), and read back instead of sampling when the file is there.
+    """
+    if job.checkpoint is not None and Path(job.checkpoint).exists():
+        with np.load(job.checkpoint) as stored:
+            return {name: stored[name] for name in stored.files}
     start = time.perf_counter()
-    pairs = objective.Pairs(*(jnp.asarray(a) for a in job.pairs))
+    data = type(job.data)(*(jnp.asarray(a) for a in job.data))
     space = Space(*(jnp.asarray(a) for a in job.space))
     keys = jax.random.split(jax.random.wrap_key_data(jnp.asarray(job.key)), job.chains)
     chains = [
         jax.device_get(
             _chain(
                 key,
-                pairs,
+                data,
                 space,
                 warmup=job.warmup,
                 samples=job.samples,
@@ -256,21 +313,41 @@ def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
         for key in keys
     ]
     out = {name: np.stack([c[name] for c in chains]) for name in chains[0]}
-    out["seconds"] = time.perf_counter() - start
+    out["seconds"] = np.float64(time.perf_counter() - start)
+    if job.checkpoint is not None:
+        atomic_write(lambda tmp: _save(tmp, out), Path(job.checkpoint), overwrite=True)
     return out
 
 
-def split_pairs(pairs: objective.Pairs, n_shards: int, seed: int) -> list[np.ndarray]:
-    """Indices of the pairs of each shard, stratified by angle, age and lag quartile."""
-    n = int(pairs.t.shape[0])
-    i, j, angle = np.asarray(pairs.i), np.asarray(pairs.j), np.asarray(pairs.angle)
-    age = np.minimum((i + j) * STRATA // (2 * n), STRATA - 1)
-    lag = np.minimum((j - i) * STRATA // n, STRATA - 1)
-    shuffle = np.random.default_rng(seed).random(i.size)
-    order = np.lexsort((shuffle, lag, age, angle))
-    shard = np.empty(i.size, dtype=np.int64)
-    shard[order] = np.arange(i.size) % n_shards
-    return [np.flatnonzero(shard == s) for s in range(n_shards)]
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def checkpoint_name(job: ShardJob, shard: int) -> str:
+    """A file name unique to the shard's data, sampled space, key and run lengths."""
+    digest = hashlib.sha1()
+    for array in (*job.data, *job.space, job.key):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    digest.update(repr((type(job.data).__name__, job.chains, job.warmup, job.samples)).encode())
+    return f"shard{shard:04d}_{digest.hexdigest()[:16]}.npz"
+
+
+def split_rows(n_frames: int, n_shards: int) -> list[np.ndarray]:
+    """The rows (first frames ``i``) of each shard, dealt in a snake order.
+
+    Rows are taken in groups of ``S`` consecutive frames; shard ``s`` gets row ``s`` of
+    the even groups and row ``S - 1 - s`` of the odd ones. Every shard then holds rows
+    spread over the whole record (every age, every lag beyond its rows) and, since row
+    ``i`` holds ``N - 1 - i`` pairs per angle, the same number of pairs to within one
+    row.
+    """
+    frame = np.arange(n_frames)
+    group, position = np.divmod(frame, n_shards)
+    shard = np.where(group % 2 == 0, position, n_shards - 1 - position)
+    return [frame[shard == s] for s in range(n_shards)]
 
 
 def pad_shard(pairs: objective.Pairs, index: np.ndarray, size: int) -> objective.Pairs:
@@ -312,7 +389,7 @@ class Plan:
     problem: _Problem
     labels: tuple[str, ...]
     space: Space
-    shards: tuple[objective.Pairs, ...]
+    shards: tuple[objective.Rows | objective.Pairs, ...]
     shard_pairs: tuple[int, ...]
     keys: np.ndarray
     chains: int
@@ -327,10 +404,12 @@ class Plan:
     def n_free(self) -> int:
         return len(self.problem.labels)
 
-    def jobs(self) -> list[ShardJob]:
-        return [
+    def jobs(self, checkpoint: Path | None = None) -> list[ShardJob]:
+        """One job per shard; with ``checkpoint`` (a folder) each keeps its outcome there
+        in a file named by :func:`checkpoint_name`."""
+        jobs = [
             ShardJob(
-                pairs=pairs,
+                data=data,
                 space=self.space,
                 key=self.keys[s],
                 chains=self.chains,
@@ -339,7 +418,13 @@ class Plan:
                 n_scale=self.problem.n_scale,
                 n_free=self.n_free,
             )
-            for s, pairs in enumerate(self.shards)
+            for s, data in enumerate(self.shards)
+        ]
+        if checkpoint is None:
+            return jobs
+        return [
+            job._replace(checkpoint=str(Path(checkpoint) / checkpoint_name(job, s)))
+            for s, job in enumerate(jobs)
         ]
 
     def physical(self, u) -> np.ndarray:
@@ -361,9 +446,9 @@ class Plan:
         w = np.linalg.solve(self.space.whiten, u - self.space.u0)
         job = self.jobs()[shard]
         shard_fn = partial(shard_model, n_scale=job.n_scale, n_free=job.n_free)
-        pairs = objective.Pairs(*(jnp.asarray(a) for a in job.pairs))
+        data = type(job.data)(*(jnp.asarray(a) for a in job.data))
         seeded = numpyro.handlers.substitute(shard_fn, data={"w": jnp.asarray(w)})
-        trace = numpyro.handlers.trace(seeded).get_trace(pairs, _jax_space(job.space))
+        trace = numpyro.handlers.trace(seeded).get_trace(data, _jax_space(job.space))
         return {
             name: float(jnp.sum(site["fn"].log_prob(site["value"])))
             for name, site in trace.items()
@@ -405,10 +490,13 @@ def prepare(
     samples: int = 500,
     seed: int = 0,
     scaling: str | None = None,
+    likelihood: str = "rows",
 ) -> Plan:
     """Check the options, build the sampled space, priors and shards of :func:`fit_cmc`
     (arguments as there); nothing is sampled."""
     _check_options(init, shards, chains, warmup, samples, seed)
+    if likelihood not in LIKELIHOODS:
+        raise OptionError(f"likelihood must be one of {LIKELIHOODS}; got {likelihood!r}")
     if init is not None:
         if init.params.sizes["phi"] != ds.sizes["phi"]:
             raise OptionError(
@@ -418,14 +506,28 @@ def prepare(
         scaling = init.info["scaling"] if scaling is None else scaling
     problem = _Problem.build(ds, params, fix=(), scaling=scaling or "per_angle")
     pairs = problem.pairs
-    n_shards = -(-pairs.n_pairs // PAIRS_PER_SHARD) if shards == "auto" else int(shards)
+    n_frames = ds.sizes["t1"]
+    most = max(n_frames // 2, 1)
+    if shards == "auto":
+        n_shards = min(-(-pairs.n_pairs // PAIRS_PER_SHARD), most)
+    elif shards > most:
+        raise OptionError(
+            f"shards={shards}: a shard holds whole rows of the two-time matrix, at least two "
+            f"of the {n_frames} frames; use shards <= {most}"
+        )
+    else:
+        n_shards = int(shards)
+    rows = split_rows(n_frames, n_shards)
+    first = np.asarray(pairs.i)
+    index = [np.flatnonzero(np.isin(first, r)) for r in rows]
     noise = "sigma" not in ds.data_vars
     n_phi = ds.sizes["phi"]
     entries = len(problem.labels) + (n_phi if noise else 0)
-    if -(-pairs.n_pairs // n_shards) <= entries:
+    fewest = min(ix.size for ix in index)
+    if fewest <= entries:
         raise OptionError(
-            f"shards={n_shards} leaves about {pairs.n_pairs // n_shards} pairs per shard for "
-            f"{entries} sampled quantities; use fewer shards"
+            f"shards={n_shards} leaves {fewest} pairs in a shard for {entries} sampled "
+            "quantities; use fewer shards"
         )
     labels = problem.labels + tuple(f"noise[{k}]" for k in range(n_phi) if noise)
     floors = _log_floors(problem)
@@ -445,8 +547,12 @@ def prepare(
     u0 = np.asarray(transform.inv(jnp.asarray(y0)))
     whiten = _whitening(problem, u0, low, high, log, x0, n_shards, noise)
     keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n_shards)))
-    index = split_pairs(pairs, n_shards, seed)
-    size = max(ix.size for ix in index)
+    if likelihood == "rows":
+        size = max(r.size for r in rows)
+        data = tuple(objective.row_block(pairs, r, size) for r in rows)
+    else:
+        size = max(ix.size for ix in index)
+        data = tuple(pad_shard(pairs, ix, size) for ix in index)
     space = Space(
         template=np.asarray(problem.template),
         free=np.asarray(problem.free),
@@ -465,7 +571,7 @@ def prepare(
         problem=problem,
         labels=labels,
         space=space,
-        shards=tuple(pad_shard(pairs, ix, size) for ix in index),
+        shards=data,
         shard_pairs=tuple(int(ix.size) for ix in index),
         keys=keys,
         chains=int(chains),
@@ -570,6 +676,9 @@ def fit_cmc(
     seed: int = 0,
     executor=None,
     scaling: str | None = None,
+    errors: str | None = None,
+    checkpoint=None,
+    likelihood: str = "rows",
     progress: bool = True,
 ) -> CMCResult:
     """Sample the posterior of the heterodyne model by consensus Monte Carlo.
@@ -591,14 +700,24 @@ def fit_cmc(
     chains, warmup, samples : int
         NUTS chains per shard, adaptation steps and draws per chain.
     seed : int
-        Seeds the split into shards and every chain: the same seed gives the same draws
-        whatever the executor.
+        Seeds every chain: the same seed gives the same draws whatever the executor.
     executor : None, "processes", "dask://HOST:PORT" or concurrent.futures.Executor
         Where the shards run (:mod:`heterodyne.executors`): in this process one after the
         other, in local worker processes (spawned), on a dask cluster, or on any executor
         such as ``distributed.Client(...).get_executor()``.
     scaling : {"per_angle", "shared"}, optional
         Contrast/offset per angle or shared; default ``init``'s, else "per_angle".
+    errors : {"nominal", "speckle"}, optional
+        ``"speckle"`` corrects the posterior for the correlated errors of two-time pairs
+        (curvature adjustment to NLSQ's speckle covariance, module doc); ``"nominal"``
+        keeps the independent-pair likelihood. Default: ``init``'s ``errors``, else
+        "nominal".
+    checkpoint : path, optional
+        Folder where each finished shard is kept; a rerun with the same arguments reads
+        those back and samples only the rest (module doc, "Checkpoints").
+    likelihood : {"rows", "pairs"}
+        How a shard's likelihood is evaluated: whole-row blocks (fast), or pair by pair
+        (the reference path). Both give the same density to 1e-10.
     progress : bool
         Show a progress bar over shards.
 
@@ -616,8 +735,9 @@ def fit_cmc(
     is a draw from the full posterior (Scott et al. 2016). The sampled space, priors,
     the floor of log-space parameters at a bound 0, the sharding rule and the
     diagnostics are described in :mod:`heterodyne.cmc`. Two-time pairs share frames, so
-    real data have correlated errors that this independent-pair likelihood ignores (as
-    NLSQ's nominal errors do): the posterior is then too narrow (MODEL.md, "Noise").
+    real data have correlated errors that the independent-pair likelihood ignores (as
+    NLSQ's nominal errors do): the posterior is then too narrow (MODEL.md, "Noise");
+    ``errors="speckle"`` corrects its widths.
 
     Examples
     --------
@@ -629,6 +749,10 @@ def fit_cmc(
     executors.check(executor)
     if not isinstance(progress, bool):
         raise OptionError(f"progress must be True or False; got {progress!r}")
+    if errors is None:
+        errors = init.info["errors"] if isinstance(init, NLSQResult) else "nominal"
+    if errors not in uncertainty.ERRORS:
+        raise OptionError(f"errors must be one of {uncertainty.ERRORS}; got {errors!r}")
     plan = prepare(
         ds,
         init,
@@ -639,14 +763,22 @@ def fit_cmc(
         samples=samples,
         seed=seed,
         scaling=scaling,
+        likelihood=likelihood,
     )
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.exists() and not checkpoint.is_dir():
+            raise OptionError(f"checkpoint must be a folder; {checkpoint} is a file")
+        checkpoint.mkdir(parents=True, exist_ok=True)
+    jobs = plan.jobs(checkpoint)
+    resumed = sum(job.checkpoint is not None and Path(job.checkpoint).exists() for job in jobs)
     start = time.perf_counter()
     runs = [None] * len(plan.shards)
-    for s, run in executors.run(
-        run_shard, plan.jobs(), executor, progress=progress, desc="cmc shards"
-    ):
+    for s, run in executors.run(run_shard, jobs, executor, progress=progress, desc="cmc shards"):
         runs[s] = run
-    return _result(plan, runs, _executor_name(executor), time.perf_counter() - start)
+    result = _result(plan, runs, _executor_name(executor), time.perf_counter() - start, errors)
+    result.info.update(checkpoint=str(checkpoint or ""), from_checkpoint=resumed)
+    return result
 
 
 def _executor_name(executor) -> str:
@@ -657,11 +789,54 @@ def _executor_name(executor) -> str:
     return type(executor).__name__
 
 
-def _result(plan: Plan, runs, executor_name: str, seconds: float) -> CMCResult:
+def adjustment(plan: Plan, u: np.ndarray, errors: str) -> tuple[np.ndarray, dict]:
+    """The combined draws ``u`` (chain, draw, n) corrected for ``errors`` (module doc,
+    "Correlated noise"), and the scales of the error model."""
+    if errors == "nominal":
+        return u, {}
+    n_free, flat = plan.n_free, u.reshape(-1, u.shape[-1])
+    centre = flat.mean(axis=0)
+    x = plan.physical(centre)[:n_free]
+    found = plan.problem.errors_at(x, plan.problem.normal_equations(x)[0], errors)
+    # dx/du at the centre: dx/dy (x in log space, else 1) times dy/du of the logistic map
+    space = plan.space
+    sigmoid = 1.0 / (1.0 + np.exp(-centre[:n_free]))
+    dy_du = (space.high - space.low)[:n_free] * sigmoid * (1.0 - sigmoid)
+    dx_du = np.where(space.log[:n_free], x, 1.0) * dy_du
+    nominal = found.nominal / np.outer(dx_du, dx_du)
+    target = found.covariance / np.outer(dx_du, dx_du)
+    # C = Sigma_s^(1/2) Sigma_n^(-1/2), on the matrices scaled to unit nominal diagonal
+    scale = np.sqrt(np.diag(nominal))
+    scale = np.where(scale > 0, scale, 1.0)
+    ratio = _matrix_power(target / np.outer(scale, scale), 0.5) @ _matrix_power(
+        nominal / np.outer(scale, scale), -0.5
+    )
+    matrix = scale[:, None] * ratio / scale[None, :]
+    out = u.copy()
+    out[..., :n_free] = centre[:n_free] + (u[..., :n_free] - centre[:n_free]) @ matrix.T
+    return out, found.scales
+
+
+def _matrix_power(m: np.ndarray, power: float) -> np.ndarray:
+    """``m^power`` of a symmetric positive semi-definite matrix; directions with no
+    variance (eigenvalue below 1e-12 of the largest) map to 0."""
+    w, v = np.linalg.eigh(0.5 * (m + m.T))
+    keep = w > 1e-12 * max(w.max(), 0.0)
+    return (v * np.where(keep, np.where(keep, w, 1.0) ** power, 0.0)) @ v.T
+
+
+def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -> CMCResult:
     space, problem, ds = plan.space, plan.problem, plan.ds
     w = np.stack([run["w"] for run in runs])
     u = space.u0 + w @ space.whiten.T
-    posterior = _draws_dataset(plan, plan.physical(consensus(u)), ("chain", "draw"))
+    combined = consensus(u)
+    corrected, scales = adjustment(plan, combined, errors)
+    posterior = _draws_dataset(plan, plan.physical(corrected), ("chain", "draw"))
+    extra = {}
+    if errors != "nominal":
+        extra["uncorrected_posterior"] = _draws_dataset(
+            plan, plan.physical(combined), ("chain", "draw")
+        )
     shard_posterior = _draws_dataset(plan, plan.physical(u), ("shard", "chain", "draw"))
     coords = {
         "shard": np.arange(len(runs)),
@@ -699,13 +874,16 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float) -> CMCResult:
         "devices": jax.local_device_count(),
         "executor": executor_name,
         "n_pairs": problem.pairs.n_pairs,
-        "shard_size": int(plan.shards[0].c2.shape[0]),
+        "shard_size": int(plan.shards[0].c2.size),
+        "likelihood": "rows" if isinstance(plan.shards[0], objective.Rows) else "pairs",
         "n_phi": n_phi,
         "scaling": problem.scaling,
         "weighted": int("sigma" in ds.data_vars),
         "prior": plan.prior_kind,
         "prior_width": PRIOR_WIDTH,
         "combination": "precision-weighted, in the unconstrained space",
+        "errors": errors,
+        **scales,
         "wall_seconds": seconds,
         "numpyro_version": numpyro.__version__,
         "jax_version": jax.__version__,
@@ -716,6 +894,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float) -> CMCResult:
             sample_stats=sample_stats,
             observed_data=ds,
             shard_posterior=shard_posterior,
+            **extra,
         ),
         diagnostics=figures,
         prior=_prior_dataset(plan),

@@ -66,6 +66,11 @@ def inference_data(**groups: xr.Dataset):
     return _arviz().InferenceData(**groups)
 
 
+def groups(idata) -> list[str]:
+    """The group names of an ``arviz.InferenceData``."""
+    return list(idata.groups())
+
+
 def by_parameter(ds: xr.Dataset) -> xr.DataArray:
     """Stack the variables of ``ds`` into one array along ``parameter``.
 

@@ -222,6 +222,44 @@ def c2_pairs(physics, contrast, offset, t, phi, q, angle, i, j):
 
 
 @jax.jit
+def c2_rows(physics, contrast, offset, t, phi, q, rows):
+    """Model ``c2`` at the pairs ``(t[rows], t)`` of every angle, shape ``(n_phi, R, N)``.
+
+    Whole rows of the two-time matrices, with the correlation in the form::
+
+        g_aij = [r_i² r_j² E^r_ij + s_i² s_j² E^s_ij
+                 + 2 r_i s_i r_j s_j (E^r_ij E^s_ij)^(1/2) (u_ai . u_aj)] / (n_i n_j)
+
+    ``E = exp(-q² |P_j - P_i|)``, ``u_a = (cos k_a V, sin k_a V)`` with
+    ``k_a = q cos(phi_a - phi0)``: :func:`correlation`, with the cosine of the phase
+    difference expanded (``cos(x - y) = cos x cos y + sin x sin y``). The ``R x N``
+    exponentials are shared by all angles and the angle enters through a rank-2 product,
+    so an evaluation costs two exponentials per (row, column) plus ``O(n_phi N)``
+    trigonometric functions, and its gradient is a few matrix products: no gathers or
+    scatters per pair. ``rows`` are frame indices ``(R,)``.
+    """
+    frames = frame_integrals(physics, t)
+    s = frames.x_sample
+    r = 1.0 - s
+    norm = r * r + s * s
+    ref, sample, cross = r * r / norm, s * s / norm, 2.0 * r * s / norm
+    q2 = q * q
+    later = jnp.where(t[None, :] >= t[rows][:, None], 1.0, -1.0)
+    A_ref = later * (frames.P_ref[None, :] - frames.P_ref[rows][:, None])
+    A_sample = later * (frames.P_sample[None, :] - frames.P_sample[rows][:, None])
+    decay_ref, decay_sample = jnp.exp(-q2 * A_ref), jnp.exp(-q2 * A_sample)
+    static = ref[rows][:, None] * ref[None, :] * decay_ref
+    static += sample[rows][:, None] * sample[None, :] * decay_sample
+    moving = 0.5 * cross[rows][:, None] * cross[None, :] * jnp.sqrt(decay_ref * decay_sample)
+    phase = parallel_wavevector(physics, phi, q)[:, None] * frames.V
+    u = jnp.stack([jnp.cos(phase), jnp.sin(phase)], axis=1)
+    g = static + moving * jnp.einsum("aki,akj->aij", u[:, :, rows], u)
+    scale = jnp.broadcast_to(contrast, jnp.shape(phi))[:, None, None]
+    base = jnp.broadcast_to(offset, jnp.shape(phi))[:, None, None]
+    return base + scale * g
+
+
+@jax.jit
 def g2(physics, contrast, offset, tau, phi, q):
     """One-time (equilibrium) limit ``g2(phi, tau)``, shape ``(n_phi, n_tau)``.
 

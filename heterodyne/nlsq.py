@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,17 @@ def fit_nlsq(
     return problem.result(outcomes, options, errors=errors)
 
 
+class Errors(NamedTuple):
+    """Outcome of :meth:`_Problem.errors_at`."""
+
+    covariance: np.ndarray  #: covariance of the varied quantities, the chosen errors
+    nominal: np.ndarray  #: the nominal least-squares covariance
+    scales: dict  #: scales of the error model (``speckle_kappa``, ``white_variance``)
+    z: np.ndarray  #: the packed vector at ``x``
+    model_c2: np.ndarray  #: model on the grid, (n_phi, N, N)
+    residuals: np.ndarray  #: weighted residuals at the fitted pairs
+
+
 class _Problem:
     """Everything one fit needs, built and checked before any compile."""
 
@@ -292,27 +304,26 @@ class _Problem:
         outcome.jtj = compressed.normal_matrix(outcome.x)
         return outcome
 
-    def result(self, outcomes, options, *, errors="nominal"):
-        costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
-        best = outcomes[int(np.argmin(costs))]
+    def errors_at(self, x, jtj, errors: str) -> Errors:
+        """Covariance of the varied quantities at ``x`` with ``J^T J = jtj`` there: the
+        nominal one, and the one ``errors`` names (:mod:`heterodyne.uncertainty`)."""
         z = np.asarray(self.template).copy()
-        z[np.asarray(self.free)] = best.x
-        n_pairs, n_free = self.pairs.n_pairs, best.x.size
-        chi2 = float(2.0 * best.cost)
-        jtj_inverse = pseudo_inverse(best.jtj)
+        z[np.asarray(self.free)] = x
+        residuals = self.residuals(x)
+        chi2 = float(residuals @ residuals)
+        jtj_inverse = pseudo_inverse(jtj)
         nominal = jtj_inverse.copy()
         if "sigma" not in self.ds.data_vars:
-            nominal *= chi2 / max(n_pairs - n_free, 1)
+            nominal *= chi2 / max(self.pairs.n_pairs - x.size, 1)
         physics, contrast, offset = objective.unpack(z, self.n_scale)
         model_c2 = np.asarray(
             model.c2_grid(physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q)
         )
-        residuals = self.residuals(best.x)
         covariance, scales = nominal, {}
         if errors == "speckle":
             speckle = uncertainty.speckle_covariance(
                 jtj_inverse,
-                best.x,
+                x,
                 self.template,
                 self.free,
                 self.pairs,
@@ -322,6 +333,15 @@ class _Problem:
             )
             covariance = speckle.covariance
             scales = {"speckle_kappa": speckle.kappa, "white_variance": speckle.white}
+        return Errors(covariance, nominal, scales, z, model_c2, residuals)
+
+    def result(self, outcomes, options, *, errors="nominal"):
+        costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
+        best = outcomes[int(np.argmin(costs))]
+        chi2 = float(2.0 * best.cost)
+        covariance, nominal, scales, z, model_c2, residuals = self.errors_at(
+            best.x, best.jtj, errors
+        )
         success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
         starts = xr.Dataset(
             {

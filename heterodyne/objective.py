@@ -64,6 +64,41 @@ def fitted_pairs(ds: xr.Dataset) -> Pairs:
     )
 
 
+class Rows(NamedTuple):
+    """Whole rows of the two-time matrices of every angle: the pairs ``(t_i, t_j)`` of
+    the frames ``i`` in ``rows`` with every frame ``j`` (a JAX pytree). Only the fitted
+    pairs carry weight; the others (``j <= i``, masked, padding rows) have weight 0."""
+
+    t: jax.Array  #: frame times [s], (N,)
+    phi: jax.Array  #: angles [deg], (n_phi,)
+    q: jax.Array  #: wavevector [1/Å], ()
+    rows: jax.Array  #: frame index of each row, (R,)
+    c2: jax.Array  #: measured c2, 0 where not fitted, (n_phi, R, N)
+    weight: jax.Array  #: 1 / sigma (or 1) on the fitted pairs, else 0, (n_phi, R, N)
+
+
+def row_block(pairs: Pairs, rows: np.ndarray, size: int) -> Rows:
+    """The fitted pairs whose first frame is in ``rows`` as a :class:`Rows` block of
+    ``size`` rows (numpy arrays), padded with weight-0 rows."""
+    n_phi, n = int(pairs.phi.shape[0]), int(pairs.t.shape[0])
+    angle, i, j = (np.asarray(a) for a in (pairs.angle, pairs.i, pairs.j))
+    position = np.full(n, -1)
+    position[rows] = np.arange(rows.size)
+    keep = position[i] >= 0
+    c2, weight = np.zeros((2, n_phi, size, n))
+    c2[angle[keep], position[i[keep]], j[keep]] = np.asarray(pairs.c2)[keep]
+    weight[angle[keep], position[i[keep]], j[keep]] = np.asarray(pairs.weight)[keep]
+    padded = np.concatenate([rows, np.zeros(size - rows.size, dtype=rows.dtype)])
+    return Rows(
+        t=np.asarray(pairs.t),
+        phi=np.asarray(pairs.phi),
+        q=np.asarray(pairs.q),
+        rows=padded.astype(np.int32),
+        c2=c2,
+        weight=weight,
+    )
+
+
 def unpack(z, n_scale: int):
     """Split the packed vector into ``(physics (14,), contrast, offset)``."""
     n = len(PHYSICS_NAMES)
@@ -79,6 +114,11 @@ def model_at_pairs(z, pairs: Pairs, n_scale: int):
     )
 
 
-def residuals(z, pairs: Pairs, n_scale: int):
-    """Weighted residuals ``(model - data) * weight`` at the fitted pairs, (n_pairs,)."""
+def residuals(z, pairs: Pairs | Rows, n_scale: int):
+    """Weighted residuals ``(model - data) * weight`` at the fitted pairs: (n_pairs,)
+    for :class:`Pairs`, (n_phi, R, N) for :class:`Rows` (0 where the weight is 0)."""
+    if isinstance(pairs, Rows):
+        physics, contrast, offset = unpack(z, n_scale)
+        c2 = model.c2_rows(physics, contrast, offset, pairs.t, pairs.phi, pairs.q, pairs.rows)
+        return (c2 - pairs.c2) * pairs.weight
     return (model_at_pairs(z, pairs, n_scale) - pairs.c2) * pairs.weight

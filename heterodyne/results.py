@@ -499,6 +499,9 @@ def _by_label(ds: xr.Dataset, label: str) -> float:
 
 # The groups of CMCResult.posterior (an arviz.InferenceData), in the order they are written.
 CMC_POSTERIOR_GROUPS = ("posterior", "sample_stats", "observed_data", "shard_posterior")
+_LIKELIHOOD_WORDS = {"rows": "whole rows", "pairs": "pair by pair"}
+# Written when present: the combined draws before the errors="speckle" correction.
+CMC_OPTIONAL_GROUPS = ("uncorrected_posterior",)
 # A log-space parameter whose 94 % HDI starts below this multiple of its floor is
 # reported as consistent with 0.
 FLOOR_NOTE = 10.0
@@ -517,7 +520,8 @@ class CMCResult:
         (``energy``, ``diverging``, ``n_steps``, ``acceptance_rate``, ``step_size``,
         ``lp``; the combined draws come from no sampler of their own);
         ``observed_data``: the fitted Dataset; ``shard_posterior``: each shard's draws
-        ``(shard, chain, draw)``.
+        ``(shard, chain, draw)``; with ``errors="speckle"``, ``uncorrected_posterior``:
+        the combined draws before the correction for correlated errors.
     diagnostics : xarray.Dataset
         ``rhat``, ``ess_bulk``, ``ess_tail`` by ``(shard, parameter)``, ``bfmi`` by
         ``(shard, chain)``, ``divergences``, ``divergent_fraction``, ``n_pairs`` and
@@ -642,10 +646,12 @@ class CMCResult:
                         f"fix {name} = 0 if that is the physics"
                     )
         out += identifiability_warnings(self.parameters())
-        out.append(
-            "the likelihood treats the pairs as independent; two-time pairs share frames, "
-            "so on real data the posterior is narrower than the truth warrants"
-        )
+        if self.info.get("errors", "nominal") == "nominal":
+            out.append(
+                "the likelihood treats the pairs as independent; two-time pairs share frames, "
+                "so on real data the posterior is narrower than the truth warrants "
+                '(fit_cmc(..., errors="speckle") corrects it)'
+            )
         return out
 
     def _rows(self):
@@ -684,6 +690,16 @@ class CMCResult:
             f"fail {limits}"
         )
 
+    def _errors_line(self) -> str:
+        if self.info.get("errors", "nominal") == "nominal":
+            return "nominal: pairs taken as independent"
+        return (
+            "speckle: draws corrected to the speckle covariance of the pairs "
+            f"(kappa {self.info['speckle_kappa']:.3g}, white variance "
+            f"{self.info['white_variance']:.3g}); uncorrected draws in "
+            "posterior.uncorrected_posterior"
+        )
+
     def report(self) -> str:
         """Text report: settings, per-parameter mean, sd, 94 % HDI, R-hat and ESS, the
         per-shard figures, the verdict and the warnings."""
@@ -708,13 +724,15 @@ class CMCResult:
             "    method            consensus Monte Carlo: NUTS (numpyro) per shard, "
             f"{info['combination']}",
             f"    shards            {info['shards']} ({info['shards_rule']}); {info['n_pairs']} "
-            f"pairs, {info['shard_size']} per shard (padded)",
+            f"pairs; {info['shard_size']} entries evaluated per shard "
+            f"({_LIKELIHOOD_WORDS[info.get('likelihood', 'pairs')]}, padded)",
             f"    chains            {info['chains']} per shard ({info['chain_method']}, "
             f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws",
             f"    executor          {info['executor']}",
             f"    seed              {info['seed']}",
             f"    scaling           {info['scaling']}",
             f"    likelihood        {likelihood}",
+            f"    errors            {self._errors_line()}",
             f"    priors            {prior}; tempered to the power {self.prior.attrs['power']:.4g} "
             "per shard",
             f"    log space         {', '.join(logs) or '-'}",
@@ -780,7 +798,14 @@ class CMCResult:
         """Write the whole result to one netCDF-4 file (the InferenceData groups and the
         diagnostics, prior, start and settings as groups); ``hd.open_result`` reads it
         back."""
-        groups = {f"/{g}": self.posterior[g] for g in CMC_POSTERIOR_GROUPS}
+        from heterodyne import diagnostics
+
+        present = diagnostics.groups(self.posterior)
+        groups = {
+            f"/{g}": self.posterior[g]
+            for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS
+            if g in present
+        }
         tree = xr.DataTree.from_dict(
             {
                 "/": xr.Dataset(attrs={"result_type": "CMCResult", **self.info}),
@@ -799,7 +824,9 @@ class CMCResult:
 
         group = {name: tree[name].to_dataset() for name in tree.children}
         return cls(
-            posterior=diagnostics.inference_data(**{g: group[g] for g in CMC_POSTERIOR_GROUPS}),
+            posterior=diagnostics.inference_data(
+                **{g: group[g] for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS if g in group}
+            ),
             diagnostics=group["diagnostics"],
             prior=group["prior"],
             start=group["start"],

@@ -1,8 +1,13 @@
 """fit_cmc against the physics: NLSQ's objective, the truth, full-data NUTS; the shards,
 the consensus, the executors and the verdict."""
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,27 +116,52 @@ def test_shard_posteriors_multiply_to_the_full_posterior(small):
     assert full.log_probs(x_a)["prior"] != pytest.approx(full.log_probs(x_b)["prior"])
 
 
-def test_shards_are_stratified_equal_and_padded_with_weight_zero():
-    ds = hd.simulate(TRUTH, n_frames=40, phi=[0, 45, 90], noise=0.02)
-    plan = cmc.prepare(ds, params=parameters(), shards=5, seed=3)
+def test_shards_hold_whole_rows_spread_over_the_record_and_equal_pair_counts():
+    n, n_phi, n_shards = 40, 3, 5
+    ds = hd.simulate(TRUTH, n_frames=n, phi=[0, 45, 90], noise=0.02)
+    plan = cmc.prepare(ds, params=parameters(), shards=n_shards)
     pairs = plan.problem.pairs
-    n = ds.sizes["t1"]
-    sizes = {p.c2.shape[0] for p in plan.shards}
-    assert len(sizes) == 1  # equal size: NUTS compiles once
+    assert len({p.c2.shape for p in plan.shards}) == 1  # equal size: NUTS compiles once
     seen = []
-    for pairs_s, n_real in zip(plan.shards, plan.shard_pairs, strict=True):
-        real = np.asarray(pairs_s.weight) > 0
-        assert real.sum() == n_real and np.all(~real[n_real:])
-        angle, i, j = (np.asarray(a)[real] for a in (pairs_s.angle, pairs_s.i, pairs_s.j))
+    for block, n_real in zip(plan.shards, plan.shard_pairs, strict=True):
+        real = np.asarray(block.weight) > 0
+        assert real.sum() == n_real
+        angle, row, j = np.nonzero(real)
+        i = np.asarray(block.rows)[row]
+        assert np.all(j > i)  # only the upper triangle is fitted
+        np.testing.assert_array_equal(np.asarray(block.c2)[real], ds["c2"].values[angle, i, j])
         seen += list(zip(angle, i, j, strict=True))
-        for k in range(3):
-            on = angle == k
-            # every angle, and every quarter of the ages and of the lags
-            assert set((i + j)[on] * 4 // (2 * n)) == {0, 1, 2, 3}
-            assert set((j - i)[on] * 4 // n) == {0, 1, 2, 3}
+        # rows in every quarter of the record, every angle
+        assert set(np.asarray(block.rows) * 4 // n) == {0, 1, 2, 3}
+        assert set(angle) == set(range(n_phi))
     everything = zip(*(np.asarray(a) for a in (pairs.angle, pairs.i, pairs.j)), strict=True)
     assert sorted(seen) == sorted(everything)  # each fitted pair in exactly one shard
-    assert max(plan.shard_pairs) - min(plan.shard_pairs) <= 1
+    # 8 groups of 5 rows dealt in a snake: each shard's rows hold the same number of pairs
+    assert max(plan.shard_pairs) == min(plan.shard_pairs) == n_phi * n * (n - 1) // 2 // n_shards
+
+
+@pytest.mark.parametrize("sigma", [True, False])
+def test_whole_row_likelihood_equals_the_pairwise_one(sigma):
+    """The fast path against the reference: log density and gradient of every shard, at
+    a point away from the start, with masked pairs and padding rows."""
+    ds = hd.simulate(TRUTH, n_frames=37, phi=[-30, 20, 70], noise=0.02, store_sigma=sigma, seed=4)
+    ds["c2"][1, 3:6, 20:30] = np.nan
+    ds["c2"][1, 20:30, 3:6] = np.nan
+    options = {"params": parameters(), "shards": 4}
+    rows, pairs = (cmc.prepare(ds, likelihood=k, **options) for k in ("rows", "pairs"))
+    assert rows.shard_pairs == pairs.shard_pairs
+    w = np.random.default_rng(0).normal(0.0, 0.5, rows.space.u0.size)
+    for fast, slow in zip(rows.jobs(), pairs.jobs(), strict=True):
+        values = []
+        for job in (fast, slow):
+            data = type(job.data)(*(jnp.asarray(a) for a in job.data))
+            potential = cmc._potential(
+                data, cmc._jax_space(job.space), n_scale=job.n_scale, n_free=job.n_free
+            )
+            value, grad = jax.value_and_grad(potential)({"w": jnp.asarray(w)})
+            values.append((float(value), np.asarray(grad["w"])))
+        assert values[0][0] == pytest.approx(values[1][0], rel=1e-10)
+        np.testing.assert_allclose(values[0][1], values[1][1], rtol=1e-10, atol=1e-10)
 
 
 def test_a_log_space_bound_of_zero_becomes_the_floor():
@@ -289,3 +319,108 @@ def test_consensus_matches_a_single_nuts_run_on_all_pairs():
         mean, sd = full.value(label), full.error(label)
         assert abs(combined.value(label) - mean) < 0.5 * sd, label
         assert combined.error(label) == pytest.approx(sd, rel=0.25), label
+
+
+# A CMC run in a child process that is stopped once `stop_after` shards are on disk:
+# by SIGINT (KeyboardInterrupt) in this process, or by SIGKILL of a worker process.
+_INTERRUPTED = """
+import multiprocessing, os, signal, sys, threading, time
+from pathlib import Path
+import heterodyne as hd
+sys.path.insert(0, {tests!r})
+from test_cmc import TRUTH, parameters
+
+folder, how, stop_after = Path({folder!r}), {how!r}, {stop_after}
+truth = {{**TRUTH, "D0_ref": 1e4}}
+ds = hd.simulate(truth, n_frames=30, phi=[0, 60], noise=0.02, store_sigma=True, seed=2)
+init = hd.fit_nlsq(ds, parameters(truth), progress=False)
+
+def stop():
+    while len(list(folder.glob("*.npz"))) < stop_after:
+        time.sleep(0.01)
+    if how == "interrupt":
+        os.kill(os.getpid(), signal.SIGINT)
+    else:
+        busy = multiprocessing.active_children()
+        os.kill(busy[0].pid, signal.SIGKILL)
+
+threading.Thread(target=stop, daemon=True).start()
+hd.fit_cmc(ds, init, checkpoint=folder, executor={executor!r}, **{options!r})
+"""
+RESUMABLE = {"shards": 3, "warmup": 100, "samples": 100, "progress": False}
+
+
+def _interrupted_run(folder, how, executor, stop_after):
+    script = _INTERRUPTED.format(
+        tests=str(Path(__file__).parent),
+        folder=str(folder),
+        how=how,
+        stop_after=stop_after,
+        executor=executor,
+        options=RESUMABLE,
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "how, executor, error",
+    [("interrupt", None, "KeyboardInterrupt"), ("crash", "processes", "BrokenProcessPool")],
+)
+def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_result(
+    small, tmp_path, how, executor, error
+):
+    ds, init = small
+    stopped = _interrupted_run(tmp_path, how, executor, stop_after=1)
+    assert stopped.returncode != 0 and error in stopped.stderr, stopped.stderr[-2000:]
+    kept = sorted(tmp_path.glob("*.npz"))
+    assert 1 <= len(kept) < RESUMABLE["shards"]
+    resumed = run_quietly(ds, init, checkpoint=tmp_path, **RESUMABLE)
+    assert resumed.info["from_checkpoint"] == len(kept)
+    assert len(list(tmp_path.glob("*.npz"))) == RESUMABLE["shards"]
+    uninterrupted = run_quietly(ds, init, **RESUMABLE)
+    for group in ("posterior", "shard_posterior", "sample_stats"):
+        assert resumed.posterior[group].identical(uninterrupted.posterior[group]), group
+    # a third run samples nothing; other arguments do not reuse the files
+    again = run_quietly(ds, init, checkpoint=tmp_path, **RESUMABLE)
+    assert again.info["from_checkpoint"] == RESUMABLE["shards"]
+    reseeded = run_quietly(ds, init, checkpoint=tmp_path, **{**RESUMABLE, "seed": 1})
+    assert reseeded.info["from_checkpoint"] == 0
+
+
+def test_a_checkpoint_that_is_a_file_is_refused_before_sampling(small, tmp_path):
+    ds, init = small
+    (tmp_path / "file").write_text("")
+    compiled = cmc._chain._cache_size()
+    with pytest.raises(hd.OptionError, match="must be a folder"):
+        hd.fit_cmc(ds, init, checkpoint=tmp_path / "file", **SHORT)
+    assert cmc._chain._cache_size() == compiled
+
+
+@pytest.mark.slow
+def test_speckle_correction_gives_the_widths_of_the_speckle_errors():
+    """On speckle data the corrected posterior sd matches NLSQ's speckle stderr and the
+    uncorrected one its nominal stderr; the centre is kept."""
+    truth = {**TRUTH, "D0_ref": 1e4}
+    ds = hd.simulate(
+        truth, n_frames=60, phi=[-45, 0, 45, 90], noise="speckle", n_pixels=1000, seed=5
+    )
+    init = hd.fit_nlsq(ds, parameters(truth), errors="speckle", progress=False)
+    result = run_quietly(ds, init, shards=1, warmup=300, samples=500, progress=False)
+    assert result.info["errors"] == "speckle"  # taken from init
+    raw = result.posterior.uncorrected_posterior
+    for name in truth:
+        nominal, speckle = float(init.stderr_nominal[name]), init.error(name)
+        assert speckle > 1.5 * nominal, name  # the correction has something to correct
+        assert result.error(name) == pytest.approx(speckle, rel=0.2), name
+        assert float(raw[name].std()) == pytest.approx(nominal, rel=0.2), name
+        assert abs(result.value(name) - float(raw[name].mean())) < 0.1 * result.error(name)
+    assert "speckle: draws corrected" in result.report()
+
+
+def test_speckle_correction_is_no_change_for_independent_noise(small):
+    ds, init = small
+    nominal = run_quietly(ds, init, **SHORT)
+    corrected = run_quietly(ds, init, errors="speckle", **SHORT)
+    for name in TRUTH:
+        assert corrected.error(name) == pytest.approx(nominal.error(name), rel=0.15), name
