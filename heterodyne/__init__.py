@@ -15,6 +15,7 @@ from heterodyne.errors import (  # noqa: E402
     FileFormatError,
     HeterodyneError,
     OptionError,
+    OverwriteError,
     ParameterError,
 )
 from heterodyne.io import load, q_values  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "HeterodyneError",
     "NLSQResult",
     "OptionError",
+    "OverwriteError",
     "ParameterError",
     "Parameters",
     "dashboard",

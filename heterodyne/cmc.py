@@ -71,11 +71,17 @@ Checkpoints
     gives. On a cluster ``DIR`` must be a folder every worker can write.
 
 Sampler
-    NUTS (numpyro's functional ``hmc`` kernel, dense mass matrix, target acceptance
-    0.8), ``warmup`` adaptation steps and ``samples`` draws per chain, chains run one
-    after the other (chain method "sequential"; the package never sets
-    ``jax_num_cpu_devices``). Chains start uniformly within ±1 (whitened) posterior
-    standard deviation of the start values: ``init``'s values, else ``params``'.
+    NUTS (numpyro's functional ``hmc`` kernel, target acceptance 0.8), ``warmup``
+    adaptation steps and ``samples`` draws per chain, chains run one after the other
+    (chain method "sequential"; the package never sets ``jax_num_cpu_devices``). With
+    an NLSQ ``init`` the whitening is the posterior's curvature at its mode, so the mass
+    matrix stays the identity in ``w`` and warmup adapts the step size only: at N = 200,
+    4 angles, a dense mass matrix estimated in a 150-step warmup tripled the leapfrog
+    steps per draw (37 against 7) and cut the ESS per second fourfold, while the identity
+    needed 7 steps whatever the warmup. Without ``init`` the start can be far from the
+    posterior and a dense mass matrix is adapted. Chains start uniformly within ±1
+    (whitened) posterior standard deviation of the start values: ``init``'s values,
+    else ``params``'.
     Shard ``s`` draws with key ``split(key(seed), S)[s]``, chain ``c`` with
     ``split(that, chains)[c]``: the same seed gives bit-identical draws on any executor.
 
@@ -141,7 +147,7 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
 from heterodyne import diagnostics, executors, model, objective, uncertainty
-from heterodyne.data import atomic_write
+from heterodyne.data import FIT_MEMORY, atomic_write, check_memory, validate
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.nlsq import LOG_SCALE, _Problem
 from heterodyne.parameters import PHYSICS_NAMES, UNITS
@@ -191,6 +197,7 @@ class ShardJob(NamedTuple):
     samples: int
     n_scale: int
     n_free: int
+    adapt_mass: bool = True  #: adapt a dense mass matrix during warmup
     checkpoint: str | None = None  #: file where the finished shard is kept
 
 
@@ -250,8 +257,8 @@ def _potential(data, space, *, n_scale, n_free):
     return lambda params: potential_energy(shard, (data, space), {}, params)
 
 
-@partial(jax.jit, static_argnames=("warmup", "samples", "n_scale", "n_free"))
-def _chain(key, data, space, *, warmup, samples, n_scale, n_free):
+@partial(jax.jit, static_argnames=("warmup", "samples", "n_scale", "n_free", "adapt_mass"))
+def _chain(key, data, space, *, warmup, samples, n_scale, n_free, adapt_mass):
     """One NUTS chain, warmup and draws, as one compiled program.
 
     Data and settings are arguments, not constants: every shard (same padded size) and
@@ -263,7 +270,14 @@ def _chain(key, data, space, *, warmup, samples, n_scale, n_free):
     key_start, key_nuts = jax.random.split(key)
     w0 = jax.random.uniform(key_start, space.u0.shape, minval=-1.0, maxval=1.0)
     args = (data, space)
-    state = init_kernel({"w": w0}, warmup, dense_mass=True, model_args=args, rng_key=key_nuts)
+    state = init_kernel(
+        {"w": w0},
+        warmup,
+        dense_mass=True,
+        adapt_mass_matrix=adapt_mass,
+        model_args=args,
+        rng_key=key_nuts,
+    )
 
     def step(state, _):
         state = sample_kernel(state, model_args=args)
@@ -308,6 +322,7 @@ def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
                 samples=job.samples,
                 n_scale=job.n_scale,
                 n_free=job.n_free,
+                adapt_mass=job.adapt_mass,
             )
         )
         for key in keys
@@ -331,7 +346,8 @@ def checkpoint_name(job: ShardJob, shard: int) -> str:
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
-    digest.update(repr((type(job.data).__name__, job.chains, job.warmup, job.samples)).encode())
+    settings = (type(job.data).__name__, job.chains, job.warmup, job.samples, job.adapt_mass)
+    digest.update(repr(settings).encode())
     return f"shard{shard:04d}_{digest.hexdigest()[:16]}.npz"
 
 
@@ -398,6 +414,7 @@ class Plan:
     seed: int
     shards_rule: str
     prior_kind: str
+    adapt_mass: bool
     floors: np.ndarray
 
     @property
@@ -417,6 +434,7 @@ class Plan:
                 samples=self.samples,
                 n_scale=self.problem.n_scale,
                 n_free=self.n_free,
+                adapt_mass=self.adapt_mass,
             )
             for s, data in enumerate(self.shards)
         ]
@@ -504,6 +522,7 @@ def prepare(
             )
         params = init.parameters() if params is None else params
         scaling = init.info["scaling"] if scaling is None else scaling
+    check_memory(validate(ds)["c2"].shape, what="fit_cmc", **FIT_MEMORY["nominal"])
     problem = _Problem.build(ds, params, fix=(), scaling=scaling or "per_angle")
     pairs = problem.pairs
     n_frames = ds.sizes["t1"]
@@ -580,6 +599,7 @@ def prepare(
         seed=int(seed),
         shards_rule=(f"auto: ceil(n_pairs / {PAIRS_PER_SHARD})" if shards == "auto" else "given"),
         prior_kind="nlsq" if init is not None else "table",
+        adapt_mass=init is None,
         floors=np.array(
             [floors.get(label, np.nan) if log[k] else np.nan for k, label in enumerate(labels)]
         ),

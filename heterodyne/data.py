@@ -28,9 +28,35 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from heterodyne.errors import DataError, FileFormatError, OptionError
+from heterodyne.errors import DataError, FileFormatError, OptionError, OverwriteError
 
 _RTOL_TIME = 1e-6  # relative tolerance on uniform frame spacing (float32 time stamps)
+# c2[i, j] and c2[j, i] may differ by this fraction of the angle's largest |c2|: files whose
+# triangles were accumulated separately in float32 differ at ~1e-5, far below any noise.
+_RTOL_SYMMETRY = 1e-4
+_ROWS = 256  # rows per block of the symmetry check: temporary memory O(_ROWS N), not O(N²)
+
+MEMORY_LIMIT_VARIABLE = "HETERODYNE_MEMORY_LIMIT"
+_SIZE_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_NO_LIMIT = 2**60  # cgroup v1 reports "no limit" as a number near 2**63
+WINDOW_REMEDY = (
+    "read fewer frames, hd.load(path, frames=slice(a, b)) or hd.select(ds, "
+    "frames=slice(a, b)) (memory grows as frames²: half the frames need a quarter of the "
+    "memory), or bin frames upstream"
+)
+# Peak memory of fit_nlsq beyond its Dataset, in bytes per value of the c2 grid
+# (n_phi x N x N; a fitted pair is two values), from peak RSS at 1000 to 3000 frames and 1
+# to 4 angles: the work grows by ~35 bytes per value (taken as 50), on top of ~0.5 GB that
+# does not grow (compiled code; left out, it matters only for data too small to meet the
+# check). errors="speckle" adds ~56 bytes per value and ~240 per value of one N x N matrix
+# (its Jacobian grids are built one angle at a time), taken as 70 and 290. At 2000 frames
+# x 4 angles (8.0 M pairs): 0.89 GB added, 1.39 GB peak (111 bytes per pair; 130 with
+# multistart=3), errors="speckle" 2.9 GB peak; at 3000 x 4: 1.56 GB added (estimate
+# 1.8 GB), errors="speckle" 4.7 GB added (estimate 5.1 GB).
+FIT_MEMORY = {
+    "nominal": {"per_value": 50.0},
+    "speckle": {"per_value": 70.0, "per_angle": 290.0},
+}
 
 COORD_ATTRS = {
     "phi": {"units": "deg", "long_name": "detector azimuth of the q-sector"},
@@ -73,7 +99,7 @@ def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Data
     DataError
         Naming the argument, its shape and what was expected.
     """
-    c2 = np.asarray(c2, dtype=np.float64)
+    c2 = np.asarray(c2, dtype=np.float64)  # copied by symmetrize: the Dataset owns its data
     phi = np.atleast_1d(np.asarray(phi, dtype=np.float64))
     t = np.asarray(t, dtype=np.float64)
     if c2.ndim == 2:
@@ -125,28 +151,34 @@ def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Data
 def symmetrize(matrix: np.ndarray) -> np.ndarray:
     """Fill a one-triangle matrix (the other triangle all zero) by symmetry.
 
-    Beamline files store only the upper triangle; a full matrix is returned unchanged.
+    Beamline files store only the upper triangle; a full matrix is returned as a copy.
     A triangle of zeros and NaN only counts as empty; when both are, no value off the
     diagonal is known, and a NaN in either triangle is set in both.
     """
-    if matrix.ndim < 2 or matrix.shape[-1] != matrix.shape[-2] or matrix.shape[-1] < 2:
-        return matrix
-    n = matrix.shape[-1]
-    lower = np.tril_indices(n, -1)
-    upper = np.triu_indices(n, 1)
-    out = matrix.copy()
-    for index in np.ndindex(matrix.shape[:-2]):
-        m = out[index]
-        lower_zero = np.all(np.nan_to_num(m[lower], nan=0.0) == 0)
-        upper_zero = np.all(np.nan_to_num(m[upper], nan=0.0) == 0)
-        if lower_zero and not upper_zero:
-            m[lower] = m.T[lower]
-        elif upper_zero and not lower_zero:
-            m[upper] = m.T[upper]
-        elif upper_zero and lower_zero:
-            # An all-NaN stored triangle beside a zero one is missing data, not zeros.
-            m[np.isnan(m.T)] = np.nan
+    out = np.array(matrix, copy=True)
+    if out.ndim >= 2 and out.shape[-1] == out.shape[-2] >= 2:
+        below = np.tri(out.shape[-1], k=-1, dtype=bool)
+        for index in np.ndindex(out.shape[:-2]):
+            _fill_triangle(out[index], below)
     return out
+
+
+def _fill_triangle(m: np.ndarray, below: np.ndarray) -> None:
+    """:func:`symmetrize` one square matrix in place; ``below`` masks its lower triangle."""
+    # m[below] and m.T[below] list the two values of each pair (i, j) in the same order;
+    # one angle at a time and a boolean mask keep the temporaries to half a matrix.
+    lower, upper = m[below], m.T[below]
+    lower_zero = np.all((lower == 0) | np.isnan(lower))
+    upper_zero = np.all((upper == 0) | np.isnan(upper))
+    if lower_zero and not upper_zero:
+        m[below] = upper
+    elif upper_zero and not lower_zero:
+        m.T[below] = lower
+    elif upper_zero and lower_zero:
+        # An all-NaN stored triangle beside a zero one is missing data, not zeros.
+        missing = np.isnan(lower) | np.isnan(upper)
+        m[below] = np.where(missing, np.nan, lower)
+        m.T[below] = np.where(missing, np.nan, upper)
 
 
 def validate(ds: xr.Dataset) -> xr.Dataset:
@@ -155,7 +187,8 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
     Checks: a Dataset with variable ``c2`` over ``(phi, t1, t2)``, square in time,
     ``t1 == t2`` increasing and uniformly spaced with ``dt`` matching, ``q > 0`` and
     finite, finite ``phi``, no angle whose pairs are all NaN, ``sigma`` (when present)
-    positive where finite.
+    positive where finite, and ``c2`` symmetric: ``c2[i, j] == c2[j, i]`` (NaN equal to
+    NaN) within ``1e-4`` of the angle's largest ``|c2|``.
     """
     if not isinstance(ds, xr.Dataset):
         raise DataError(
@@ -217,14 +250,25 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
     phi = np.asarray(ds["phi"].values, dtype=np.float64)
     if not np.all(np.isfinite(phi)):
         raise DataError(f"phi holds non-finite angles: {phi}")
-    upper = np.triu_indices(n1, 1)
-    finite = np.isfinite(c2.values[:, upper[0], upper[1]])
-    empty = np.flatnonzero(~finite.any(axis=1))
-    if empty.size:
+    # One angle at a time: validation must not need a copy of the whole grid.
+    upper = ~np.tri(n1, dtype=bool)  # a mask: index arrays would take 2 matrices of int64
+    values = c2.values
+    empty = [k for k in range(n_phi) if not np.isfinite(values[k][upper]).any()]
+    if empty:
         raise DataError(
             f"c2 is all NaN/inf for phi = {phi[empty].tolist()} deg; drop those "
             "angles (ds.drop_sel(phi=...))"
         )
+    for k in range(n_phi):
+        pair = _first_asymmetric(values[k])
+        if pair is not None:
+            i, j = pair
+            raise DataError(
+                f"c2 is not symmetric: at phi = {phi[k]:g} deg, c2[{i}, {j}] = "
+                f"{float(values[k, i, j])!r} but c2[{j}, {i}] = {float(values[k, j, i])!r} "
+                "(frame indices t1, t2). A canonical Dataset holds the full symmetric matrix; "
+                "heterodyne.from_arrays fills a matrix given as one triangle (the other zero)"
+            )
     if "sigma" in ds.data_vars:
         sigma = ds["sigma"]
         if sigma.dims != c2.dims or sigma.shape != c2.shape:
@@ -232,10 +276,36 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
                 f"sigma has dims {sigma.dims} {sigma.shape}; expected those of c2 "
                 f"{c2.dims} {c2.shape}"
             )
-        values = sigma.values[:, upper[0], upper[1]]
-        if np.any(values[np.isfinite(values)] <= 0):
-            raise DataError("sigma must be > 0 where finite")
+        for matrix in sigma.values:
+            part = matrix[upper]
+            if np.any(part[np.isfinite(part)] <= 0):
+                raise DataError("sigma must be > 0 where finite")
     return ds
+
+
+def _first_asymmetric(matrix: np.ndarray) -> tuple[int, int] | None:
+    """The first pair ``(i, j)``, ``i < j`` in row order, where ``matrix`` is not symmetric
+    (:func:`validate`); ``None`` when it is."""
+    blocks = [
+        (start, matrix[start : start + _ROWS], matrix[:, start : start + _ROWS].T)
+        for start in range(0, matrix.shape[0], _ROWS)
+    ]
+    # Most matrices are exactly symmetric (from_arrays fills a triangle by copying): only
+    # blocks that are not are compared within the tolerance.
+    unequal = [block for block in blocks if not np.array_equal(block[1], block[2])]
+    if not unequal:
+        return None
+    scale = max(np.max(np.abs(rows), where=np.isfinite(rows), initial=0.0) for _, rows, _ in blocks)
+    for start, rows, columns in unequal:
+        with np.errstate(invalid="ignore"):  # inf - inf; inf == inf is caught by ==
+            same = (rows == columns) | (np.abs(rows - columns) <= _RTOL_SYMMETRY * scale)
+        same |= np.isnan(rows) & np.isnan(columns)
+        if not same.all():
+            # The first mismatch in row order lies above the diagonal: had (j, i) with
+            # j > i come first, (i, j) would have been met in an earlier row.
+            i, j = np.argwhere(~same)[0]
+            return int(start + i), int(j)
+    return None
 
 
 def _number(value) -> float:
@@ -248,12 +318,15 @@ def _number(value) -> float:
 
 def count_nan_pairs(ds: xr.Dataset) -> int:
     """Number of non-finite ``c2`` (or ``sigma``) values at pairs ``t1 < t2``, all angles."""
-    n = ds.sizes["t1"]
-    i, j = np.triu_indices(n, 1)
-    bad = ~np.isfinite(ds["c2"].values[:, i, j])
-    if "sigma" in ds.data_vars:
-        bad |= ~np.isfinite(ds["sigma"].values[:, i, j])
-    return int(bad.sum())
+    upper = ~np.tri(ds.sizes["t1"], dtype=bool)
+    sigma = ds["sigma"].values if "sigma" in ds.data_vars else None
+    count = 0
+    for k, matrix in enumerate(ds["c2"].values):
+        bad = ~np.isfinite(matrix[upper])
+        if sigma is not None:
+            bad |= ~np.isfinite(sigma[k][upper])
+        count += int(bad.sum())
+    return count
 
 
 def select(ds: xr.Dataset, *, phi=None, frames=None) -> xr.Dataset:
@@ -291,7 +364,8 @@ def atomic_write(write, path, *, overwrite: bool = False) -> Path:
     """Run ``write(tmp_path)`` then rename the file to ``path``.
 
     A process killed mid-write leaves any old file intact and no half-written file under
-    ``path``. Refuses to replace an existing file unless ``overwrite=True``.
+    ``path``. Refuses to replace an existing file unless ``overwrite=True``: raises
+    :class:`~heterodyne.errors.OverwriteError`, a ``FileExistsError``.
 
     ``tmp_path`` is ``.NAME.PID.tmp`` in the folder of ``path``: hidden, ending in
     ``.tmp`` (no ``*.nc`` or ``*.h5`` pattern matches it) and renamed only once complete.
@@ -301,7 +375,7 @@ def atomic_write(write, path, *, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise FileFormatError(f"{path} is a directory; give a file name")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise OverwriteError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -335,3 +409,155 @@ def to_netcdf(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
         path,
         overwrite=overwrite,
     )
+
+
+def check_memory(
+    shape: tuple[int, ...],
+    *,
+    per_value: float,
+    per_angle: float = 0.0,
+    what: str,
+    remedy: str = WINDOW_REMEDY,
+) -> None:
+    """Raise ``DataError`` when work on a ``c2`` grid of ``shape`` would not fit in memory.
+
+    Called before a big allocation or compile, so that data too large for the machine give
+    a message instead of the kernel's out-of-memory kill.
+
+    Parameters
+    ----------
+    shape : tuple
+        ``(n_phi, N, N)``, the grid of the work.
+    per_value : float
+        Peak bytes per value of the grid, beyond what exists before the work.
+    per_angle : float
+        Further peak bytes per value of one angle's ``N x N`` matrix, for work done one
+        angle at a time.
+    what : str
+        The work, named in the message (with the file for a load).
+    remedy : str
+        What to do instead, named in the message.
+
+    Notes
+    -----
+    ``needed = N² (n_phi per_value + per_angle)`` is compared with
+    :func:`available_memory`; the check is skipped where that is unknown.
+    """
+    n_phi, n_frames = int(shape[0]), int(shape[-1])
+    needed = n_frames**2 * (n_phi * per_value + per_angle)
+    available = available_memory()
+    if available is None or needed <= available[0]:
+        return
+    raise DataError(
+        f"{what} needs about {_size(needed)} for {n_phi} angle(s) x {n_frames}² frame pairs, "
+        f"but {_size(available[0])} is available ({available[1]}); {remedy}. The "
+        f"environment variable {MEMORY_LIMIT_VARIABLE} overrides the available figure."
+    )
+
+
+def _size(n_bytes: float) -> str:
+    """``n_bytes`` to three significant digits in kB, MB, GB or TB (powers of 1000)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{n_bytes / 1e3:.3g} kB"
+
+
+def available_memory() -> tuple[float, str] | None:
+    """Bytes that heterodyne may allocate now, and where that figure comes from.
+
+    ``HETERODYNE_MEMORY_LIMIT``, when set, is the figure: a number of bytes, optionally with
+    a suffix ``k``, ``M``, ``G`` or ``T`` (powers of 1000, a trailing ``B`` allowed), e.g.
+    ``8G``. Set it on a shared node to keep heterodyne within a share of the memory, or above
+    the detected figure to overrule the check. Otherwise the lesser of ``MemAvailable`` of
+    ``/proc/meminfo`` (else the free physical pages that ``os.sysconf`` reports) and the
+    headroom of the process's cgroup (the memory limit of a container or batch job, less
+    what the group holds beyond reclaimable file cache). ``None`` when neither is known.
+    """
+    setting = os.environ.get(MEMORY_LIMIT_VARIABLE, "").strip()
+    if setting:
+        return _parse_bytes(setting), f"{MEMORY_LIMIT_VARIABLE}={setting}"
+    system = _mem_available()
+    found = [] if system is None else [system]
+    group = _cgroup_headroom(_read_text(Path("/proc/self/cgroup")), Path("/sys/fs/cgroup"))
+    if group is not None:
+        found.append((group, "cgroup memory limit less usage"))
+    return min(found) if found else None
+
+
+def _parse_bytes(setting: str) -> float:
+    text = setting.lower().removesuffix("b")
+    suffix = text[-1:] if text[-1:] in _SIZE_SUFFIXES else ""
+    try:
+        value = float(text.removesuffix(suffix)) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        value = np.nan
+    if not np.isfinite(value) or value <= 0:
+        raise OptionError(
+            f"{MEMORY_LIMIT_VARIABLE}={setting!r}; expected a positive number of bytes, "
+            "optionally with a suffix k, M, G or T (e.g. 8G)"
+        )
+    return value
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _mem_available() -> tuple[float, str] | None:
+    for line in (_read_text(Path("/proc/meminfo")) or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024, "MemAvailable"  # reported in KiB
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+        return float(pages * os.sysconf("SC_PAGE_SIZE")), "free physical pages"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_headroom(membership: str | None, root: Path) -> float | None:
+    """Least headroom (limit less non-reclaimable usage) over the memory cgroups, and
+    their ancestors, that ``membership`` (the text of ``/proc/self/cgroup``) names under
+    ``root``; ``None`` without a limit.
+
+    cgroup v2 lines read ``0::PATH``, v1 lines ``N:memory:PATH``. A container sees its own
+    group at ``root``; a batch job (Slurm) sees ``root/PATH``, with the limit set on an
+    ancestor of the process's group.
+    """
+    headroom = []
+    for line in (membership or "").splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        controllers, inner = fields[1:]
+        if controllers == "":
+            base, names = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base = root / "memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = base / inner.strip("/")
+        for level in [folder, *folder.parents]:
+            value = _group_headroom(level, names)
+            if value is not None:
+                headroom.append(value)
+            if level == base:
+                break
+    return min(headroom) if headroom else None
+
+
+def _group_headroom(folder: Path, names: tuple[str, str, str]) -> float | None:
+    """``limit - usage + inactive file cache`` of one cgroup folder; ``None`` without a
+    limit or where the files are missing or unreadable."""
+    limit, usage, stat = (_read_text(folder / name) for name in (*names[:2], "memory.stat"))
+    try:
+        if limit is None or usage is None or limit.strip() == "max" or int(limit) >= _NO_LIMIT:
+            return None
+        cache = dict(row.split() for row in (stat or "").splitlines()).get(names[2], 0)
+        return float(int(limit) - int(usage) + int(cache))
+    except ValueError:
+        return None

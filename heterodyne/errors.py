@@ -5,7 +5,8 @@ error                  raised when                                            su
 =====================  =====================================================  ============
 ``HeterodyneError``    base of all errors below                               ``Exception``
 ``DataError``          a Dataset or array fails validation (shape, times,     ``ValueError``
-                       q, all-NaN angle, ...)
+                       q, all-NaN angle, asymmetric c2, ...) or would not
+                       fit in memory
 ``FileFormatError``    a file is missing, unreadable, of an unknown layout    ``DataError``
                        or inconsistent; the message names the file and the
                        path inside it
@@ -13,6 +14,8 @@ error                  raised when                                            su
                        value outside its bounds or of the wrong shape
 ``OptionError``        a keyword argument of a public function has the        ``ValueError``
                        wrong type or value
+``OverwriteError``     a file to be written exists and ``overwrite=True``     ``FileExistsError``
+                       was not given
 =====================  =====================================================  ============
 """
 
@@ -35,3 +38,7 @@ class ParameterError(HeterodyneError, ValueError):
 
 class OptionError(HeterodyneError, ValueError):
     """A keyword option has the wrong type or value."""
+
+
+class OverwriteError(HeterodyneError, FileExistsError):
+    """A file to be written exists; ``overwrite=True`` replaces it."""

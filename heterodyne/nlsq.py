@@ -23,7 +23,7 @@ from scipy.stats import qmc
 from tqdm.auto import tqdm
 
 from heterodyne import model, objective, structured, uncertainty
-from heterodyne.data import validate
+from heterodyne.data import FIT_MEMORY, check_memory, validate
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
 from heterodyne.results import NLSQResult, identifiability_warnings
@@ -119,6 +119,14 @@ def fit_nlsq(
     NLSQResult
         ``.params``, ``.stderr``, ``.report()``, ``.plot()``, ``.to_netcdf()``.
 
+    Raises
+    ------
+    DataError
+        ``ds`` is not a valid Dataset, or the fit would not fit in memory
+        (:func:`heterodyne.data.check_memory`; the message gives the remedy).
+    ParameterError, OptionError
+        Bad parameters or options; all raised before any compilation.
+
     Notes
     -----
     Minimises ``sum_k ((model_k - c2_k) / sigma_k)²`` over the pairs ``t1 < t2`` of all
@@ -136,6 +144,7 @@ def fit_nlsq(
     """
     if errors not in uncertainty.ERRORS:
         raise OptionError(f"errors must be one of {uncertainty.ERRORS}; got {errors!r}")
+    check_memory(validate(ds)["c2"].shape, what="fit_nlsq", **FIT_MEMORY[errors])
     problem = _Problem.build(ds, params, fix=fix, scaling=scaling)
     if not isinstance(multistart, int | np.integer) or multistart < 0:
         raise OptionError(f"multistart must be an integer >= 0; got {multistart!r}")

@@ -6,9 +6,20 @@ import numpy as np
 import xarray as xr
 
 from heterodyne import model, speckle
-from heterodyne.data import from_arrays
+from heterodyne.data import check_memory, from_arrays
 from heterodyne.errors import OptionError
 from heterodyne.parameters import PHYSICS_NAMES, Parameters
+
+# Peak memory of simulate beyond what exists before it, in bytes per value of the c2 grid
+# (check_memory): the grid and the Dataset's copy of it (2 x 8 bytes per value), plus the
+# angle-independent integrals of the model and the noise of one angle (2 x 8 bytes per
+# value of one matrix), each with a margin of 25 %. Measured as peak RSS: 0.82 GB above
+# the import at 3000 frames x 4 angles (2.8 times the grid), 0.38 GB at 3000 x 1 angle.
+SIMULATE_MEMORY = {"per_value": 20.0, "per_angle": 20.0}
+# store_sigma doubles the grid part (sigma and its copy). noise="speckle" also holds the
+# pixel intensities and their Poisson counts (int64 and float64): bytes per pixel and
+# frame of each angle.
+SPECKLE_PER_PIXEL = 24.0
 
 
 def simulate(
@@ -78,6 +89,14 @@ def simulate(
         (``true_contrast`` and ``true_offset`` per angle) and ``attrs["noise"]``; with
         speckle also ``attrs["n_pixels"]`` and, when counted, ``attrs["counts"]``.
 
+    Raises
+    ------
+    OptionError
+        An option has a wrong type or value.
+    DataError
+        The Dataset would not fit in memory (checked before any work, see
+        :func:`heterodyne.data.check_memory`).
+
     Examples
     --------
     >>> ds = simulate({"v0": 500.0}, n_frames=100, phi=[0, 45, 90], noise=0.01)
@@ -110,6 +129,14 @@ def simulate(
             f"noise='speckle' needs contrast in (0, 1] and offset 1 (the pixel average is "
             f"normalised); got contrast={scale.tolist()}, offset={base.tolist()}"
         )
+    pixels = SPECKLE_PER_PIXEL * n_pixels / n_frames if speckled else 0.0
+    check_memory(
+        (n_phi, n_frames, n_frames),
+        per_value=SIMULATE_MEMORY["per_value"] * (2 if store_sigma else 1) + pixels,
+        per_angle=SIMULATE_MEMORY["per_angle"],
+        what=f"simulate(n_frames={n_frames}) of {n_phi} angle(s)",
+        remedy="simulate fewer frames (memory grows as n_frames²)",
+    )
     t = (dt if t_start is None else float(t_start)) + dt * np.arange(n_frames)
     physics = p.physics_values()
     if speckled:
@@ -121,8 +148,11 @@ def simulate(
         c2 = np.array(model.c2_grid(physics, scale, base, t, phi, float(q)))
         if noise > 0:
             rng = np.random.default_rng(seed)
-            upper = np.triu(rng.standard_normal(c2.shape) * noise)
-            c2 += upper + np.swapaxes(np.triu(upper, 1), 1, 2)
+            # Drawn one angle at a time (the same numbers as one draw of c2's shape): the
+            # temporaries hold one matrix, not the grid.
+            for matrix in c2:
+                upper = np.triu(rng.standard_normal(matrix.shape) * noise)
+                matrix += upper + np.triu(upper, 1).T
     sigma = np.full_like(c2, noise) if store_sigma else None
     ds = from_arrays(c2, t, phi, q, sigma=sigma, source=f"heterodyne.simulate(seed={seed})")
     ds.attrs["dt"] = float(dt)

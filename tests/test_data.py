@@ -6,7 +6,13 @@ import xarray as xr
 
 import heterodyne as hd
 from heterodyne.data import count_nan_pairs, symmetrize
-from heterodyne.errors import DataError, FileFormatError, OptionError
+from heterodyne.errors import (
+    DataError,
+    FileFormatError,
+    HeterodyneError,
+    OptionError,
+    OverwriteError,
+)
 
 N = 8
 DT = 0.1
@@ -113,6 +119,31 @@ def test_nan_pairs_counts_upper_pairs_of_c2_and_sigma():
     assert hd.select(ds, phi=[90.0, 45.0]).attrs["nan_pairs"] == 1
 
 
+def test_validate_names_the_first_asymmetric_pair():
+    c2 = _c2()
+    c2[1, 5, 2] += 0.01  # lower triangle: the pair is (2, 5)
+    c2[2, 6, 7] += 0.01
+    with pytest.raises(DataError) as info:
+        hd.from_arrays(c2, T, PHI, 0.01)
+    message = str(info.value)
+    pair = f"c2[2, 5] = {float(c2[1, 2, 5])!r} but c2[5, 2] = {float(c2[1, 5, 2])!r}"
+    assert f"at phi = 45 deg, {pair}" in message
+    assert "one triangle" in message
+
+
+def test_validate_symmetry_treats_nan_as_data_and_allows_float32_rounding():
+    c2 = _c2()
+    c2[0, 1, 4] = c2[0, 4, 1] = np.nan  # a masked pair, both triangles
+    c2[0, 3, 3] = np.nan
+    c2[2, 0, 7] = c2[2, 7, 0] = np.inf
+    c2[1] = np.triu(c2[1]) + np.triu(c2[1], 1).T.astype(np.float32)  # rounded to 6e-8
+    assert not np.array_equal(c2[1], c2[1].T)
+    hd.from_arrays(c2, T, PHI, 0.01)
+    c2[2, 2, 6] = np.nan  # one triangle only
+    with pytest.raises(DataError, match="phi = 90 deg, c2\\[2, 6\\] = nan but c2\\[6, 2\\]"):
+        hd.from_arrays(c2, T, PHI, 0.01)
+
+
 def test_select_by_phi_and_frames_keeps_absolute_times():
     ds = _ds()
     out = hd.select(ds, phi=[92.0, 1.0], frames=slice(2, 6))
@@ -160,8 +191,9 @@ def test_to_netcdf_round_trips_and_refuses_to_overwrite(tmp_path):
         assert back.load().identical(ds)
     assert hd.load(path).identical(ds)
     other = hd.select(ds, phi=0.0)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(OverwriteError, match="overwrite=True") as info:
         hd.to_netcdf(other, path)
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, HeterodyneError)
     assert hd.load(path).identical(ds)
     hd.to_netcdf(other, path, overwrite=True)
     assert hd.load(path).identical(other)
