@@ -15,6 +15,8 @@ def write_html(result, path, *, overwrite: bool = False, title: str | None = Non
     and model. BokehJS is embedded, so the page opens without internet.
     """
     import holoviews as hv
+    from bokeh.core.validation import silenced
+    from bokeh.core.validation.warnings import FIXED_SIZING_MODE
     from bokeh.embed import file_html
     from bokeh.layouts import column
     from bokeh.models import Div
@@ -36,7 +38,11 @@ def write_html(result, path, *, overwrite: bool = False, title: str | None = Non
             Div(text="<h2>One-time cuts: data (points) and model (lines)</h2>"),
             hv.render(plot.cuts(result.data, result), backend="bokeh"),
         ]
-    page = file_html(column(*parts), INLINE, page_title)
+    # holoviews sizes figures by frame_width/frame_height and leaves width/height unset,
+    # which bokeh's validator reports (W-1005) for every panel although the page lays out
+    # as intended.
+    with silenced(FIXED_SIZING_MODE):
+        page = file_html(column(*parts), INLINE, page_title)
     return atomic_write(
         lambda tmp: tmp.write_text(page, encoding="utf-8"), path, overwrite=overwrite
     )

@@ -24,7 +24,7 @@ def survey(
     phi=None,
     frames=None,
     params=None,
-    cache=None,
+    checkpoint=None,
     executor=None,
     progress: bool = True,
     **fit_options,
@@ -44,10 +44,12 @@ def survey(
         Passed to :func:`heterodyne.load`.
     params : Parameters or dict, optional
         Starting values and settings, the same for every fit.
-    cache : path, optional
-        Folder where each finished fit is saved (``NLSQResult.to_netcdf``) as soon as it
-        ends. A rerun with the same arguments reads those and fits only the rest, so an
-        interrupted survey resumes where it stopped.
+    checkpoint : path, optional
+        Folder where each finished fit is saved (``NLSQResult.to_netcdf``, atomically) as
+        soon as it ends. A rerun with the same arguments reads those back and fits only
+        the rest, so a survey stopped by a KeyboardInterrupt, a crashed worker process or
+        a killed job resumes where it stopped. Files are named by source, q-bin and a
+        hash of the data and every fit argument: changed arguments never reuse a fit.
     executor : None, "processes", "dask://HOST:PORT" or concurrent.futures.Executor
         Where the fits run (:mod:`heterodyne.executors`).
     progress : bool
@@ -59,10 +61,12 @@ def survey(
     -------
     xarray.Dataset
         Dimension ``q`` for one file, else ``fit``, with coordinates ``q`` and ``source``.
-        One variable per physics parameter and ``<name>_stderr``, ``contrast`` and
+        One variable per physics parameter with ``<name>_stderr`` (the fit's ``stderr``,
+        of the kind ``errors=`` chose) and ``<name>_stderr_nominal`` (the nominal
+        least-squares errors, which treat the pairs as independent), ``contrast`` and
         ``offset`` (and their stderr) along ``phi``, ``reduced_chi2``, ``success``,
-        ``nfev``. ``attrs["fitted"]`` and ``attrs["from_cache"]`` count the fits run now
-        and read back from ``cache``.
+        ``nfev``. ``attrs["fitted"]`` and ``attrs["from_checkpoint"]`` count the fits run
+        now and read back from ``checkpoint``.
     """
     if method not in METHODS:
         raise OptionError(f"method must be one of {METHODS}; got {method!r}")
@@ -74,7 +78,14 @@ def survey(
     sources = list(sources) if isinstance(sources, list | tuple) else [sources]
     if not sources:
         raise OptionError("sources is empty: give a file, a Dataset or a list of them")
-    cache = None if cache is None else Path(cache)
+    if checkpoint is not None:
+        if not isinstance(checkpoint, str | os.PathLike):
+            raise OptionError(f"checkpoint must be a folder path; got {checkpoint!r}")
+        checkpoint = Path(checkpoint)
+        if checkpoint.exists() and not checkpoint.is_dir():
+            raise OptionError(
+                f"checkpoint={str(checkpoint)!r} is a file; give a folder (created if missing)"
+            )
     tasks = []
     for k, source in enumerate(sources):
         for q_bin in _q_bins(source, q):
@@ -87,15 +98,15 @@ def survey(
                 "options": fit_options,
                 "name": _name(source, k),
             }
-            task["cache"] = None if cache is None else cache / _cache_name(task)
+            task["checkpoint"] = None if checkpoint is None else checkpoint / _checkpoint_name(task)
             tasks.append(task)
     summaries = [None] * len(tasks)
     pending = []
     for index, task in enumerate(tasks):
-        if task["cache"] is not None and task["cache"].exists():
+        if task["checkpoint"] is not None and task["checkpoint"].exists():
             from heterodyne.results import open_result
 
-            summaries[index] = summarize(open_result(task["cache"]), task["name"])
+            summaries[index] = summarize(open_result(task["checkpoint"]), task["name"])
         else:
             pending.append(index)
     for k, summary in executors.run(
@@ -105,7 +116,7 @@ def survey(
     out = xr.concat(summaries, dim="fit", join="outer", combine_attrs="drop")
     if len(sources) == 1:
         out = out.swap_dims(fit="q").drop_vars("fit", errors="ignore")
-    out.attrs.update(method=method, fitted=len(pending), from_cache=len(tasks) - len(pending))
+    out.attrs.update(method=method, fitted=len(pending), from_checkpoint=len(tasks) - len(pending))
     return out
 
 
@@ -124,7 +135,7 @@ def _name(source, k):
     return f"dataset{k}" if isinstance(source, xr.Dataset) else os.fspath(source)
 
 
-def _cache_name(task) -> str:
+def _checkpoint_name(task) -> str:
     """A file name unique to the source, q-bin and every fit argument."""
     source = task["source"]
     if isinstance(source, xr.Dataset):
@@ -149,7 +160,8 @@ def _cache_name(task) -> str:
 
 
 def _fit_task(task) -> xr.Dataset:
-    """Load one q-bin, fit it, save it to the cache, return its summary (runs in workers)."""
+    """Load one q-bin, fit it, save it to the checkpoint folder, return its summary (runs
+    in workers)."""
     from heterodyne.io import load
     from heterodyne.nlsq import fit_nlsq
 
@@ -160,17 +172,20 @@ def _fit_task(task) -> xr.Dataset:
         else load(source, q=task["q"], phi=task["phi"], frames=task["frames"])
     )
     result = fit_nlsq(ds, task["params"], progress=False, **task["options"])
-    if task["cache"] is not None:
-        result.to_netcdf(task["cache"], overwrite=True)
+    if task["checkpoint"] is not None:
+        result.to_netcdf(task["checkpoint"], overwrite=True)
     return summarize(result, task["name"])
 
 
 def summarize(result, name: str) -> xr.Dataset:
-    """One fit as a row of the survey: values, ``<name>_stderr``, fit statistics."""
+    """One fit as a row of the survey: values, ``<name>_stderr``, the physics
+    parameters' ``<name>_stderr_nominal``, fit statistics."""
     out = xr.Dataset()
     for key in PHYSICS_NAMES + SCALING_NAMES:
         out[key] = result.params[key]
         out[f"{key}_stderr"] = result.stderr[key]
+        if key in PHYSICS_NAMES:
+            out[f"{key}_stderr_nominal"] = result.stderr_nominal[key]
     out["reduced_chi2"] = result.reduced_chi2
     out["success"] = int(result.success)
     out["nfev"] = result.nfev

@@ -19,22 +19,32 @@ def run(*args):
 
 
 @pytest.mark.slow
-def test_demo_writes_data_fit_and_an_html_report(tmp_path):
+def test_demo_writes_data_fits_and_html_reports(tmp_path):
     out = tmp_path / "demo"
     done = run("demo", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == [
+        "cmc.nc",
+        "cmc_report.html",
+        "cmc_report.txt",
         "data.nc",
         "nlsq.nc",
         "nlsq_report.html",
         "nlsq_report.txt",
     ]
-    result = hd.open_result(out / "nlsq.nc")
+    nlsq, cmc = hd.open_result(out / "nlsq.nc"), hd.open_result(out / "cmc.nc")
+    assert isinstance(cmc, hd.CMCResult) and cmc.converged
     for name, truth in DEMO_TRUTH.items():
-        assert abs(result.value(name) - truth) < 4 * result.error(name), name
-    assert hd.load(out / "data.nc").identical(result.data)
-    page = (out / "nlsq_report.html").read_text()
-    assert "cdn.bokeh.org" not in page and "D0_sample" in page
+        assert abs(nlsq.value(name) - truth) < 4 * nlsq.error(name), name
+        assert abs(cmc.value(name) - truth) < 4 * cmc.error(name), name
+        # a warm-started posterior of Gaussian noise: the NLSQ fit within its sd
+        assert abs(cmc.value(name) - nlsq.value(name)) < 0.5 * cmc.error(name), name
+    data = hd.load(out / "data.nc")
+    assert data.identical(nlsq.data) and data.identical(cmc.data)
+    for stem, text in (("nlsq", "D0_sample"), ("cmc", "R-hat")):
+        page = (out / f"{stem}_report.html").read_text()
+        assert "cdn.bokeh.org" not in page and text in page, stem
+    assert "truth vs fit" in done.stdout and "W-1005" not in done.stderr
     again = run("demo", "--out", str(out))
     assert again.returncode == 1 and "exists" in again.stderr
 

@@ -1,12 +1,17 @@
 """Surveys over the q-bins of a beamline file: physics across q, resuming, executors."""
 
+import _thread
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
+import xarray as xr
 
 import heterodyne as hd
 from heterodyne.examples import EXAMPLE_TRUTH, example_file
@@ -36,6 +41,8 @@ def test_survey_recovers_a_q_independent_diffusion_coefficient(beamline_file):
         mean = np.sum(value / error**2) / np.sum(1 / error**2)
         chi2 = np.sum(((value - mean) / error) ** 2)
         assert chi2 < 20.5, (name, chi2)  # 99.9 % point of chi2 with 5 dof
+        # errors="nominal" (the default): the fit's stderr is the nominal one
+        np.testing.assert_array_equal(out[f"{name}_stderr_nominal"].values, error)
 
 
 SCRIPT = """
@@ -44,32 +51,113 @@ from heterodyne.examples import EXAMPLE_TRUTH
 from heterodyne.survey import survey
 import heterodyne as hd
 start = hd.Parameters({k: 1.3 * v for k, v in EXAMPLE_TRUTH.items()})
-survey(sys.argv[1], params=start, cache=sys.argv[2], progress=False)
+survey(sys.argv[1], params=start, checkpoint=sys.argv[2], progress=False)
 """
 
 
 @pytest.mark.slow
-def test_an_interrupted_survey_resumes_with_the_remaining_fits(beamline_file, tmp_path):
-    cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(beamline_file), str(cache)])
+def test_a_killed_survey_resumes_with_the_remaining_fits(beamline_file, tmp_path):
+    checkpoint = tmp_path / "fits"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(beamline_file), str(checkpoint)])
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if cache.exists() and len(list(cache.glob("*.nc"))) >= 3:
+        if checkpoint.exists() and len(list(checkpoint.glob("*.nc"))) >= 3:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait()
-    done = len(list(cache.glob("*.nc")))
+    done = len(list(checkpoint.glob("*.nc")))
     assert 3 <= done < 6, f"killed with {done} fits done"
-    out = survey(beamline_file, params=start(), cache=cache, progress=False)
-    assert (out.attrs["fitted"], out.attrs["from_cache"]) == (6 - done, done)
-    assert len(list(cache.glob("*.nc"))) == 6
-    again = survey(beamline_file, params=start(), cache=cache, progress=False)
+    out = survey(beamline_file, params=start(), checkpoint=checkpoint, progress=False)
+    assert (out.attrs["fitted"], out.attrs["from_checkpoint"]) == (6 - done, done)
+    assert len(list(checkpoint.glob("*.nc"))) == 6
+    again = survey(beamline_file, params=start(), checkpoint=checkpoint, progress=False)
     assert again.attrs["fitted"] == 0
-    assert again.identical(out.assign_attrs(fitted=0, from_cache=6))
+    assert again.identical(out.assign_attrs(fitted=0, from_checkpoint=6))
     fresh = survey(beamline_file, params=start(), progress=False)
     for name in ("D0_sample", "v0", "D0_sample_stderr"):
         np.testing.assert_array_equal(out[name].values, fresh[name].values)
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    """Five small independent measurements of the same sample."""
+    return [
+        hd.simulate(EXAMPLE_TRUTH, n_frames=30, phi=[0, 45], q=0.01, noise=0.01, seed=seed)
+        for seed in range(5)
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(datasets):
+    return survey(datasets, params=start(), progress=False)
+
+
+def test_a_keyboard_interrupt_keeps_the_finished_fits_and_a_rerun_resumes(
+    datasets, uninterrupted, tmp_path
+):
+    checkpoint = tmp_path / "fits"
+    running = threading.Event()
+    running.set()
+
+    def press_ctrl_c_after_two_fits():
+        while running.is_set():
+            if len(list(checkpoint.glob("*.nc"))) >= 2:
+                # what Ctrl-C does: SIGINT, handled in the main thread as KeyboardInterrupt
+                _thread.interrupt_main(signal.SIGINT)
+                return
+            time.sleep(0.002)
+
+    # Python's own SIGINT handler, whatever the test runner installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    watcher = threading.Thread(target=press_ctrl_c_after_two_fits, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            survey(datasets, params=start(), checkpoint=checkpoint, progress=False)
+    finally:
+        running.clear()
+        watcher.join()
+        signal.signal(signal.SIGINT, previous)
+    saved = sorted(p.name for p in checkpoint.iterdir())
+    assert 2 <= len(saved) < 5 and all(name.endswith(".nc") for name in saved), saved
+    resumed = survey(datasets, params=start(), checkpoint=checkpoint, progress=False)
+    assert (resumed.attrs["fitted"], resumed.attrs["from_checkpoint"]) == (
+        5 - len(saved),
+        len(saved),
+    )
+    xr.testing.assert_identical(
+        resumed.drop_attrs(deep=False), uninterrupted.drop_attrs(deep=False)
+    )
+
+
+class _KillsTheWorker:
+    """Unpickled in a worker process, it ends that process on the spot (``os._exit``), as
+    a crash in a compiled file reader would."""
+
+    def __reduce__(self):
+        return os._exit, (70,)
+
+
+@pytest.mark.slow
+def test_a_crashed_worker_keeps_the_finished_fits_and_a_rerun_resumes(
+    datasets, uninterrupted, tmp_path
+):
+    checkpoint = tmp_path / "fits"
+    poisoned = list(datasets)
+    poisoned[2] = datasets[2].assign_attrs(crash=_KillsTheWorker())
+    with pytest.raises(BrokenProcessPool):
+        survey(
+            poisoned, params=start(), checkpoint=checkpoint, executor="processes", progress=False
+        )
+    # a worker takes its next task only once it has finished (and saved) one
+    done = len(list(checkpoint.glob("*.nc")))
+    assert 1 <= done < 5, done
+    resumed = survey(datasets, params=start(), checkpoint=checkpoint, progress=False)
+    assert (resumed.attrs["fitted"], resumed.attrs["from_checkpoint"]) == (5 - done, done)
+    xr.testing.assert_identical(
+        resumed.drop_attrs(deep=False), uninterrupted.drop_attrs(deep=False)
+    )
 
 
 @pytest.mark.slow
@@ -80,16 +168,16 @@ def test_worker_processes_give_the_same_survey(beamline_file):
     assert there.identical(here)
 
 
-def test_changed_arguments_do_not_reuse_the_cache(beamline_file, tmp_path):
-    first = survey(beamline_file, q=0.01, params=start(), cache=tmp_path, progress=False)
+def test_changed_arguments_do_not_reuse_a_checkpoint(beamline_file, tmp_path):
+    first = survey(beamline_file, q=0.01, params=start(), checkpoint=tmp_path, progress=False)
     fixed = survey(
-        beamline_file, q=0.01, params=start().fix("beta"), cache=tmp_path, progress=False
+        beamline_file, q=0.01, params=start().fix("beta"), checkpoint=tmp_path, progress=False
     )
     assert first.attrs["fitted"] == 1 and fixed.attrs["fitted"] == 1
     assert np.isnan(float(fixed["beta_stderr"].squeeze()))
 
 
-def test_datasets_and_bad_arguments():
+def test_datasets_and_bad_arguments(tmp_path):
     ds = hd.simulate(EXAMPLE_TRUTH, n_frames=40, phi=[0, 45], q=0.01, noise=0.01)
     out = survey([ds, ds], params=start(), progress=False)
     assert out.sizes["fit"] == 2 and list(out["source"].values) == ["dataset0", "dataset1"]
@@ -99,6 +187,11 @@ def test_datasets_and_bad_arguments():
         survey(ds, executor="threads")
     with pytest.raises(hd.OptionError, match="empty"):
         survey([])
+    (tmp_path / "fits").touch()
+    with pytest.raises(hd.OptionError, match="checkpoint=.*is a file"):
+        survey(ds, checkpoint=tmp_path / "fits")
+    with pytest.raises(hd.OptionError, match="checkpoint must be a folder"):
+        survey(ds, checkpoint=True)
     with pytest.raises(hd.FileFormatError, match="missing.h5"):
         survey("missing.h5")
 
