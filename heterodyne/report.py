@@ -6,6 +6,12 @@ import html
 
 from heterodyne.data import atomic_write
 
+# Outside Jupyter a table has no style of its own: its columns would run together.
+_TABLE_STYLE = (
+    "<style>table {border-collapse: collapse} th, td {padding: 2px 10px; text-align: right}"
+    " th:first-child, td:first-child {text-align: left}</style>"
+)
+
 
 def write_html(result, path, *, overwrite: bool = False, title: str | None = None):
     """Write ``result`` (an ``NLSQResult`` or ``CMCResult``) as one HTML page.
@@ -28,7 +34,8 @@ def write_html(result, path, *, overwrite: bool = False, title: str | None = Non
     source = html.escape(str(result.data.attrs.get("source", "")))
     parts = [
         Div(
-            text=f"<h1>{html.escape(page_title)}</h1><p>data: {source}</p>{result._repr_html_()}",
+            text=f"{_TABLE_STYLE}<h1>{html.escape(page_title)}</h1><p>data: {source}</p>"
+            f"{result._repr_html_()}",
             width=1100,
         ),
         hv.render(result.plot(), backend="bokeh"),
