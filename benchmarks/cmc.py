@@ -13,7 +13,11 @@ parameters of the combined posterior.
 
 Issue 8's comparison: ``--frames 500 --angles 4 --executors sequential``. Besides the
 whole run, it times one shard's log density and gradient (``grad ms``), the cost NUTS
-pays per leapfrog step.
+pays per leapfrog step. Whole runs of the two paths take minutes each, one after the
+other, and a machine shared with other work slows them unequally; so the script also
+samples the same shard with both paths in one process, compiled, alternating ``--repeats``
+times, and prints the ESS per second of each and their ratio (all shards cost the same,
+so this is the ratio of whole runs less their compile time).
 """
 
 import argparse
@@ -50,18 +54,67 @@ def gradient_ms(plan) -> float:
     return 1e3 * (time.perf_counter() - start) / repeats
 
 
-def one(n_frames, n_angles, executor, likelihood, shards, warmup, samples):
+def shard_comparison(n_frames, n_angles, shards, warmup, samples, repeats) -> dict:
+    """ESS per second of shard 0 sampled by each likelihood path, warm, alternating."""
+    import numpy as np
+    import xarray as xr
+
+    from heterodyne import cmc, diagnostics
+
+    ds, init = problem(n_frames, n_angles)
+    shards = shards if shards == "auto" else int(shards)
+    jobs = {
+        path: cmc.prepare(
+            ds, init, shards=shards, warmup=warmup, samples=samples, likelihood=path
+        ).jobs()[0]
+        for path in ("rows", "pairs")
+    }
+    for job in jobs.values():
+        cmc.run_shard(job)  # compile
+    seconds, ess, steps = {p: [] for p in jobs}, {p: [] for p in jobs}, {p: [] for p in jobs}
+    for _ in range(repeats):
+        for path, job in jobs.items():
+            start = time.perf_counter()
+            out = cmc.run_shard(job)
+            seconds[path].append(time.perf_counter() - start)
+            w = out["w"]
+            draws = xr.Dataset(
+                {f"w{k}": (("chain", "draw"), w[..., k]) for k in range(w.shape[-1])}
+            )
+            found = diagnostics.ess(draws)
+            ess[path].append(min(float(found[v]) for v in found.data_vars))
+            steps[path].append(float(out["n_steps"].mean()))
+    return {
+        path: {
+            "seconds": float(np.median(seconds[path])),
+            "min_ess": float(np.median(ess[path])),
+            "ess_per_s": float(np.median(np.array(ess[path]) / np.array(seconds[path]))),
+            "leapfrogs": float(np.mean(steps[path])),
+        }
+        for path in jobs
+    }
+
+
+def problem(n_frames, n_angles):
+    """The benchmark's simulated data and its NLSQ warm start."""
     import numpy as np
 
     import heterodyne as hd
-    from heterodyne import cmc, diagnostics
 
     phi = np.linspace(-60, 60, n_angles) if n_angles > 1 else [0.0]
     ds = hd.simulate(TRUTH, n_frames=n_frames, phi=phi, noise=0.02, seed=0)
     # One angle sees only v0 cos(phi - phi0): phi0 is then not identifiable, and a sampler
     # would spend its time on that ridge.
     fixed = NOT_IN_TRUTH + (("phi0",) if n_angles == 1 else ())
-    init = hd.fit_nlsq(ds, hd.Parameters(TRUTH).fix(*fixed), progress=False)
+    return ds, hd.fit_nlsq(ds, hd.Parameters(TRUTH).fix(*fixed), progress=False)
+
+
+def one(n_frames, n_angles, executor, likelihood, shards, warmup, samples):
+
+    import heterodyne as hd
+    from heterodyne import cmc, diagnostics
+
+    ds, init = problem(n_frames, n_angles)
     shards = shards if shards == "auto" else int(shards)
     grad = gradient_ms(cmc.prepare(ds, init, shards=shards, likelihood=likelihood))
     start = time.perf_counter()
@@ -107,6 +160,8 @@ def main():
     parser.add_argument("--shards", default="auto")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3, help="of the one-shard comparison")
+    parser.add_argument("--skip-runs", action="store_true", help="only the one-shard comparison")
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -117,6 +172,21 @@ def main():
         print(json.dumps(outcome))
         return
     print(f"warmup {args.warmup}, samples {args.samples}, 2 chains per shard, shards {args.shards}")
+    if {"rows", "pairs"} <= set(args.likelihoods):
+        print("one shard, both paths in one process, warm, median of --repeats runs:")
+        for n in args.frames:
+            for a in args.angles:
+                found = shard_comparison(n, a, args.shards, args.warmup, args.samples, args.repeats)
+                for path, r in found.items():
+                    print(
+                        f"    N={n} angles={a} {path:>5}: {r['seconds']:6.1f} s, min ESS "
+                        f"{r['min_ess']:5.0f}, ESS/s {r['ess_per_s']:7.1f}, leapfrogs/draw "
+                        f"{r['leapfrogs']:.1f}"
+                    )
+                ratio = found["rows"]["ess_per_s"] / found["pairs"]["ess_per_s"]
+                print(f"    ESS/s rows / pairs: {ratio:.2f}", flush=True)
+    if args.skip_runs:
+        return
     print(
         f"{'frames':>6} {'angles':>6} {'pairs':>8} {'shards':>6} {'executor':>10} "
         f"{'path':>6} {'grad ms':>8} {'wall s':>8} {'min ESS':>8} {'ESS/s':>7} {'conv.':>5} "

@@ -1,4 +1,4 @@
-"""Coverage of NLSQ standard errors on speckle-level two-time data (issue 9).
+"""Coverage of NLSQ standard errors and CMC intervals on speckle-level two-time data (issue 9).
 
 Speckle simulations (``hd.simulate(noise="speckle")``: ``c2`` averaged over the pixels of
 each q-sector, so pairs that share frames have correlated errors) of the issue's truth
@@ -8,17 +8,25 @@ dt = 0.1 s, phi = -45, 0, 45, 90, contrast 0.5, fitted from a start 30 % off wit
 rate offsets, ``f2`` and ``f3`` are fixed by default). For each seed the fit is done once
 with ``errors="speckle"``, which keeps the nominal errors alongside.
 
+With ``--cmc`` each seed's NLSQ fit also starts a CMC run (``fit_cmc(ds, fit)``, which
+takes ``errors="speckle"`` from the fit) and the 68 % central posterior interval (16th to
+84th percentile of the draws) is checked against the truth, with the speckle correction
+(``posterior``) and without it (``uncorrected_posterior``, the same run's draws before
+the correction).
+
 Prints, per quantity, the scatter of the fitted values over seeds, the mean of each kind
 of stderr, the fraction of fits whose ``value -+ stderr`` covers the truth (68 % for
 honest Gaussian errors; the binomial spread over the seeds is printed) and the rms of
 ``(value - truth) / stderr``, and the time the speckle errors add to a fit.
 
     .venv/bin/python benchmarks/coverage.py [--seeds 40] [--frames 200] [--pixels 1000]
-                                            [--counts C]
+                                            [--counts C] [--cmc] [--warmup 300]
+                                            [--samples 500]
 """
 
 import argparse
 import time
+import warnings
 
 import numpy as np
 
@@ -35,10 +43,15 @@ def main():
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--pixels", type=int, default=1000)
     parser.add_argument("--counts", type=float, default=None, help="mean photons per pixel")
+    parser.add_argument("--cmc", action="store_true", help="also CMC intervals")
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--samples", type=int, default=500)
     args = parser.parse_args()
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()}).fix(*FIXED)
     names = list(TRUTH)
     values, speckle, nominal, seconds = [], [], [], []
+    intervals = {"posterior": [], "uncorrected_posterior": []}
+    cmc_seconds, unconverged = [], 0
     for seed in range(args.seeds):
         ds = hd.simulate(
             TRUTH,
@@ -55,6 +68,20 @@ def main():
         values.append([result.value(n) for n in names])
         speckle.append([result.error(n) for n in names])
         nominal.append([float(result.stderr_nominal[n]) for n in names])
+        if args.cmc:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                cmc = hd.fit_cmc(
+                    ds, result, warmup=args.warmup, samples=args.samples, seed=seed, progress=False
+                )
+            cmc_seconds.append(time.perf_counter() - start)
+            unconverged += not cmc.converged
+            for group, found in intervals.items():
+                draws = cmc.posterior[group]
+                found.append(
+                    [draws[n].quantile([0.16, 0.84], dim=("chain", "draw")).values for n in names]
+                )
     values, speckle, nominal = map(np.asarray, (values, speckle, nominal))
     truth = np.array(list(TRUTH.values()))
     start = time.perf_counter()
@@ -86,6 +113,24 @@ def main():
         f"fit with errors='speckle': median {np.median(seconds):.2f} s; "
         f"errors='nominal' (last seed): {plain:.2f} s"
     )
+    if args.cmc:
+        print(
+            f"\nCMC ({args.warmup} warmup + {args.samples} draws x 2 chains per shard): coverage "
+            "of truth by the 68 % central posterior interval; "
+            f"{unconverged} of {args.seeds} runs flagged not converged; median "
+            f"{np.median(cmc_seconds):.1f} s per run"
+        )
+        print(f"{'quantity':<11}{'corrected':>11}{'uncorrected':>13}")
+        bounds = {group: np.asarray(found) for group, found in intervals.items()}
+        for k, name in enumerate(names):
+            covered = {
+                group: 100 * np.mean((b[:, k, 0] <= truth[k]) & (truth[k] <= b[:, k, 1]))
+                for group, b in bounds.items()
+            }
+            print(
+                f"{name:<11}{covered['posterior']:>10.0f}%"
+                f"{covered['uncorrected_posterior']:>12.0f}%"
+            )
 
 
 if __name__ == "__main__":

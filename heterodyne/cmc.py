@@ -891,6 +891,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         "samples": plan.samples,
         "seed": plan.seed,
         "chain_method": CHAIN_METHOD,
+        "mass_matrix": "dense, adapted" if plan.adapt_mass else "identity (whitened at the mode)",
         "devices": jax.local_device_count(),
         "executor": executor_name,
         "n_pairs": problem.pairs.n_pairs,

@@ -727,7 +727,8 @@ class CMCResult:
             f"pairs; {info['shard_size']} entries evaluated per shard "
             f"({_LIKELIHOOD_WORDS[info.get('likelihood', 'pairs')]}, padded)",
             f"    chains            {info['chains']} per shard ({info['chain_method']}, "
-            f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws",
+            f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws; "
+            f"mass matrix {info.get('mass_matrix', 'dense, adapted')}",
             f"    executor          {info['executor']}",
             f"    seed              {info['seed']}",
             f"    scaling           {info['scaling']}",
