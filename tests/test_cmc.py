@@ -347,7 +347,8 @@ def stop():
 threading.Thread(target=stop, daemon=True).start()
 hd.fit_cmc(ds, init, checkpoint=folder, executor={executor!r}, **{options!r})
 """
-RESUMABLE = {"shards": 3, "warmup": 100, "samples": 100, "progress": False}
+# ~2 s per shard: the stop lands while a shard is being sampled, not after the last one
+RESUMABLE = {"shards": 3, "warmup": 200, "samples": 3000, "progress": False}
 
 
 def _interrupted_run(folder, how, executor, stop_after):
