@@ -421,10 +421,9 @@ def _separable_gram(a, b, e, Da, Db, scale):
     )
     (S4, p), (S1, S2, s) = prefix, flip(suffix)
 
-    row_side = 0.5 * jnp.sum(S1[..., None] * A[:, :, None], 3) + jnp.sum(
-        a[:, :, None, :, None] * S2, 3
-    )
-    col_side = 0.5 * jnp.sum(S4[..., None] * B[:, :, None], 3)
+    # contractions over a term index: dot products (a broadcast-and-sum here cost 2x)
+    row_side = 0.5 * jnp.einsum("iamn,ianq->iamq", S1, A) + jnp.einsum("ian,iamnq->iamq", a, S2)
+    col_side = 0.5 * jnp.einsum("iamn,ianq->iamq", S4, B)
     half = jnp.einsum(
         "iamp,iamq->apq",
         jnp.concatenate([A, B], 2),

@@ -1,17 +1,16 @@
 """Surveys over the q-bins of a beamline file: physics across q, resuming, executors."""
 
-import _thread
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
 import xarray as xr
+from _interrupt import ctrl_c_once
 
 import heterodyne as hd
 from heterodyne.examples import EXAMPLE_TRUTH, example_file
@@ -97,28 +96,8 @@ def test_a_keyboard_interrupt_keeps_the_finished_fits_and_a_rerun_resumes(
     datasets, uninterrupted, tmp_path
 ):
     checkpoint = tmp_path / "fits"
-    running = threading.Event()
-    running.set()
-
-    def press_ctrl_c_after_two_fits():
-        while running.is_set():
-            if len(list(checkpoint.glob("*.nc"))) >= 2:
-                # what Ctrl-C does: SIGINT, handled in the main thread as KeyboardInterrupt
-                _thread.interrupt_main(signal.SIGINT)
-                return
-            time.sleep(0.002)
-
-    # Python's own SIGINT handler, whatever the test runner installed
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    watcher = threading.Thread(target=press_ctrl_c_after_two_fits, daemon=True)
-    watcher.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            survey(datasets, params=start(), checkpoint=checkpoint, progress=False)
-    finally:
-        running.clear()
-        watcher.join()
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt), ctrl_c_once(checkpoint, "*.nc", count=2):
+        survey(datasets, params=start(), checkpoint=checkpoint, progress=False)
     saved = sorted(p.name for p in checkpoint.iterdir())
     assert 2 <= len(saved) < 5 and all(name.endswith(".nc") for name in saved), saved
     resumed = survey(datasets, params=start(), checkpoint=checkpoint, progress=False)
