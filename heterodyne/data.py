@@ -369,7 +369,9 @@ def atomic_write(write, path, *, overwrite: bool = False) -> Path:
 
     ``tmp_path`` is ``.NAME.PID.tmp`` in the folder of ``path``: hidden, ending in
     ``.tmp`` (no ``*.nc`` or ``*.h5`` pattern matches it) and renamed only once complete.
-    A process killed by SIGKILL leaves it behind, half written; delete it by hand.
+    A process killed by SIGKILL leaves it behind, half written; delete it by hand. The
+    file's data and then the folder's entry are flushed to disk (``fsync``) around the
+    rename, so that a power cut too leaves either the old file or the whole new one.
     """
     path = Path(path)
     if path.is_dir():
@@ -380,11 +382,27 @@ def atomic_write(write, path, *, overwrite: bool = False) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        _sync(tmp)
         os.replace(tmp, path)
+        _sync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _sync(path: Path) -> None:
+    """``fsync`` a file or a folder (where the system allows opening a folder)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # a file system that cannot sync (some network mounts): the rename still holds
+    finally:
+        os.close(descriptor)
 
 
 def to_netcdf(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:

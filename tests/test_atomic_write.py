@@ -5,6 +5,7 @@ file ``.NAME.PID.tmp`` beside the target, renamed onto it once complete. The tes
 real processes with SIGKILL while they write, so they run on POSIX only.
 """
 
+import os
 import select
 import signal
 import subprocess
@@ -150,3 +151,22 @@ def test_to_netcdf_refuses_to_overwrite_unless_asked(tmp_path):
     hd.to_netcdf(_dataset(2), path, overwrite=True)
     assert hd.load(path).identical(_dataset(2))
     assert [p.name for p in tmp_path.iterdir()] == ["data.nc"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name descriptors")
+def test_the_whole_file_then_its_folder_entry_reach_the_disk_around_the_rename(
+    tmp_path, monkeypatch
+):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor):
+        target = Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+        synced.append((target.name, target.is_file() and target.read_bytes()))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = atomic_write(lambda tmp: Path(tmp).write_bytes(b"whole"), tmp_path / "out.bin")
+    # the temporary file, complete, before the rename; then the folder, after it
+    assert synced == [(f".out.bin.{os.getpid()}.tmp", b"whole"), (tmp_path.name, False)]
+    assert path.read_bytes() == b"whole"
