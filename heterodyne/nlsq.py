@@ -187,7 +187,7 @@ class _Problem:
 
     @classmethod
     def build(cls, ds, params, *, fix, scaling):
-        validate(ds)
+        """The problem of ``ds`` (validated by the caller) and ``params``."""
         if scaling not in SCALINGS:
             raise OptionError(f"scaling must be one of {SCALINGS}; got {scaling!r}")
         p = Parameters.coerce(params)
