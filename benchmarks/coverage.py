@@ -19,12 +19,18 @@ of stderr, the fraction of fits whose ``value -+ stderr`` covers the truth (68 %
 honest Gaussian errors; the binomial spread over the seeds is printed) and the rms of
 ``(value - truth) / stderr``, and the time the speckle errors add to a fit.
 
-    .venv/bin/python benchmarks/coverage.py [--seeds 40] [--frames 200] [--pixels 1000]
-                                            [--counts C] [--cmc] [--warmup 300]
-                                            [--samples 500]
+    .venv/bin/python benchmarks/coverage.py [--seeds 40] [--first-seed 0] [--frames 200]
+                                            [--pixels 1000] [--counts C] [--cmc]
+                                            [--warmup 300] [--samples 500] [--save F.npz]
+    .venv/bin/python benchmarks/coverage.py --load A.npz B.npz ...
+
+``--save`` keeps each seed's outcome; ``--load`` prints the tables of several saved runs
+together (seed ranges run in parallel processes, say), refusing runs whose settings or
+seeds overlap.
 """
 
 import argparse
+import json
 import time
 import warnings
 
@@ -40,19 +46,34 @@ PHI = [-45.0, 0.0, 45.0, 90.0]
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--pixels", type=int, default=1000)
     parser.add_argument("--counts", type=float, default=None, help="mean photons per pixel")
     parser.add_argument("--cmc", action="store_true", help="also CMC intervals")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--save", help="write each seed's outcome to this .npz file")
+    parser.add_argument("--load", nargs="+", help="print the tables of saved runs")
     args = parser.parse_args()
+    outcome = combine(args.load) if args.load else run(args)
+    if args.save:
+        np.savez(args.save, **outcome)
+    report(outcome)
+
+
+def run(args) -> dict:
+    """Fit each seed's speckle simulation; the outcome arrays are indexed by seed first."""
+    settings = {k: getattr(args, k) for k in ("frames", "pixels", "counts", "cmc")}
+    if args.cmc:
+        settings.update(warmup=args.warmup, samples=args.samples)
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()}).fix(*FIXED)
     names = list(TRUTH)
     values, speckle, nominal, seconds = [], [], [], []
     intervals = {"posterior": [], "uncorrected_posterior": []}
-    cmc_seconds, unconverged = [], 0
-    for seed in range(args.seeds):
+    cmc_seconds, converged = [], []
+    seeds = np.arange(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         ds = hd.simulate(
             TRUTH,
             n_frames=args.frames,
@@ -60,7 +81,7 @@ def main():
             noise="speckle",
             n_pixels=args.pixels,
             counts=args.counts,
-            seed=seed,
+            seed=int(seed),
         )
         start = time.perf_counter()
         result = hd.fit_nlsq(ds, guess, errors="speckle", progress=False)
@@ -73,26 +94,68 @@ def main():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 cmc = hd.fit_cmc(
-                    ds, result, warmup=args.warmup, samples=args.samples, seed=seed, progress=False
+                    ds,
+                    result,
+                    warmup=args.warmup,
+                    samples=args.samples,
+                    seed=int(seed),
+                    progress=False,
                 )
             cmc_seconds.append(time.perf_counter() - start)
-            unconverged += not cmc.converged
+            converged.append(cmc.converged)
             for group, found in intervals.items():
                 draws = cmc.posterior[group]
                 found.append(
                     [draws[n].quantile([0.16, 0.84], dim=("chain", "draw")).values for n in names]
                 )
-    values, speckle, nominal = map(np.asarray, (values, speckle, nominal))
-    truth = np.array(list(TRUTH.values()))
     start = time.perf_counter()
     hd.fit_nlsq(ds, guess, progress=False)
-    plain = time.perf_counter() - start
+    outcome = {
+        "settings": np.array(json.dumps(settings)),
+        "seed": seeds,
+        "value": np.asarray(values),
+        "speckle": np.asarray(speckle),
+        "nominal": np.asarray(nominal),
+        "seconds": np.asarray(seconds),
+        "plain_seconds": np.array([time.perf_counter() - start]),
+    }
+    if args.cmc:
+        outcome.update(
+            cmc_seconds=np.asarray(cmc_seconds),
+            converged=np.asarray(converged),
+            **{group: np.asarray(found) for group, found in intervals.items()},
+        )
+    return outcome
 
-    spread = 100 * np.sqrt(0.68 * 0.32 / args.seeds)
+
+def combine(files) -> dict:
+    """The saved outcomes of several runs with the same settings, seeds in order."""
+    parts = [dict(np.load(f)) for f in files]
+    if len({str(p["settings"]) for p in parts}) > 1:
+        raise SystemExit("these runs have different settings: " + ", ".join(files))
+    seeds = np.concatenate([p["seed"] for p in parts])
+    if np.unique(seeds).size < seeds.size:
+        raise SystemExit("these runs share seeds: " + ", ".join(files))
+    order = np.argsort(seeds)
+    joined = {"settings": parts[0]["settings"]}
+    for key in parts[0]:
+        if key != "settings":
+            stacked = np.concatenate([p[key] for p in parts])
+            joined[key] = stacked if key == "plain_seconds" else stacked[order]
+    return joined
+
+
+def report(outcome: dict) -> None:
+    settings = json.loads(str(outcome["settings"]))
+    names = list(TRUTH)
+    truth = np.array(list(TRUTH.values()))
+    values, speckle, nominal = outcome["value"], outcome["speckle"], outcome["nominal"]
+    seeds = outcome["seed"]
+    spread = 100 * np.sqrt(0.68 * 0.32 / seeds.size)
     print(
-        f"{args.seeds} seeds, N = {args.frames}, {len(PHI)} angles, {args.pixels} pixels, "
-        f"counts {args.counts}; coverage of truth by value -+ stderr "
-        f"(68 % expected, +- {spread:.0f} % over the seeds)"
+        f"{seeds.size} seeds ({seeds.min()} to {seeds.max()}), N = {settings['frames']}, "
+        f"{len(PHI)} angles, {settings['pixels']} pixels, counts {settings['counts']}; "
+        f"coverage of truth by value -+ stderr (68 % expected, +- {spread:.0f} % over the seeds)"
     )
     print(
         f"{'quantity':<11}{'truth':>9}{'mean fit':>11}{'scatter':>10}{'nominal':>10}"
@@ -110,27 +173,24 @@ def main():
             f"{np.sqrt(np.mean(z_nominal**2)):>11.2f}{np.sqrt(np.mean(z_speckle**2)):>11.2f}"
         )
     print(
-        f"fit with errors='speckle': median {np.median(seconds):.2f} s; "
-        f"errors='nominal' (last seed): {plain:.2f} s"
+        f"fit with errors='speckle': median {np.median(outcome['seconds']):.2f} s; "
+        f"errors='nominal' (one fit): {np.median(outcome['plain_seconds']):.2f} s"
     )
-    if args.cmc:
-        print(
-            f"\nCMC ({args.warmup} warmup + {args.samples} draws x 2 chains per shard): coverage "
-            "of truth by the 68 % central posterior interval; "
-            f"{unconverged} of {args.seeds} runs flagged not converged; median "
-            f"{np.median(cmc_seconds):.1f} s per run"
-        )
-        print(f"{'quantity':<11}{'corrected':>11}{'uncorrected':>13}")
-        bounds = {group: np.asarray(found) for group, found in intervals.items()}
-        for k, name in enumerate(names):
-            covered = {
-                group: 100 * np.mean((b[:, k, 0] <= truth[k]) & (truth[k] <= b[:, k, 1]))
-                for group, b in bounds.items()
-            }
-            print(
-                f"{name:<11}{covered['posterior']:>10.0f}%"
-                f"{covered['uncorrected_posterior']:>12.0f}%"
-            )
+    if not settings["cmc"]:
+        return
+    print(
+        f"\nCMC ({settings['warmup']} warmup + {settings['samples']} draws x 2 chains per "
+        "shard): coverage of truth by the 68 % central posterior interval; "
+        f"{np.sum(~outcome['converged'])} of {seeds.size} runs flagged not converged; median "
+        f"{np.median(outcome['cmc_seconds']):.1f} s per run"
+    )
+    print(f"{'quantity':<11}{'corrected':>11}{'uncorrected':>13}")
+    for k, name in enumerate(names):
+        covered = {
+            group: 100 * np.mean((b[:, k, 0] <= truth[k]) & (truth[k] <= b[:, k, 1]))
+            for group, b in ((g, outcome[g]) for g in ("posterior", "uncorrected_posterior"))
+        }
+        print(f"{name:<11}{covered['posterior']:>10.0f}%{covered['uncorrected_posterior']:>12.0f}%")
 
 
 if __name__ == "__main__":
