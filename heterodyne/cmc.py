@@ -895,6 +895,8 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         "devices": jax.local_device_count(),
         "executor": executor_name,
         "n_pairs": problem.pairs.n_pairs,
+        "nan_pairs": int(ds.attrs.get("nan_pairs", 0)),
+        "dropped_frames": int(ds.attrs.get("dropped_frames", 0)),
         "shard_size": int(plan.shards[0].c2.size),
         "likelihood": "rows" if isinstance(plan.shards[0], objective.Rows) else "pairs",
         "n_phi": n_phi,

@@ -16,6 +16,8 @@ Canonical form (MODEL.md, "Inputs")::
         dt           frame spacing [s]
         source       where the data came from
         nan_pairs    number of NaN pairs (t1 < t2) over all angles, masked in fits
+        dropped_frames  frames with no finite pair at any angle (missing from the
+                     measurement, e.g. dropped by the detector): NaN rows and columns
 
 Every coordinate and variable carries ``units`` and ``long_name`` attrs.
 """
@@ -144,8 +146,7 @@ def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Data
     if t.size >= 2:
         ds.attrs["dt"] = float((t[-1] - t[0]) / (t.size - 1))
     validate(ds)
-    ds.attrs["nan_pairs"] = count_nan_pairs(ds)
-    return ds
+    return tally_missing(ds)
 
 
 def symmetrize(matrix: np.ndarray) -> np.ndarray:
@@ -316,6 +317,23 @@ def _number(value) -> float:
         return np.nan
 
 
+def tally_missing(ds: xr.Dataset) -> xr.Dataset:
+    """Set ``attrs["nan_pairs"]`` (:func:`count_nan_pairs`) and ``attrs["dropped_frames"]``
+    (:func:`count_dropped_frames`) of ``ds``, in place, and return it."""
+    ds.attrs["nan_pairs"] = count_nan_pairs(ds)
+    ds.attrs["dropped_frames"] = count_dropped_frames(ds)
+    return ds
+
+
+def count_dropped_frames(ds: xr.Dataset) -> int:
+    """Number of frames whose ``c2`` with every other frame is non-finite at every angle:
+    frames missing from the measurement, whose pairs are masked."""
+    finite = np.isfinite(ds["c2"].values)
+    n = finite.shape[-1]
+    finite[:, np.arange(n), np.arange(n)] = False
+    return int(np.sum(~finite.any(axis=(0, 2))))
+
+
 def count_nan_pairs(ds: xr.Dataset) -> int:
     """Number of non-finite ``c2`` (or ``sigma``) values at pairs ``t1 < t2``, all angles."""
     upper = ~np.tri(ds.sizes["t1"], dtype=bool)
@@ -355,9 +373,7 @@ def select(ds: xr.Dataset, *, phi=None, frames=None) -> xr.Dataset:
         out = out.isel(t1=frames, t2=frames)
         if out.sizes["t1"] < 3:
             raise OptionError(f"frames={frames} leaves {out.sizes['t1']} frames; need >= 3")
-    out = out.copy()
-    out.attrs["nan_pairs"] = count_nan_pairs(out)
-    return validate(out)
+    return validate(tally_missing(out.copy()))
 
 
 def atomic_write(write, path, *, overwrite: bool = False) -> Path:

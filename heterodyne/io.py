@@ -7,8 +7,9 @@ Three layouts are recognised by the group that holds the matrices:
     ``xpcs/twotime/processed_bins`` lists 1-based bin numbers with
     ``bin - 1 = q_index * n_phi + phi_index``; ``correlation_map/c2_00001``,
     ``c2_00002``, ... hold one matrix per processed bin, in that order. Frame spacing:
-    ``entry/instrument/detector_1/frame_time``. An optional ``xpcs/twotime/t`` is only
-    checked and used for the first frame (see Notes of :func:`load`).
+    ``entry/instrument/detector_1/frame_time``. An optional ``xpcs/twotime/t`` places
+    the frames in time: the first frame, and frames dropped by the detector (see Notes
+    of :func:`load`).
 ``aps_legacy`` (APS 8-ID before APS-U), found by ``exchange/C2T_all``
     ``xpcs/dqlist`` and ``xpcs/dphilist`` give the q and phi of each bin; matrix
     ``exchange/C2T_all/c2_NNNNN`` belongs to bin ``NNNNN`` (1-based). Frame spacing:
@@ -16,7 +17,7 @@ Three layouts are recognised by the group that holds the matrices:
     ``entry/instrument/detector_1/frame_time``.
 ``netcdf`` (written by :func:`heterodyne.data.to_netcdf`), found by a root variable ``c2``
     Read with xarray (``engine="h5netcdf"``) and returned unchanged but for
-    ``attrs["nan_pairs"]``, counted again.
+    ``attrs["nan_pairs"]`` and ``attrs["dropped_frames"]``, counted again.
 
 Beamline matrices may hold one triangle only (the other zero); they are symmetrised.
 Every problem with a file raises :class:`~heterodyne.errors.FileFormatError` naming the
@@ -38,7 +39,7 @@ import h5py
 import numpy as np
 import xarray as xr
 
-from heterodyne.data import check_memory, count_nan_pairs, from_arrays, select, validate
+from heterodyne.data import check_memory, from_arrays, select, tally_missing, validate
 from heterodyne.errors import DataError, FileFormatError, OptionError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class _Bins(NamedTuple):
     names: list[str]  # path of each bin's matrix inside the file
     n_frames: int
     dt: float
-    first: int  # 0-based index of the matrices' first frame in the acquisition
+    index: np.ndarray  # 0-based index in the acquisition of each frame of the matrices
 
 
 def load(
@@ -136,10 +137,12 @@ def load(
     Times (MODEL.md, "Inputs"): the stored frame with 0-based index ``k`` ends at
     ``t_k = (k + 1) * dt``, so a file read whole starts at ``t_start = dt`` and the
     window ``slice(a, b)`` at ``(a + 1) * dt``. For APS-U, an ``xpcs/twotime/t`` vector,
-    when present, must have one entry per frame, spacing ``frame_time`` (relative
-    tolerance 1e-3) and start on a whole frame; it is read as frame start times, so
-    ``t[0] = m * dt`` shifts every time by ``m`` frames. netCDF files keep their stored
-    times; ``frames`` then indexes the stored frames.
+    when present, must have one entry per stored frame, each a whole number ``m`` of
+    ``frame_time`` (relative tolerance 1e-3), increasing; it is read as frame start
+    times, so ``t[0] = m * dt`` shifts every time by ``m`` frames, and a step of ``k > 1``
+    frames means ``k - 1`` frames were dropped: they become NaN rows and columns of the
+    uniform grid (masked in fits, counted in ``attrs["dropped_frames"]``). ``frames``
+    indexes the stored frames. netCDF files keep their stored times.
 
     Examples
     --------
@@ -322,13 +325,15 @@ def _read_aps_u(f: h5py.File, path: Path) -> _Bins:
         )
     dt = _frame_time(f, path, _APS_U_FRAME_TIME)
     q, phi = q_list[(bins - 1) // phi_list.size], phi_list[(bins - 1) % phi_list.size]
-    return _Bins("aps_u", q, phi, names, n_frames, dt, _first_frame(f, path, n_frames, dt))
+    return _Bins("aps_u", q, phi, names, n_frames, dt, _frame_index(f, path, n_frames, dt))
 
 
-def _first_frame(f: h5py.File, path: Path, n_frames: int, dt: float) -> int:
+def _frame_index(f: h5py.File, path: Path, n_frames: int, dt: float) -> np.ndarray:
+    """Index in the acquisition of each stored frame, from the start times
+    ``xpcs/twotime/t`` (``t = index * dt``); ``0, 1, ...`` without them."""
     inner = "xpcs/twotime/t"
     if inner not in f:
-        return 0
+        return np.arange(n_frames)
     t = _vector(f, inner, path)
     if t.size != n_frames:
         raise FileFormatError(
@@ -336,20 +341,27 @@ def _first_frame(f: h5py.File, path: Path, n_frames: int, dt: float) -> int:
         )
     # Time stamps stored in float32 lose absolute precision as t grows.
     tol = _T_RTOL * dt + 4 * np.finfo(_dataset(f, inner, path).dtype).eps * np.abs(t).max()
-    steps = np.diff(t)
-    if steps.size and np.max(np.abs(steps - dt)) > tol:
+    index = np.round(t / dt)
+    steps = np.diff(index)
+    if np.any(np.abs(t - index * dt) > tol) or np.any(steps < 1):
         raise FileFormatError(
-            f"{path}: {inner} steps range from {steps.min():g} to {steps.max():g} s; "
-            f"expected the frame time {dt:g} s of {_APS_U_FRAME_TIME[0]} (dropped frames, "
-            "or frames averaged or strided by the pipeline?)"
+            f"{path}: {inner} holds times ({t.min():g} to {t.max():g} s) that are not "
+            f"increasing multiples of the frame time; expected a whole number of frames of "
+            f"{dt:g} s ({_APS_U_FRAME_TIME[0]}) for each"
         )
-    first = round(t[0] / dt)
-    if first < 0 or abs(t[0] - first * dt) > tol:
+    if steps.size and np.median(steps) != 1:
         raise FileFormatError(
-            f"{path}: {inner} starts at {t[0]:g} s; expected a whole "
-            f"number of frames of {dt:g} s, >= 0"
+            f"{path}: {inner} steps by {np.median(steps):g} frames ({np.median(steps) * dt:g} "
+            f"s) between most frames; expected the frame time {dt:g} s of "
+            f"{_APS_U_FRAME_TIME[0]}, with gaps only where frames were dropped (frames "
+            "averaged or strided by the pipeline?)"
         )
-    return first
+    if index[0] < 0:
+        raise FileFormatError(
+            f"{path}: {inner} starts at {t[0]:g} s; expected a whole number of frames of "
+            f"{dt:g} s, >= 0"
+        )
+    return index.astype(np.int64)
 
 
 def _read_legacy(f: h5py.File, path: Path) -> _Bins:
@@ -367,7 +379,15 @@ def _read_legacy(f: h5py.File, path: Path) -> _Bins:
             "(bins are numbered from 1)"
         )
     dt = _frame_time(f, path, _LEGACY_FRAME_TIME)
-    return _Bins("aps_legacy", q_list[numbers - 1], phi_list[numbers - 1], names, n_frames, dt, 0)
+    return _Bins(
+        "aps_legacy",
+        q_list[numbers - 1],
+        phi_list[numbers - 1],
+        names,
+        n_frames,
+        dt,
+        np.arange(n_frames),
+    )
 
 
 _READERS = {"aps_u": _read_aps_u, "aps_legacy": _read_legacy}
@@ -447,12 +467,22 @@ def _read_bins(
             )
         members = members[pick]
     a, b = _window(frames, bins.n_frames)
-    shape = (members.size, b - a, b - a)
+    # the stored frames a..b-1 on the uniform grid of their acquisition; a frame that the
+    # detector dropped is a NaN row and column (masked, counted in attrs["dropped_frames"])
+    first = int(bins.index[a]) if b > a else 0
+    place = bins.index[a:b] - first
+    size = int(place.max(initial=-1)) + 1
+    shape = (members.size, size, size)
     check_memory(shape, what=f"reading {path} (q-bin {iq})", **LOAD_MEMORY)
-    c2 = np.empty(shape)
+    complete = size == b - a
+    c2 = np.empty(shape) if complete else np.full(shape, np.nan)
     for row, k in enumerate(members):
-        c2[row] = _read(f[bins.names[k]], path, np.s_[a:b, a:b])
-    t = bins.dt * np.arange(bins.first + a + 1, bins.first + b + 1)
+        stored = _read(f[bins.names[k]], path, np.s_[a:b, a:b])
+        if complete:
+            c2[row] = stored
+        else:
+            c2[row][np.ix_(place, place)] = stored
+    t = bins.dt * (first + 1 + np.arange(size))
     source = f"{bins.layout}:{path} q-bin {iq}"
     if frames is not None:
         source += f" frames {a}:{b}"
@@ -487,9 +517,8 @@ def _read_netcdf(path: Path, frames) -> xr.Dataset:
         validate(ds)
     except DataError as err:
         raise FileFormatError(f"{path} (netcdf): {err}") from err
-    # Counted again: a file written by another tool may lack or misstate the count.
-    ds.attrs["nan_pairs"] = count_nan_pairs(ds)
-    return ds
+    # Counted again: a file written by another tool may lack or misstate the counts.
+    return tally_missing(ds)
 
 
 def _not_netcdf(path: Path, err: Exception) -> FileFormatError:

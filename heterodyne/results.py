@@ -122,8 +122,8 @@ class NLSQResult:
         ``vary``, ``min``, ``max`` of every parameter as fitted.
     info : dict
         ``chi2``, ``nfev``, ``success``, ``message``, ``scaling``, ``n_pairs``,
-        ``nan_pairs``, ``errors``; with ``errors="speckle"`` also ``speckle_kappa`` and
-        ``white_variance``, the two scales of the error model
+        ``nan_pairs``, ``dropped_frames``, ``errors``; with ``errors="speckle"`` also
+        ``speckle_kappa`` and ``white_variance``, the two scales of the error model
         (:mod:`heterodyne.uncertainty`).
     """
 
@@ -189,6 +189,7 @@ class NLSQResult:
             "n_pairs": n_pairs,
             "n_varied": n_free,
             "nan_pairs": int(data.attrs.get("nan_pairs", 0)),
+            "dropped_frames": int(data.attrs.get("dropped_frames", 0)),
             "weighted": int("sigma" in data.data_vars),
             "errors": errors,
             **error_scales,
@@ -366,7 +367,7 @@ class NLSQResult:
             f"    q                 {float(self.params['q']):.6g} 1/Å; phi = "
             f"{', '.join(f'{v:g}' for v in self.params['phi'].values)} deg",
             f"    pairs fitted      {info['n_pairs']} (masked non-finite pairs: "
-            f"{info['nan_pairs']})",
+            f"{info['nan_pairs']}; dropped frames: {info.get('dropped_frames', 0)})",
             f"    varied            {info['n_varied']}",
             f"    chi2              {self.chi2:.6g}",
             f"    reduced chi2      {self.reduced_chi2:.6g}",
@@ -726,6 +727,8 @@ class CMCResult:
             f"    shards            {info['shards']} ({info['shards_rule']}); {info['n_pairs']} "
             f"pairs; {info['shard_size']} entries evaluated per shard "
             f"({_LIKELIHOOD_WORDS[info.get('likelihood', 'pairs')]}, padded)",
+            f"    masked            {info.get('nan_pairs', 0)} non-finite pairs; dropped frames: "
+            f"{info.get('dropped_frames', 0)}",
             f"    chains            {info['chains']} per shard ({info['chain_method']}, "
             f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws; "
             f"mass matrix {info.get('mass_matrix', 'dense, adapted')}",

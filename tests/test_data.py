@@ -39,7 +39,8 @@ def test_from_arrays_builds_the_canonical_dataset():
     np.testing.assert_array_equal(ds["t2"].values, T)
     np.testing.assert_array_equal(ds["phi"].values, PHI)
     assert float(ds["q"]) == 0.01
-    assert ds.attrs == {"source": "test", "dt": pytest.approx(DT, rel=1e-12), "nan_pairs": 0}
+    expected = {"source": "test", "dt": pytest.approx(DT, rel=1e-12), "nan_pairs": 0}
+    assert ds.attrs == {**expected, "dropped_frames": 0}
     assert ds["t1"].attrs["units"] == "s"
     assert ds["q"].attrs["units"] == "1/Å"
 
@@ -117,6 +118,18 @@ def test_nan_pairs_counts_upper_pairs_of_c2_and_sigma():
     assert ds.attrs["nan_pairs"] == 2
     assert count_nan_pairs(ds) == 2
     assert hd.select(ds, phi=[90.0, 45.0]).attrs["nan_pairs"] == 1
+
+
+def test_a_frame_is_dropped_when_none_of_its_pairs_is_finite_at_any_angle():
+    c2 = _c2()
+    c2[:, 3, :] = c2[:, :, 3] = np.nan  # every angle: dropped
+    c2[:, 5, :] = c2[:, :, 5] = np.nan
+    c2[:, 5, 5] = 1.0  # a finite diagonal alone is no pair: dropped
+    c2[1:, 6, :] = c2[1:, :, 6] = np.nan  # finite at the first angle: kept
+    ds = hd.from_arrays(c2, T, PHI, 0.01)
+    assert ds.attrs["dropped_frames"] == 2
+    assert hd.select(ds, frames=slice(4, 10)).attrs["dropped_frames"] == 1
+    assert hd.select(ds, phi=[45.0, 90.0]).attrs["dropped_frames"] == 3
 
 
 def test_validate_names_the_first_asymmetric_pair():

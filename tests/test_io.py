@@ -131,6 +131,27 @@ def test_time_vector_sets_the_first_frame(tmp_path):
     np.testing.assert_array_equal(ds["t1"].values, DT * np.arange(103, 111))
 
 
+def test_dropped_frames_are_nan_rows_on_the_uniform_grid(tmp_path):
+    # the detector dropped acquisition frames 105, 106 and 112: the file stores 20 frames
+    # whose start times skip them
+    index = np.delete(np.arange(100, 100 + N + 3), [5, 6, 12])
+    data = _aps_u()
+    data["xpcs/twotime/t"] = DT * index
+    ds = hd.load(write_h5(tmp_path / "gaps.h5", data), q=0.01)
+    np.testing.assert_allclose(ds["t1"].values, DT * np.arange(101, 101 + N + 3), rtol=1e-12)
+    place = index - 100
+    np.testing.assert_array_equal(ds["c2"].values[:, place][:, :, place], _expected(1))
+    missing = ds["c2"].values[:, [5, 6, 12]]
+    assert np.isnan(missing).all() and np.isnan(ds["c2"].values[:, :, [5, 6, 12]]).all()
+    assert ds.attrs["dropped_frames"] == 3
+    # pairs t1 < t2 of 4 angles touching a dropped frame: 23 x 22 / 2 - 20 x 19 / 2 each
+    assert ds.attrs["nan_pairs"] == 4 * (23 * 22 // 2 - N * (N - 1) // 2)
+    # a window indexes the stored frames: 3..9 spans acquisition frames 103..111
+    window = hd.load(tmp_path / "gaps.h5", q=0.01, frames=slice(3, 10))
+    np.testing.assert_allclose(window["t1"].values, DT * np.arange(104, 113), rtol=1e-12)
+    assert window.attrs["dropped_frames"] == 2
+
+
 def test_nan_blocks_are_data(tmp_path):
     data = _aps_u()
     block = np.array(data["xpcs/twotime/correlation_map/c2_00001"])
@@ -218,7 +239,10 @@ BAD_APS_U = {
         _set("xpcs/twotime/t", DT * np.arange(N - 1)),
         "xpcs/twotime/t has 19 times",
     ),
-    "strided time vector": (_set("xpcs/twotime/t", 2 * DT * np.arange(N)), "steps range"),
+    "strided time vector": (
+        _set("xpcs/twotime/t", 2 * DT * np.arange(N)),
+        "steps by 2 frames",
+    ),
     "all-NaN angle": (_set(C2, np.full((N, N), np.nan)), "all NaN/inf for phi = [0.0]"),
 }
 

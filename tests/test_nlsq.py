@@ -157,6 +157,22 @@ def test_multistart_design_is_inside_bounds_and_log_uniform_for_scales(dataset):
     assert abs(np.mean(decades) - (7 - nlsq.LOG_DECADES / 2)) < 0.2
 
 
+def test_dropped_frames_are_masked_counted_and_reported(dataset):
+    c2 = dataset["c2"].values.copy()
+    c2[:, [7, 8, 30], :] = np.nan
+    c2[:, :, [7, 8, 30]] = np.nan
+    ds = hd.from_arrays(c2, dataset["t1"].values, dataset["phi"].values, float(dataset["q"]))
+    assert (ds.attrs["dropped_frames"], ds.attrs["nan_pairs"]) == (3, 3 * (60 * 59 - 57 * 56) // 2)
+    result = hd.fit_nlsq(ds, off_by_30_percent(), progress=False)
+    complete = hd.fit_nlsq(dataset, off_by_30_percent(), progress=False)
+    assert result.success
+    assert all(np.isfinite(v.values).all() for v in result.params.data_vars.values())
+    assert result.info["dropped_frames"] == 3 and "dropped frames: 3" in result.report()
+    assert result.info["n_pairs"] == 3 * 57 * 56 // 2
+    for name in ("v0", "phi0", "D0_sample"):
+        assert abs(result.value(name) - complete.value(name)) < 2 * result.error(name), name
+
+
 def test_nan_pairs_are_masked_and_counted(dataset):
     ds = dataset.copy(deep=True)
     ds["c2"].values[:, 5:9, 20:30] = np.nan
