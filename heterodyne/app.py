@@ -667,7 +667,8 @@ def _summary_html(ds: xr.Dataset) -> str:
         "source": ds.attrs.get("source", "-"),
         "q": f"{float(ds['q']):.5g} {ds['q'].attrs.get('units', '1/Å')}",
         "angles": f"{', '.join(f'{v:g}' for v in ds['phi'].values)} deg",
-        "frames": f"{t.size}: t = {t[0]:.4g} ... {t[-1]:.4g} s, dt = {float(ds.attrs['dt']):.4g} s",
+        "frames": f"{t.size}: t = {t[0]:.4g} ... {t[-1]:.4g} s, dt = {float(ds.attrs['dt']):.4g} s"
+        f" ({int(ds.attrs.get('dropped_frames', 0))} dropped, masked)",
         "pairs t1 < t2": f"{_pairs(ds)} ({int(ds.attrs.get('nan_pairs', 0))} non-finite, masked)",
         "uncertainties": "sigma given" if "sigma" in ds.data_vars else "none (noise estimated)",
     }

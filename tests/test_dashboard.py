@@ -58,6 +58,7 @@ def test_a_beamline_file_opens_with_its_q_bins_and_follows_the_selectors(tmp_pat
     assert titles == [f"φ = {v} deg, q = 0.012 1/Å" for v in ("45", "-45")]
     assert "20: t = 0.6 ... 2.5 s" in dash.summary.object
     assert "380 (0 non-finite, masked)" in dash.summary.object  # 2 x 20 x 19 / 2 pairs
+    assert "(0 dropped, masked)" in dash.summary.object
 
 
 def test_a_bad_file_or_selection_shows_an_alert(tmp_path):
