@@ -112,10 +112,20 @@ def _frame_time(draw):
     return stored, float(stored.ravel()[0])
 
 
-def _expect(files, logical, names, members, *, phis, q_value, dt, first, n, q_bins):
-    """The Dataset a correct reader returns for the matrices ``members``; its problems."""
+def _expect(files, logical, names, members, *, phis, q_value, dt, index, q_bins):
+    """The Dataset a correct reader returns for the matrices ``members``; its problems.
+
+    ``index``: the acquisition frame of each stored frame; frames it skips were dropped
+    and are NaN rows and columns of the uniform grid.
+    """
     order = sorted(members, key=lambda k: phis[k])
-    c2 = np.stack([logical[k] for k in order])
+    n = len(index)
+    first = int(index[0]) if n else 0
+    size = int(index[-1]) - first + 1 if n else 0
+    c2 = np.full((len(order), size, size), np.nan)
+    place = np.asarray(index, dtype=int) - first
+    for row, k in enumerate(order):
+        c2[row][np.ix_(place, place)] = logical[k]
     problems = []
     if n < 3:
         problems.append(Problem(("at least 3",), meta=False))
@@ -131,7 +141,7 @@ def _expect(files, logical, names, members, *, phis, q_value, dt, first, n, q_bi
         q_value=q_value,
         c2=c2,
         phi=np.array([phis[k] for k in order]),
-        t=dt * (first + np.arange(1, n + 1)),
+        t=dt * (first + np.arange(1, size + 1)),
         dt=dt,
         q_bins=q_bins,
         names=names,
@@ -374,10 +384,18 @@ def aps_u_cases(draw, defect):
     q_stored, phi_stored = _stored_list(draw, q_list), _stored_list(draw, phi_list)
     files = _files.aps_u(q_stored, phi_stored, processed, stored, frame_time)
     files[APS_U_BINS] = files[APS_U_BINS].astype(draw(st.sampled_from(["<i8", "<i4", "<u2"])))
-    first = 0
+    index = np.arange(n)
     if n >= 1 and draw(st.booleans()):
-        first = draw(st.integers(0, 400))
-        files[APS_U_T] = (dt * (first + np.arange(n))).astype(draw(st.sampled_from(LIST_DTYPES)))
+        index = draw(st.integers(0, 400)) + np.arange(n)
+        if n >= 4 and draw(st.booleans()):
+            # frames dropped by the detector: gaps of 1 to 3 frames after a minority of
+            # the stored frames (most steps stay one frame)
+            after = draw(st.sets(st.integers(0, n - 2), min_size=1, max_size=(n - 2) // 2))
+            gaps = np.zeros(n, dtype=int)
+            for k in after:
+                gaps[k + 1] = draw(st.integers(1, 3))
+            index = index + np.cumsum(gaps)
+        files[APS_U_T] = (dt * index).astype(draw(st.sampled_from(LIST_DTYPES)))
     if draw(st.booleans()):
         files[f"{APS_U_C2}/c2_average"] = np.ones((2, 2))
         files["entry/sample/name"] = np.bytes_(b"latex spheres")
@@ -394,8 +412,7 @@ def aps_u_cases(draw, defect):
         phis=phis,
         q_value=float(q_values[members[0]]),
         dt=dt,
-        first=first,
-        n=n,
+        index=index,
         q_bins=np.unique(q_values),
     )
     case.layout["processed"] = processed
@@ -483,8 +500,7 @@ def legacy_cases(draw, defect):
         phis=phis,
         q_value=q_value,
         dt=dt,
-        first=0,
-        n=n,
+        index=np.arange(n),
         q_bins=np.unique(q_values),
     )
     case.layout["numbers"] = numbers
@@ -509,7 +525,10 @@ def _check_beamline(case, path):
         assert float(ds["q"]) == case.q_value
         assert ds.attrs["dt"] == case.dt
         assert ds.attrs["nan_pairs"] == _nan_pairs(case.c2)
+        assert ds.attrs["dropped_frames"] == _dropped_frames(case.c2)
         outcome = "dataset"
+        if APS_U_T in case.files and ds.sizes["t1"] > np.size(case.files[APS_U_T]):
+            outcome = "dataset with dropped frames"
     # q_values reads only metadata: it fails on exactly the problems metadata shows.
     if any(problem.meta for problem in case.problems):
         with pytest.raises(HeterodyneError, match=re.escape(str(path))):
@@ -517,6 +536,13 @@ def _check_beamline(case, path):
     else:
         np.testing.assert_array_equal(hd.q_values(path), case.q_bins)
     return outcome
+
+
+def _dropped_frames(c2):
+    """Frames with no finite value off the diagonal, at any angle."""
+    n = c2.shape[-1]
+    finite = np.isfinite(c2) & ~np.eye(n, dtype=bool)
+    return int(np.sum(~finite.any(axis=(0, 2))))
 
 
 def _nan_pairs(c2):
@@ -693,8 +719,9 @@ def tally():
     print()
     for kind, counts in [*outcomes.items(), ("all", total)]:
         print(
-            f"hostile files, {kind}: {counts.total()} cases, {counts['dataset']} correct "
-            f"Datasets, {counts['error']} clear errors"
+            f"hostile files, {kind}: {counts.total()} cases, {counts.total() - counts['error']} "
+            f"correct Datasets ({counts['dataset with dropped frames']} with dropped frames), "
+            f"{counts['error']} clear errors"
         )
 
 
