@@ -474,14 +474,9 @@ def _read_bins(
     size = int(place.max(initial=-1)) + 1
     shape = (members.size, size, size)
     check_memory(shape, what=f"reading {path} (q-bin {iq})", **LOAD_MEMORY)
-    complete = size == b - a
-    c2 = np.empty(shape) if complete else np.full(shape, np.nan)
+    c2 = np.full(shape, np.nan)
     for row, k in enumerate(members):
-        stored = _read(f[bins.names[k]], path, np.s_[a:b, a:b])
-        if complete:
-            c2[row] = stored
-        else:
-            c2[row][np.ix_(place, place)] = stored
+        c2[row][np.ix_(place, place)] = _read(f[bins.names[k]], path, np.s_[a:b, a:b])
     t = bins.dt * (first + 1 + np.arange(size))
     source = f"{bins.layout}:{path} q-bin {iq}"
     if frames is not None:

@@ -421,7 +421,7 @@ def _separable_gram(a, b, e, Da, Db, scale):
     )
     (S4, p), (S1, S2, s) = prefix, flip(suffix)
 
-    # contractions over a term index: dot products (a broadcast-and-sum here cost 2x)
+    # contractions over a term index as dot products (a broadcast-and-sum was slower)
     row_side = 0.5 * jnp.einsum("iamn,ianq->iamq", S1, A) + jnp.einsum("ian,iamnq->iamq", a, S2)
     col_side = 0.5 * jnp.einsum("iamn,ianq->iamq", S4, B)
     half = jnp.einsum(
