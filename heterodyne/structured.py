@@ -62,6 +62,9 @@ STEP_PAIRS = 2**14
 # like the off-diagonal ones (factors up to exp(DIAG_SPAN), far from overflow); a wider
 # one is computed pair by pair.
 DIAG_SPAN = 300.0
+# Frames per block of the J^T J sums: pairs within a block are summed one by one, pairs
+# across blocks through per-block sums (8 was fastest at N = 200 to 2000).
+GRAM_BLOCK = 8
 # A column of J^T J smaller than this fraction of its magnitude (the sum of its separate
 # terms' squares) is rounding: its terms cancel to below what the sums resolve (~1e-15).
 RESOLUTION = 1e-11
@@ -79,8 +82,9 @@ class Blocks(NamedTuple):
     The ``N`` frames are padded to ``n_blocks * B``. ``off[s, k]`` holds the data of
     block row ``rows[s, k]`` and block column ``cols[s, k] > rows[s, k]`` (step ``s`` of
     the off-diagonal pass, ``k``-th block of the step); ``diag[K]`` the data of block
-    ``K`` with itself. Pairs that are not fitted (lower triangle, diagonal, non-finite,
-    padding, and the blocks that fill the last step) are NaN.
+    ``K`` with itself, as ``d = c2 - center`` (centering makes the expanded ``r^T r`` a
+    difference of smaller sums). Pairs that are not fitted (lower triangle, diagonal,
+    non-finite, padding, and the blocks that fill the last step) are zero.
     """
 
     t: jax.Array  #: frame times [s], (N,)
@@ -91,6 +95,9 @@ class Blocks(NamedTuple):
     rows: jax.Array  #: (n_steps, per_step) block row of each off-diagonal block
     cols: jax.Array  #: (n_steps, per_step) block column of each off-diagonal block
     weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
+    center: jax.Array  #: (n_phi,) the mean c2 of each angle's fitted pairs, subtracted in the layout
+    sum_d: jax.Array  #: (n_phi,) sum of the centered c2 ``d`` over each angle's fitted pairs
+    sum_d2: jax.Array  #: (n_phi,) sum of ``d²`` over each angle's fitted pairs
     masked_angle: jax.Array  #: angle of each masked pair (padded to a power of two)
     masked_i: jax.Array  #: first frame of each masked pair
     masked_j: jax.Array  #: second frame of each masked pair
@@ -144,8 +151,10 @@ def blocks(pairs: objective.Pairs, block: int | None = None) -> Blocks | None:
     bi, bj = i // size, j // size
     slot = np.where(bi == bj, rows.size + bi, pair_index[bi, bj])
     within = (angle.astype(np.int64) * size + i % size) * size + j % size
-    layout = np.full((rows.size + n_blocks, n_phi, size, size), np.nan)
-    layout.reshape(-1)[slot * (n_phi * size * size) + within] = c2
+    center = np.bincount(angle, c2, n_phi) / np.maximum(np.bincount(angle, minlength=n_phi), 1)
+    d = c2 - center[angle]
+    layout = np.zeros((rows.size + n_blocks, n_phi, size, size))
+    layout.reshape(-1)[slot * (n_phi * size * size) + within] = d
     off, diag = layout[: rows.size], layout[rows.size :]
 
     if n_masked:
@@ -172,6 +181,9 @@ def blocks(pairs: objective.Pairs, block: int | None = None) -> Blocks | None:
         rows=jnp.asarray(rows.reshape(n_steps, per_step), dtype=jnp.int32),
         cols=jnp.asarray(cols.reshape(n_steps, per_step), dtype=jnp.int32),
         weight=jnp.asarray(weight),
+        center=jnp.asarray(center),
+        sum_d=jnp.asarray(np.bincount(angle, d, n_phi)),
+        sum_d2=jnp.asarray(np.bincount(angle, d * d, n_phi)),
         masked_angle=padded(m_angle),
         masked_i=padded(m_i),
         masked_j=padded(m_j),
@@ -227,12 +239,23 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     Da = da + a[..., None] * de
     Db = db - b[..., None] * de
 
-    X, Y, sums = _residual_pass(a, b, e, scale, base, data)
-    physics_jtr = jnp.einsum("aimp,aim->ap", Da, X) + jnp.einsum("aimp,aim->ap", Db, Y)
-    jtr_angle = jnp.concatenate([scale[:, None] * physics_jtr, sums[:, 1:]], axis=1)
+    X, Y, dg = _data_pass(a, b, e, data)
     gram, magnitude = _separable_gram(a, b, e, Da, Db, scale)
     if data.masked_i.shape[0]:
         gram = gram - _masked_gram(a, b, e, Da, Db, scale, data)
+    # residual-free: with v = [c dg, g, 1] and r = base + c g - d (base = offset - center),
+    # sum v r = base sum v + c sum v g - sum v d, and r^T r likewise from sums of v v^T
+    physics_d = jnp.einsum("aimp,aim->ap", Da, X) + jnp.einsum("aimp,aim->ap", Db, Y)
+    vd = jnp.concatenate([scale[:, None] * physics_d, dg[:, None], data.sum_d[:, None]], 1)
+    base = base - data.center
+    jtr_angle = base[:, None] * gram[:, -1] + scale[:, None] * gram[:, -2] - vd
+    rtr_angle = (
+        base**2 * gram[:, -1, -1]
+        + 2 * base * scale * gram[:, -1, -2]
+        + scale**2 * gram[:, -2, -2]
+        - 2 * (base * data.sum_d + scale * dg)
+        + data.sum_d2
+    )
 
     # coordinates (varied physics, contrast (n_scale), offset (n_scale)), then the varied
     k = np.arange(n_phi) % n_scale
@@ -262,22 +285,21 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     # parameter has no resolvable effect at x, and its column is zero.
     live = jnp.diag(jtj) > RESOLUTION * magnitude
     jtj = jnp.where(live[:, None] & live[None, :], jtj, 0.0)
-    return 0.5 * (jtj + jtj.T), jnp.where(live, jtr, 0.0), squared @ sums[:, 0]
+    return 0.5 * (jtj + jtj.T), jnp.where(live, jtr, 0.0), squared @ rtr_angle
 
 
 normal_equations_jit = jax.jit(normal_equations, static_argnums=(4, 5))
 
 
-def _residual_pass(a, b, e, scale, base, data: Blocks):
-    """One pass over the data: ``X``, ``Y`` of the module docstring, shape
-    ``(n_phi, N, M)``, and per angle ``(sum R², sum R g, sum R)`` of the unweighted
-    residual ``R = offset + contrast g - c2`` over the fitted pairs.
+def _data_pass(a, b, e, data: Blocks):
+    """One pass over the data ``d``: ``X``, ``Y`` of the module docstring with ``d`` in
+    place of the residual, shape ``(n_phi, N, M)``, and per angle ``sum d g`` over the
+    fitted pairs (``d`` is zero elsewhere).
 
     Between blocks ``I < J`` with split frame ``c`` (the first of ``J``), ``u = a_I
     exp(e_I - e_c)`` and ``w = b_J exp(e_c - e_J)`` give ``g = u w^T``,
-    ``X_I = exp(e_I - e_c) (R w)``, ``Y_J = exp(e_c - e_J) (R^T u)``; ``sum R g`` is
-    ``sum u (R w)`` and ``sum R`` comes from a column of ones appended to ``w``, so the
-    only pass over ``R`` besides the two products is ``sum R²``.
+    ``X_I = exp(e_I - e_c) (d w)``, ``Y_J = exp(e_c - e_J) (d^T u)`` and ``sum d g =
+    sum u (d w)``: two thin matrix products per block, nothing formed pair by pair.
     """
     n_phi, n, m = a.shape
     n_blocks, _, size, _ = data.diag.shape
@@ -290,64 +312,48 @@ def _residual_pass(a, b, e, scale, base, data: Blocks):
     # padded frames have a = b = 0 and the last exponent, so every factor stays <= 1
     a_blocks, b_blocks = by_block(a), by_block(b)
     e_blocks = jnp.pad(e, ((0, pad), (0, 0)), mode="edge").reshape(n_blocks, size, m)
-    c, o = scale[:, None, None], base[:, None, None]
 
-    def residual(c2, g):
-        return jnp.where(jnp.isnan(c2), 0.0, o + c * g - c2)
-
-    def products(c2, u, w, row_shift, col_shift):
-        r = residual(c2, jnp.einsum("...im,...jm->...ij", u, w))
-        ones = jnp.ones_like(w[..., :1])
-        rw = jnp.einsum("...ij,...jm->...im", r, jnp.concatenate([w, ones], -1))
-        sums = jnp.stack(
-            [jnp.sum(r * r, (-2, -1)), jnp.sum(u * rw[..., :m], (-2, -1)), jnp.sum(rw[..., m], -1)],
-            -1,
-        )
-        x_part = row_shift * rw[..., :m]
-        # u^T R, then transposed: R is read along its rows, as it is laid out
-        y_part = col_shift * jnp.swapaxes(jnp.einsum("...im,...ij->...mj", u, r), -1, -2)
-        return sums, x_part, y_part
+    def products(d, u, w, row_shift, col_shift):
+        dw = jnp.einsum("...ij,...jm->...im", d, w)
+        # u^T d, then transposed: d is read along its rows, as it is laid out
+        du = jnp.swapaxes(jnp.einsum("...im,...ij->...mj", u, d), -1, -2)
+        return jnp.sum(u * dw, (-2, -1)), row_shift * dw, col_shift * du
 
     def off_step(carry, step):
-        rows, cols, c2 = step
+        rows, cols, d = step
         split = e_blocks[cols, :1]
         row_shift = jnp.exp(e_blocks[rows] - split)[:, None]
         col_shift = jnp.exp(split - e_blocks[cols])[:, None]
         u = a_blocks[rows] * row_shift
         w = b_blocks[cols] * col_shift
-        sums, x_part, y_part = products(c2, u, w, row_shift, col_shift)
-        return carry + jnp.sum(sums, 0), (x_part, y_part)
+        dg, x_part, y_part = products(d, u, w, row_shift, col_shift)
+        return carry + jnp.sum(dg, 0), (x_part, y_part)
 
     upper = jnp.triu(jnp.ones((size, size), dtype=bool), 1)[:, :, None]
 
-    def split_diag(a_k, b_k, e_k, c2):
+    def split_diag(a_k, b_k, e_k, d):
         # split at the first frame: exp(e_i - e_c) >= 1, bounded by exp(DIAG_SPAN)
         row_shift = jnp.exp(e_k - e_k[:1])
         col_shift = jnp.exp(e_k[:1] - e_k)
-        return products(c2, a_k * row_shift, b_k * col_shift, row_shift, col_shift)
+        return products(d, a_k * row_shift, b_k * col_shift, row_shift, col_shift)
 
-    def pairwise_diag(a_k, b_k, e_k, c2):
+    def pairwise_diag(a_k, b_k, e_k, d):
         decay = jnp.where(upper, jnp.exp(jnp.minimum(e_k[:, None] - e_k[None], 0.0)), 0.0)
         row_kernel = decay * b_k[:, None]
-        g = jnp.sum(a_k[:, :, None] * row_kernel, -1)
-        r = residual(c2, g)
-        x_part = jnp.einsum("aij,aijm->aim", r, row_kernel)
-        y_part = jnp.einsum("aij,aijm->ajm", r, decay * a_k[:, :, None])
-        sums = jnp.stack([jnp.sum(r * r, (1, 2)), jnp.sum(r * g, (1, 2)), jnp.sum(r, (1, 2))], 1)
-        return sums, x_part, y_part
+        x_part = jnp.einsum("aij,aijm->aim", d, row_kernel)
+        y_part = jnp.einsum("aij,aijm->ajm", d, decay * a_k[:, :, None])
+        return jnp.sum(a_k * x_part, (1, 2)), x_part, y_part
 
     def diag_block(carry, block):
         e_k = block[2]
         narrow = jnp.max(e_k[-1] - e_k[0]) <= DIAG_SPAN
-        sums, x_part, y_part = jax.lax.cond(narrow, split_diag, pairwise_diag, *block)
-        return carry + sums, (x_part, y_part)
+        dg, x_part, y_part = jax.lax.cond(narrow, split_diag, pairwise_diag, *block)
+        return carry + dg, (x_part, y_part)
 
-    sums, (x_off, y_off) = jax.lax.scan(
-        off_step, jnp.zeros((n_phi, 3)), (data.rows, data.cols, data.off)
+    dg, (x_off, y_off) = jax.lax.scan(
+        off_step, jnp.zeros(n_phi), (data.rows, data.cols, data.off)
     )
-    sums, (x_diag, y_diag) = jax.lax.scan(
-        diag_block, sums, (a_blocks, b_blocks, e_blocks, data.diag)
-    )
+    dg, (x_diag, y_diag) = jax.lax.scan(diag_block, dg, (a_blocks, b_blocks, e_blocks, data.diag))
     flat = (-1, n_phi, size, m)
     X = x_diag.at[data.rows.ravel()].add(x_off.reshape(flat))
     Y = y_diag.at[data.cols.ravel()].add(y_off.reshape(flat))
@@ -355,26 +361,7 @@ def _residual_pass(a, b, e, scale, base, data: Blocks):
     def by_frame(v):
         return v.transpose(1, 0, 2, 3).reshape(n_phi, n_blocks * size, m)[:, :n]
 
-    return by_frame(X), by_frame(Y), sums
-
-
-def _decayed_prefix(values, decay):
-    """``h_0 = 0``, ``h_k = decay_{k-1} (h_{k-1} + values_{k-1})`` along axis 0.
-
-    With ``decay_k = exp(-(F_{k+1} - F_k)) <= 1`` this is
-    ``h_k = sum_{i<k} exp(-(F_k - F_i)) values_i`` without ever forming ``exp(F)``: each
-    step multiplies by a factor ``<= 1``, so nothing overflows and errors do not grow.
-    ``values`` and ``decay`` are pytrees with matching leaves.
-    """
-
-    def step(h, inputs):
-        d, v = inputs
-        h = jax.tree.map(lambda hk, dk, vk: dk * (hk + vk), h, d, v)
-        return h, h
-
-    start = jax.tree.map(lambda v: jnp.zeros_like(v[0]), values)
-    _, h = jax.lax.scan(step, start, (decay, jax.tree.map(lambda v: v[:-1], values)))
-    return jax.tree.map(lambda z, hk: jnp.concatenate([z[None], hk]), start, h)
+    return by_frame(X), by_frame(Y), dg
 
 
 def _separable_gram(a, b, e, Da, Db, scale):
@@ -384,53 +371,106 @@ def _separable_gram(a, b, e, Da, Db, scale):
     ``(n_phi, P + 2)``: the scale of the rounding errors of the separable sums.
 
     The contrast direction is one more derivative: with ``A_im = [c Da_im, a_im]`` and
-    ``B_jm = [c Db_jm, 0]``, ``[c dg, g]_ij = sum_m E_ijm (A_im b_jm + a_im B_jm)``. With
-    ``F_imn = e_im + e_in`` (so ``E_ijm E_ijn = exp(-(F_jmn - F_imn))``), the suffix sums
-    ``S1_imn = sum_{j>i} E_ijm E_ijn b_jm b_jn``, ``S2_imn = sum_{j>i} E_ijm E_ijn b_jm B_jn``,
-    ``s_im = sum_{j>i} E_ijm b_jm`` and the prefix sums
-    ``S4_jmn = sum_{i<j} E_ijm E_ijn a_im a_in``, ``p_jm = sum_{i<j} E_ijm a_im`` give::
+    ``B_jm = [c Db_jm, 0]``, ``[c dg, g]_ij = sum_m E_ijm (A_im b_jm + a_im B_jm)``.
 
-        sum [c dg, g] [c dg, g]^T = H + H^T,
-            H = sum_im A_im (S1 A / 2 + a S2)_im^T + B_im (S4 B / 2)_im^T
-        sum [c dg, g] = sum_im A_im s_im + B_im p_im,      sum 1 = N (N - 1) / 2
+    Frames are cut in blocks of ``GRAM_BLOCK``. For ``i`` in block ``I`` and ``j`` in a
+    later block ``J``, ``E_ijm = exp(e_i - e_s) exp(e_s - e_t) exp(e_t - e_j)`` with ``s``
+    the first frame after ``I`` and ``t`` the first of ``J``: every factor ``<= 1``. So
+    with ``A'_i = exp(e_i - e_s) A_i`` (likewise ``a'``) and ``B'_j = exp(e_t - e_j) B_j``
+    (likewise ``b'``), the sums over those pairs are::
 
-    where ``(S1 A)_im = sum_n S1_imn A_in`` and ``(a S2)_im = sum_n a_in S2_imn``; the
-    terms ``n = m`` alone give the magnitude.
+        sum v v^T = H + H^T,   H = sum_i A'_i^T (R_bb A'_i / 2 + a'_i R_bB)
+                                   + sum_j B'_j^T (P_aa B'_j / 2)
+        sum v = sum_i A'_i^T R_b + sum_j B'_j^T P_a
+
+    where ``R`` are the sums over all later blocks of ``b' b'^T``, ``b' B'^T`` and ``b'``
+    (suffix sums over blocks, each block's moved to the previous block's start by
+    ``exp(e_t - e_t') <= 1``) and ``P`` the sums over all earlier blocks of ``a' a'^T`` and
+    ``a'`` (prefix sums). Pairs within a block are summed one by one; the terms ``n = m``
+    of the products alone give the magnitude. Cost ``O(N M² P²)``, with no recurrence
+    over frames.
     """
     n_phi, n, m = a.shape
     c = scale[:, None, None, None]
-    A = jnp.concatenate([c * Da, a[..., None]], -1).transpose(1, 0, 2, 3)
-    B = jnp.concatenate([c * Db, jnp.zeros_like(b[..., None])], -1).transpose(1, 0, 2, 3)
-    a, b = a.transpose(1, 0, 2), b.transpose(1, 0, 2)
-    pair_exponent = e[:, :, None] + e[:, None, :]
-    pair_decay = jnp.exp(-(pair_exponent[1:] - pair_exponent[:-1]))[:, None]
-    term_decay = jnp.exp(-(e[1:] - e[:-1]))[:, None]
+    A = jnp.concatenate([c * Da, a[..., None]], -1)
+    B = jnp.concatenate([c * Db, jnp.zeros_like(b[..., None])], -1)
+    size = GRAM_BLOCK
+    n_blocks = -(-n // size)
+    pad = n_blocks * size - n
 
-    def flip(tree):
-        return jax.tree.map(lambda v: v[::-1], tree)
+    def by_block(v):
+        # padded frames: zero factors, the last exponent (every shift stays <= 1)
+        v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+        return v.reshape(n_phi, n_blocks, size, *v.shape[2:])
 
-    # one scan: the prefix sums forward, the suffix sums over the reversed frames
-    prefix, suffix = _decayed_prefix(
-        (
-            (a[..., :, None] * a[..., None, :], a),
-            flip(
-                (b[..., :, None] * b[..., None, :], b[..., :, None, None] * B[..., None, :, :], b)
-            ),
-        ),
-        ((pair_decay, term_decay), flip((pair_decay, pair_decay[..., None], term_decay))),
+    A, B, a, b = by_block(A), by_block(B), by_block(a), by_block(b)
+    e = jnp.pad(e, ((0, pad), (0, 0)), mode="edge").reshape(n_blocks, size, m)
+    start = e[:, 0]
+    after = jnp.concatenate([start[1:], e[-1:, -1]])
+    left_shift = jnp.exp(e - after[:, None])[None]
+    right_shift = jnp.exp(start[:, None] - e)[None]
+    a1, A1 = a * left_shift, A * left_shift[..., None]
+    b1, B1 = b * right_shift, B * right_shift[..., None]
+
+    # per block (as dot products: the broadcast-and-sum was slower here)
+    r_bb = jnp.einsum("akim,akin->akmn", b1, b1)
+    r_bB = jnp.einsum("akim,akinq->akmnq", b1, B1)
+    l_aa = jnp.einsum("akim,akin->akmn", a1, a1)
+    step = jnp.exp(start[:-1] - start[1:])  # from block K + 1's start to block K's
+    step = jnp.concatenate([step, jnp.ones((1, m))])[None]
+    step2 = step[..., :, None] * step[..., None, :]
+
+    def blocks_first(tree):
+        return jax.tree.map(lambda v: jnp.moveaxis(v, 1, 0), tree)
+
+    def later_blocks(later, block):
+        (bb, bB, b_sum), (d, d2) = block
+        R_bb, R_bB, R_b = later
+        return (bb + d2 * R_bb, bB + d2[..., None] * R_bB, b_sum + d * R_b), later
+
+    def earlier_blocks(earlier, block):
+        (aa, a_sum), (d, d2) = block
+        P_aa, P_a = earlier
+        return (d2 * P_aa + aa, d * P_a + a_sum), earlier
+
+    right = (r_bb, r_bB, jnp.sum(b1, 2))
+    left = (l_aa, jnp.sum(a1, 2))
+    zeros = jax.tree.map(lambda v: jnp.zeros_like(v[:, 0]), (right, left))
+    decay = blocks_first((step, step2))
+    _, later = jax.lax.scan(later_blocks, zeros[0], (blocks_first(right), decay), reverse=True)
+    _, earlier = jax.lax.scan(earlier_blocks, zeros[1], (blocks_first(left), decay))
+    (R_bb, R_bB, R_b), (P_aa, P_a) = blocks_first((later, earlier))
+
+    # contractions over one term index as broadcast products (as dot products they would
+    # be thousands of tiny ones), then one product over frames and terms
+    row = jnp.sum(
+        0.5 * R_bb[:, :, None, :, :, None] * A1[:, :, :, None]
+        + a1[:, :, :, None, :, None] * R_bB[:, :, None],
+        4,
     )
-    (S4, p), (S1, S2, s) = prefix, flip(suffix)
-
-    # contractions over a term index as dot products (a broadcast-and-sum was slower)
-    row_side = 0.5 * jnp.einsum("iamn,ianq->iamq", S1, A) + jnp.einsum("ian,iamnq->iamq", a, S2)
-    col_side = 0.5 * jnp.einsum("iamn,ianq->iamq", S4, B)
-    half = jnp.einsum(
-        "iamp,iamq->apq",
-        jnp.concatenate([A, B], 2),
-        jnp.concatenate([row_side, col_side], 2),
-    )
+    col = 0.5 * jnp.sum(P_aa[:, :, None, :, :, None] * B1[:, :, :, None], 4)
+    half = jnp.einsum("akimp,akimq->apq", A1, row) + jnp.einsum("akimp,akimq->apq", B1, col)
     gram = half + half.transpose(0, 2, 1)
-    total = jnp.einsum("iamp,iam->ap", A, s) + jnp.einsum("iamp,iam->ap", B, p)
+    total = jnp.einsum("akimp,akm->ap", A1, R_b) + jnp.einsum("akimp,akm->ap", B1, P_a)
+
+    def same_term(X):
+        return jnp.diagonal(X, axis1=2, axis2=3)
+
+    magnitude = (
+        jnp.einsum("akimp,akm->ap", A1 * A1, same_term(R_bb))
+        + 2 * jnp.einsum("akimp,akpm->ap", A1 * a1[..., None], same_term(R_bB))
+        + jnp.einsum("akimp,akm->ap", B1 * B1, same_term(P_aa))
+    )
+
+    # pairs within a block
+    i, j = np.triu_indices(size, 1)
+    E = jnp.exp(e[:, i] - e[:, j])[None]
+    per_term = (E * b[:, :, j])[..., None] * A[:, :, i] + (E * a[:, :, i])[..., None] * B[:, :, j]
+    v = jnp.sum(per_term, -2)
+    gram = gram + jnp.einsum("akip,akiq->apq", v, v)
+    total = total + jnp.sum(v, (1, 2))
+    magnitude = magnitude + jnp.sum(per_term**2, (1, 2, 3))
+
     count = jnp.full((n_phi, 1, 1), n * (n - 1) / 2)
     gram = jnp.concatenate(
         [
@@ -439,13 +479,6 @@ def _separable_gram(a, b, e, Da, Db, scale):
         ],
         1,
     )
-
-    def same_term(S):
-        return jnp.moveaxis(jnp.diagonal(S, axis1=2, axis2=3), -1, 2)
-
-    row_same = 0.5 * same_term(S1)[..., None] * A + a[..., None] * same_term(S2)
-    col_same = 0.5 * same_term(S4)[..., None] * B
-    magnitude = 2.0 * jnp.sum(A * row_same + B * col_same, (0, 2))
     return gram, jnp.concatenate([magnitude, count[:, 0]], 1)
 
 
