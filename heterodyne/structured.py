@@ -46,6 +46,7 @@ tested against.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -55,9 +56,6 @@ import numpy as np
 from heterodyne import model, objective
 from heterodyne.parameters import PHYSICS_NAMES
 
-# The off-diagonal pass handles this many pairs (several blocks) per step: large enough
-# that the loop overhead is small, small enough that a step's arrays stay in cache.
-STEP_PAIRS = 2**14
 # A diagonal block whose exponents span at most this much is split at its first frame
 # like the off-diagonal ones (factors up to exp(DIAG_SPAN), far from overflow); a wider
 # one is computed pair by pair.
@@ -77,23 +75,20 @@ MIN_MASK_PAD = 256
 
 
 class Blocks(NamedTuple):
-    """The fitted pairs of a Dataset laid out in square blocks of frames (a JAX pytree).
+    """The fitted pairs of a Dataset laid out in row panels of frames (a JAX pytree).
 
-    The ``N`` frames are padded to ``n_blocks * B``. ``off[s, k]`` holds the data of
-    block row ``rows[s, k]`` and block column ``cols[s, k] > rows[s, k]`` (step ``s`` of
-    the off-diagonal pass, ``k``-th block of the step); ``diag[K]`` the data of block
-    ``K`` with itself, as ``d = c2 - center`` (centering makes the expanded ``r^T r`` a
-    difference of smaller sums). Pairs that are not fitted (lower triangle, diagonal,
-    non-finite, padding, and the blocks that fill the last step) are zero.
+    The ``N`` frames are padded to ``n_blocks * B``. ``panels[a, K]`` holds rows
+    ``K B .. K B + B - 1`` of angle ``a``'s symmetric matrix (both triangles, all
+    columns); ``diag[K, a]`` the upper triangle of block ``K`` with itself. Both hold
+    ``d = c2 - center`` (centering makes the expanded ``r^T r`` a difference of smaller
+    sums); pairs that are not fitted (diagonal, non-finite, padding) are zero.
     """
 
     t: jax.Array  #: frame times [s], (N,)
     phi: jax.Array  #: angles [deg], (n_phi,)
     q: jax.Array  #: wavevector [1/Å], ()
-    off: jax.Array  #: (n_steps, per_step, n_phi, B, B) data of the blocks above the diagonal
-    diag: jax.Array  #: (n_blocks, n_phi, B, B) data of the diagonal blocks
-    rows: jax.Array  #: (n_steps, per_step) block row of each off-diagonal block
-    cols: jax.Array  #: (n_steps, per_step) block column of each off-diagonal block
+    panels: jax.Array  #: (n_phi, n_blocks, B, n_blocks * B) rows of the symmetric data
+    diag: jax.Array  #: (n_blocks, n_phi, B, B) upper triangles of the diagonal blocks
     weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
     center: jax.Array  #: (n_phi,) the mean c2 of each angle's fitted pairs, subtracted in the layout
     sum_d: jax.Array  #: (n_phi,) sum of the centered c2 ``d`` over each angle's fitted pairs
@@ -107,9 +102,8 @@ class Blocks(NamedTuple):
 def block_size(n_frames: int) -> int:
     """Frames per block: the power of two nearest ``4 sqrt(N)``, between 16 and 128.
 
-    Diagonal blocks cost ``O(N B)`` and the off-diagonal pass runs ``(N / B)²`` block
-    products whose efficiency grows with ``B``; on two cores ``B = 128`` was fastest at
-    ``N = 1000`` and ``N = 2000`` (4 angles).
+    Diagonal blocks cost ``O(N B)`` and the panel products ``N / B`` matrix products
+    whose efficiency grows with ``B``.
     """
     return int(np.clip(2 ** np.round(np.log2(4.0 * np.sqrt(n_frames))), 16, 128))
 
@@ -136,26 +130,15 @@ def blocks(pairs: objective.Pairs, block: int | None = None) -> Blocks | None:
 
     size = block_size(n) if block is None else int(block)
     n_blocks = -(-n // size)
-    rows, cols = np.triu_indices(n_blocks, 1)
-    per_step = max(1, min(STEP_PAIRS // size**2, rows.size))
-    n_steps = -(-rows.size // per_step)
-    filler = n_steps * per_step - rows.size
-    # filler blocks (row 0, last column) hold no data; any block above the diagonal would do
-    rows = np.append(rows, np.zeros(filler, dtype=rows.dtype))
-    cols = np.append(cols, np.full(filler, n_blocks - 1, dtype=cols.dtype))
-    pair_index = np.full((n_blocks, n_blocks), -1)
-    pair_index[rows[: rows.size - filler], cols[: cols.size - filler]] = np.arange(
-        rows.size - filler
-    )
-    # one flat scatter: slots 0.. hold the off-diagonal blocks, then the diagonal ones
-    bi, bj = i // size, j // size
-    slot = np.where(bi == bj, rows.size + bi, pair_index[bi, bj])
-    within = (angle.astype(np.int64) * size + i % size) * size + j % size
+    n_pad = n_blocks * size
     center = np.bincount(angle, c2, n_phi) / np.maximum(np.bincount(angle, minlength=n_phi), 1)
     d = c2 - center[angle]
-    layout = np.zeros((rows.size + n_blocks, n_phi, size, size))
-    layout.reshape(-1)[slot * (n_phi * size * size) + within] = d
-    off, diag = layout[: rows.size], layout[rows.size :]
+    panels = np.zeros((n_phi, n_pad, n_pad))
+    panels[angle, i, j] = d
+    panels[angle, j, i] = d
+    diag = np.zeros((n_blocks, n_phi, size, size))
+    same = i // size == j // size
+    diag[i[same] // size, angle[same], i[same] % size, j[same] % size] = d[same]
 
     if n_masked:
         fitted = np.zeros((n_phi, n, n), dtype=bool)
@@ -176,10 +159,8 @@ def blocks(pairs: objective.Pairs, block: int | None = None) -> Blocks | None:
         t=pairs.t,
         phi=pairs.phi,
         q=pairs.q,
-        off=jnp.asarray(off.reshape(n_steps, per_step, n_phi, size, size)),
+        panels=jnp.asarray(panels.reshape(n_phi, n_blocks, size, n_pad)),
         diag=jnp.asarray(diag),
-        rows=jnp.asarray(rows.reshape(n_steps, per_step), dtype=jnp.int32),
-        cols=jnp.asarray(cols.reshape(n_steps, per_step), dtype=jnp.int32),
         weight=jnp.asarray(weight),
         center=jnp.asarray(center),
         sum_d=jnp.asarray(np.bincount(angle, d, n_phi)),
@@ -227,34 +208,56 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     restricted to the varied ones. Derivatives are taken only along the varied physics
     parameters, so the cost grows with their number, not with the 14 of the table. A
     column whose terms cancel below ``RESOLUTION`` of their magnitude is returned as zero.
+
+    Four compiled stages, called in turn: the factors and their derivatives, the pass over
+    the data, the sums over pairs of the model, and their assembly. As one program XLA
+    ran them ~1.5x slower (2000 frames x 4 angles: 30 against 20 ms).
     """
+    a, b, e, Da, Db, scale, base = _factor_stage(
+        x, template, free, data.t, data.phi, data.q, data.center, n_scale, n_physics
+    )
+    X, Y, dg = _data_pass(a, b, e, data.panels, data.diag)
+    masked = (data.masked_angle, data.masked_i, data.masked_j, data.masked_valid)
+    gram, magnitude = _fitted_gram(a, b, e, Da, Db, scale, masked)
+    sums = (data.weight, data.sum_d, data.sum_d2)
+    return _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scale, n_physics)
+
+
+def cache_size() -> int:
+    """Compilations held by the stages of :func:`normal_equations` (one set per shape)."""
+    return sum(f._cache_size() for f in (_factor_stage, _data_pass, _fitted_gram, _assemble))
+
+
+@partial(jax.jit, static_argnums=(7, 8))
+def _factor_stage(x, template, free, t, phi, q, center, n_scale: int, n_physics: int):
+    """Factors ``(a, b, e)``, ``Da``, ``Db`` of the module docstring, the contrast and
+    the offset less the data's center, per angle."""
     z = template.at[free].set(x)
     _, contrast, offset = objective.unpack(z, n_scale)
-    n_phi = data.phi.shape[0]
+    n_phi = phi.shape[0]
+    (a, b, e), (da, db, de) = _factor_derivatives(x[:n_physics], template, free[:n_physics], t, phi, q)
     scale = jnp.broadcast_to(contrast, (n_phi,))
-    base = jnp.broadcast_to(offset, (n_phi,))
-    (a, b, e), (da, db, de) = _factor_derivatives(
-        x[:n_physics], template, free[:n_physics], data.t, data.phi, data.q
-    )
-    Da = da + a[..., None] * de
-    Db = db - b[..., None] * de
+    base = jnp.broadcast_to(offset, (n_phi,)) - center
+    return a, b, e, da + a[..., None] * de, db - b[..., None] * de, scale, base
 
-    X, Y, dg = _data_pass(a, b, e, data)
-    gram, magnitude = _separable_gram(a, b, e, Da, Db, scale)
-    if data.masked_i.shape[0]:
-        gram = gram - _masked_gram(a, b, e, Da, Db, scale, data)
+
+@partial(jax.jit, static_argnums=(11, 12))
+def _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scale, n_physics):
+    """``(J^T J, J^T r, r^T r)`` in the varied coordinates from the per-angle sums;
+    ``sums`` is ``(weight, sum_d, sum_d2)`` of :class:`Blocks`."""
+    weight, sum_d, sum_d2 = sums
+    n_phi = weight.shape[0]
     # residual-free: with v = [c dg, g, 1] and r = base + c g - d (base = offset - center),
     # sum v r = base sum v + c sum v g - sum v d, and r^T r likewise from sums of v v^T
     physics_d = jnp.einsum("aimp,aim->ap", Da, X) + jnp.einsum("aimp,aim->ap", Db, Y)
-    vd = jnp.concatenate([scale[:, None] * physics_d, dg[:, None], data.sum_d[:, None]], 1)
-    base = base - data.center
+    vd = jnp.concatenate([scale[:, None] * physics_d, dg[:, None], sum_d[:, None]], 1)
     jtr_angle = base[:, None] * gram[:, -1] + scale[:, None] * gram[:, -2] - vd
     rtr_angle = (
         base**2 * gram[:, -1, -1]
         + 2 * base * scale * gram[:, -1, -2]
         + scale**2 * gram[:, -2, -2]
-        - 2 * (base * data.sum_d + scale * dg)
-        + data.sum_d2
+        - 2 * (base * sum_d + scale * dg)
+        + sum_d2
     )
 
     # coordinates (varied physics, contrast (n_scale), offset (n_scale)), then the varied
@@ -270,7 +273,7 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     varied = jnp.concatenate(
         [jnp.arange(n_physics), free[n_physics:] - len(PHYSICS_NAMES) + n_physics]
     )
-    squared = data.weight**2
+    squared = weight**2
     size = n_physics + 2 * n_scale
     jtj = (
         jnp.zeros((size, size))
@@ -288,46 +291,43 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     return 0.5 * (jtj + jtj.T), jnp.where(live, jtr, 0.0), squared @ rtr_angle
 
 
-normal_equations_jit = jax.jit(normal_equations, static_argnums=(4, 5))
-
-
-def _data_pass(a, b, e, data: Blocks):
+@jax.jit
+def _data_pass(a, b, e, panels, diag):
     """One pass over the data ``d``: ``X``, ``Y`` of the module docstring with ``d`` in
-    place of the residual, shape ``(n_phi, N, M)``, and per angle ``sum d g`` over the
-    fitted pairs (``d`` is zero elsewhere).
+    place of the residual, shape ``(n_phi, N, M)``, and per angle ``sum d g = sum a X``
+    over the fitted pairs (``d`` is zero elsewhere); ``panels`` and ``diag`` as in
+    :class:`Blocks`.
 
-    Between blocks ``I < J`` with split frame ``c`` (the first of ``J``), ``u = a_I
-    exp(e_I - e_c)`` and ``w = b_J exp(e_c - e_J)`` give ``g = u w^T``,
-    ``X_I = exp(e_I - e_c) (d w)``, ``Y_J = exp(e_c - e_J) (d^T u)`` and ``sum d g =
-    sum u (d w)``: two thin matrix products per block, nothing formed pair by pair.
+    For the rows of block ``K`` (first frame ``s``, next block's first frame ``s'``),
+    ``X_i = exp(e_i - e_s') sum_{j >= s'} d_ij exp(e_s' - e_j) b_j`` and
+    ``Y_i = exp(e_s - e_i) sum_{j < s} d_ij exp(e_j - e_s) a_j`` (``d`` is symmetric):
+    one matrix product of the panel with ``2 M`` columns, every factor ``<= 1``. The
+    pairs of the diagonal block are added from ``diag``: split at the block's first frame
+    where its exponents span at most ``DIAG_SPAN``, else pair by pair.
     """
     n_phi, n, m = a.shape
-    n_blocks, _, size, _ = data.diag.shape
-    pad = n_blocks * size - n
-
-    def by_block(v):
-        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0)))
-        return v.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
-
+    n_blocks, _, size, _ = diag.shape
+    n_pad = n_blocks * size
+    pad = n_pad - n
     # padded frames have a = b = 0 and the last exponent, so every factor stays <= 1
-    a_blocks, b_blocks = by_block(a), by_block(b)
-    e_blocks = jnp.pad(e, ((0, pad), (0, 0)), mode="edge").reshape(n_blocks, size, m)
-
-    def products(d, u, w, row_shift, col_shift):
-        dw = jnp.einsum("...ij,...jm->...im", d, w)
-        # u^T d, then transposed: d is read along its rows, as it is laid out
-        du = jnp.swapaxes(jnp.einsum("...im,...ij->...mj", u, d), -1, -2)
-        return jnp.sum(u * dw, (-2, -1)), row_shift * dw, col_shift * du
-
-    def off_step(carry, step):
-        rows, cols, d = step
-        split = e_blocks[cols, :1]
-        row_shift = jnp.exp(e_blocks[rows] - split)[:, None]
-        col_shift = jnp.exp(split - e_blocks[cols])[:, None]
-        u = a_blocks[rows] * row_shift
-        w = b_blocks[cols] * col_shift
-        dg, x_part, y_part = products(d, u, w, row_shift, col_shift)
-        return carry + jnp.sum(dg, 0), (x_part, y_part)
+    a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
+    b = jnp.pad(b, ((0, 0), (0, pad), (0, 0)))
+    e = jnp.pad(e, ((0, pad), (0, 0)), mode="edge")
+    e_blocks = e.reshape(n_blocks, size, m)
+    start = e_blocks[:, 0]
+    after = jnp.concatenate([start[1:], e[-1:]])
+    frame_block = np.arange(n_pad) // size
+    later = (frame_block[None, :] > np.arange(n_blocks)[:, None])[None, :, :, None]
+    earlier = (frame_block[None, :] < np.arange(n_blocks)[:, None])[None, :, :, None]
+    to_after = jnp.exp(jnp.minimum(after[:, None] - e[None], 0.0))  # (K, n_pad, M)
+    from_start = jnp.exp(jnp.minimum(e[None] - start[:, None], 0.0))
+    weights = jnp.concatenate(
+        [jnp.where(later, to_after * b[:, None], 0.0), jnp.where(earlier, from_start * a[:, None], 0.0)],
+        -1,
+    )
+    products = panels @ weights  # (n_phi, K, B, 2M)
+    x_off = jnp.exp(e_blocks - after[:, None]) * products[..., :m]
+    y_off = jnp.exp(start[:, None] - e_blocks) * products[..., m:]
 
     upper = jnp.triu(jnp.ones((size, size), dtype=bool), 1)[:, :, None]
 
@@ -335,33 +335,34 @@ def _data_pass(a, b, e, data: Blocks):
         # split at the first frame: exp(e_i - e_c) >= 1, bounded by exp(DIAG_SPAN)
         row_shift = jnp.exp(e_k - e_k[:1])
         col_shift = jnp.exp(e_k[:1] - e_k)
-        return products(d, a_k * row_shift, b_k * col_shift, row_shift, col_shift)
+        x_part = row_shift * jnp.einsum("...ij,...jm->...im", d, b_k * col_shift)
+        # u^T d, then transposed: d is read along its rows, as it is laid out
+        y_part = col_shift * jnp.swapaxes(jnp.einsum("...im,...ij->...mj", a_k * row_shift, d), -1, -2)
+        return x_part, y_part
 
     def pairwise_diag(a_k, b_k, e_k, d):
         decay = jnp.where(upper, jnp.exp(jnp.minimum(e_k[:, None] - e_k[None], 0.0)), 0.0)
-        row_kernel = decay * b_k[:, None]
-        x_part = jnp.einsum("aij,aijm->aim", d, row_kernel)
+        x_part = jnp.einsum("aij,aijm->aim", d, decay * b_k[:, None])
         y_part = jnp.einsum("aij,aijm->ajm", d, decay * a_k[:, :, None])
-        return jnp.sum(a_k * x_part, (1, 2)), x_part, y_part
+        return x_part, y_part
 
-    def diag_block(carry, block):
+    def diag_block(_, block):
         e_k = block[2]
         narrow = jnp.max(e_k[-1] - e_k[0]) <= DIAG_SPAN
-        dg, x_part, y_part = jax.lax.cond(narrow, split_diag, pairwise_diag, *block)
-        return carry + dg, (x_part, y_part)
+        return None, jax.lax.cond(narrow, split_diag, pairwise_diag, *block)
 
-    dg, (x_off, y_off) = jax.lax.scan(
-        off_step, jnp.zeros(n_phi), (data.rows, data.cols, data.off)
+    def by_block(v):
+        return v.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
+
+    _, (x_diag, y_diag) = jax.lax.scan(
+        diag_block, None, (by_block(a), by_block(b), e_blocks, diag)
     )
-    dg, (x_diag, y_diag) = jax.lax.scan(diag_block, dg, (a_blocks, b_blocks, e_blocks, data.diag))
-    flat = (-1, n_phi, size, m)
-    X = x_diag.at[data.rows.ravel()].add(x_off.reshape(flat))
-    Y = y_diag.at[data.cols.ravel()].add(y_off.reshape(flat))
 
-    def by_frame(v):
-        return v.transpose(1, 0, 2, 3).reshape(n_phi, n_blocks * size, m)[:, :n]
+    def by_frame(off, diag):
+        return (off + diag.transpose(1, 0, 2, 3)).reshape(n_phi, n_pad, m)[:, :n]
 
-    return by_frame(X), by_frame(Y), dg
+    X, Y = by_frame(x_off, x_diag), by_frame(y_off, y_diag)
+    return X, Y, jnp.sum(a[:, :n] * X, (1, 2))
 
 
 def _separable_gram(a, b, e, Da, Db, scale):
@@ -482,13 +483,22 @@ def _separable_gram(a, b, e, Da, Db, scale):
     return gram, jnp.concatenate([magnitude, count[:, 0]], 1)
 
 
-def _masked_gram(a, b, e, Da, Db, scale, data: Blocks):
-    """Per angle, ``sum v v^T`` over the masked pairs (``v`` as in
+@jax.jit
+def _fitted_gram(a, b, e, Da, Db, scale, masked):
+    """:func:`_separable_gram` over the fitted pairs: less the ``masked`` ones' (the
+    masked-pair arrays of :class:`Blocks`)."""
+    gram, magnitude = _separable_gram(a, b, e, Da, Db, scale)
+    if masked[0].shape[0]:
+        gram = gram - _masked_gram(a, b, e, Da, Db, scale, masked)
+    return gram, magnitude
+
+
+def _masked_gram(a, b, e, Da, Db, scale, masked):
+    """Per angle, ``sum v v^T`` over the ``masked`` pairs (``v`` as in
     :func:`_separable_gram`), accumulated in chunks of at most ``MASK_CHUNK`` pairs."""
     n_phi = a.shape[0]
-    total = data.masked_i.shape[0]
+    total = masked[0].shape[0]
     chunk = min(total, MASK_CHUNK)
-    masked = (data.masked_angle, data.masked_i, data.masked_j, data.masked_valid)
 
     def accumulate(gram, part):
         angle, i, j, valid = part
