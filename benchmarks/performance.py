@@ -70,7 +70,7 @@ def one(n_frames: int, n_angles: int, path: str) -> dict:
         pairs = problem.pairs
         read = [pairs.c2, pairs.weight, pairs.angle, pairs.i, pairs.j]
     else:
-        read = [problem._blocks.off, problem._blocks.diag]
+        read = [problem._blocks.panels, problem._blocks.diag]
     n_pairs = warm.info["n_pairs"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
