@@ -428,26 +428,14 @@ def _separable_gram(a, b, e, Da, Db, scale):
     step = jnp.concatenate([step, jnp.ones((1, m))])[None]
     step2 = step[..., :, None] * step[..., None, :]
 
-    def blocks_first(tree):
-        return jax.tree.map(lambda v: jnp.moveaxis(v, 1, 0), tree)
-
-    def later_blocks(later, block):
-        (bb, bB, b_sum), (d, d2) = block
-        R_bb, R_bB, R_b = later
-        return (bb + d2 * R_bb, bB + d2[..., None] * R_bB, b_sum + d * R_b), later
-
-    def earlier_blocks(earlier, block):
-        (aa, a_sum), (d, d2) = block
-        P_aa, P_a = earlier
-        return (d2 * P_aa + aa, d * P_a + a_sum), earlier
-
     right = (r_bb, r_bB, jnp.sum(b1, 2))
     left = (l_aa, jnp.sum(a1, 2))
-    zeros = jax.tree.map(lambda v: jnp.zeros_like(v[:, 0]), (right, left))
-    decay = blocks_first((step, step2))
-    _, later = jax.lax.scan(later_blocks, zeros[0], (blocks_first(right), decay), reverse=True)
-    _, earlier = jax.lax.scan(earlier_blocks, zeros[1], (blocks_first(left), decay))
-    (R_bb, R_bB, R_b), (P_aa, P_a) = blocks_first((later, earlier))
+    decay = (step2, step2[..., None], step)
+    later = _linear_recurrence(decay, right, reverse=True)
+    earlier = _linear_recurrence(decay[::2], left, reverse=False)
+    # exclusive: the blocks strictly after K (from K + 1's start), strictly before K
+    R_bb, R_bB, R_b = (jnp.pad(v[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (v.ndim - 2)) for v in later)
+    P_aa, P_a = (jnp.pad(v[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (v.ndim - 2)) for v in earlier)
 
     # contractions over one term index as broadcast products (as dot products they would
     # be thousands of tiny ones), then one product over frames and terms
@@ -488,6 +476,18 @@ def _separable_gram(a, b, e, Da, Db, scale):
         1,
     )
     return gram, jnp.concatenate([magnitude, count[:, 0]], 1)
+
+
+def _linear_recurrence(decay, values, *, reverse: bool):
+    """``x_K = values_K + decay_K x_{K+1}`` (``reverse``) or ``x_K = values_K + decay_K
+    x_{K-1}`` along axis 1 of matching pytrees, by an associative scan (log depth: a
+    sequential scan over the blocks cost more in loop steps than in arithmetic)."""
+
+    def combine(first, then):
+        (d1, x1), (d2, x2) = first, then
+        return jax.tree.map(jnp.multiply, d2, d1), jax.tree.map(lambda d, u, v: d * u + v, d2, x1, x2)
+
+    return jax.lax.associative_scan(combine, (decay, values), reverse=reverse, axis=1)[1]
 
 
 @jax.jit
