@@ -62,7 +62,7 @@ def one(n_frames: int, n_angles: int, path: str) -> dict:
     problem = nlsq._Problem.build(ds, guess, fix=(), scaling="per_angle")
     problem.normal_equations(problem.x0)
     evaluation = np.inf
-    for _ in range(5):
+    for _ in range(20):
         start = time.perf_counter()
         problem.normal_equations(problem.x0)
         evaluation = min(evaluation, time.perf_counter() - start)

@@ -11,34 +11,41 @@ derivatives ``Da_im = da_im + a_im de_im`` and ``Db_jm = db_jm - b_jm de_jm``::
 
     dg_ij = sum_m E_ijm (Da_im b_jm + a_im Db_jm)
 
-and the three quantities need no pairwise Jacobian:
+and the three quantities need no pairwise Jacobian. With ``v_ij = [c_a dg_ij, g_ij, 1]``
+the Jacobian row of a pair (in the coordinates physics, contrast, offset), the residual
+``r = o + c g - d`` (``d`` the data, ``o`` the offset) gives, summed over pairs::
 
-- ``J^T r = sum_a c_a sum_m [sum_i Da_im X_im + sum_j Db_jm Y_jm]`` with
-  ``X_im = sum_{j>i} R_ij E_ijm b_jm`` and ``Y_jm = sum_{i<j} R_ij E_ijm a_im``: the
-  residual matrix ``R = model - data`` times a few vectors, one pass over the data;
-- ``r^T r`` is a pass over ``R``;
-- ``J^T J = sum_{i<j} (dg dg^T)`` expands into products of per-frame factors weighted by
-  ``E_ijm E_ijn = exp(-(F_jmn - F_imn))``, ``F = e_m + e_n``: suffix and prefix sums
-  over frames, ``O(N M² P²)``.
+    J^T J = sum v v^T,    J^T r = o sum v + c sum v g - sum v d,
+    r^T r = o² n + 2 o c sum g + c² sum g² - 2 (o sum d + c sum g d) + sum d²
 
-Exactness: ``E_ijm`` is never formed as ``exp(e_i) exp(-e_j)``, which overflows. Frames
-are cut in blocks; between blocks ``I < J`` the split point is the first frame ``c`` of
-block ``J``, so ``exp(e_i - e_c) <= 1`` and ``exp(e_c - e_j) <= 1``. A diagonal block is
-split at its first frame too when its exponents span at most ``DIAG_SPAN`` (factors up to
-``exp(300)``), and is computed pair by pair otherwise. The suffix sums use the recurrence
-``S_i = exp(-(F_{i+1} - F_i)) (S_{i+1} + b_{i+1})``, whose factors are all ``<= 1``. Only
-values below ~1e-308 underflow, where the true value is below that too.
+- the terms with the data, ``sum v d``, need ``X_im = sum_{j>i} d_ij E_ijm b_jm`` and
+  ``Y_jm = sum_{i<j} d_ij E_ijm a_im``: one product of the data with ``2 M`` vectors, the
+  only pass over the data (:func:`_data_pass`); ``sum d`` and ``sum d²`` are constants;
+- every other sum is a sum over pairs of the model alone, read from ``sum v v^T``
+  (:func:`_separable_gram`): per-block sums of per-frame factors, carried across blocks
+  by prefix and suffix sums, ``O(N M² P²)``.
+
+Exactness: ``E_ijm`` is never formed as ``exp(e_i) exp(-e_j)``, which overflows: a pair
+in different blocks is split at a block's first frame ``c`` between them, so
+``exp(e_i - e_c) <= 1`` and ``exp(e_c - e_j) <= 1``, and the sums are carried from one
+block's first frame to the next by ``exp(e_c - e_c') <= 1``. A diagonal block of the data
+pass is split at its first frame too when its exponents span at most ``DIAG_SPAN``
+(factors up to ``exp(300)``), and is computed pair by pair otherwise; the diagonal blocks
+of ``sum v v^T`` (8 frames) always pair by pair. Only values below ~1e-308 underflow,
+where the true value is below that too.
 
 Accuracy: the expanded sums round at ~1e-16 of their terms' magnitudes, so they equal the
 pairwise Jacobian path to ~1e-13 except where the terms of a column cancel (the
 reference and sample terms of ``d/df0`` at ``r = s`` with equal rates, the default start).
 There the true entry is rounding on both paths; a column below ``RESOLUTION`` of its
-magnitude is set to zero, so ``J^T J`` never gets a negative diagonal.
+magnitude is set to zero, so ``J^T J`` never gets a negative diagonal. ``r^T r`` is a
+difference of sums of size ``sum d²``: its rounding is ~1e-16 of that, not of ``r^T r``
+(~1e-12 relative at 1 % noise); the data are centered per angle to keep ``sum d²`` small.
 
 Where it applies: the separable sums hold when the weight ``1 / sigma`` is one number per
 angle (no ``sigma``, the usual case for two-time data, or a constant ``sigma`` per angle).
-Pairs masked because their ``c2`` is not finite are zero in ``R``; their Jacobian rows
-are computed one by one and subtracted from ``J^T J``, so the fast path is used while
+Pairs masked because their ``c2`` is not finite are zero in ``d``; their Jacobian rows
+are computed one by one and subtracted from ``sum v v^T``, so the fast path is used while
 they are fewer than the fitted pairs. Elsewhere :func:`blocks` returns ``None`` and
 :mod:`heterodyne.nlsq` uses its blocked ``jax.jacfwd`` path, the reference this module is
 tested against.
@@ -90,7 +97,9 @@ class Blocks(NamedTuple):
     panels: jax.Array  #: (n_phi, n_blocks, B, n_blocks * B) rows of the symmetric data
     diag: jax.Array  #: (n_blocks, n_phi, B, B) upper triangles of the diagonal blocks
     weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
-    center: jax.Array  #: (n_phi,) the mean c2 of each angle's fitted pairs, subtracted in the layout
+    center: (
+        jax.Array
+    )  #: (n_phi,) the mean c2 of each angle's fitted pairs, subtracted in the layout
     sum_d: jax.Array  #: (n_phi,) sum of the centered c2 ``d`` over each angle's fitted pairs
     sum_d2: jax.Array  #: (n_phi,) sum of ``d²`` over each angle's fitted pairs
     masked_angle: jax.Array  #: angle of each masked pair (padded to a power of two)
@@ -242,7 +251,9 @@ def _factor_stage(x, template, free, t, phi, q, center, n_scale: int, n_physics:
     z = template.at[free].set(x)
     _, contrast, offset = objective.unpack(z, n_scale)
     n_phi = phi.shape[0]
-    (a, b, e), (da, db, de) = _factor_derivatives(x[:n_physics], template, free[:n_physics], t, phi, q)
+    (a, b, e), (da, db, de) = _factor_derivatives(
+        x[:n_physics], template, free[:n_physics], t, phi, q
+    )
     scale = jnp.broadcast_to(contrast, (n_phi,))
     base = jnp.broadcast_to(offset, (n_phi,)) - center
     return a, b, e, da + a[..., None] * de, db - b[..., None] * de, scale, base
@@ -300,8 +311,8 @@ def _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scal
 
 @jax.jit
 def _data_pass(a, b, e, panels, diag):
-    """One pass over the data ``d``: ``X``, ``Y`` of the module docstring with ``d`` in
-    place of the residual, shape ``(n_phi, N, M)``, and per angle ``sum d g = sum a X``
+    """One pass over the data ``d``: ``X``, ``Y`` of the module docstring, shape
+    ``(n_phi, N, M)``, and per angle ``sum d g = sum a X``
     over the fitted pairs (``d`` is zero elsewhere); ``panels`` and ``diag`` as in
     :class:`Blocks`.
 
@@ -329,7 +340,10 @@ def _data_pass(a, b, e, panels, diag):
     to_after = jnp.exp(jnp.minimum(after[:, None] - e[None], 0.0))  # (K, n_pad, M)
     from_start = jnp.exp(jnp.minimum(e[None] - start[:, None], 0.0))
     weights = jnp.concatenate(
-        [jnp.where(later, to_after * b[:, None], 0.0), jnp.where(earlier, from_start * a[:, None], 0.0)],
+        [
+            jnp.where(later, to_after * b[:, None], 0.0),
+            jnp.where(earlier, from_start * a[:, None], 0.0),
+        ],
         -1,
     )
     products = panels @ weights  # (n_phi, K, B, 2M)
@@ -344,7 +358,9 @@ def _data_pass(a, b, e, panels, diag):
         col_shift = jnp.exp(e_k[:1] - e_k)
         x_part = row_shift * jnp.einsum("...ij,...jm->...im", d, b_k * col_shift)
         # u^T d, then transposed: d is read along its rows, as it is laid out
-        y_part = col_shift * jnp.swapaxes(jnp.einsum("...im,...ij->...mj", a_k * row_shift, d), -1, -2)
+        y_part = col_shift * jnp.swapaxes(
+            jnp.einsum("...im,...ij->...mj", a_k * row_shift, d), -1, -2
+        )
         return x_part, y_part
 
     def pairwise_diag(a_k, b_k, e_k, d):
@@ -361,9 +377,7 @@ def _data_pass(a, b, e, panels, diag):
     def by_block(v):
         return v.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
 
-    _, (x_diag, y_diag) = jax.lax.scan(
-        diag_block, None, (by_block(a), by_block(b), e_blocks, diag)
-    )
+    _, (x_diag, y_diag) = jax.lax.scan(diag_block, None, (by_block(a), by_block(b), e_blocks, diag))
 
     def by_frame(off, diag):
         return (off + diag.transpose(1, 0, 2, 3)).reshape(n_phi, n_pad, m)[:, :n]
@@ -485,7 +499,9 @@ def _linear_recurrence(decay, values, *, reverse: bool):
 
     def combine(first, then):
         (d1, x1), (d2, x2) = first, then
-        return jax.tree.map(jnp.multiply, d2, d1), jax.tree.map(lambda d, u, v: d * u + v, d2, x1, x2)
+        return jax.tree.map(jnp.multiply, d2, d1), jax.tree.map(
+            lambda d, u, v: d * u + v, d2, x1, x2
+        )
 
     return jax.lax.associative_scan(combine, (decay, values), reverse=reverse, axis=1)[1]
 
