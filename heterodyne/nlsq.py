@@ -404,8 +404,12 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
     contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
     for k, data in enumerate(c2[:, i, j]):
         ok = np.isfinite(data)
-        design = np.stack([np.ones(ok.sum()), g[k, ok]], axis=1)
-        (base, scale), *_ = np.linalg.lstsq(design, data[ok], rcond=None)
+        # the least-squares line through (g, c2), centered: slope cov / var
+        g_ok, d_ok = g[k, ok], data[ok]
+        g_dev = g_ok - g_ok.mean()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = (g_dev @ (d_ok - d_ok.mean())) / (g_dev @ g_dev)
+        base = d_ok.mean() - scale * g_ok.mean()
         if scale <= 0 and np.any(ok & far) and np.any(ok & near):
             base = np.median(data[ok & far])
             scale = np.mean(data[ok & near]) - base

@@ -6,7 +6,7 @@ import pytest
 from scipy.optimize import curve_fit
 
 import heterodyne as hd
-from heterodyne import nlsq, objective, structured
+from heterodyne import model, nlsq, objective, structured
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
@@ -41,6 +41,27 @@ def test_recovers_truth_from_a_guess_30_percent_off(dataset):
 
 
 @pytest.mark.slow
+def test_starting_scaling_is_the_least_squares_line_through_the_data(dataset):
+    """At the true physics, contrast and offset come out of the closed-form line fit; it
+    equals numpy's lstsq on the same pairs and recovers the simulated 0.5 and 1.0."""
+    c2 = dataset["c2"].values.copy()
+    c2[1, 3:9, 20:30] = c2[1, 20:30, 3:9] = np.nan
+    ds = hd.from_arrays(c2, dataset["t1"].values, dataset["phi"].values, float(dataset["q"]))
+    physics = hd.Parameters(TRUTH).physics_values()
+    got = nlsq.estimate_scaling(ds, physics)
+    t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
+    g = np.asarray(model.c2_grid(physics, 1.0, 0.0, t, phi, q))
+    i, j = np.triu_indices(c2.shape[-1], 1)
+    for k in range(c2.shape[0]):
+        ok = np.isfinite(c2[k, i, j])
+        design = np.stack([np.ones(ok.sum()), g[k, i, j][ok]], axis=1)
+        (offset, contrast), *_ = np.linalg.lstsq(design, c2[k, i, j][ok], rcond=None)
+        assert got["contrast"][k] == pytest.approx(contrast, rel=1e-10)
+        assert got["offset"][k] == pytest.approx(offset, rel=1e-10)
+    np.testing.assert_allclose(got["contrast"], 0.5, rtol=0.02)
+    np.testing.assert_allclose(got["offset"], 1.0, rtol=0.002)
+
+
 def test_stderr_matches_the_scatter_over_noise_seeds():
     """Issue 3: noise 0.01, 3 angles, N = 200, start 30 % off; 20 seeds."""
     fits = []
