@@ -97,9 +97,7 @@ class Blocks(NamedTuple):
     panels: jax.Array  #: (n_phi, n_blocks, B, n_blocks * B) rows of the symmetric data
     diag: jax.Array  #: (n_blocks, n_phi, B, B) upper triangles of the diagonal blocks
     weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
-    center: (
-        jax.Array
-    )  #: (n_phi,) the mean c2 of each angle's fitted pairs, subtracted in the layout
+    center: jax.Array  #: (n_phi,) mean c2 of each angle's fitted pairs, subtracted
     sum_d: jax.Array  #: (n_phi,) sum of the centered c2 ``d`` over each angle's fitted pairs
     sum_d2: jax.Array  #: (n_phi,) sum of ``d²`` over each angle's fitted pairs
     masked_angle: jax.Array  #: angle of each masked pair (padded to a power of two)
@@ -122,7 +120,7 @@ def blocks(pairs: objective.Pairs, block: int | None = None) -> Blocks | None:
     fast path does not apply (weights not constant per angle, or more masked pairs than
     fitted ones).
 
-    Built once per fit on the host; ``block`` (frames per block) defaults to
+    Built once per fit; ``block`` (frames per block) defaults to
     :func:`block_size`.
     """
     angle, i, j = (np.asarray(v) for v in (pairs.angle, pairs.i, pairs.j))
