@@ -267,7 +267,7 @@ class _Problem:
             out = _normal_equations_jit(x, self.template, self.free, self.pairs, self.n_scale)
         else:
             n_physics = int(np.sum(np.asarray(self.free) < len(PHYSICS_NAMES)))
-            out = structured.normal_equations_jit(
+            out = structured.normal_equations(
                 x, self.template, self.free, self._blocks, self.n_scale, n_physics
             )
         return tuple(np.asarray(a) for a in out)

@@ -229,7 +229,7 @@ def test_fit_nlsq_refuses_before_any_compile(memory_limit):
     # errors="speckle": 40² x (2 x 70 + 290) = 688 kB.
     ds = hd.simulate(TRUTH, n_frames=40, phi=[0.0, 90.0], noise=0.01, seed=4)
     compiled = nlsq._normal_equations_jit._cache_size()
-    compiled += structured.normal_equations_jit._cache_size()
+    compiled += structured.cache_size()
     memory_limit("159k")
     with NoWork() as work, pytest.raises(DataError) as info:
         hd.fit_nlsq(ds, progress=False)
@@ -239,7 +239,7 @@ def test_fit_nlsq_refuses_before_any_compile(memory_limit):
     with pytest.raises(DataError, match="needs about 688 kB"):
         hd.fit_nlsq(ds, errors="speckle", progress=False)
     assert not work.events and work.peak < 1e5
-    total = nlsq._normal_equations_jit._cache_size() + structured.normal_equations_jit._cache_size()
+    total = nlsq._normal_equations_jit._cache_size() + structured.cache_size()
     assert total == compiled
 
 

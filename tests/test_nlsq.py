@@ -14,7 +14,7 @@ PHI = [-45.0, 0.0, 45.0]
 
 def compiled_count():
     """Compilations of the normal equations so far, on either path."""
-    return nlsq._normal_equations_jit._cache_size() + structured.normal_equations_jit._cache_size()
+    return nlsq._normal_equations_jit._cache_size() + structured.cache_size()
 
 
 def off_by_30_percent(truth=TRUTH):

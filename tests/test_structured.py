@@ -49,7 +49,7 @@ def both_paths(problem, x, block=None):
         jnp.asarray(x), problem.template, problem.free, problem.pairs, problem.n_scale
     )
     n_physics = int(np.sum(np.asarray(problem.free) < len(PHYSICS_NAMES)))
-    fast = structured.normal_equations_jit(
+    fast = structured.normal_equations(
         jnp.asarray(x),
         problem.template,
         problem.free,
@@ -232,9 +232,9 @@ def test_compiled_once_per_shape():
     ds = hd.simulate(TRUTH, n_frames=40, phi=[0.0, 60.0], noise=0.01, seed=8)
     guess = hd.Parameters({k: 1.2 * v for k, v in TRUTH.items()})
     hd.fit_nlsq(ds, guess, progress=False)
-    compiled = structured.normal_equations_jit._cache_size()
+    compiled = structured.cache_size()
     hd.fit_nlsq(ds, guess, multistart=2, progress=False)
-    assert structured.normal_equations_jit._cache_size() == compiled
+    assert structured.cache_size() == compiled
     other = hd.simulate({**TRUTH, "v0": 500.0}, n_frames=40, phi=[0.0, 60.0], noise=0.02)
     for rows in (slice(2, 4), slice(2, 5)):
         c2 = other["c2"].values.copy()
@@ -243,4 +243,4 @@ def test_compiled_once_per_shape():
         masked = hd.from_arrays(c2, other["t1"].values, other["phi"].values, float(other["q"]))
         hd.fit_nlsq(masked, guess, progress=False)
     # the masked pairs (20, then 30) are padded to one length: one more compile in all
-    assert structured.normal_equations_jit._cache_size() == compiled + 1
+    assert structured.cache_size() == compiled + 1
