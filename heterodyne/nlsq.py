@@ -389,9 +389,9 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
 
     ``c2 = offset + contrast g`` is linear in both, so given the starting physics (hence
     ``g``) they are solved for by linear least squares over the fitted pairs. Where that
-    gives a non-positive contrast (a starting ``g`` far from the data), the plateau
-    estimate is used instead: offset = median ``c2`` over the longest 10 % of lags,
-    contrast = mean ``c2`` one frame off the diagonal minus the offset.
+    gives no positive contrast (a starting ``g`` far from the data, or one that does not
+    vary), the plateau estimate is used instead: offset = median ``c2`` over the longest
+    10 % of lags, contrast = mean ``c2`` one frame off the diagonal minus the offset.
     """
     c2 = ds["c2"].values
     n = c2.shape[-1]
@@ -410,7 +410,7 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
         with np.errstate(invalid="ignore", divide="ignore"):
             scale = (g_dev @ (d_ok - d_ok.mean())) / (g_dev @ g_dev)
         base = d_ok.mean() - scale * g_ok.mean()
-        if scale <= 0 and np.any(ok & far) and np.any(ok & near):
+        if not scale > 0 and np.any(ok & far) and np.any(ok & near):
             base = np.median(data[ok & far])
             scale = np.mean(data[ok & near]) - base
         if np.isfinite(base) and np.isfinite(scale) and scale > 0:

@@ -62,6 +62,23 @@ def test_starting_scaling_is_the_least_squares_line_through_the_data(dataset):
     np.testing.assert_allclose(got["offset"], 1.0, rtol=0.002)
 
 
+def test_starting_scaling_falls_back_to_the_plateaus_where_g_does_not_vary(dataset):
+    """No transport at all: g is the same at every pair, the line has no slope, and the
+    start comes from the far-lag median (offset) and the lag-1 mean (offset + contrast)."""
+    still = hd.Parameters(
+        {**TRUTH, "D0_ref": 0.0, "D0_sample": 0.0, "v0": 0.0, "f0": 0.0}
+    ).physics_values()
+    got = nlsq.estimate_scaling(dataset, still)
+    c2 = dataset["c2"].values
+    n = c2.shape[-1]
+    i, j = np.triu_indices(n, 1)
+    far, near = (j - i) >= int(0.9 * (n - 1)), (j - i) == 1
+    for k in range(c2.shape[0]):
+        offset = np.median(c2[k, i[far], j[far]])
+        assert got["offset"][k] == pytest.approx(offset, rel=1e-12)
+        assert got["contrast"][k] == pytest.approx(np.mean(c2[k, i[near], j[near]]) - offset)
+
+
 def test_stderr_matches_the_scatter_over_noise_seeds():
     """Issue 3: noise 0.01, 3 angles, N = 200, start 30 % off; 20 seeds."""
     fits = []
