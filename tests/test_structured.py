@@ -130,6 +130,17 @@ def test_fast_path_equals_the_blocked_jacobian_on_random_parameters(
         assert_same_normal_equations(plain, fast)
 
 
+@pytest.mark.parametrize("n_frames", [3, 4, 9])
+def test_a_handful_of_frames(n_frames):
+    """Fewer frames than one block of either layout: all pairs are in a diagonal block."""
+    ds = hd.simulate(TRUTH, n_frames=n_frames, phi=[0.0, 30.0], noise=0.01, seed=3)
+    fix = tuple(name for name in PHYSICS_NAMES if name not in ("v0", "D0_sample"))
+    problem = nlsq._Problem.build(ds, hd.Parameters(TRUTH), fix=fix, scaling="shared")
+    assert problem.x0.size <= problem.pairs.n_pairs
+    x = problem.x0 * np.random.default_rng(n_frames).uniform(0.9, 1.1, problem.x0.size)
+    assert_same_normal_equations(*both_paths(problem, x))
+
+
 def test_masked_pairs_and_a_fixed_contrast():
     rng = np.random.default_rng(7)
     truth = random_physics(rng)
