@@ -40,7 +40,6 @@ def test_recovers_truth_from_a_guess_30_percent_off(dataset):
         assert np.all(np.abs(value - truth)[varied] < 3 * error[varied] + 1e-12), name
 
 
-@pytest.mark.slow
 def test_starting_scaling_is_the_least_squares_line_through_the_data(dataset):
     """At the true physics, contrast and offset come out of the closed-form line fit; it
     equals numpy's lstsq on the same pairs and recovers the simulated 0.5 and 1.0."""
@@ -79,6 +78,7 @@ def test_starting_scaling_falls_back_to_the_plateaus_where_g_does_not_vary(datas
         assert got["contrast"][k] == pytest.approx(np.mean(c2[k, i[near], j[near]]) - offset)
 
 
+@pytest.mark.slow
 def test_stderr_matches_the_scatter_over_noise_seeds():
     """Issue 3: noise 0.01, 3 angles, N = 200, start 30 % off; 20 seeds."""
     fits = []
