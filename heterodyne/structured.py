@@ -451,14 +451,15 @@ def _separable_gram(a, b, e, Da, Db, scale):
     R_bb, R_bB, R_b = (jnp.pad(v[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (v.ndim - 2)) for v in later)
     P_aa, P_a = (jnp.pad(v[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (v.ndim - 2)) for v in earlier)
 
-    # contractions over one term index as broadcast products (as dot products they would
-    # be thousands of tiny ones), then one product over frames and terms
-    row = jnp.sum(
-        0.5 * R_bb[:, :, None, :, :, None] * A1[:, :, :, None]
-        + a1[:, :, :, None, :, None] * R_bB[:, :, None],
-        4,
+    # contractions over the second term index written out term by term, as one elementwise
+    # loop (as dot products they would be thousands of tiny ones; as a broadcast product
+    # summed over an axis of 4, several times slower), then one product over frames, terms
+    row = sum(
+        0.5 * R_bb[:, :, None, :, n, None] * A1[:, :, :, None, n]
+        + a1[:, :, :, None, n, None] * R_bB[:, :, None, :, n]
+        for n in range(m)
     )
-    col = 0.5 * jnp.sum(P_aa[:, :, None, :, :, None] * B1[:, :, :, None], 4)
+    col = 0.5 * sum(P_aa[:, :, None, :, n, None] * B1[:, :, :, None, n] for n in range(m))
     half = jnp.einsum("akimp,akimq->apq", A1, row) + jnp.einsum("akimp,akimq->apq", B1, col)
     gram = half + half.transpose(0, 2, 1)
     total = jnp.einsum("akimp,akm->ap", A1, R_b) + jnp.einsum("akimp,akm->ap", B1, P_a)
@@ -472,14 +473,18 @@ def _separable_gram(a, b, e, Da, Db, scale):
         + jnp.einsum("akimp,akm->ap", B1 * B1, same_term(P_aa))
     )
 
-    # pairs within a block
+    # pairs within a block, the sum over terms written out as above
     i, j = np.triu_indices(size, 1)
     E = jnp.exp(e[:, i] - e[:, j])[None]
-    per_term = (E * b[:, :, j])[..., None] * A[:, :, i] + (E * a[:, :, i])[..., None] * B[:, :, j]
-    v = jnp.sum(per_term, -2)
+    terms = [
+        (E * b[:, :, j])[..., n, None] * A[:, :, i, n]
+        + (E * a[:, :, i])[..., n, None] * B[:, :, j, n]
+        for n in range(m)
+    ]
+    v = sum(terms)
+    magnitude = magnitude + jnp.sum(sum(t**2 for t in terms), (1, 2))
     gram = gram + jnp.einsum("akip,akiq->apq", v, v)
     total = total + jnp.sum(v, (1, 2))
-    magnitude = magnitude + jnp.sum(per_term**2, (1, 2, 3))
 
     count = jnp.full((n_phi, 1, 1), n * (n - 1) / 2)
     gram = jnp.concatenate(
