@@ -7,7 +7,10 @@ evaluation of ``(J^T J, J^T r, r^T r)`` and the evaluations per second, the byte
 one evaluation reads, and that time against one streaming read of the data
 (``n_pairs x 8`` bytes) at the memory bandwidth measured in the same process right after
 (a numpy copy of 256 MB: bytes read + written per second), so that both see the same
-load.
+load. Two floors put that ratio in scale: a compiled call with the same arguments that does
+nothing, and a compiled call of the model's per-frame factors without derivatives
+(``O(N)``: what any evaluation computes first); ``least x`` is the second against the
+streaming read, a ratio below which no compiled JAX evaluation of this model gets.
 
     .venv/bin/python benchmarks/performance.py [--frames 200 500 1000 2000]
         [--angles 1 4] [--path fast plain]
@@ -42,12 +45,24 @@ def bandwidth(n_bytes: int = 2**28, repeats: int = 5) -> float:
     return 2 * source.nbytes / best
 
 
+def best_of(call, repeats: int = 20) -> float:
+    """The shortest of ``repeats`` wall times [s] of ``call()``, after one call to warm up."""
+    call()
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def one(n_frames: int, n_angles: int, path: str) -> dict:
     import jax
     import jax.numpy as jnp
 
     import heterodyne as hd
     from heterodyne import nlsq, structured
+    from heterodyne.parameters import PHYSICS_NAMES
 
     if path == "plain":
         # the switch of this benchmark: the fast path's rule says "does not apply"
@@ -63,14 +78,9 @@ def one(n_frames: int, n_angles: int, path: str) -> dict:
     assert cold.success and warm.success
 
     problem = nlsq._Problem.build(ds, guess, fix=(), scaling="per_angle")
-    problem.normal_equations(problem.x0)
-    evaluation = np.inf
-    for _ in range(20):
-        start = time.perf_counter()
-        problem.normal_equations(problem.x0)
-        evaluation = min(evaluation, time.perf_counter() - start)
+    evaluation = best_of(lambda: problem.normal_equations(problem.x0))
+    pairs = problem.pairs
     if problem._blocks is None:
-        pairs = problem.pairs
         read = [pairs.c2, pairs.weight, pairs.angle, pairs.i, pairs.j]
         data = pairs
     else:
@@ -79,12 +89,11 @@ def one(n_frames: int, n_angles: int, path: str) -> dict:
     # the floor of any evaluation: a compiled call with the same arguments doing nothing
     nothing = jax.jit(lambda x, template, free, data: (x[:, None] * x, x, x[0]))
     args = (jnp.asarray(problem.x0), problem.template, problem.free, data)
-    [np.asarray(v) for v in nothing(*args)]
-    floor = np.inf
-    for _ in range(20):
-        start = time.perf_counter()
-        [np.asarray(v) for v in nothing(*args)]
-        floor = min(floor, time.perf_counter() - start)
+    floor = best_of(lambda: [np.asarray(v) for v in nothing(*args)])
+    # the least work of any evaluation: the model's per-frame factors, no derivatives
+    physics = problem.template.at[problem.free].set(args[0])[: len(PHYSICS_NAMES)]
+    factors = jax.jit(structured._factors)
+    model = best_of(lambda: [np.asarray(v) for v in factors(physics, pairs.t, pairs.phi, pairs.q)])
     n_pairs = warm.info["n_pairs"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
@@ -98,6 +107,7 @@ def one(n_frames: int, n_angles: int, path: str) -> dict:
         "nfev": warm.nfev,
         "eval_s": evaluation,
         "floor_s": floor,
+        "model_s": model,
         "read_MB": sum(int(a.nbytes) for a in read) / 1e6,
         "data_MB": n_pairs * 8 / 1e6,
         "v0": warm.value("v0"),
@@ -119,8 +129,8 @@ def main():
     print("load average before: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
         f"{'frames':>6} {'angles':>6} {'path':>5} {'pairs':>9} {'varied':>6} {'cold s':>7} "
-        f"{'warm s':>7} {'nfev':>4} {'eval ms':>8} {'floor ms':>8} {'eval/s':>7} {'read MB':>8} "
-        f"{'GB/s':>5} {'x stream':>8} {'peak MB':>8} {'v0':>9}"
+        f"{'warm s':>7} {'nfev':>4} {'eval ms':>8} {'floor ms':>8} {'model ms':>8} {'eval/s':>7} "
+        f"{'read MB':>8} {'GB/s':>5} {'x stream':>8} {'least x':>7} {'peak MB':>8} {'v0':>9}"
     )
     for n in args.frames:
         for a in args.angles:
@@ -137,18 +147,20 @@ def main():
                     f"{r['frames']:>6} {r['angles']:>6} {r['path']:>5} {r['pairs']:>9} "
                     f"{r['varied']:>6} {r['cold_s']:>7.2f} {r['warm_s']:>7.2f} "
                     f"{r['nfev']:>4} {r['eval_s'] * 1e3:>8.2f} {r['floor_s'] * 1e3:>8.3f} "
-                    f"{1 / r['eval_s']:>7.1f} "
+                    f"{r['model_s'] * 1e3:>8.3f} {1 / r['eval_s']:>7.1f} "
                     f"{r['read_MB']:>8.1f} {r['bandwidth'] / 1e9:>5.1f} "
-                    f"{r['eval_s'] / stream:>8.1f} "
+                    f"{r['eval_s'] / stream:>8.1f} {r['model_s'] / stream:>7.1f} "
                     f"{r['peak_MB']:>8.0f} {r['v0']:>9.3f}",
                     flush=True,
                 )
     print("load average after: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
         "eval ms: one evaluation of (J^T J, J^T r, r^T r); floor ms: a compiled call with the "
-        "same arguments that does nothing (dispatch and transfers); read MB: data arrays it reads; "
-        "GB/s: numpy copy bandwidth in that process; x stream: eval time / time to stream "
-        "n_pairs x 8 bytes at that bandwidth; peak MB: before the bandwidth test"
+        "same arguments that does nothing (dispatch and transfers); model ms: a compiled call "
+        "of the model's per-frame factors, no derivatives; read MB: data arrays it reads; GB/s: "
+        "numpy copy bandwidth in that process; x stream: eval time / time to stream n_pairs x 8 "
+        "bytes at that bandwidth; least x: model ms / that time; peak MB: before the bandwidth "
+        "test"
     )
 
 

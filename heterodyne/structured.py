@@ -334,21 +334,27 @@ def _data_pass(a, b, e, panels, diag):
     e_blocks = e.reshape(n_blocks, size, m)
     start = e_blocks[:, 0]
     after = jnp.concatenate([start[1:], e[-1:]])
-    frame_block = np.arange(n_pad) // size
-    later = (frame_block[None, :] > np.arange(n_blocks)[:, None])[None, :, :, None]
-    earlier = (frame_block[None, :] < np.arange(n_blocks)[:, None])[None, :, :, None]
-    to_after = jnp.exp(jnp.minimum(after[:, None] - e[None], 0.0))  # (K, n_pad, M)
-    from_start = jnp.exp(jnp.minimum(e[None] - start[:, None], 0.0))
+    # the weights' factors exp(after_K - e_j) (j in a later block L) and exp(e_j - start_K)
+    # (j in an earlier block L) as a factor within block L times one between the blocks,
+    # exp(after_K - start_L) or exp(after_L - start_K), each <= 1: O(N M) exponentials
+    # instead of O(K N M)
+    to_start = jnp.exp(start[:, None] - e_blocks)  # (L, B, M), exp(start_L - e_j)
+    to_after = jnp.exp(e_blocks - after[:, None])  # exp(e_j - after_L)
+    block = np.arange(n_blocks)
+    later = (block[None, :] > block[:, None])[:, :, None]  # (K, L, 1)
+    between = jnp.where(later, jnp.exp(jnp.minimum(after[:, None] - start[None], 0.0)), 0.0)
+    frames_x = (to_start * b.reshape(n_phi, n_blocks, size, m))[:, None]  # (a, 1, L, B, M)
+    frames_y = (to_after * a.reshape(n_phi, n_blocks, size, m))[:, None]
     weights = jnp.concatenate(
         [
-            jnp.where(later, to_after * b[:, None], 0.0),
-            jnp.where(earlier, from_start * a[:, None], 0.0),
+            between[None, :, :, None] * frames_x,  # (a, K, L, B, M)
+            between.transpose(1, 0, 2)[None, :, :, None] * frames_y,
         ],
         -1,
-    )
+    ).reshape(n_phi, n_blocks, n_pad, 2 * m)
     products = panels @ weights  # (n_phi, K, B, 2M)
-    x_off = jnp.exp(e_blocks - after[:, None]) * products[..., :m]
-    y_off = jnp.exp(start[:, None] - e_blocks) * products[..., m:]
+    x_off = to_after * products[..., :m]
+    y_off = to_start * products[..., m:]
 
     upper = jnp.triu(jnp.ones((size, size), dtype=bool), 1)[:, :, None]
 
