@@ -10,7 +10,7 @@ one evaluation reads, and that time against one streaming read of the data
 load. Two floors put that ratio in scale: a compiled call with the same arguments that does
 nothing, and a compiled call of the model's per-frame factors without derivatives
 (``O(N)``: what any evaluation computes first); ``least x`` is the second against the
-streaming read, a ratio below which no compiled JAX evaluation of this model gets.
+streaming read: no evaluation through the model's JAX code gets below it.
 
     .venv/bin/python benchmarks/performance.py [--frames 200 500 1000 2000]
         [--angles 1 4] [--path fast plain]
