@@ -184,6 +184,7 @@ class _Problem:
         self.template, self.free, self.labels = template, free, labels
         self.lower, self.upper, self.n_scale, self.scaling = lower, upper, n_scale, scaling
         self.x0 = np.asarray(template)[np.asarray(free)]
+        self.n_physics = int(np.sum(np.asarray(free) < len(PHYSICS_NAMES)))  #: varied physics
 
     @classmethod
     def build(cls, ds, params, *, fix, scaling):
@@ -266,9 +267,8 @@ class _Problem:
         if self._blocks is None:
             out = _normal_equations_jit(x, self.template, self.free, self.pairs, self.n_scale)
         else:
-            n_physics = int(np.sum(np.asarray(self.free) < len(PHYSICS_NAMES)))
             out = structured.normal_equations(
-                x, self.template, self.free, self._blocks, self.n_scale, n_physics
+                x, self.template, self.free, self._blocks, self.n_scale, self.n_physics
             )
         return tuple(np.asarray(a) for a in out)
 

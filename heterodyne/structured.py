@@ -340,8 +340,8 @@ def _data_pass(a, b, e, panels, diag):
     # instead of O(K N M)
     to_start = jnp.exp(start[:, None] - e_blocks)  # (L, B, M), exp(start_L - e_j)
     to_after = jnp.exp(e_blocks - after[:, None])  # exp(e_j - after_L)
-    block = np.arange(n_blocks)
-    later = (block[None, :] > block[:, None])[:, :, None]  # (K, L, 1)
+    index = np.arange(n_blocks)
+    later = (index[None, :] > index[:, None])[:, :, None]  # (K, L, 1)
     between = jnp.where(later, jnp.exp(jnp.minimum(after[:, None] - start[None], 0.0)), 0.0)
     frames_x = (to_start * b.reshape(n_phi, n_blocks, size, m))[:, None]  # (a, 1, L, B, M)
     frames_y = (to_after * a.reshape(n_phi, n_blocks, size, m))[:, None]
