@@ -9,6 +9,7 @@ multi-start or a second fit of same-shaped data reuses the compiled code.
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from scipy.optimize import least_squares
 from scipy.stats import qmc
 from tqdm.auto import tqdm
 
-from heterodyne import model, objective, structured, uncertainty
+from heterodyne import model, objective, starts, structured, uncertainty
 from heterodyne.data import FIT_MEMORY, check_memory, validate
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
@@ -34,6 +35,8 @@ LOG_SCALE = ("D0_ref", "D0_sample", "v0")
 # The log-uniform range of a log-scale parameter whose lower bound is 0 starts this many
 # decades below its upper bound.
 LOG_DECADES = 6
+# Starts of multistart="auto": the best estimate from the data and the next distinct ones.
+AUTO_STARTS = 3
 
 
 # Pairs are processed in blocks of this many, so that the Jacobian is never held for all
@@ -73,7 +76,7 @@ def fit_nlsq(
     params=None,
     *,
     fix=(),
-    multistart: int = 0,
+    multistart: int | str = "auto",
     seed: int = 0,
     scaling: str = "per_angle",
     errors: str = "nominal",
@@ -88,15 +91,20 @@ def fit_nlsq(
         Canonical two-time Dataset (``hd.load``, ``hd.simulate``, ``hd.from_arrays``).
     params : Parameters, dict or None
         Starting values, bounds and which parameters vary; ``None`` takes the defaults
-        of the parameter table. ``contrast`` and ``offset`` left at ``None`` are
-        estimated from the data per angle (offset from the long-lag plateau, contrast
-        from the pairs next to the diagonal).
+        of the parameter table. Varied ``D0_ref``, ``D0_sample``, ``f0``, ``v0`` and
+        ``phi0`` whose value was not given start from estimates read off the data
+        (:mod:`heterodyne.starts`); ``contrast`` and ``offset`` left at ``None`` are
+        solved for per angle given the starting physics. The default upper bound of
+        ``v0`` is the largest velocity the frame rate resolves, ``pi / (q dt)``.
     fix : sequence of str
         Names of parameters to hold at their value (same as ``params[name].vary = False``).
-    multistart : int
-        Number of extra starts from a Latin-hypercube design inside the bounds of the
-        varied physics parameters (log-uniform for ``D0_*`` and ``v0``). The best fit by
-        cost is returned; all are kept in ``result.starts``.
+    multistart : "auto" or int
+        ``"auto"``: also start from the next-best distinct estimates of the data
+        (:data:`AUTO_STARTS` in all). An integer ``n``: ``n`` extra starts from a
+        Latin-hypercube design inside the bounds of the varied physics parameters
+        (log-uniform for ``D0_*`` and ``v0``); 0 for one start. The best fit by cost is
+        returned, in the labelling convention (the reference is the slower component);
+        all are kept in ``result.starts``.
     seed : int
         Seed of the multistart design.
     scaling : {"per_angle", "shared"}
@@ -144,20 +152,27 @@ def fit_nlsq(
     """
     if errors not in uncertainty.ERRORS:
         raise OptionError(f"errors must be one of {uncertainty.ERRORS}; got {errors!r}")
+    if multistart != "auto" and (
+        not isinstance(multistart, int | np.integer)
+        or isinstance(multistart, bool)
+        or multistart < 0
+    ):
+        raise OptionError(f"multistart must be 'auto' or an integer >= 0; got {multistart!r}")
     check_memory(validate(ds)["c2"].shape, what="fit_nlsq", **FIT_MEMORY[errors])
-    problem = _Problem.build(ds, params, fix=fix, scaling=scaling)
-    if not isinstance(multistart, int | np.integer) or multistart < 0:
-        raise OptionError(f"multistart must be an integer >= 0; got {multistart!r}")
     if "jac" in least_squares_options or "bounds" in least_squares_options:
         raise OptionError("jac and bounds are set by fit_nlsq; set bounds on the Parameters")
+    problem = _Problem.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
     options = {"x_scale": "jac", "method": "trf", **least_squares_options}
-    starts = [problem.x0] + list(problem.design(multistart, seed))
-    if len(starts) == 1:
-        outcomes = [problem.solve(starts[0], options, progress=progress)]
+    if multistart == "auto":
+        x_starts = [problem.x0] + problem.alternatives
     else:
-        workers = min(len(starts), os.cpu_count() or 1)
+        x_starts = [problem.x0] + list(problem.design(multistart, seed))
+    if len(x_starts) == 1:
+        outcomes = [problem.solve(x_starts[0], options, progress=progress)]
+    else:
+        workers = min(len(x_starts), os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(problem.solve, x, options, progress=False) for x in starts]
+            futures = [pool.submit(problem.solve, x, options, progress=False) for x in x_starts]
             outcomes = [
                 f.result()
                 for f in tqdm(futures, desc="multistart", unit="start", disable=not progress)
@@ -187,8 +202,10 @@ class _Problem:
         self.n_physics = int(np.sum(np.asarray(free) < len(PHYSICS_NAMES)))  #: varied physics
 
     @classmethod
-    def build(cls, ds, params, *, fix, scaling):
-        """The problem of ``ds`` (validated by the caller) and ``params``."""
+    def build(cls, ds, params, *, fix, scaling, multistart=0):
+        """The problem of ``ds`` (validated by the caller) and ``params``: the start
+        read off the data where ``params`` gives none (:func:`starts.candidates`), and
+        with ``multistart="auto"`` the distinct alternatives as ``alternatives``."""
         if scaling not in SCALINGS:
             raise OptionError(f"scaling must be one of {SCALINGS}; got {scaling!r}")
         p = Parameters.coerce(params)
@@ -201,6 +218,18 @@ class _Problem:
             warnings.warn(message, stacklevel=3)
         pairs = objective.fitted_pairs(ds)
         n_scale = n_phi if scaling == "per_angle" else 1
+        v_max = starts.resolvable_velocity(ds)
+        if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
+            p["v0"].max = v_max
+        estimated = [n for n in starts.ESTIMATED if p[n].vary and not p[n].given]
+        found = []
+        if estimated or multistart == "auto":
+            n_found = AUTO_STARTS if multistart == "auto" else 1
+            found = starts.candidates(ds, p, n_found, p["v0"].max)
+            for name in estimated:
+                k = PHYSICS_NAMES.index(name)
+                p[name].value = float(np.clip(found[0][k], p[name].min, p[name].max))
+                p[name].given = False
         estimates = estimate_scaling(ds, p.physics_values())
         values, lower, upper, labels, free = [], [], [], [], []
         for name in PHYSICS_NAMES:
@@ -234,7 +263,7 @@ class _Problem:
             raise ParameterError(
                 f"{len(free)} varied parameters but only {pairs.n_pairs} finite pairs"
             )
-        return cls(
+        problem = cls(
             ds,
             p,
             pairs,
@@ -246,6 +275,50 @@ class _Problem:
             n_scale,
             scaling,
         )
+        # with estimated starts the first candidate is x0 itself
+        problem.alternatives = [problem.pack(v) for v in found[1 if estimated else 0 :]]
+        return problem
+
+    def pack(self, physics: np.ndarray) -> np.ndarray:
+        """``x0`` with its varied physics entries taken from ``physics`` (14,), clipped
+        to the bounds."""
+        x = self.x0.copy()
+        for k, label in enumerate(self.labels):
+            if label in PHYSICS_NAMES:
+                x[k] = physics[PHYSICS_NAMES.index(label)]
+        return np.clip(x, self.lower, self.upper)
+
+    def physics(self, x) -> np.ndarray:
+        """The 14 physics values at the solver vector ``x``."""
+        z = np.asarray(self.template).copy()
+        z[np.asarray(self.free)] = x
+        return z[: len(PHYSICS_NAMES)]
+
+    def in_convention(self, outcome, options):
+        """``(outcome, how)``: ``outcome`` with the reference the slower component
+        (:func:`starts.exchange`); ``how`` is ``"exact"`` (relabelled, same cost),
+        ``"refit"`` (refitted from the relabelled point), ``"failed"`` (a faster
+        reference that could not be relabelled) or ``""`` (already in convention)."""
+        t = np.asarray(self.pairs.t)
+        mapped = starts.exchange(self.physics(outcome.x), self.params, t)
+        if mapped is None:
+            ref, sample = starts.transport(self.physics(outcome.x), t)
+            return outcome, "failed" if ref > sample and self._labels_free() else ""
+        physics, exact = mapped
+        x = self.pack(physics)
+        if exact:
+            jtj, _, rtr = self.normal_equations(x)
+            relabelled = copy.copy(outcome)
+            relabelled.x, relabelled.jtj, relabelled.cost = x, jtj, 0.5 * float(rtr)
+            return relabelled, "exact"
+        refit = self.solve(x, options, progress=False)
+        ref, sample = starts.transport(self.physics(refit.x), t)
+        if refit.success and ref <= sample and refit.cost <= outcome.cost * (1 + 1e-6):
+            return refit, "refit"
+        return outcome, "failed"
+
+    def _labels_free(self) -> bool:
+        return all(self.params[a].vary and self.params[b].vary for a, b in starts.PAIRS[:1])
 
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
@@ -346,13 +419,13 @@ class _Problem:
 
     def result(self, outcomes, options, *, errors="nominal"):
         costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
-        best = outcomes[int(np.argmin(costs))]
+        best, exchanged = self.in_convention(outcomes[int(np.argmin(costs))], options)
         chi2 = float(2.0 * best.cost)
         covariance, nominal, scales, z, model_c2, residuals = self.errors_at(
             best.x, best.jtj, errors
         )
         success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
-        starts = xr.Dataset(
+        tried = xr.Dataset(
             {
                 "x": (("start", "name"), np.array([o.x for o in outcomes])),
                 "cost": ("start", costs),
@@ -377,10 +450,11 @@ class _Problem:
             nfev=int(best.nfev),
             success=success,
             message=str(best.message),
-            starts=starts,
+            starts=tried,
             scaling=self.scaling,
             lower=self.lower,
             upper=self.upper,
+            notes={"exchanged": exchanged, "resolvable_v": starts.resolvable_velocity(self.ds)},
         )
 
 

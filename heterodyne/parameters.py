@@ -8,8 +8,10 @@ simulator, the fitters, reports, plots) reads it from here.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -82,17 +84,41 @@ class Parameter:
     """A parameter's current setting: ``value``, ``vary``, ``min``, ``max``.
 
     For ``contrast`` and ``offset`` the value may be ``None`` (estimate it from the data
-    per angle), a number (all angles) or one number per angle.
+    per angle), a number (all angles) or one number per angle. ``given`` is True once a
+    value has been set: the fitters estimate the start of a varied physics parameter
+    from the data unless its value was given (:mod:`heterodyne.starts`).
+    ``max_given`` is True once ``max`` has been set: only then may ``v0`` exceed the
+    velocity the data resolve (:func:`heterodyne.starts.resolvable_velocity`).
     """
 
-    __slots__ = ("name", "value", "vary", "min", "max")
+    __slots__ = ("name", "_value", "given", "vary", "min", "_max", "max_given")
 
     def __init__(self, name, value, vary, min, max):  # noqa: A002 (lmfit's names)
         self.name = name
-        self.value = value
+        self._value = value
+        self.given = False
         self.vary = vary
         self.min = min
-        self.max = max
+        self._max = max
+        self.max_given = False
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, value):
+        self._value = value
+        self.given = True
+
+    @property
+    def max(self):
+        return self._max
+
+    @max.setter
+    def max(self, value):
+        self._max = value
+        self.max_given = True
 
     @property
     def spec(self) -> ParameterSpec:
@@ -179,6 +205,46 @@ class Parameters(MutableMapping):
         for name in names:
             self[name].vary = False
         return self
+
+    def to_json(self, path, *, overwrite: bool = False):
+        """Write the settings to a JSON file that :meth:`from_json` and ``heterodyne fit
+        --params`` read: per name ``vary``, ``min`` and, where they were set, ``value``
+        and ``max`` (an unset value is estimated from the data at fit time, an unset
+        ``v0`` max is the velocity the data resolve)."""
+        from heterodyne.data import atomic_write
+
+        table = {}
+        for name, par in self._params.items():
+            entry = {"vary": bool(par.vary), "min": float(par.min)}
+            if par.max_given:
+                entry["max"] = float(par.max)
+            if par.given and par.value is not None:
+                value = np.asarray(par.value, dtype=np.float64)
+                entry["value"] = float(value) if value.ndim == 0 else value.tolist()
+            table[name] = entry
+        text = json.dumps(table, indent=1) + "\n"
+        return atomic_write(lambda tmp: tmp.write_text(text), path, overwrite=overwrite)
+
+    @classmethod
+    def from_json(cls, path) -> Parameters:
+        """Read a file written by :meth:`to_json` (names may be a subset)."""
+        try:
+            table = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ParameterError(f"{path}: cannot be read as a parameters file ({err})") from err
+        if not isinstance(table, dict):
+            raise ParameterError(f"{path}: expected an object of name -> settings")
+        p = cls()
+        for name, entry in table.items():
+            par = p[name]
+            if not isinstance(entry, dict) or set(entry) - {"value", "vary", "min", "max"}:
+                raise ParameterError(
+                    f"{path}: {name} must map to value, vary, min and max; got {entry!r}"
+                )
+            for key, setting in entry.items():
+                setattr(par, key, setting)
+        p.validate()
+        return p
 
     def physics_values(self) -> np.ndarray:
         """The 14 physics values as a float64 vector in canonical order."""

@@ -196,11 +196,13 @@ def test_no_overflow_where_the_exponents_span_thousands():
 
 
 def test_cancelling_columns_are_zero_not_rounding_of_either_sign():
-    """The default start: r = s and equal rates, where the reference and sample terms of
-    d/df0 and d/df1 cancel. Near it the pairwise path gives rounding (~1e-21) and the
-    expanded sums rounding of their terms (~1e-15, of either sign): both are zero."""
+    """The exchange symmetry plane: r = s and equal rates, where the reference and sample
+    terms of d/df0 and d/df1 cancel. Near it the pairwise path gives rounding (~1e-21)
+    and the expanded sums rounding of their terms (~1e-15, of either sign): both are
+    zero."""
     ds = hd.simulate(TRUTH, n_frames=30, phi=[0.0, 45.0], noise=0.01, seed=9)
-    problem = nlsq._Problem.build(ds, None, fix=(), scaling="per_angle")
+    plane = hd.Parameters(D0_ref=1e4, D0_sample=1e4, f0=0.5, v0=1e3, phi0=0.0)
+    problem = nlsq._Problem.build(ds, plane, fix=(), scaling="per_angle")
     x = problem.x0.copy()
     x[problem.labels.index("D0_sample")] *= 1 + 1e-13
     plain, fast = both_paths(problem, x, block=16)
