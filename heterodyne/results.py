@@ -20,7 +20,6 @@ from heterodyne.data import atomic_write
 from heterodyne.errors import FileFormatError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
 
-CORRELATION_WARN = 0.99  # MODEL.md: report parameter pairs more correlated than this
 CORRELATION_SHOW = 0.7  # the report lists correlations above this
 CORRELATION_LINES = 12  # ... the strongest this many of them
 AT_BOUND_RTOL = 1e-6  # a value this close to a bound (relative to the range) is "at bound"
@@ -161,6 +160,7 @@ class NLSQResult:
         scaling,
         lower,
         upper,
+        notes=None,
     ):
         n_scale = 1 if scaling == "shared" else data.sizes["phi"]
         phi, q = data["phi"].values, float(data["q"].values)
@@ -193,6 +193,7 @@ class NLSQResult:
             "weighted": int("sigma" in data.data_vars),
             "errors": errors,
             **error_scales,
+            **(notes or {}),
         }
         fitted = np.full(data["c2"].shape, np.nan)
         fitted[np.asarray(pairs.angle), np.asarray(pairs.i), np.asarray(pairs.j)] = residuals
@@ -293,20 +294,18 @@ class NLSQResult:
                 out.append(str(label))
         return out
 
+    @property
+    def verdict(self):
+        """The package's judgement of the fit (:func:`heterodyne.verdict.of_fit`):
+        ``.status`` is ``"ok"``, ``"check"`` or ``"fail"``, ``.reasons`` say why."""
+        from heterodyne import verdict
+
+        return verdict.of_fit(self)
+
     def warnings(self) -> list[str]:
-        """Everything the user should know before trusting the numbers."""
-        out = []
-        if not self.success:
-            out.append(f"the fit did not converge: {self.message}")
-        out += [
-            f"{a} and {b} are {c:+.4f} correlated: only a combination is determined"
-            for a, b, c in self.strong_correlations(CORRELATION_WARN)
-        ]
-        out += [
-            f"{label} is at a bound; its stderr is not meaningful" for label in self.at_bounds()
-        ]
-        p = self.parameters()
-        out += identifiability_warnings(p)
+        """What the user should know beyond the verdict: the parameter settings'
+        degeneracies and the kind of errors shown."""
+        out = identifiability_warnings(self.parameters())
         if self.info.get("errors") == "nominal":
             out.append(
                 "stderr are nominal least-squares errors, which treat the pairs as "
@@ -359,7 +358,11 @@ class NLSQResult:
                 f"    error model       kappa {kappa:.4g}{pixels}, white variance "
                 f"{float(info['white_variance']):.4g}",
             ]
+        verdict = self.verdict
         lines = [
+            f"[[Verdict]] {verdict.status.upper()}",
+            *[f"    - {r}" for r in verdict.reasons],
+            *[f"    - note: {n}" for n in verdict.notes],
             "[[NLSQ fit]]",
             "    method            scipy least_squares (trf), exact JAX Jacobian",
             *errors,
@@ -374,6 +377,8 @@ class NLSQResult:
             f"    evaluations       {self.nfev}",
             f"    success           {self.success}: {self.message}",
             f"    starts            {self.starts.sizes['start']}",
+            f"    times             frame k at t1[k] = {float(self.data['t1'][0]):.6g} + k * "
+            f"{float(self.data['t1'][1] - self.data['t1'][0]):.6g} s (end of its exposure)",
             "[[Parameters]]",
             f"    {'name':<16}{'value':>13}{'stderr':>12}{'rel.':>9}"
             + ("" if nominal else f"{'nominal':>12}")
@@ -422,7 +427,8 @@ class NLSQResult:
         )
         warns = "".join(f"<li>{html.escape(w)}</li>" for w in self.warnings())
         return (
-            f"<b>NLSQ fit</b>: success={self.success}, reduced χ²={self.reduced_chi2:.4g}, "
+            verdict_html(self.verdict)
+            + f"<b>NLSQ fit</b>: success={self.success}, reduced χ²={self.reduced_chi2:.4g}, "
             f"{self.info['n_pairs']} pairs, {self.nfev} evaluations, errors "
             f"{self.info['errors']}<table><tr><th>name</th><th>value</th><th>stderr</th>"
             + ("" if nominal else "<th>nominal stderr</th>")
@@ -490,6 +496,21 @@ def open_result(path):
             f"{sorted(RESULT_TYPES)} (is this a data file? use hd.load)"
         )
     return RESULT_TYPES[kind]._from_tree(tree)
+
+
+VERDICT_COLOURS = {"ok": "#1a7f37", "check": "#9a6700", "fail": "#cf222e"}
+
+
+def verdict_html(verdict) -> str:
+    """A verdict as an HTML block: the status in its colour, then the reasons."""
+    items = [html.escape(r) for r in verdict.reasons]
+    items += [f"note: {html.escape(n)}" for n in verdict.notes]
+    return (
+        f"<div class='hd-verdict'><b style='color:{VERDICT_COLOURS[verdict.status]}'>"
+        f"Verdict: {verdict.status.upper()}</b>"
+        + (f"<ul>{''.join(f'<li>{i}</li>' for i in items)}</ul>" if items else "")
+        + "</div>"
+    )
 
 
 def _by_label(ds: xr.Dataset, label: str) -> float:

@@ -188,6 +188,7 @@ def summarize(result, name: str) -> xr.Dataset:
             out[f"{key}_stderr_nominal"] = result.stderr_nominal[key]
     out["reduced_chi2"] = result.reduced_chi2
     out["success"] = int(result.success)
+    out["verdict"] = result.verdict.status
     out["nfev"] = result.nfev
     return out.expand_dims("fit").assign_coords(
         source=("fit", [name]), q=("fit", [float(result.params["q"])])
