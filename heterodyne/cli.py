@@ -42,6 +42,122 @@ def _frames(text: str) -> slice:
     return slice(start, stop)
 
 
+def _multistart(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"--multistart must be auto or an integer >= 0, got {text!r}"
+        )
+    return value
+
+
+def _assignments(text: str) -> list[tuple[str, str]]:
+    """``NAME=VALUE[,NAME=VALUE...]`` as pairs."""
+    pairs = []
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE[,NAME=VALUE...], got {text!r}")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got {text!r}")
+    return names
+
+
+def _add_parameter_options(command: argparse.ArgumentParser) -> None:
+    """Start values, bounds and fixed parameters of the fit (``fit`` and ``survey``)."""
+    group = command.add_argument_group(
+        "parameters",
+        "Varied D0_ref, D0_sample, f0, v0 and phi0 without a value start from estimates "
+        "read off the data; v0's default upper bound is the velocity the frame rate "
+        "resolves, pi / (q dt).",
+    )
+    group.add_argument(
+        "--params", type=Path, help="a parameters file (JSON, as Parameters.to_json writes)"
+    )
+    group.add_argument(
+        "--set",
+        type=_assignments,
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE[,...]",
+        help="start (or fixed) values, e.g. --set v0=400,phi0=10",
+    )
+    group.add_argument(
+        "--fix",
+        type=_names,
+        action="extend",
+        default=[],
+        metavar="NAME[,...]",
+        help="hold these at their value, e.g. --fix f1,beta",
+    )
+    group.add_argument(
+        "--free",
+        type=_names,
+        action="extend",
+        default=[],
+        metavar="NAME[,...]",
+        help="vary these too, e.g. --free D_offset_ref",
+    )
+    group.add_argument(
+        "--bound",
+        type=_assignments,
+        action="extend",
+        default=[],
+        metavar="NAME=MIN:MAX[,...]",
+        help="bounds, either side may be empty, e.g. --bound D0_ref=0:1000,v0=:5000",
+    )
+    group.add_argument(
+        "--multistart",
+        type=_multistart,
+        default="auto",
+        help="auto (default: the data's best estimates) or a number of extra starts",
+    )
+
+
+def parameters_from(args):
+    """The ``Parameters`` that the parameter options of ``args`` describe."""
+    from heterodyne.errors import OptionError
+    from heterodyne.parameters import Parameters
+
+    p = Parameters() if args.params is None else Parameters.from_json(args.params)
+    for name, text in args.set:
+        p[name].value = _float(text, f"--set {name}")
+    for name in args.fix:
+        p[name].vary = False
+    for name in args.free:
+        p[name].vary = True
+    for name, text in args.bound:
+        low, sep, high = text.partition(":")
+        if not sep:
+            raise OptionError(f"--bound {name}={text}: expected MIN:MAX (a side may be empty)")
+        if low:
+            p[name].min = _float(low, f"--bound {name}")
+        if high:
+            p[name].max = _float(high, f"--bound {name}")
+    p.validate()
+    return p
+
+
+def _float(text: str, where: str) -> float:
+    from heterodyne.errors import OptionError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise OptionError(f"{where}: {text!r} is not a number") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heterodyne",
@@ -72,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
     fit.add_argument("--frames", type=_frames, help="frame window A:B")
     fit.add_argument("--method", choices=["nlsq"], default="nlsq", help="fitting method")
-    fit.add_argument("--multistart", type=int, default=0, help="extra NLSQ starts")
+    _add_parameter_options(fit)
     fit.add_argument("--out", type=Path, required=True, help="output folder")
     fit.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     survey = commands.add_parser(
@@ -91,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes, or dask://HOST:PORT (default: in this process)",
     )
-    survey.add_argument("--multistart", type=int, default=0, help="extra NLSQ starts")
+    _add_parameter_options(survey)
     survey.add_argument("--out", type=Path, required=True, help="output folder")
     survey.add_argument("--overwrite", action="store_true", help="replace survey.nc/html")
     dashboard = commands.add_parser(
@@ -163,10 +279,12 @@ def run_demo(args) -> int:
 def run_fit(args) -> int:
     import heterodyne as hd
 
+    params = parameters_from(args)
     ds = hd.load(args.file, q=args.q, phi=args.phi, frames=args.frames)
-    result = hd.fit_nlsq(ds, multistart=args.multistart)
-    _write_result(result, args.out, args.method, overwrite=args.overwrite)
+    result = hd.fit_nlsq(ds, params, multistart=args.multistart)
+    written = _write_result(result, args.out, args.method, overwrite=args.overwrite)
     print(result.report())
+    print(f"\nwrote {', '.join(str(path) for path in written)}")
     return 0
 
 
@@ -181,6 +299,7 @@ def run_survey(args) -> int:
         frames=args.frames,
         executor=args.executor,
         checkpoint=args.out / "fits",
+        params=parameters_from(args),
         multistart=args.multistart,
     )
     out.attrs["file"] = str(args.file)
@@ -213,17 +332,15 @@ def run_dashboard(args) -> int:
     return 0
 
 
-def _write_result(result, out: Path, stem: str, *, overwrite: bool) -> None:
+def _write_result(result, out: Path, stem: str, *, overwrite: bool) -> tuple[Path, ...]:
     from heterodyne.data import atomic_write
     from heterodyne.report import write_html
 
-    result.to_netcdf(out / f"{stem}.nc", overwrite=overwrite)
-    atomic_write(
-        lambda tmp: tmp.write_text(result.report() + "\n"),
-        out / f"{stem}_report.txt",
-        overwrite=overwrite,
-    )
-    write_html(result, out / f"{stem}_report.html", overwrite=overwrite)
+    paths = (out / f"{stem}.nc", out / f"{stem}_report.txt", out / f"{stem}_report.html")
+    result.to_netcdf(paths[0], overwrite=overwrite)
+    atomic_write(lambda tmp: tmp.write_text(result.report() + "\n"), paths[1], overwrite=overwrite)
+    write_html(result, paths[2], overwrite=overwrite)
+    return paths
 
 
 if __name__ == "__main__":
