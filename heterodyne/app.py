@@ -125,7 +125,11 @@ class Dashboard(pn.viewable.Viewer):
     phi = param.ListSelector(default=[], objects=[], doc="Angles to fit [deg].")
     frames = param.Range(default=(0, 3), bounds=(0, 3), doc="Frame window [a, b).")
     scaling = param.Selector(objects=list(SCALINGS), default="per_angle")
-    multistart = param.Integer(default=0, bounds=(0, None), doc="Extra NLSQ starts.")
+    multistart = param.Selector(
+        objects=["auto", 0, 1, 2, 4, 8, 16],
+        default="auto",
+        doc="NLSQ starts: 'auto' (the data's best estimates) or extra starts from a design.",
+    )
     shards = param.Integer(default=1, bounds=(1, None))
     chains = param.Integer(default=2, bounds=(1, None))
     warmup = param.Integer(default=500, bounds=(0, None))
@@ -266,6 +270,7 @@ class Dashboard(pn.viewable.Viewer):
     # ---- NLSQ ------------------------------------------------------------------------
 
     def _build_nlsq_tab(self, params: Parameters):
+        self._start = params.copy()
         self.table = pn.widgets.Tabulator(
             parameter_frame(params),
             show_index=False,
@@ -299,7 +304,7 @@ class Dashboard(pn.viewable.Viewer):
         self.nlsq_cuts = pn.pane.HoloViews(None, backend="bokeh")
         controls = pn.Column(
             pn.widgets.RadioButtonGroup.from_param(self.param.scaling, name="scaling"),
-            pn.widgets.IntInput.from_param(
+            pn.widgets.Select.from_param(
                 self.param.multistart, name="multistart", width=120, css_classes=["hd-multistart"]
             ),
             pn.Row(self.nlsq_button, self.from_fit_button),
@@ -320,13 +325,22 @@ class Dashboard(pn.viewable.Viewer):
         Raises ``ParameterError`` for a value outside its bounds, a missing physics value
         or a bound that is not a number.
         """
-        p = Parameters()
+        p = self._start.copy()
         for row in self.table.value.itertuples(index=False):
             entry = p[row.name]
             entry.vary = bool(row.vary)
-            entry.min, entry.max = _number(row.min), _number(row.max)
-            value = _number(row.value)
-            entry.value = None if row.name in SCALING_NAMES and np.isnan(value) else value
+            # only edited cells are set: an unedited v0 max stays the data's default bound
+            low, high, value = _number(row.min), _number(row.max), _number(row.value)
+            if low != entry.min:
+                entry.min = low
+            if high != entry.max:
+                entry.max = high
+            if np.isnan(value):
+                # blank: contrast/offset per angle, physics from the data (hd.fit_nlsq)
+                if row.name in SCALING_NAMES:
+                    entry.value = None
+            elif not (entry.given and np.ndim(entry.value) == 0 and entry.value == value):
+                entry.value = value
         p.validate(None if self.data is None else self.data.sizes["phi"])
         return p
 
@@ -351,13 +365,15 @@ class Dashboard(pn.viewable.Viewer):
         finally:
             self.nlsq_progress.param.update(visible=False, active=False)
             self._busy(False)
+        verdict = result.verdict
         self.nlsq_status.object = (
-            f"fitted in {seconds:.1f} s: reduced χ² = {result.reduced_chi2:.4g}"
+            f"fitted in {seconds:.1f} s: verdict **{verdict.status.upper()}**, reduced χ² = "
+            f"{result.reduced_chi2:.4g}"
         )
-        if result.success:
+        if verdict.status == "ok":
             self.alert.visible = False
         else:
-            self._warn(f"the NLSQ fit did not converge: {result.message}")
+            self._warn(f"NLSQ verdict {verdict.status.upper()}: {'; '.join(verdict.reasons)}")
         self.nlsq = result
 
     def _on_start_from_fit(self, _event=None):
@@ -571,8 +587,8 @@ def parameter_frame(params: Parameters) -> pd.DataFrame:
     for spec in PHYSICS + SCALING:
         entry = params[spec.name]
         value = entry.value
-        if value is None:
-            value = np.nan
+        if value is None or (spec in PHYSICS and entry.vary and not entry.given):
+            value = np.nan  # estimated: per angle, or from the data (hd.fit_nlsq)
         elif np.ndim(value):
             values = np.ravel(np.asarray(value, dtype=np.float64))
             if np.ptp(values) > 0:
