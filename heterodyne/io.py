@@ -547,8 +547,7 @@ def _aps_u_clock(f: h5py.File, path: Path) -> _Clock:
             raise FileFormatError(f"{path}: {inner} = {config[name]}; expected an integer >= 1")
     begin, avg, stride = config["begin_frame"], config["avg_frame"], config["stride_frame"]
     described = (
-        f"frame_time {frame_time:g} s, begin_frame {begin}, avg_frame {avg}, "
-        f"stride_frame {stride}"
+        f"frame_time {frame_time:g} s, begin_frame {begin}, avg_frame {avg}, stride_frame {stride}"
     )
     if begin < 0:
         return _Clock(frame_time, None, stride * avg, f"unknown: {described}")
@@ -814,8 +813,7 @@ def _read_netcdf(path: Path, frames, t_start: float | None, exclude_frames) -> x
             t = t_start + dt * np.arange(a, b)
             ds = ds.assign_coords(t1=("t1", t, ds["t1"].attrs), t2=("t2", t, ds["t2"].attrs))
             ds.attrs["time_origin"] = (
-                f"user: t_start = {t_start:g} s at stored frame 0, dt = {dt:g} s; "
-                f"{TIME_CONVENTION}"
+                f"user: t_start = {t_start:g} s at stored frame 0, dt = {dt:g} s; {TIME_CONVENTION}"
             )
         if excluded.any():
             cut = xr.DataArray(excluded[a:b], dims="t1")

@@ -1,14 +1,15 @@
 """heterodyne.io: beamline HDF5 layouts and netCDF read back to the exact numbers."""
 
 import logging
-
-import h5py
+from pathlib import Path
 
 import _files
+import h5py
 import numpy as np
 import pytest
 import xarray as xr
 from _files import CONFIG, EXPOSURE_PERIOD, FRAME_TIME, LEGACY_BINS, MAPPING, write_h5
+from scipy.optimize import curve_fit
 
 import heterodyne as hd
 from heterodyne.errors import FileFormatError, OptionError
@@ -486,3 +487,68 @@ def test_intensity_trace_and_excluded_frames(tmp_path):
         hd.io.frame_list("7-9")
     with pytest.raises(FileFormatError, match="spatial_mean/intensity_vs_time is missing"):
         hd.io.intensity(write_h5(tmp_path / "plain.h5", _aps_u()))
+
+
+@pytest.mark.slow
+def test_fit_on_an_averaged_strided_file_recovers_a_power_law_velocity(tmp_path):
+    """Frames averaged by 3, strided by 2, from raw frame 100: dt = 0.06 s and the first
+    frame at 1.03 s. With the file's times the fit finds the truth within its errors; with
+    the times a reader that ignores the configuration gives (t_k = (k + 1) dt), it does not."""
+    truth = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "beta": 0.5, "f0": 0.4, "phi0": 20.0}
+    frame_time, avg, stride, begin, n, angles = 0.01, 3, 2, 100, 60, [-45.0, 0.0, 45.0]
+    dt, first = frame_time * avg * stride, frame_time * (begin + 1 + stride * (avg - 1) / 2)
+    sim = hd.simulate(truth, n_frames=n, dt=dt, t_start=first, phi=angles, noise=0.01, seed=7)
+    shot_noise = 0.2 * np.eye(n)  # the raw diagonal boost_corr stores: never fitted
+    files, lzf = _files.boost_corr(
+        [0.01],
+        angles,
+        [(0, k) for k in range(3)],
+        [m + shot_noise for m in sim["c2"].values],
+        frame_time,
+        config={"begin_frame": begin, "avg_frame": avg, "stride_frame": stride},
+    )
+    path = write_h5(tmp_path / "strided.h5", files, lzf=lzf)
+    ds = hd.load(path)
+    np.testing.assert_allclose(ds["t1"].values, sim["t1"].values, rtol=1e-14)
+    start = hd.Parameters({name: 0.8 * value for name, value in truth.items()})
+    for name in ("alpha_ref", "alpha_sample", "f1"):
+        start[name].vary = False
+    result = hd.fit_nlsq(ds, start, progress=False)
+    assert result.success
+    for name, value in truth.items():
+        assert abs(result.value(name) - value) < 4 * result.error(name), name
+    naive = hd.fit_nlsq(hd.load(path, t_start=dt), start, progress=False)
+    assert abs(naive.value("v0") - truth["v0"]) > 50 * naive.error("v0")
+
+
+@pytest.mark.slow
+def test_a_real_chx_matrix_fits_to_the_rate_of_its_one_time_projection():
+    """The NSLS-II CHX matrix of tests/data (SOURCE.md) with a stated q and dt. Its decay
+    is one component on a plateau; a reference-only model (f0 = 0, constant rate) fitted
+    to every pair (t1 < t2) is the least-squares fit of the lag means weighted by their
+    number of pairs (the squares split by lag), which scipy computes independently."""
+    matrix = np.load(Path(__file__).parent / "data" / "two_time_350.npy")
+    n, dt, q = matrix.shape[0], 0.1, 0.01
+    ds = hd.from_arrays(matrix, dt * np.arange(1, n + 1), 0.0, q, source="CHX two_time_350")
+    assert ds.attrs["nan_pairs"] == 0 and ds.sizes["t1"] == 350
+    start = hd.Parameters(f0=0.0)
+    for name in ("f0", "f1", "alpha_ref", "alpha_sample", "D0_sample", "v0", "beta", "phi0"):
+        start[name].vary = False
+    result = hd.fit_nlsq(ds, start, progress=False)
+    assert result.success
+    report = result.report()
+    assert "pairs fitted      61075" in report and "D0_ref" in report
+    lag = np.arange(1, n)
+    means = np.array([np.diagonal(matrix, k).mean() for k in lag])
+    (offset, contrast, rate), _ = curve_fit(
+        lambda tau, b, c, r: b + c * np.exp(-r * tau),
+        lag * dt,
+        means,
+        p0=(1.02, 0.07, 1.0),
+        sigma=1 / np.sqrt(n - lag),
+    )
+    assert result.value("D0_ref") == pytest.approx(rate / q**2, rel=2e-3)
+    assert float(result.params["contrast"].values.ravel()[0]) == pytest.approx(contrast, rel=2e-3)
+    assert float(result.params["offset"].values.ravel()[0]) == pytest.approx(offset, rel=1e-5)
+    # a measured decay of 6 % contrast over 350 frames: the rate is determined to ~5 %
+    assert 0.02 < result.error("D0_ref") / result.value("D0_ref") < 0.1
