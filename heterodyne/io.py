@@ -48,6 +48,7 @@ import numpy as np
 import xarray as xr
 
 from heterodyne.data import (
+    TIME_CONVENTION,
     _fill_triangle,
     check_memory,
     from_arrays,
@@ -68,8 +69,6 @@ _Q_SAME = 1e-6  # bins whose q agree to this relative tolerance form one q-bin (
 # 2.38 times the matrices' float64 size at 1500 frames x 4 angles, 3.45 times at 1 angle,
 # 2.32 times at 3000 frames x 4 angles; netCDF files need less (1.28 times at 3000 x 4).
 LOAD_MEMORY = {"per_value": 18.0, "per_angle": 13.0}
-# The convention of every time coordinate read, stated once for reports and plots.
-TIME_CONVENTION = "each frame at the end of its exposure (the APS viewer draws k dt from 0)"
 
 _LAYOUTS = {
     "aps_u": "xpcs/twotime/correlation_map",
