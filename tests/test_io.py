@@ -12,6 +12,7 @@ from _files import CONFIG, EXPOSURE_PERIOD, FRAME_TIME, LEGACY_BINS, MAPPING, wr
 from scipy.optimize import curve_fit
 
 import heterodyne as hd
+from heterodyne.cli import main
 from heterodyne.errors import FileFormatError, OptionError
 
 N = 20
@@ -552,3 +553,24 @@ def test_a_real_chx_matrix_fits_to_the_rate_of_its_one_time_projection():
     assert float(result.params["offset"].values.ravel()[0]) == pytest.approx(offset, rel=1e-5)
     # a measured decay of 6 % contrast over 350 frames: the rate is determined to ~5 %
     assert 0.02 < result.error("D0_ref") / result.value("D0_ref") < 0.1
+
+
+@pytest.mark.slow
+def test_t_start_reaches_survey_and_the_command_line(tmp_path, capsys):
+    """A file that cannot place its frames, fitted by `heterodyne fit --t-start` and by
+    hd.survey(t_start=...): the fits use the times given, and the report says so."""
+    sim = hd.simulate({"D0_sample": 2e4, "f0": 0.4}, n_frames=15, phi=0.0, noise=0.01)
+    files, lzf = _files.boost_corr(
+        [0.01], [0.0], [(0, 0)], sim["c2"].values, DT, config={"begin_frame": -30}
+    )
+    path = write_h5(tmp_path / "tail.h5", files, lzf=lzf)
+    assert main(["fit", str(path), "--out", str(tmp_path / "fit")]) == 1
+    assert "t_start=" in capsys.readouterr().err
+    assert main(["fit", str(path), "--t-start", "5", "--out", str(tmp_path / "fit")]) == 0
+    report = (tmp_path / "fit" / "nlsq_report.txt").read_text()
+    assert "times             user: t_start = 5 s at stored frame 0" in report
+    assert "end of its exposure" in report
+    hd.survey(path, t_start=5.0, checkpoint=tmp_path / "fits", progress=False)
+    (saved,) = (tmp_path / "fits").iterdir()
+    t = hd.open_result(saved).data["t1"].values
+    np.testing.assert_allclose(t, 5.0 + DT * np.arange(15), rtol=1e-14)
