@@ -362,6 +362,9 @@ def test_boost_corr_file_with_empty_cells_labels_every_bin(tmp_path):
     for q in GRID_Q:
         ds = hd.load(path, q=q)
         _assert_labels_right(ds, t)
+        # read as stored: the float32 values, exactly, in both triangles
+        stored = _labelled(float(ds["q"]), ds["phi"].values[0], t).astype(np.float32)
+        np.testing.assert_array_equal(ds["c2"].values[0], stored.astype(np.float64))
         np.testing.assert_allclose(ds["t1"].values, t, rtol=1e-15)
         seen += [(float(ds["q"]), phi) for phi in ds["phi"].values]
     assert seen == [(GRID_Q[iq], GRID_PHI[ip]) for iq, ip in _cells_processed()]
