@@ -5,7 +5,8 @@
 (:func:`serve`, ``heterodyne dashboard FILE``, or ``panel serve`` of a script that calls
 ``hd.dashboard(path).servable()``). Three tabs:
 
-- Data: file, q-bin, angles and frame window; ``c2`` heatmaps, one-time cuts, a summary;
+- Data: file, q-bin, angles and frame window, the time of stored frame 0 and frames to
+  exclude; the file's intensity trace, ``c2`` heatmaps, one-time cuts, a summary;
 - NLSQ: the parameter table (value, vary, min, max, editable), scaling, multistart, Fit;
   the report, the fit plots and the result as netCDF;
 - CMC: shards, chains, warmup, samples, warm start from the NLSQ fit, Run; the report,
@@ -26,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import holoviews as hv
 import numpy as np
 import pandas as pd
 import panel as pn
@@ -34,9 +36,9 @@ import xarray as xr
 
 from heterodyne import diagnostics, plot
 from heterodyne.cmc import PAIRS_PER_SHARD, fit_cmc
-from heterodyne.data import select, validate
-from heterodyne.errors import OptionError, ParameterError
-from heterodyne.io import load, q_values
+from heterodyne.data import select, time_origin, validate
+from heterodyne.errors import FileFormatError, OptionError, ParameterError
+from heterodyne.io import frame_list, intensity, load, q_values
 from heterodyne.nlsq import SCALINGS, fit_nlsq
 from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
 from heterodyne.results import CMCResult, NLSQResult
@@ -75,18 +77,27 @@ def dashboard(source, params=None) -> Dashboard:
     return Dashboard(source, params)
 
 
-def serve(source, *, port: int = 5006, address: str | None = None, show: bool = False, **kwargs):
+def serve(
+    source,
+    *,
+    port: int = 5006,
+    address: str | None = None,
+    show: bool = False,
+    t_start: float | None = None,
+    **kwargs,
+):
     """Serve the dashboard of ``source`` with ``pn.serve``, one :class:`Dashboard` per
     browser session, at ``http://ADDRESS:PORT/``.
 
-    ``source`` is read once here, so that a bad file fails now rather than in the page.
+    ``source`` is read once here, so that a bad file fails now rather than in the page;
+    ``t_start`` is the time [s] of its stored frame 0 (:func:`heterodyne.load`).
     ``kwargs`` go to ``pn.serve`` (``threaded``, ``liveness``, ``start``...); the server
     (or its thread) is returned.
     """
     if not isinstance(source, xr.Dataset):
         q_values(source)
     return pn.serve(
-        {"/": lambda: Dashboard(source)},
+        {"/": lambda: Dashboard(source, t_start=t_start)},
         port=port,
         address=address,
         show=show,
@@ -124,6 +135,12 @@ class Dashboard(pn.viewable.Viewer):
     q = param.Selector(objects=[], doc="q-bin [1/Å].")
     phi = param.ListSelector(default=[], objects=[], doc="Angles to fit [deg].")
     frames = param.Range(default=(0, 3), bounds=(0, 3), doc="Frame window [a, b).")
+    t_start = param.Number(
+        default=None,
+        allow_None=True,
+        doc="Time [s] of the file's stored frame 0; empty: the file's.",
+    )
+    exclude = param.String(default="", doc="Stored frames to exclude, e.g. '40:43, 90'.")
     scaling = param.Selector(objects=list(SCALINGS), default="per_angle")
     multistart = param.Selector(
         objects=["auto", 0, 1, 2, 4, 8, 16],
@@ -179,6 +196,14 @@ class Dashboard(pn.viewable.Viewer):
         self.frames_slider = pn.widgets.IntRangeSlider.from_param(
             self.param.frames, name="frames [a, b)", throttled=True, width=300
         )
+        self.t_start_input = pn.widgets.FloatInput.from_param(
+            self.param.t_start, name="t_start [s] (frame 0)", width=150
+        )
+        self.exclude_input = pn.widgets.TextInput.from_param(
+            self.param.exclude, name="exclude frames", placeholder="e.g. 40:43, 90", width=200
+        )
+        self.intensity_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-intensity"])
+        self._trace = None  # the file's intensity trace, when it has one
         self.summary = pn.pane.HTML("", css_classes=["hd-summary"])
         self.c2_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-c2-plots"])
         self.cuts_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-cuts-plots"])
@@ -188,6 +213,8 @@ class Dashboard(pn.viewable.Viewer):
                 pn.Column(pn.pane.Markdown("angles [deg]", margin=(0, 10)), self.phi_select),
                 self.frames_slider,
             ),
+            pn.Row(self.t_start_input, self.exclude_input),
+            self.intensity_view,
             self.summary,
             self.c2_view,
             self.cuts_view,
@@ -197,6 +224,10 @@ class Dashboard(pn.viewable.Viewer):
     def _open_file(self):
         try:
             qs = q_values(self.path)
+            try:
+                self._trace = intensity(self.path)
+            except FileFormatError:
+                self._trace = None
             self.param.q.objects = {f"{q:.5g}": float(q) for q in qs}
             self._resetting = True
             try:
@@ -209,14 +240,17 @@ class Dashboard(pn.viewable.Viewer):
             self._full = None
             self.data = None
 
-    @param.depends("q", watch=True)
+    @param.depends("q", "t_start", "exclude", watch=True)
     def _load_q(self):
         if self._resetting or not self.path:
             return
         try:
-            self._set_full(load(self.path, q=self.q))
+            excluded = frame_list(self.exclude)
+            self._set_full(load(self.path, q=self.q, t_start=self.t_start, exclude_frames=excluded))
         except Exception as err:
-            self._fail(f"cannot read q = {self.q:g} 1/Å of {self.path} (kept the last q)", err)
+            self._fail(f"cannot read q = {self.q:g} 1/Å of {self.path} (kept the last data)", err)
+            return
+        self.intensity_view.object = _intensity_plot(self._trace, excluded)
 
     def _set_full(self, ds: xr.Dataset):
         """Take ``ds`` as the loaded q-bin: reset the angle and frame selectors to all."""
@@ -232,7 +266,8 @@ class Dashboard(pn.viewable.Viewer):
             self.param.update(phi=phi, frames=(0, n), q=float(ds["q"]))
         finally:
             self._resetting = False
-        self.file_input.disabled = not self.path
+        self.file_input.disabled = self.t_start_input.disabled = not self.path
+        self.exclude_input.disabled = not self.path
         self.q_select.disabled = len(self.param.q.objects) < 2
         self._select()
 
@@ -560,6 +595,7 @@ class Dashboard(pn.viewable.Viewer):
         self.nlsq_button.disabled = self.cmc_button.disabled = not ready
         for widget in (self.file_input, self.q_select, self.phi_select, self.frames_slider):
             widget.disabled = busy
+        self.t_start_input.disabled = self.exclude_input.disabled = busy or not self.path
         if not busy:
             self.file_input.disabled = not self.path
             self.q_select.disabled = len(self.param.q.objects) < 2
@@ -686,6 +722,8 @@ def _summary_html(ds: xr.Dataset) -> str:
         "frames": f"{t.size}: t = {t[0]:.4g} ... {t[-1]:.4g} s, dt = {float(ds.attrs['dt']):.4g} s"
         f" ({int(ds.attrs.get('dropped_frames', 0))} dropped, masked)",
         "pairs t1 < t2": f"{_pairs(ds)} ({int(ds.attrs.get('nan_pairs', 0))} non-finite, masked)",
+        "excluded frames": ds.attrs.get("excluded_frames", "none"),
+        "times": time_origin(ds),
         "uncertainties": "sigma given" if "sigma" in ds.data_vars else "none (noise estimated)",
     }
     body = "".join(
@@ -693,6 +731,20 @@ def _summary_html(ds: xr.Dataset) -> str:
         for k, v in rows.items()
     )
     return f"<table>{body}</table>"
+
+
+def _intensity_plot(trace: xr.DataArray | None, excluded: np.ndarray):
+    """The mean intensity per frame, excluded frames marked; None without a trace."""
+    if trace is None:
+        return None
+    frame = hv.Dimension("frame", label="stored frame")
+    value = hv.Dimension("intensity", label="mean intensity")
+    out = np.isin(trace["frame"].values, excluded)
+    points = (trace["frame"].values[out], trace.values[out])
+    return (
+        hv.Curve((trace["frame"].values, trace.values), frame, value, label="intensity")
+        * hv.Scatter(points, frame, value, label="excluded").opts(color="red", size=6)
+    ).opts(width=700, height=200, title="intensity per frame: exclude beam dumps and spikes")
 
 
 def _pairs(ds: xr.Dataset) -> int:

@@ -34,6 +34,12 @@ DEMO_DATA = {
 DEMO_CMC = {"shards": 2, "chains": 2, "warmup": 500, "samples": 2000, "seed": 0}
 
 
+T_START_HELP = (
+    "time [s] of the file's stored frame 0, e.g. since a shear started (default: the "
+    "file's own times; required where the file cannot place its first frame)"
+)
+
+
 def _frames(text: str) -> slice:
     try:
         start, stop = (int(v) if v else None for v in text.split(":"))
@@ -187,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--q", type=float, help="q-bin to fit [1/Å] (nearest is taken)")
     fit.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
     fit.add_argument("--frames", type=_frames, help="frame window A:B")
+    fit.add_argument("--t-start", type=float, help=T_START_HELP)
     fit.add_argument("--method", choices=["nlsq"], default="nlsq", help="fitting method")
     _add_parameter_options(fit)
     fit.add_argument("--out", type=Path, required=True, help="output folder")
@@ -201,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     survey.add_argument("file", type=Path, help="APS-U / legacy HDF5 file")
     survey.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
     survey.add_argument("--frames", type=_frames, help="frame window A:B")
+    survey.add_argument("--t-start", type=float, help=T_START_HELP)
     survey.add_argument(
         "--executor",
         type=_executor,
@@ -218,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "BOKEH_ALLOW_WS_ORIGIN=HOST:PORT in the environment.",
     )
     dashboard.add_argument("file", type=Path, help="APS-U / legacy HDF5 or heterodyne netCDF")
+    dashboard.add_argument("--t-start", type=float, help=T_START_HELP)
     dashboard.add_argument("--port", type=int, default=5006, help="port (default: 5006)")
     dashboard.add_argument("--address", help="address to listen on (default: localhost)")
     dashboard.add_argument("--show", action="store_true", help="open it in a web browser")
@@ -280,7 +289,7 @@ def run_fit(args) -> int:
     import heterodyne as hd
 
     params = parameters_from(args)
-    ds = hd.load(args.file, q=args.q, phi=args.phi, frames=args.frames)
+    ds = hd.load(args.file, q=args.q, phi=args.phi, frames=args.frames, t_start=args.t_start)
     result = hd.fit_nlsq(ds, params, multistart=args.multistart)
     written = _write_result(result, args.out, args.method, overwrite=args.overwrite)
     print(result.report())
@@ -297,6 +306,7 @@ def run_survey(args) -> int:
         args.file,
         phi=args.phi,
         frames=args.frames,
+        t_start=args.t_start,
         executor=args.executor,
         checkpoint=args.out / "fits",
         params=parameters_from(args),
@@ -326,7 +336,7 @@ def run_dashboard(args) -> int:
     from heterodyne.app import serve
 
     try:
-        serve(args.file, port=args.port, address=args.address, show=args.show)
+        serve(args.file, port=args.port, address=args.address, show=args.show, t_start=args.t_start)
     except KeyboardInterrupt:
         pass
     return 0

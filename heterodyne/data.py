@@ -17,7 +17,9 @@ Canonical form (MODEL.md, "Inputs")::
         source       where the data came from
         nan_pairs    number of NaN pairs (t1 < t2) over all angles, masked in fits
         dropped_frames  frames with no finite pair at any angle (missing from the
-                     measurement, e.g. dropped by the detector): NaN rows and columns
+                     measurement, or excluded by the user): NaN rows and columns
+        time_origin  where the times came from (files read by heterodyne.load)
+        excluded_frames  the stored frames excluded by heterodyne.load, e.g. "40:43, 90"
 
 Every coordinate and variable carries ``units`` and ``long_name`` attrs.
 """
@@ -70,6 +72,15 @@ VAR_ATTRS = {
     "c2": {"units": "", "long_name": "two-time intensity correlation"},
     "sigma": {"units": "", "long_name": "1-sigma uncertainty of c2"},
 }
+
+
+# The convention of every time coordinate (MODEL.md, "Inputs"), stated in reports and plots.
+TIME_CONVENTION = "each frame at the end of its exposure (the APS viewer draws k dt from 0)"
+
+
+def time_origin(ds: xr.Dataset) -> str:
+    """Where the times of ``ds`` came from and their convention, in one line."""
+    return ds.attrs.get("time_origin", f"as given; {TIME_CONVENTION}")
 
 
 def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Dataset:

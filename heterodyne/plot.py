@@ -525,7 +525,9 @@ def _layout(panels, cols: int) -> hv.Layout:
 
 
 def _time_dims(ds) -> list[hv.Dimension]:
-    return [hv.Dimension(name, unit=ds[name].attrs.get("units", "s")) for name in ("t1", "t2")]
+    # Axis labels state the convention: a frame's time is the end of its exposure.
+    units = {name: ds[name].attrs.get("units", "s") for name in ("t1", "t2")}
+    return [hv.Dimension(n, label=f"{n} (frame end)", unit=u) for n, u in units.items()]
 
 
 def _value_dim(da: xr.DataArray, name: str) -> hv.Dimension:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from heterodyne.data import atomic_write
+from heterodyne.data import atomic_write, time_origin
 from heterodyne.errors import FileFormatError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
 
@@ -371,14 +371,13 @@ class NLSQResult:
             f"{', '.join(f'{v:g}' for v in self.params['phi'].values)} deg",
             f"    pairs fitted      {info['n_pairs']} (masked non-finite pairs: "
             f"{info['nan_pairs']}; dropped frames: {info.get('dropped_frames', 0)})",
+            f"    times             {time_origin(self.data)}",
             f"    varied            {info['n_varied']}",
             f"    chi2              {self.chi2:.6g}",
             f"    reduced chi2      {self.reduced_chi2:.6g}",
             f"    evaluations       {self.nfev}",
             f"    success           {self.success}: {self.message}",
             f"    starts            {self.starts.sizes['start']}",
-            f"    times             frame k at t1[k] = {float(self.data['t1'][0]):.6g} + k * "
-            f"{float(self.data['t1'][1] - self.data['t1'][0]):.6g} s (end of its exposure)",
             "[[Parameters]]",
             f"    {'name':<16}{'value':>13}{'stderr':>12}{'rel.':>9}"
             + ("" if nominal else f"{'nominal':>12}")
@@ -750,6 +749,7 @@ class CMCResult:
             f"({_LIKELIHOOD_WORDS[info.get('likelihood', 'pairs')]}, padded)",
             f"    masked            {info.get('nan_pairs', 0)} non-finite pairs; dropped frames: "
             f"{info.get('dropped_frames', 0)}",
+            f"    times             {time_origin(self.data)}",
             f"    chains            {info['chains']} per shard ({info['chain_method']}, "
             f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws; "
             f"mass matrix {info.get('mass_matrix', 'dense, adapted')}",

@@ -23,6 +23,7 @@ def survey(
     q=None,
     phi=None,
     frames=None,
+    t_start=None,
     params=None,
     checkpoint=None,
     executor=None,
@@ -40,8 +41,9 @@ def survey(
         The fitting method.
     q : float or sequence, optional
         q-bins to fit [1/Å] (nearest); default all bins of each file.
-    phi, frames :
-        Passed to :func:`heterodyne.load`.
+    phi, frames, t_start :
+        Passed to :func:`heterodyne.load` (``t_start``: time [s] of each file's stored
+        frame 0; needed for files that cannot place their first frame).
     params : Parameters or dict, optional
         Starting values and settings, the same for every fit.
     checkpoint : path, optional
@@ -94,6 +96,7 @@ def survey(
                 "q": q_bin,
                 "phi": phi,
                 "frames": frames,
+                "t_start": t_start,
                 "params": p,
                 "options": fit_options,
                 "name": _name(source, k),
@@ -150,6 +153,7 @@ def _checkpoint_name(task) -> str:
             task["q"],
             task["phi"],
             task["frames"],
+            task["t_start"],
             str(task["params"]),
             sorted(task["options"].items()),
         )
@@ -169,7 +173,9 @@ def _fit_task(task) -> xr.Dataset:
     ds = (
         source
         if isinstance(source, xr.Dataset)
-        else load(source, q=task["q"], phi=task["phi"], frames=task["frames"])
+        else load(
+            source, q=task["q"], phi=task["phi"], frames=task["frames"], t_start=task["t_start"]
+        )
     )
     result = fit_nlsq(ds, task["params"], progress=False, **task["options"])
     if task["checkpoint"] is not None:

@@ -3,6 +3,7 @@ Run buttons pressed from code, the reports, downloads and alerts."""
 
 import asyncio
 
+import _files
 import holoviews as hv
 import numpy as np
 import pytest
@@ -215,3 +216,37 @@ def test_run_pressed_from_code_samples_and_judges_the_shards(fitted, tmp_path):
 def test_the_command_line_refuses_a_missing_file(tmp_path, capsys):
     assert main(["dashboard", str(tmp_path / "missing.h5")]) == 1
     assert "heterodyne dashboard:" in capsys.readouterr().err
+
+
+def test_data_tab_takes_a_time_origin_and_marks_frames_out_on_the_intensity_trace(tmp_path):
+    """A file correlated from raw frame -400 (counted from the end) cannot place its
+    frames: the page asks for t_start; a beam dump in the intensity trace is excluded."""
+    n, frame_time = 20, 0.05
+    matrices = [hd.simulate(EXAMPLE_TRUTH, n_frames=n, phi=0.0, noise=0.01)["c2"].values[0]]
+    files, lzf = _files.boost_corr(
+        [0.01], [0.0], [(0, 0)], matrices, frame_time, config={"begin_frame": -400}
+    )
+    trace = np.ones(n)
+    trace[[12, 13]] = 0.1
+    files[_files.INTENSITY] = np.stack([np.arange(n), trace])
+    path = _files.write_h5(tmp_path / "tail.h5", files, lzf=lzf)
+    dash = hd.dashboard(path)
+    assert dash.alert.visible and "t_start=" in dash.alert.object and dash.data is None
+    dash.t_start = 30.0
+    assert not dash.alert.visible
+    np.testing.assert_allclose(dash.data["t1"].values, 30.0 + frame_time * np.arange(n))
+    assert "user: t_start = 30 s" in dash.summary.object
+    curve = dash.intensity_view.object.Curve.Intensity
+    np.testing.assert_array_equal(curve.dimension_values("intensity"), trace)
+    assert len(dash.intensity_view.object.Scatter.Excluded) == 0
+
+    dash.exclude = "12:14"
+    expected = hd.load(path, t_start=30.0, exclude_frames=[12, 13])
+    assert dash.data.identical(expected)
+    assert dash.data.attrs["dropped_frames"] == 2
+    assert "(2 dropped, masked)" in dash.summary.object and "12:14" in dash.summary.object
+    marked = dash.intensity_view.object.Scatter.Excluded
+    np.testing.assert_array_equal(marked.dimension_values("stored frame"), [12, 13])
+    dash.exclude = "12-14"
+    assert dash.alert.visible and "expected an index or a range" in dash.alert.object
+    assert dash.data.identical(expected)  # the last data are kept
