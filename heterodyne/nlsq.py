@@ -221,6 +221,7 @@ class _Problem:
         v_max = starts.resolvable_velocity(ds)
         if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
             p["v0"].max = v_max
+        p.clip_placeholders()
         estimated = [n for n in starts.ESTIMATED if p[n].vary and not p[n].given]
         found = []
         if estimated or multistart == "auto":

@@ -246,6 +246,15 @@ class Parameters(MutableMapping):
         p.validate()
         return p
 
+    def clip_placeholders(self) -> Parameters:
+        """Move physics values that were never set into their bounds (``given`` stays
+        False); returns ``self``."""
+        for name in PHYSICS_NAMES:
+            par = self[name]
+            if not par.given:
+                par._value = float(np.clip(par.value, par.min, par.max))
+        return self
+
     def physics_values(self) -> np.ndarray:
         """The 14 physics values as a float64 vector in canonical order."""
         return np.array([float(self[n].value) for n in PHYSICS_NAMES], dtype=np.float64)
@@ -256,8 +265,8 @@ class Parameters(MutableMapping):
         return tuple(n for n in PHYSICS_NAMES if self[n].vary)
 
     def validate(self, n_phi: int | None = None) -> None:
-        """Raise ``ParameterError`` for non-finite values, min > max or values outside
-        the bounds. ``n_phi`` checks the length of per-angle contrast/offset."""
+        """Raise ``ParameterError`` for non-finite values, min > max or given values
+        outside the bounds. ``n_phi`` checks the length of per-angle contrast/offset."""
         for name, p in self._params.items():
             if not (np.isfinite(p.min) or p.min == -np.inf) or np.isnan(p.max):
                 raise ParameterError(f"{name}: bounds must be numbers, got [{p.min}, {p.max}]")
@@ -276,7 +285,8 @@ class Parameters(MutableMapping):
                 )
             if not np.all(np.isfinite(values)):
                 raise ParameterError(f"{name}: value {p.value!r} is not finite")
-            if np.any(values < p.min) or np.any(values > p.max):
+            # a value never set is a placeholder: the fitters estimate it or clip it
+            if p.given and (np.any(values < p.min) or np.any(values > p.max)):
                 raise ParameterError(
                     f"{name}: value {p.value!r} outside its bounds [{p.min:g}, {p.max:g}]"
                 )
