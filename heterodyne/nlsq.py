@@ -280,10 +280,10 @@ class _Problem:
         problem.alternatives = [problem.pack(v) for v in found[1 if estimated else 0 :]]
         return problem
 
-    def pack(self, physics: np.ndarray) -> np.ndarray:
-        """``x0`` with its varied physics entries taken from ``physics`` (14,), clipped
-        to the bounds."""
-        x = self.x0.copy()
+    def pack(self, physics: np.ndarray, base=None) -> np.ndarray:
+        """``base`` (default ``x0``) with its varied physics entries taken from
+        ``physics`` (14,), clipped to the bounds."""
+        x = (self.x0 if base is None else np.asarray(base, dtype=float)).copy()
         for k, label in enumerate(self.labels):
             if label in PHYSICS_NAMES:
                 x[k] = physics[PHYSICS_NAMES.index(label)]
@@ -306,7 +306,7 @@ class _Problem:
             ref, sample = starts.transport(self.physics(outcome.x), t)
             return outcome, "failed" if ref > sample and self._labels_free() else ""
         physics, exact = mapped
-        x = self.pack(physics)
+        x = self.pack(physics, outcome.x)
         if exact:
             jtj, _, rtr = self.normal_equations(x)
             relabelled = copy.copy(outcome)

@@ -97,6 +97,10 @@ def test_a_fit_that_ends_exchanged_is_reported_relabelled():
     for name, truth in TRUTH.items():
         assert abs(result.value(name) - truth) < 4 * result.error(name), name
     assert "relabelled" in result.report()
+    # relabelled with its own contrast and offset: the cost and the model are the fit's
+    direct = hd.fit_nlsq(ds, hd.Parameters(TRUTH), fix=["f1"], multistart=0, progress=False)
+    assert result.chi2 == pytest.approx(direct.chi2, rel=1e-6)
+    np.testing.assert_allclose(result.model["c2"], direct.model["c2"], atol=1e-6)
 
 
 def test_with_a_fraction_law_the_exchanged_fit_is_refitted_in_the_convention():
