@@ -105,3 +105,57 @@ def test_a_missing_file_is_one_line_and_exit_1(tmp_path, capsys):
     assert main(["fit", str(tmp_path / "none.h5"), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("heterodyne fit: ") and "none.h5" in err and "\n" not in err
+
+
+def test_fit_sets_starts_bounds_and_fixed_parameters_and_prints_the_verdict_first(tmp_path, capsys):
+    ds = hd.simulate(DEMO_TRUTH, n_frames=40, phi=[-45.0, 0.0, 45.0], noise=0.01, seed=3)
+    path = hd.to_netcdf(ds, tmp_path / "d.nc")
+    settings = hd.Parameters(f0=0.45)
+    settings["D_offset_ref"].max = 50.0
+    params = settings.to_json(tmp_path / "p.json")
+    out = tmp_path / "out"
+    code = main(
+        ["fit", str(path), "--params", str(params), "--set", "v0=700,phi0=15"]
+        + ["--fix", "f1,beta", "--bound", "D0_ref=100:9000", "--multistart", "0"]
+        + ["--out", str(out)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("[[Verdict]]")
+    assert f"wrote {out / 'nlsq.nc'}, {out / 'nlsq_report.txt'}" in printed
+    result = hd.open_result(out / "nlsq.nc")
+    settings = result.settings
+    assert not settings["vary"].sel(name="f1") and not settings["vary"].sel(name="beta")
+    assert float(settings["min"].sel(name="D0_ref")) == 100.0
+    assert float(settings["max"].sel(name="D0_ref")) == 9000.0
+    assert float(settings["max"].sel(name="D_offset_ref")) == 50.0  # from the file
+    assert result.starts.sizes["start"] == 1
+    for name in ("D0_ref", "D0_sample", "v0", "phi0"):
+        assert abs(result.value(name) - DEMO_TRUTH[name]) < 4 * result.error(name), name
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "v0"], "expected NAME=VALUE"),
+        (["--multistart", "-2"], "--multistart must be auto or an integer"),
+    ],
+)
+def test_bad_parameter_options_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "x.nc", "--out", "o", *args])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "speed=3"], "unknown parameter 'speed'"),
+        (["--bound", "v0=abc:5"], "'abc' is not a number"),
+        (["--set", "f0=2"], "outside its bounds"),
+    ],
+)
+def test_bad_parameter_values_exit_1_before_reading_the_file(args, message, capsys):
+    assert main(["fit", "missing.nc", "--out", "o", *args]) == 1
+    assert message in capsys.readouterr().err

@@ -122,6 +122,23 @@ def test_fit_pressed_from_code_fits_with_the_table_and_reports(fitted, ds, tmp_p
         assert start[name].value == result.value(name), name
 
 
+def test_the_first_click_fits_from_the_data_with_the_default_table(ds):
+    """No values typed: the physics start blank (estimated from the data), the velocity
+    bound is the data's, and the fit finds the truth with a verdict."""
+    dash = hd.dashboard(ds)
+    table = dash.table.value.set_index("name")
+    assert table.loc[list(PHYSICS_NAMES), "value"].isna().sum() == len(hd.Parameters().varied)
+    dash.nlsq_button.clicks += 1
+    result = dash.nlsq
+    assert float(result.settings["max"].sel(name="v0")) < 1e6
+    assert result.starts.sizes["start"] >= 1
+    for name, truth in EXAMPLE_TRUTH.items():
+        assert abs(result.value(name) - truth) < 4 * result.error(name), name
+    assert result.verdict.status == "ok"
+    assert "verdict **OK**" in dash.nlsq_status.object
+    assert "Verdict: OK" in dash.nlsq_report.object
+
+
 def test_the_event_loop_stays_live_while_a_fit_runs(ds):
     dash = hd.dashboard(ds)
 
