@@ -35,7 +35,7 @@ import param
 import xarray as xr
 
 from heterodyne import diagnostics, plot
-from heterodyne.cmc import PAIRS_PER_SHARD, fit_cmc
+from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
@@ -149,8 +149,8 @@ class Dashboard(pn.viewable.Viewer):
     )
     shards = param.Integer(default=1, bounds=(1, None))
     chains = param.Integer(default=2, bounds=(1, None))
-    warmup = param.Integer(default=500, bounds=(0, None))
-    samples = param.Integer(default=500, bounds=(4, None))
+    warmup = param.Integer(default=WARMUP, bounds=(0, None))
+    samples = param.Integer(default=SAMPLES, bounds=(4, None))
     seed = param.Integer(default=0, bounds=(0, None))
     warm_start = param.Boolean(
         default=True,

@@ -45,6 +45,16 @@ def short_result(small):
     return run_quietly(ds, init, **SHORT)
 
 
+def test_run_lengths_that_cannot_pass_are_announced_before_sampling(small):
+    ds, init = small
+    with pytest.warns(UserWarning, match="cannot give the 100 effective draws"):
+        cmc.prepare(ds, init, samples=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        plan = cmc.prepare(ds, init)  # the defaults can pass
+    assert (plan.jobs()[0].warmup, plan.jobs()[0].samples) == (cmc.WARMUP, cmc.SAMPLES)
+
+
 @pytest.mark.parametrize(
     "options",
     [
