@@ -91,38 +91,14 @@ def _add_parameter_options(command: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--params", type=Path, help="a parameters file (JSON, as Parameters.to_json writes)"
     )
-    group.add_argument(
-        "--set",
-        type=_assignments,
-        action="extend",
-        default=[],
-        metavar="NAME=VALUE[,...]",
-        help="start (or fixed) values, e.g. --set v0=400,phi0=10",
+    lists = (
+        ("--set", _assignments, "NAME=VALUE[,...]", "start (or fixed) values, e.g. v0=400,phi0=10"),
+        ("--fix", _names, "NAME[,...]", "hold these at their value, e.g. f1,beta"),
+        ("--free", _names, "NAME[,...]", "vary these too, e.g. D_offset_ref"),
+        ("--bound", _assignments, "NAME=MIN:MAX[,...]", "either side may be empty, e.g. v0=:5000"),
     )
-    group.add_argument(
-        "--fix",
-        type=_names,
-        action="extend",
-        default=[],
-        metavar="NAME[,...]",
-        help="hold these at their value, e.g. --fix f1,beta",
-    )
-    group.add_argument(
-        "--free",
-        type=_names,
-        action="extend",
-        default=[],
-        metavar="NAME[,...]",
-        help="vary these too, e.g. --free D_offset_ref",
-    )
-    group.add_argument(
-        "--bound",
-        type=_assignments,
-        action="extend",
-        default=[],
-        metavar="NAME=MIN:MAX[,...]",
-        help="bounds, either side may be empty, e.g. --bound D0_ref=0:1000,v0=:5000",
-    )
+    for flag, kind, metavar, text in lists:
+        group.add_argument(flag, type=kind, action="extend", default=[], metavar=metavar, help=text)
     group.add_argument(
         "--multistart",
         type=_multistart,
