@@ -276,8 +276,10 @@ class _Problem:
             n_scale,
             scaling,
         )
-        # with estimated starts the first candidate is x0 itself
-        problem.alternatives = [problem.pack(v) for v in found[1 if estimated else 0 :]]
+        # with estimated starts the first candidate is x0 itself; given starts are kept
+        # and the data's candidates added where they differ
+        alternatives = [problem.pack(v) for v in found[1 if estimated else 0 :]]
+        problem.alternatives = [x for x in alternatives if not np.allclose(x, problem.x0)]
         return problem
 
     def pack(self, physics: np.ndarray, base=None) -> np.ndarray:

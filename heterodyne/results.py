@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -294,7 +295,7 @@ class NLSQResult:
                 out.append(str(label))
         return out
 
-    @property
+    @cached_property
     def verdict(self):
         """The package's judgement of the fit (:func:`heterodyne.verdict.of_fit`):
         ``.status`` is ``"ok"``, ``"check"`` or ``"fail"``, ``.reasons`` say why."""

@@ -32,6 +32,8 @@ He et al., PNAS 121(31) e2401162121 (2024), the one-time limit of the heterodyne
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 import xarray as xr
@@ -101,8 +103,6 @@ def lag_profile(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _one_time(physics: np.ndarray, tau: np.ndarray, phi: np.ndarray, q: float) -> np.ndarray:
     """:func:`heterodyne.model.g2` (contrast 1, offset 0) of many physics vectors at once:
     ``(M, n_phi, L)``."""
-    import jax
-
     batched = jax.vmap(model.g2, in_axes=(0, None, None, None, None, None))
     return np.asarray(batched(physics, 1.0, 0.0, tau, phi, q))
 
@@ -245,8 +245,6 @@ def _refine(base, rate_ref, rate_sample, fraction, frequency, step, tau, y, w, q
 def _projected(physics, tau, y, root_w, phi, q):
     """Residuals of the one-time model with each angle's ``contrast`` and ``offset``
     solved for by weighted linear least squares (variable projection): ``(n_phi * L,)``."""
-    import jax.numpy as jnp
-
     g = model.g2(physics, 1.0, 0.0, tau, phi, q)
     w = root_w * root_w
     sw = jnp.sum(w)
@@ -257,22 +255,16 @@ def _projected(physics, tau, y, root_w, phi, q):
 
 
 def _polish_functions(free: tuple[int, ...]):
-    """Compiled residuals and Jacobian of :func:`_projected` in the ``free`` entries."""
-    import jax
-
+    """Compiled residuals and Jacobian of :func:`_projected` in the ``free`` entries,
+    compiled once per set of free entries."""
     if free not in _POLISH:
+        index = jnp.asarray(free)
 
         def residual(x, base, tau, y, root_w, phi, q):
-            return _projected(base.at[jnp_index(free)].set(x), tau, y, root_w, phi, q)
+            return _projected(base.at[index].set(x), tau, y, root_w, phi, q)
 
         _POLISH[free] = (jax.jit(residual), jax.jit(jax.jacfwd(residual)))
     return _POLISH[free]
-
-
-def jnp_index(free):
-    import jax.numpy as jnp
-
-    return jnp.asarray(free)
 
 
 _POLISH: dict = {}
