@@ -39,13 +39,15 @@ class ParameterSpec:
 PHYSICS = (
     #             name               unit          default  min    max   vary   meaning
     ParameterSpec("D0_ref",          "Å²/s^(1+α)", 1e4,  0.0,   1e7,  True,
-                  "reference transport prefactor, J_r = D0_ref t^alpha_ref + D_offset_ref"),
+                  "reference (the slower component) transport prefactor, "
+                  "J_r = D0_ref t^alpha_ref + D_offset_ref"),
     ParameterSpec("alpha_ref",       "",           0.0,  -2.0,  2.0,  True,
                   "reference transport exponent"),
     ParameterSpec("D_offset_ref",    "Å²/s",       0.0,  -1e5,  1e5,  False,
                   "reference transport offset"),
     ParameterSpec("D0_sample",       "Å²/s^(1+α)", 1e4,  0.0,   1e7,  True,
-                  "sample transport prefactor, J_s = D0_sample t^alpha_sample + D_offset_sample"),
+                  "sample (the faster component) transport prefactor, "
+                  "J_s = D0_sample t^alpha_sample + D_offset_sample"),
     ParameterSpec("alpha_sample",    "",           0.0,  -2.0,  2.0,  True,
                   "sample transport exponent"),
     ParameterSpec("D_offset_sample", "Å²/s",       0.0,  -1e5,  1e5,  False,
