@@ -623,7 +623,7 @@ def parameter_frame(params: Parameters) -> pd.DataFrame:
     for spec in PHYSICS + SCALING:
         entry = params[spec.name]
         value = entry.value
-        if value is None or (spec in PHYSICS and entry.vary and not entry.given):
+        if value is None or params.from_data(spec.name):
             value = np.nan  # estimated: per angle, or from the data (hd.fit_nlsq)
         elif np.ndim(value):
             values = np.ravel(np.asarray(value, dtype=np.float64))

@@ -222,7 +222,7 @@ class _Problem:
         if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
             p["v0"].max = v_max
         p.clip_placeholders()
-        estimated = [n for n in starts.ESTIMATED if p[n].vary and not p[n].given]
+        estimated = [n for n in PHYSICS_NAMES if p.from_data(n)]
         found = []
         if estimated or multistart == "auto":
             n_found = AUTO_STARTS if multistart == "auto" else 1

@@ -76,6 +76,9 @@ SCALING = (
                   "baseline of each angle"),
 )
 # fmt: on
+# Varied physics parameters whose start the fitters read off the data unless a value is
+# given (heterodyne.starts); the tables show them as "data".
+ESTIMATED = ("D0_ref", "D0_sample", "f0", "v0", "phi0")
 PHYSICS_NAMES = tuple(s.name for s in PHYSICS)
 SCALING_NAMES = tuple(s.name for s in SCALING)
 SPECS = {s.name: s for s in PHYSICS + SCALING}
@@ -248,6 +251,12 @@ class Parameters(MutableMapping):
         p.validate()
         return p
 
+    def from_data(self, name: str) -> bool:
+        """Whether a fit starts ``name`` from an estimate read off the data (varied, in
+        :data:`ESTIMATED`, no value given)."""
+        par = self[name]
+        return name in ESTIMATED and par.vary and not par.given
+
     def clip_placeholders(self) -> Parameters:
         """Move physics values that were never set into their bounds (``given`` stays
         False); returns ``self``."""
@@ -299,6 +308,8 @@ class Parameters(MutableMapping):
         for name, p in self._params.items():
             if p.value is None:
                 value = "auto"
+            elif self.from_data(name):
+                value = "data"
             elif np.ndim(p.value) == 0:
                 value = f"{float(p.value):.6g}"
             else:
@@ -324,6 +335,8 @@ class Parameters(MutableMapping):
             value = (
                 "auto"
                 if p.value is None
+                else "data"
+                if self.from_data(name)
                 else np.array2string(np.asarray(p.value, dtype=float), precision=6)
             )
             body.append(

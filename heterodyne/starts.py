@@ -39,11 +39,9 @@ import scipy.optimize
 import xarray as xr
 
 from heterodyne import model
-from heterodyne.parameters import PHYSICS_NAMES, Parameters
+from heterodyne.parameters import ESTIMATED, PHYSICS_NAMES, Parameters
 
 _INDEX = {name: k for k, name in enumerate(PHYSICS_NAMES)}
-# The parameters the estimator gives a start.
-ESTIMATED = ("D0_ref", "D0_sample", "f0", "v0", "phi0")
 # Lags used individually; longer lags are averaged in this many log-spaced bins.
 LAGS = 160
 LAG_BINS = 60
