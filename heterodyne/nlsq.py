@@ -22,7 +22,7 @@ from scipy.optimize import least_squares
 from scipy.stats import qmc
 from tqdm.auto import tqdm
 
-from heterodyne import model, objective, structured, uncertainty
+from heterodyne import checks, model, objective, structured, uncertainty
 from heterodyne.data import FIT_MEMORY, check_memory, validate
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
@@ -111,8 +111,11 @@ def fit_nlsq(
     progress : bool
         Show a progress bar (cost evaluations, or starts with ``multistart``).
     **least_squares_options
-        Passed to ``scipy.optimize.least_squares`` (``ftol``, ``xtol``, ``gtol``,
-        ``max_nfev``, ``x_scale``, ``loss`` ...).
+        Passed to ``scipy.optimize.least_squares``: ``ftol``, ``xtol``, ``gtol``,
+        ``max_nfev``, ``x_scale``, ``method`` ("trf" or "dogbox"), ``f_scale``,
+        ``tr_solver``, ``verbose``; ``loss`` only "linear" (scipy sees the compressed
+        problem, on which a robust loss would not act). Anything else raises
+        ``OptionError``.
 
     Returns
     -------
@@ -142,6 +145,10 @@ def fit_nlsq(
     >>> result = hd.fit_nlsq(ds, hd.Parameters(v0=400.0))
     >>> print(result.report())  # doctest: +SKIP
     """
+    checks.check_fit_nlsq(
+        ds, params, fix=fix, multistart=multistart, seed=seed, scaling=scaling, errors=errors,
+        progress=progress, options=least_squares_options,
+    )  # fmt: skip
     if errors not in uncertainty.ERRORS:
         raise OptionError(f"errors must be one of {uncertainty.ERRORS}; got {errors!r}")
     check_memory(validate(ds)["c2"].shape, what="fit_nlsq", **FIT_MEMORY[errors])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from heterodyne import checks
 from heterodyne.errors import ParameterError
 
 
@@ -82,10 +83,13 @@ class Parameter:
     """A parameter's current setting: ``value``, ``vary``, ``min``, ``max``.
 
     For ``contrast`` and ``offset`` the value may be ``None`` (estimate it from the data
-    per angle), a number (all angles) or one number per angle.
+    per angle), a number (all angles) or one number per angle. Each setting is checked
+    when it is set: a value that is not a real number, a ``vary`` that is not a bool or a
+    NaN bound raises ``ParameterError``; :meth:`Parameters.validate` checks them
+    together (bounds in order, value inside).
     """
 
-    __slots__ = ("name", "value", "vary", "min", "max")
+    __slots__ = ("name", "_value", "_vary", "_min", "_max")
 
     def __init__(self, name, value, vary, min, max):  # noqa: A002 (lmfit's names)
         self.name = name
@@ -93,6 +97,43 @@ class Parameter:
         self.vary = vary
         self.min = min
         self.max = max
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, value):
+        if value is None and self.name in SCALING_NAMES:
+            self._value = None
+        elif self.name in SCALING_NAMES and np.ndim(value) != 0:
+            self._value = checks.numbers(value, f"{self.name} value", error=ParameterError)
+        else:
+            self._value = checks.number(value, f"{self.name} value", error=ParameterError)
+
+    @property
+    def vary(self) -> bool:
+        return self._vary
+
+    @vary.setter
+    def vary(self, vary):
+        self._vary = checks.flag(vary, f"{self.name} vary", error=ParameterError)
+
+    @property
+    def min(self) -> float:
+        return self._min
+
+    @min.setter
+    def min(self, bound):
+        self._min = checks.number(bound, f"{self.name} min", finite=False, error=ParameterError)
+
+    @property
+    def max(self) -> float:
+        return self._max
+
+    @max.setter
+    def max(self, bound):
+        self._max = checks.number(bound, f"{self.name} max", finite=False, error=ParameterError)
 
     @property
     def spec(self) -> ParameterSpec:
@@ -126,6 +167,11 @@ class Parameters(MutableMapping):
         self._params = {s.name: Parameter(s.name, s.default, s.vary, s.min, s.max) for s in PHYSICS}
         for s in SCALING:
             self._params[s.name] = Parameter(s.name, None, s.vary, s.min, s.max)
+        if values is not None and not isinstance(values, Mapping):
+            raise ParameterError(
+                f"Parameters takes a dict of name -> value (or keywords); got "
+                f"{type(values).__name__} {values!r:.60}"
+            )
         for name, value in {**dict(values or {}), **kwargs}.items():
             self[name].value = value
 
@@ -145,6 +191,8 @@ class Parameters(MutableMapping):
         )
 
     def __getitem__(self, name: str) -> Parameter:
+        if not isinstance(name, str):
+            raise ParameterError(f"parameter names are strings; got {name!r:.60}")
         try:
             return self._params[name]
         except KeyError:
@@ -193,13 +241,14 @@ class Parameters(MutableMapping):
         """Raise ``ParameterError`` for non-finite values, min > max or values outside
         the bounds. ``n_phi`` checks the length of per-angle contrast/offset."""
         for name, p in self._params.items():
-            if not (np.isfinite(p.min) or p.min == -np.inf) or np.isnan(p.max):
-                raise ParameterError(f"{name}: bounds must be numbers, got [{p.min}, {p.max}]")
             if p.min > p.max:
                 raise ParameterError(f"{name}: min {p.min:g} > max {p.max:g}")
-            if p.value is None:
-                if name in PHYSICS_NAMES:
-                    raise ParameterError(f"{name}: value is None; physics parameters need one")
+            if p.vary and p.min == p.max:
+                raise ParameterError(
+                    f"{name}: min = max = {p.min:g} leaves no room to vary; fix it instead "
+                    f"(p[{name!r}].vary = False) or widen the bounds"
+                )
+            if p.value is None:  # contrast, offset: estimated from the data
                 continue
             values = np.atleast_1d(np.asarray(p.value, dtype=np.float64))
             if name in PHYSICS_NAMES and values.size != 1:
