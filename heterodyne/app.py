@@ -21,18 +21,23 @@ from __future__ import annotations
 import asyncio
 import html
 import io
+import re
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 import panel as pn
 import param
 import xarray as xr
+from bokeh.server.auth_provider import AuthProvider
 
-from heterodyne import diagnostics, plot
+from heterodyne import checks, diagnostics, plot
 from heterodyne.cmc import PAIRS_PER_SHARD, fit_cmc
 from heterodyne.data import select, validate
 from heterodyne.errors import OptionError, ParameterError
@@ -48,7 +53,7 @@ PASS_STYLE = "background-color: #d4edda"  # bootstrap's success/danger alert col
 FAIL_STYLE = "background-color: #f8d7da"
 
 
-def dashboard(source, params=None) -> Dashboard:
+def dashboard(source, params=None, *, root=None) -> Dashboard:
     """The dashboard of a file or a Dataset: data views, NLSQ and CMC fits.
 
     Parameters
@@ -60,6 +65,9 @@ def dashboard(source, params=None) -> Dashboard:
         Start values, bounds and ``vary`` of the parameter table; default the MODEL.md
         table. ``contrast``/``offset`` take one value for all angles, or ``None`` to
         estimate them per angle from the data.
+    root : path, optional
+        A folder: the file box then opens only files under it (:func:`serve` sets it);
+        default any file.
 
     Returns
     -------
@@ -72,27 +80,106 @@ def dashboard(source, params=None) -> Dashboard:
     >>> pn.extension("tabulator", inline=True)  # doctest: +SKIP
     >>> hd.dashboard("sample_0001.h5")  # doctest: +SKIP
     """
-    return Dashboard(source, params)
+    return Dashboard(source, params, root=root)
 
 
-def serve(source, *, port: int = 5006, address: str | None = None, show: bool = False, **kwargs):
+def serve(
+    source,
+    *,
+    port: int = 5006,
+    address: str = "localhost",
+    show: bool = False,
+    root=None,
+    **kwargs,
+):
     """Serve the dashboard of ``source`` with ``pn.serve``, one :class:`Dashboard` per
     browser session, at ``http://ADDRESS:PORT/``.
 
-    ``source`` is read once here, so that a bad file fails now rather than in the page.
+    Safe by default: it listens on ``localhost`` only; the page's websocket is accepted
+    only from pages of the served address (``websocket_origin``) and only with an
+    ``Origin`` header (as browsers send); the file box opens only files under ``root``
+    (default: the folder of ``source``); a session reads the file only once its page
+    connects, so plain requests of the page load nothing. To reach it from another
+    machine, forward the port over SSH (``ssh -L 5006:localhost:5006 HOST``) rather than
+    listening on a network address.
+
+    ``source`` is checked here, so that a bad file fails now rather than in the page.
     ``kwargs`` go to ``pn.serve`` (``threaded``, ``liveness``, ``start``...); the server
     (or its thread) is returned.
     """
-    if not isinstance(source, xr.Dataset):
+    address = checks.host_address(address)
+    port = checks.integer(port, "port", minimum=1, maximum=65535)
+    checks.flag(show, "show")
+    if isinstance(source, xr.Dataset):
+        validate(source)
+        folder = None if root is None else checks.file_path(root, "root", kind="folder")
+    else:
+        source = checks.readable_file(source, "source")
         q_values(source)
+        folder = source.parent if root is None else checks.file_path(root, "root", kind="folder")
+    if folder is not None and not folder.is_dir():
+        raise OptionError(f"root {folder} is not a folder")
+    origins = served_origins(address, port)
     return pn.serve(
-        {"/": lambda: Dashboard(source)},
+        {"/": partial(_session, source, None if folder is None else folder.resolve())},
         port=port,
         address=address,
         show=show,
         title="heterodyne",
+        websocket_origin=origins,
+        auth_provider=BrowserPagesOnly(origins),
         **kwargs,
     )
+
+
+def served_origins(address: str, port: int) -> list[str]:
+    """The ``HOST:PORT`` origins whose pages may open the websocket: the served address,
+    and for a loopback or wildcard address the names of this machine's loopback."""
+    local = [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"]
+    if address in ("localhost", "127.0.0.1", "::1"):
+        return local
+    if address in ("0.0.0.0", "::"):
+        return [*local, f"{socket.gethostname()}:{port}", f"{socket.getfqdn()}:{port}"]
+    return [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"]
+
+
+class BrowserPagesOnly(AuthProvider):
+    """Lets a websocket in only with an ``Origin`` header naming one of ``origins``.
+
+    Tornado (and so bokeh's ``websocket_origin``) let a websocket without an ``Origin``
+    header through, which any program can open; a page served here sends one. Plain HTTP
+    requests (the page, its resources) pass: there is no user login.
+    """
+
+    def __init__(self, origins):
+        self._origins = {origin.lower() for origin in origins}
+        super().__init__()
+
+    @property
+    def get_user(self):
+        return self._user
+
+    @property
+    def login_url(self):
+        return "/"  # required with get_user by bokeh; a refused websocket gets a 403
+
+    def _user(self, handler):
+        request = handler.request
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return "local"
+        origin = request.headers.get("Origin")
+        if origin is None or urlparse(origin).netloc.lower() not in self._origins:
+            return None
+        return "local"
+
+
+def _session(source, root):
+    """The Dashboard of one browser session; a file is read once the page connects."""
+    if isinstance(source, xr.Dataset):
+        return Dashboard(source, root=root)
+    dash = Dashboard(root=root)
+    pn.state.onload(lambda: setattr(dash, "path", str(source)))
+    return dash
 
 
 class DashboardExecutor(ThreadPoolExecutor):
@@ -140,8 +227,10 @@ class Dashboard(pn.viewable.Viewer):
     nlsq = param.ClassSelector(class_=NLSQResult, allow_None=True, doc="The last NLSQ fit.")
     cmc = param.ClassSelector(class_=CMCResult, allow_None=True, doc="The last CMC run.")
 
-    def __init__(self, source=None, params=None, **kwargs):
+    def __init__(self, source=None, params=None, *, root=None, **kwargs):
         super().__init__(**kwargs)
+        #: the folder the file box may read under; None: anywhere
+        self._root = None if root is None else Path(root).expanduser().resolve()
         self._full = None  # the loaded q-bin, all angles and frames
         self._resetting = False  # True while the selectors are reset to a new q-bin
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["hd-alert"])
@@ -192,6 +281,7 @@ class Dashboard(pn.viewable.Viewer):
     @param.depends("path", watch=True)
     def _open_file(self):
         try:
+            self._check_under_root(self.path)
             qs = q_values(self.path)
             self.param.q.objects = {f"{q:.5g}": float(q) for q in qs}
             self._resetting = True
@@ -204,6 +294,18 @@ class Dashboard(pn.viewable.Viewer):
             self._fail(f"cannot open {self.path}", err)
             self._full = None
             self.data = None
+
+    def _check_under_root(self, path: str):
+        """Raise ``OptionError`` for a path outside the folder this dashboard may read,
+        before anything about it (even whether it exists) is looked up."""
+        if self._root is None:
+            return
+        where = Path(path).expanduser()
+        where = (where if where.is_absolute() else self._root / where).resolve()
+        if not where.is_relative_to(self._root):
+            raise OptionError(
+                f"this dashboard opens only files under {self._root}; give a path there"
+            )
 
     @param.depends("q", watch=True)
     def _load_q(self):
@@ -550,14 +652,24 @@ class Dashboard(pn.viewable.Viewer):
 
     def _fail(self, what: str, err: Exception):
         self.alert.param.update(
-            object=f"**{html.escape(what)}**: {html.escape(type(err).__name__)}: "
-            f"{html.escape(str(err))}",
+            object=f"**{markdown_text(what)}**: {markdown_text(type(err).__name__)}: "
+            f"{markdown_text(str(err))}",
             alert_type="danger",
             visible=True,
         )
 
     def _warn(self, text: str):
-        self.alert.param.update(object=html.escape(text), alert_type="warning", visible=True)
+        self.alert.param.update(object=markdown_text(text), alert_type="warning", visible=True)
+
+
+# Every ASCII punctuation character, each of which CommonMark lets a backslash escape.
+_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def markdown_text(text: str) -> str:
+    """``text`` escaped for a Markdown pane: shown as is, never as markup, HTML, an image
+    or a link (file names, attributes and messages may hold anything)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def parameter_frame(params: Parameters) -> pd.DataFrame:

@@ -12,8 +12,10 @@ file write. The small checkers (:func:`integer`, :func:`number`, :func:`numbers`
 from __future__ import annotations
 
 import errno
+import ipaddress
 import numbers as _abc
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +34,7 @@ NAME_MAX = 255  # bytes of one path component on common file systems (ext4, xfs,
 LEAST_SQUARES_METHODS = ("trf", "dogbox")
 LEAST_SQUARES_TOLERANCES = ("ftol", "xtol", "gtol")
 TR_SOLVERS = ("exact", "lsmr")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def _fail(error, text: str):
@@ -209,6 +212,28 @@ def writable_folder(folder, name: str = "folder") -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OptionError(f"{name} {folder}: permission denied; this user cannot write there")
     return folder
+
+
+def host_address(text) -> str:
+    """``text`` if it is an IP address or a host name (RFC 1123 labels); a dotted quad
+    out of range (``999.999.999.999``) is neither."""
+    if not isinstance(text, str):
+        raise OptionError(f"address must be a string; got {_describe(text)}")
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return text
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if (
+        0 < len(text) <= 253
+        and not all(label.isdigit() for label in labels)
+        and all(_HOST_LABEL.fullmatch(label) for label in labels)
+    ):
+        return text
+    raise OptionError(
+        f"address {text!r} is neither an IP address nor a host name (e.g. localhost, 127.0.0.1)"
+    )
 
 
 def parameters(params, *, fix=(), n_phi=None):

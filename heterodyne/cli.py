@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from heterodyne.errors import HeterodyneError
+from heterodyne import checks
+from heterodyne.errors import HeterodyneError, OverwriteError
 
 # The demo's sample: a flowing, diffusing sample against a slowly diffusing reference,
 # seen at three angles; flow at 20° so the heterodyne oscillation differs by angle. In 60
@@ -34,12 +35,51 @@ DEMO_DATA = {
 DEMO_CMC = {"shards": 2, "chains": 2, "warmup": 500, "samples": 2000, "seed": 0}
 
 
-def _frames(text: str) -> slice:
+def _argument(convert, text: str, flag: str, expected: str):
+    """``convert(text)``, or argparse's one-line error naming ``flag`` and ``expected``."""
     try:
+        return convert(text)
+    except (ValueError, HeterodyneError):
+        raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}") from None
+
+
+def _frames(text: str) -> slice:
+    def window(text):
         start, stop = (int(v) if v else None for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--frames must look like A:B, got {text!r}") from None
-    return slice(start, stop)
+        return checks.frame_window(slice(start, stop))
+
+    return _argument(window, text, "--frames", "A:B, frame indices with B >= A + 3")
+
+
+def _angle(text: str) -> float:
+    return _argument(lambda v: checks.number(float(v), "phi"), text, "--phi", "finite angles [deg]")
+
+
+def _q(text: str) -> float:
+    return _argument(
+        lambda v: checks.number(float(v), "q", positive=True), text, "--q", "a number > 0 [1/Å]"
+    )
+
+
+def _count(text: str) -> int:
+    return _argument(
+        lambda v: checks.integer(int(v), "n", minimum=0), text, "--multistart", "an integer >= 0"
+    )
+
+
+def _port(text: str) -> int:
+    return _argument(
+        lambda v: checks.integer(int(v), "port", minimum=1, maximum=65535),
+        text,
+        "--port",
+        "a port number from 1 to 65535",
+    )
+
+
+def _address(text: str) -> str:
+    return _argument(
+        checks.host_address, text, "--address", "an IP address or a host name (e.g. localhost)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load FILE, fit it, and write the result netCDF and report to --out.",
     )
     fit.add_argument("file", type=Path, help="APS-U / legacy HDF5 or heterodyne netCDF")
-    fit.add_argument("--q", type=float, help="q-bin to fit [1/Å] (nearest is taken)")
-    fit.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
+    fit.add_argument("--q", type=_q, help="q-bin to fit [1/Å] (nearest is taken)")
+    fit.add_argument("--phi", type=_angle, nargs="+", help="angles to fit [deg]")
     fit.add_argument("--frames", type=_frames, help="frame window A:B")
     fit.add_argument("--method", choices=["nlsq"], default="nlsq", help="fitting method")
-    fit.add_argument("--multistart", type=int, default=0, help="extra NLSQ starts")
+    fit.add_argument("--multistart", type=_count, default=0, help="extra NLSQ starts")
     fit.add_argument("--out", type=Path, required=True, help="output folder")
     fit.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     survey = commands.add_parser(
@@ -83,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out/fits (a rerun resumes from there).",
     )
     survey.add_argument("file", type=Path, help="APS-U / legacy HDF5 file")
-    survey.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
+    survey.add_argument("--phi", type=_angle, nargs="+", help="angles to fit [deg]")
     survey.add_argument("--frames", type=_frames, help="frame window A:B")
     survey.add_argument(
         "--executor",
@@ -91,29 +131,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes, or dask://HOST:PORT (default: in this process)",
     )
-    survey.add_argument("--multistart", type=int, default=0, help="extra NLSQ starts")
+    survey.add_argument("--multistart", type=_count, default=0, help="extra NLSQ starts")
     survey.add_argument("--out", type=Path, required=True, help="output folder")
     survey.add_argument("--overwrite", action="store_true", help="replace survey.nc/html")
     dashboard = commands.add_parser(
         "dashboard",
         help="serve the interactive dashboard of a file",
         description="Serve the panel dashboard of FILE (data views, NLSQ and CMC fits) at "
-        "http://ADDRESS:PORT/ until interrupted. Browsers on other machines also need "
-        "BOKEH_ALLOW_WS_ORIGIN=HOST:PORT in the environment.",
+        "http://ADDRESS:PORT/ until interrupted. It listens on localhost only, accepts "
+        "page connections (websockets) only from pages it served, and its file box opens "
+        "only files under --root (default: the folder of FILE). Anyone who can reach the "
+        "port can drive it: to use it from another machine, keep the default and forward "
+        "the port over SSH (ssh -L 5006:localhost:5006 HOST), rather than --address "
+        "0.0.0.0 on a network you do not control.",
     )
     dashboard.add_argument("file", type=Path, help="APS-U / legacy HDF5 or heterodyne netCDF")
-    dashboard.add_argument("--port", type=int, default=5006, help="port (default: 5006)")
-    dashboard.add_argument("--address", help="address to listen on (default: localhost)")
+    dashboard.add_argument("--port", type=_port, default=5006, help="port (default: 5006)")
+    dashboard.add_argument(
+        "--address",
+        type=_address,
+        default="localhost",
+        help="address to listen on (default: localhost)",
+    )
+    dashboard.add_argument(
+        "--root",
+        type=Path,
+        help="folder whose files the file box may open (default: the folder of FILE)",
+    )
     dashboard.add_argument("--show", action="store_true", help="open it in a web browser")
     return parser
 
 
 def _executor(text: str) -> str:
-    if text == "processes" or text.startswith(("dask://", "tcp://")):
+    from heterodyne import executors
+
+    def check(text):
+        executors.check(text)
         return text
-    raise argparse.ArgumentTypeError(
-        f"--executor must be 'processes' or dask://HOST:PORT, got {text!r}"
-    )
+
+    return _argument(check, text, "--executor", "'processes' or dask://HOST:PORT")
 
 
 def main(argv=None) -> int:
@@ -126,9 +182,23 @@ def main(argv=None) -> int:
             "dashboard": run_dashboard,
         }
         return commands[args.command](args)
-    except (HeterodyneError, FileExistsError) as err:
+    except HeterodyneError as err:
         print(f"heterodyne {args.command}: {err}", file=sys.stderr)
         return 1
+
+
+def _outputs(args, names: tuple[str, ...]) -> None:
+    """Before any work: ``--out`` is a folder this user can write, and none of ``names``
+    exists there unless ``--overwrite`` was given."""
+    checks.writable_folder(args.out, "--out")
+    if args.overwrite:
+        return
+    present = [name for name in names if (args.out / name).exists()]
+    if present:
+        raise OverwriteError(
+            f"{', '.join(present)} exist(s) in {args.out}; pass --overwrite to replace them, "
+            "or choose another --out"
+        )
 
 
 def run_demo(args) -> int:
@@ -136,6 +206,7 @@ def run_demo(args) -> int:
 
     start = time.perf_counter()
     out = args.out
+    _outputs(args, ("data.nc", *_result_files("nlsq"), *_result_files("cmc")))
     ds = hd.simulate(DEMO_TRUTH, **DEMO_DATA)
     hd.to_netcdf(ds, out / "data.nc", overwrite=args.overwrite)
     guess = hd.Parameters({name: 0.7 * value for name, value in DEMO_TRUTH.items()})
@@ -163,6 +234,7 @@ def run_demo(args) -> int:
 def run_fit(args) -> int:
     import heterodyne as hd
 
+    _outputs(args, _result_files(args.method))
     ds = hd.load(args.file, q=args.q, phi=args.phi, frames=args.frames)
     result = hd.fit_nlsq(ds, multistart=args.multistart)
     _write_result(result, args.out, args.method, overwrite=args.overwrite)
@@ -175,6 +247,7 @@ def run_survey(args) -> int:
     from heterodyne import plot
     from heterodyne.data import atomic_write
 
+    _outputs(args, ("survey.nc", "survey.html"))
     out = hd.survey(
         args.file,
         phi=args.phi,
@@ -207,23 +280,27 @@ def run_dashboard(args) -> int:
     from heterodyne.app import serve
 
     try:
-        serve(args.file, port=args.port, address=args.address, show=args.show)
+        serve(args.file, port=args.port, address=args.address, show=args.show, root=args.root)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _result_files(stem: str) -> tuple[str, str, str]:
+    """The files :func:`_write_result` writes for ``stem``."""
+    return f"{stem}.nc", f"{stem}_report.txt", f"{stem}_report.html"
 
 
 def _write_result(result, out: Path, stem: str, *, overwrite: bool) -> None:
     from heterodyne.data import atomic_write
     from heterodyne.report import write_html
 
-    result.to_netcdf(out / f"{stem}.nc", overwrite=overwrite)
+    netcdf, text, page = _result_files(stem)
+    result.to_netcdf(out / netcdf, overwrite=overwrite)
     atomic_write(
-        lambda tmp: tmp.write_text(result.report() + "\n"),
-        out / f"{stem}_report.txt",
-        overwrite=overwrite,
+        lambda tmp: tmp.write_text(result.report() + "\n"), out / text, overwrite=overwrite
     )
-    write_html(result, out / f"{stem}_report.html", overwrite=overwrite)
+    write_html(result, out / page, overwrite=overwrite)
 
 
 if __name__ == "__main__":

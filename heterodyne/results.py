@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from heterodyne import checks
 from heterodyne.data import atomic_write
 from heterodyne.errors import FileFormatError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
@@ -479,6 +480,7 @@ RESULT_TYPES = {"NLSQResult": NLSQResult}
 
 def open_result(path):
     """Read a result written by ``.to_netcdf`` (``NLSQResult`` or ``CMCResult``)."""
+    path = checks.readable_file(path)
     try:
         tree = xr.open_datatree(path, engine="h5netcdf").load()
     except (OSError, ValueError) as err:
@@ -489,7 +491,13 @@ def open_result(path):
             f"{path}: attribute result_type is {kind!r}; expected one of "
             f"{sorted(RESULT_TYPES)} (is this a data file? use hd.load)"
         )
-    return RESULT_TYPES[kind]._from_tree(tree)
+    try:
+        return RESULT_TYPES[kind]._from_tree(tree)
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise FileFormatError(
+            f"{path}: a {kind} file without all its parts ({type(err).__name__}: {err}); "
+            "it was not written whole by .to_netcdf"
+        ) from err
 
 
 def _by_label(ds: xr.Dataset, label: str) -> float:
