@@ -126,7 +126,8 @@ def serve(
         address=address,
         show=show,
         title="heterodyne",
-        websocket_origin=origins,
+        # bokeh's allow-list does not parse bracketed IPv6 hosts
+        websocket_origin=[origin for origin in origins if not origin.startswith("[")],
         auth_provider=BrowserPagesOnly(origins),
         **kwargs,
     )
@@ -300,9 +301,7 @@ class Dashboard(pn.viewable.Viewer):
         before anything about it (even whether it exists) is looked up."""
         if self._root is None:
             return
-        where = Path(path).expanduser()
-        where = (where if where.is_absolute() else self._root / where).resolve()
-        if not where.is_relative_to(self._root):
+        if not Path(path).expanduser().resolve().is_relative_to(self._root):
             raise OptionError(
                 f"this dashboard opens only files under {self._root}; give a path there"
             )
@@ -662,8 +661,9 @@ class Dashboard(pn.viewable.Viewer):
         self.alert.param.update(object=markdown_text(text), alert_type="warning", visible=True)
 
 
-# Every ASCII punctuation character, each of which CommonMark lets a backslash escape.
-_MARKDOWN_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+# The characters that open Markdown or HTML markup (images, links, raw HTML, entities,
+# code, emphasis, tables, math); CommonMark lets a backslash escape each.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()<>!&#|~{}$])")
 
 
 def markdown_text(text: str) -> str:

@@ -196,8 +196,8 @@ def _outputs(args, names: tuple[str, ...]) -> None:
     present = [name for name in names if (args.out / name).exists()]
     if present:
         raise OverwriteError(
-            f"{', '.join(present)} exist(s) in {args.out}; pass --overwrite to replace them, "
-            "or choose another --out"
+            f"output exists in {args.out}: {', '.join(present)}; pass --overwrite to replace "
+            "it, or choose another --out"
         )
 
 

@@ -165,7 +165,7 @@ def _real_array(value, name: str) -> np.ndarray:
             f"{name} has dtype {array.dtype}; expected real numbers"
             + (" (complex values: give the real correlation)" if array.dtype.kind == "c" else "")
         )
-    return array.astype(np.float64)
+    return array.astype(np.float64, copy=False)
 
 
 def symmetrize(matrix: np.ndarray) -> np.ndarray:

@@ -2,6 +2,11 @@
 Run buttons pressed from code, the reports, downloads and alerts."""
 
 import asyncio
+import html
+import inspect
+import socket
+import time
+import urllib.request
 
 import holoviews as hv
 import numpy as np
@@ -13,10 +18,12 @@ from heterodyne.app import (
     FAIL_STYLE,
     PASS_STYLE,
     Dashboard,
+    _session,
     diagnostics_tables,
     parameter_frame,
+    serve,
 )
-from heterodyne.cli import main
+from heterodyne.cli import build_parser, main
 from heterodyne.examples import EXAMPLE_TRUTH, example_file
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES
 
@@ -215,3 +222,145 @@ def test_run_pressed_from_code_samples_and_judges_the_shards(fitted, tmp_path):
 def test_the_command_line_refuses_a_missing_file(tmp_path, capsys):
     assert main(["dashboard", str(tmp_path / "missing.h5")]) == 1
     assert "heterodyne dashboard:" in capsys.readouterr().err
+
+
+# ---- the server: binding, origins, file box, lazy data, escaping ---------------------
+
+
+def _rendered(pane) -> str:
+    """The HTML a Markdown pane (an alert) sends to the page, unescaped."""
+    return html.unescape(pane._transform_object(pane.object)["object"])
+
+
+def test_file_text_in_an_alert_is_escaped_never_markup(tmp_path):
+    beacon = "![](http://127.0.0.1:9/beacon.png) <img src=x onerror=alert(1)> [link](http://x)"
+    ds = hd.simulate(EXAMPLE_TRUTH, **DATA, seed=3)
+    ds.attrs["dt"] = beacon  # a text attribute where a number belongs: refused, quoted
+    path = tmp_path / "hostile.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    dash = hd.dashboard(path)
+    assert dash.alert.visible and "does not match the spacing" in dash.alert.object
+    shown = _rendered(dash.alert)
+    assert "<img" not in shown and "<a " not in shown
+    assert "![](http://127.0.0.1:9/beacon.png) &lt;img src=x" in shown  # the text, as text
+
+
+def test_the_file_box_opens_only_files_under_the_root(tmp_path):
+    inside = example_file(tmp_path / "root" / "a.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    outside = example_file(tmp_path / "b.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    dash = hd.dashboard(inside, root=tmp_path / "root")
+    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+    for path in (str(outside), str(tmp_path / "root" / ".." / "b.h5"), "/etc/passwd", "../b.h5"):
+        dash.path = path
+        assert dash.alert.visible and "opens only files under" in dash.alert.object, path
+        assert dash.data is None  # nothing loaded, nothing about the file told
+    dash.path = str(tmp_path / "root" / "." / "a.h5")
+    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+
+
+def test_serve_refuses_bad_addresses_ports_and_roots(tmp_path):
+    path = example_file(tmp_path / "a.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    with pytest.raises(hd.OptionError, match="neither an IP address nor a host name"):
+        serve(path, address="999.999.999.999")
+    with pytest.raises(hd.OptionError, match="port must be an integer >= 1 and <= 65535"):
+        serve(path, port=70000)
+    with pytest.raises(hd.OptionError, match="is not a folder"):
+        serve(path, root=tmp_path / "nowhere")
+    assert inspect.signature(serve).parameters["address"].default == "localhost"
+    assert build_parser().parse_args(["dashboard", str(path)]).address == "localhost"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _handshake(port: int, headers: dict, host: str = "127.0.0.1") -> str:
+    """The status line the server answers a websocket upgrade of ``/ws`` with."""
+    lines = [
+        "GET /ws HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Protocol: bokeh, token",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return conn.recv(4096).decode(errors="replace").splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A served dashboard on a free port of the default address; its port and file."""
+    path = example_file(
+        tmp_path_factory.mktemp("served") / "sample.h5", q=(0.01,), n_frames=20, phi=(0.0,)
+    )
+    port = _free_port()
+    server = serve(path, port=port, threaded=True, show=False, liveness=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/liveness", timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise
+            time.sleep(0.1)
+    yield port, path
+    server.stop()
+
+
+def test_the_page_websocket_opens_only_from_a_served_page(served):
+    port, _ = served
+    assert " 101 " in _handshake(port, {"Origin": f"http://localhost:{port}"})
+    assert " 101 " in _handshake(port, {"Origin": f"http://127.0.0.1:{port}"})
+    for headers in ({}, {"Origin": "http://evil.example"}, {"Origin": "http://localhost:1"}):
+        assert " 403 " in _handshake(port, headers), headers
+
+
+def test_the_server_listens_on_loopback_only(served):
+    port, _ = served
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
+            own = probe.getsockname()[0]
+        except OSError:
+            own = "127.0.0.1"
+    if own.startswith("127."):
+        pytest.skip("this machine has no address beside loopback")
+    with pytest.raises(OSError):
+        socket.create_connection((own, port), timeout=5).close()
+
+
+def test_plain_page_requests_do_not_read_the_file(tmp_path):
+    """Each page request builds a session (what serve builds, recorded here); its file is
+    read only once the page connects (its websocket), which a plain GET never does."""
+    import panel as pn
+
+    path = example_file(tmp_path / "sample.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    built = []
+
+    def session():
+        built.append(_session(path, tmp_path))
+        return built[-1]
+
+    port = _free_port()
+    server = pn.serve({"/": session}, port=port, address="127.0.0.1", threaded=True, show=False)
+    try:
+        deadline = time.monotonic() + 30
+        while len(built) < 4:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+                    assert response.status == 200
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        server.stop()
+    assert [(dash.path, dash.data) for dash in built] == [("", None)] * 4
