@@ -662,8 +662,9 @@ class Dashboard(pn.viewable.Viewer):
 
 
 # The characters that open Markdown or HTML markup (images, links, raw HTML, entities,
-# code, emphasis, tables, math); CommonMark lets a backslash escape each.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()<>!&#|~{}$])")
+# code, emphasis, tables, math) and those bare links are recognised by (":", "."; the
+# pane links www.host.org and http://...); CommonMark lets a backslash escape each.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()<>!&#|~{}$:.])")
 
 
 def markdown_text(text: str) -> str:

@@ -165,6 +165,8 @@ def file_path(value, name: str, *, kind: str = "file", error=OptionError) -> Pat
     path = Path(value).expanduser()
     if not str(path).strip():
         _fail(error, f"{name} is an empty path")
+    if "\x00" in str(path):
+        _fail(error, f"{name} {str(path)!r} holds a NUL character, which no file name may")
     for part in path.parts:
         if len(os.fsencode(part)) > NAME_MAX:
             _fail(
@@ -312,7 +314,7 @@ def least_squares_options(options: Mapping) -> dict:
             integer(value, key, minimum=1)
         elif key == "method":
             choice(value, key, LEAST_SQUARES_METHODS)
-        elif key == "loss" and value != "linear":
+        elif key == "loss" and not (isinstance(value, str) and value == "linear"):
             raise OptionError(
                 f"loss={_describe(value)} is not supported, only 'linear': fit_nlsq solves "
                 "the compressed normal equations (n + 1 rows), on which a robust loss "

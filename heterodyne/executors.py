@@ -30,7 +30,9 @@ CONNECT_S = 10  # seconds to reach a dask scheduler before giving up
 
 def check(executor) -> None:
     """Raise ``OptionError`` unless ``executor`` has one of the accepted forms."""
-    if executor is None or executor == "processes" or isinstance(executor, Executor):
+    if executor is None or isinstance(executor, Executor):
+        return
+    if isinstance(executor, str) and executor == "processes":
         return
     if isinstance(executor, str) and executor.startswith(_DASK_SCHEMES):
         _host_port(executor)
