@@ -128,7 +128,6 @@ Hoffman, Gelman, "The No-U-Turn sampler", JMLR 15 (2014).
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 import zipfile
@@ -147,7 +146,7 @@ from numpyro.distributions import constraints
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
-from heterodyne import checks, diagnostics, executors, model, objective, uncertainty
+from heterodyne import checks, diagnostics, executors, identity, model, objective, uncertainty
 from heterodyne.data import FIT_MEMORY, atomic_write, check_memory, validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.nlsq import LOG_SCALE, _Problem
@@ -359,15 +358,11 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def checkpoint_name(job: ShardJob, shard: int) -> str:
-    """A file name unique to the shard's data, sampled space, key and run lengths."""
-    digest = hashlib.sha1()
-    for array in (*job.data, *job.space, job.key):
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
+    """A file name unique to the shard's data, sampled space, key, run lengths and the
+    package version (:func:`heterodyne.identity.digest`)."""
     settings = (type(job.data).__name__, job.chains, job.warmup, job.samples, job.adapt_mass)
-    digest.update(repr(settings).encode())
-    return f"shard{shard:04d}_{digest.hexdigest()[:16]}.npz"
+    digest = identity.digest(tuple(job.data), tuple(job.space), job.key, settings)
+    return f"shard{shard:04d}_{digest[:16]}.npz"
 
 
 def split_rows(n_frames: int, n_shards: int) -> list[np.ndarray]:
