@@ -79,6 +79,19 @@ SPECS = {s.name: s for s in PHYSICS + SCALING}
 UNITS = {s.name: s.unit for s in PHYSICS + SCALING}
 
 
+def _bound(field: str) -> property:
+    """The ``min`` or ``max`` of a :class:`Parameter`: a number, ``±inf`` allowed."""
+
+    def get(self) -> float:
+        return getattr(self, f"_{field}")
+
+    def set(self, bound):
+        checked = checks.number(bound, f"{self.name} {field}", finite=False, error=ParameterError)
+        setattr(self, f"_{field}", checked)
+
+    return property(get, set)
+
+
 class Parameter:
     """A parameter's current setting: ``value``, ``vary``, ``min``, ``max``.
 
@@ -119,21 +132,8 @@ class Parameter:
     def vary(self, vary):
         self._vary = checks.flag(vary, f"{self.name} vary", error=ParameterError)
 
-    @property
-    def min(self) -> float:
-        return self._min
-
-    @min.setter
-    def min(self, bound):
-        self._min = checks.number(bound, f"{self.name} min", finite=False, error=ParameterError)
-
-    @property
-    def max(self) -> float:
-        return self._max
-
-    @max.setter
-    def max(self, bound):
-        self._max = checks.number(bound, f"{self.name} max", finite=False, error=ParameterError)
+    min = _bound("min")
+    max = _bound("max")
 
     @property
     def spec(self) -> ParameterSpec:

@@ -15,16 +15,6 @@ from heterodyne.errors import DataError, FileFormatError, OptionError, Parameter
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return hd.simulate(TRUTH, n_frames=20, phi=[0.0, 45.0], noise=0.01, seed=1)
-
-
-@pytest.fixture(scope="module")
-def data_file(ds, tmp_path_factory):
-    return hd.to_netcdf(ds, tmp_path_factory.mktemp("data") / "d.nc")
-
-
 def refused(error, match, call):
     """``call()`` raises ``error`` matching ``match`` and compiles nothing."""
     with NoWork() as work, pytest.raises(error, match=match), warnings.catch_warnings():
@@ -93,8 +83,8 @@ def test_vary_no_is_refused_and_leaves_the_parameter_varying():
         ({"fix": list(hd.Parameters())}, ParameterError, "no parameter varies"),
     ],
 )
-def test_fit_nlsq_refuses_before_compiling(ds, kwargs, error, match):
-    refused(error, match, lambda: hd.fit_nlsq(ds, **{"progress": False, **kwargs}))
+def test_fit_nlsq_refuses_before_compiling(tiny_ds, kwargs, error, match):
+    refused(error, match, lambda: hd.fit_nlsq(tiny_ds, **{"progress": False, **kwargs}))
 
 
 def test_fit_nlsq_refuses_more_varied_quantities_than_pairs():
@@ -131,14 +121,14 @@ def _unbounded():
         ({"executor": "threads"}, OptionError, "executor must be None"),
     ],
 )
-def test_fit_cmc_refuses_before_compiling(ds, kwargs, error, match):
-    refused(error, match, lambda: hd.fit_cmc(ds, **{"progress": False, **kwargs}))
+def test_fit_cmc_refuses_before_compiling(tiny_ds, kwargs, error, match):
+    refused(error, match, lambda: hd.fit_cmc(tiny_ds, **{"progress": False, **kwargs}))
 
 
-def test_a_garbled_shard_checkpoint_is_a_file_format_error(ds, tmp_path):
+def test_a_garbled_shard_checkpoint_is_a_file_format_error(tiny_ds, tmp_path):
     from heterodyne import cmc
 
-    plan = cmc.prepare(ds, shards=2, chains=1, warmup=5, samples=4)
+    plan = cmc.prepare(tiny_ds, shards=2, chains=1, warmup=5, samples=4)
     job = plan.jobs(tmp_path)[0]
     with open(job.checkpoint, "wb") as f:
         f.write(b"PK\x03\x04 not a zip archive")
@@ -186,13 +176,13 @@ def test_simulate_refuses_before_compiling(kwargs, match):
         ({"q": np.nan}, OptionError, "q .* is NaN"),
     ],
 )
-def test_load_refuses_bad_arguments(data_file, kwargs, error, match):
-    refused(error, match, lambda: hd.load(**{"path": data_file, **kwargs}))
+def test_load_refuses_bad_arguments(tiny_file, kwargs, error, match):
+    refused(error, match, lambda: hd.load(**{"path": tiny_file, **kwargs}))
 
 
-def test_a_messages_show_no_python_slice_repr(data_file):
+def test_a_messages_show_no_python_slice_repr(tiny_file):
     with pytest.raises(OptionError) as info:
-        hd.load(data_file, frames=slice(150, 50))
+        hd.load(tiny_file, frames=slice(150, 50))
     assert "None" not in str(info.value)
 
 
@@ -212,53 +202,53 @@ def test_a_messages_show_no_python_slice_repr(data_file):
         ("FILE", {"checkpoint": 5}, OptionError, "checkpoint must be a folder path"),
     ],
 )
-def test_survey_refuses_before_reading(data_file, sources, kwargs, error, match):
-    sources = data_file if sources == "FILE" else sources
+def test_survey_refuses_before_reading(tiny_file, sources, kwargs, error, match):
+    sources = tiny_file if sources == "FILE" else sources
     refused(error, match, lambda: hd.survey(sources, **kwargs))
 
 
-def test_cli_phi_nan_does_not_select_the_first_angle(data_file, tmp_path, capsys):
+def test_cli_phi_nan_does_not_select_the_first_angle(tiny_file, tmp_path, capsys):
     from heterodyne.cli import main
 
     with pytest.raises(SystemExit) as info:
-        main(["fit", str(data_file), "--phi", "nan", "--out", str(tmp_path / "out")])
+        main(["fit", str(tiny_file), "--phi", "nan", "--out", str(tmp_path / "out")])
     assert info.value.code == 2
     assert "argument --phi: must be finite angles [deg]; got 'nan'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_from_arrays_refuses_complex_c2(ds):
-    c2 = ds["c2"].values + 0.1j
+def test_from_arrays_refuses_complex_c2(tiny_ds):
+    c2 = tiny_ds["c2"].values + 0.1j
     with pytest.raises(DataError, match="c2 has dtype complex128; expected real numbers"):
-        hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, 0.01)
+        hd.from_arrays(c2, tiny_ds["t1"].values, tiny_ds["phi"].values, 0.01)
     with pytest.raises(DataError, match="t has dtype <U"):
-        hd.from_arrays(ds["c2"].values, ["a"] * 20, ds["phi"].values, 0.01)
+        hd.from_arrays(tiny_ds["c2"].values, ["a"] * 20, tiny_ds["phi"].values, 0.01)
 
 
-def test_an_asymmetric_pair_is_found_beside_a_large_diagonal(ds):
-    c2 = ds["c2"].values.copy()
+def test_an_asymmetric_pair_is_found_beside_a_large_diagonal(tiny_ds):
+    c2 = tiny_ds["c2"].values.copy()
     n = c2.shape[-1]
     c2[:, np.arange(n), np.arange(n)] = 1e4  # a shot-noise spike on the diagonal
-    hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, 0.01)  # symmetric: accepted
+    hd.from_arrays(c2, tiny_ds["t1"].values, tiny_ds["phi"].values, 0.01)  # symmetric: accepted
     c2[0, 2, 5] *= 1.5
     with pytest.raises(DataError, match=r"not symmetric: at phi = 0 deg, c2\[2, 5\]"):
-        hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, 0.01)
+        hd.from_arrays(c2, tiny_ds["t1"].values, tiny_ds["phi"].values, 0.01)
 
 
-def test_a_nan_time_is_named_as_such(ds):
-    bad = ds.assign_coords(t1=ds["t1"].values.copy())
+def test_a_nan_time_is_named_as_such(tiny_ds):
+    bad = tiny_ds.assign_coords(t1=tiny_ds["t1"].values.copy())
     times = bad["t1"].values.copy()
     times[4] = np.nan
     bad = bad.assign_coords(t1=("t1", times), t2=("t2", times))
     with pytest.raises(DataError, match=r"t1 holds non-finite times: t1\[4\] = nan s"):
         hd.validate(bad)
-    huge = ds.assign_coords(t1=ds["t1"] * 1e308, t2=ds["t2"] * 1e308)
+    huge = tiny_ds.assign_coords(t1=tiny_ds["t1"] * 1e308, t2=tiny_ds["t2"] * 1e308)
     with pytest.raises(DataError, match="frame_time in a beamline file"):
         hd.validate(huge)
 
 
-def test_open_result_of_a_file_missing_groups_is_a_file_format_error(ds, tmp_path):
-    result = hd.fit_nlsq(ds, hd.Parameters(TRUTH), progress=False)
+def test_open_result_of_a_file_missing_groups_is_a_file_format_error(tiny_ds, tmp_path):
+    result = hd.fit_nlsq(tiny_ds, hd.Parameters(TRUTH), progress=False)
     path = result.to_netcdf(tmp_path / "fit.nc")
     tree = xr.open_datatree(path, engine="h5netcdf").load()
     kept = xr.DataTree(dataset=tree.to_dataset(), name=None)
@@ -267,35 +257,37 @@ def test_open_result_of_a_file_missing_groups_is_a_file_format_error(ds, tmp_pat
         hd.open_result(tmp_path / "partial.nc")
 
 
-def test_survey_checkpoints_are_keyed_by_the_whole_work(ds, tmp_path):
+def test_survey_checkpoints_are_keyed_by_the_whole_work(tiny_ds, tmp_path):
     """Same c2 with halved frame times, a contrast 0.4501 vs 0.4504 and a bound 1e7 vs
     1.00004e7: each is new work, fitted afresh, never the old fit read back."""
     start = hd.Parameters(TRUTH)
-    first = hd.survey(ds, params=start, checkpoint=tmp_path, progress=False)
-    again = hd.survey(ds, params=start, checkpoint=tmp_path, progress=False)
+    first = hd.survey(tiny_ds, params=start, checkpoint=tmp_path, progress=False)
+    again = hd.survey(tiny_ds, params=start, checkpoint=tmp_path, progress=False)
     assert (again.attrs["fitted"], again.attrs["from_checkpoint"]) == (0, 1)
-    halved = ds.assign_coords(t1=ds["t1"] / 2, t2=ds["t2"] / 2).assign_attrs(dt=ds.attrs["dt"] / 2)
+    halved = tiny_ds.assign_coords(t1=tiny_ds["t1"] / 2, t2=tiny_ds["t2"] / 2).assign_attrs(
+        dt=tiny_ds.attrs["dt"] / 2
+    )
     fresh = hd.survey(halved, params=start, checkpoint=tmp_path, progress=False)
     assert (fresh.attrs["fitted"], fresh.attrs["from_checkpoint"]) == (1, 0)
     assert fresh["v0"].item() == pytest.approx(2 * first["v0"].item(), rel=0.05)  # v ~ 1/t
     for change in ({"contrast": 0.4501}, {"contrast": 0.4504}):
         p = start.copy()
         p["contrast"].value = change["contrast"]
-        out = hd.survey(ds, params=p, checkpoint=tmp_path, progress=False)
+        out = hd.survey(tiny_ds, params=p, checkpoint=tmp_path, progress=False)
         assert out.attrs["fitted"] == 1
     p = start.copy()
     p["D0_ref"].max = 1.00004e7
-    assert hd.survey(ds, params=p, checkpoint=tmp_path, progress=False).attrs["fitted"] == 1
+    assert hd.survey(tiny_ds, params=p, checkpoint=tmp_path, progress=False).attrs["fitted"] == 1
     assert len(list(tmp_path.glob("*.nc"))) == 5
 
 
-def test_a_survey_of_one_file_twice_in_threads_keeps_both_checkpoints(data_file, tmp_path):
+def test_a_survey_of_one_file_twice_in_threads_keeps_both_checkpoints(tiny_file, tmp_path):
     """Two fits of the same file write the same checkpoint at once: both succeed."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
         out = hd.survey(
-            [data_file, data_file],
+            [tiny_file, tiny_file],
             params=hd.Parameters(TRUTH),
             executor=pool,
             checkpoint=tmp_path / "ck",
@@ -304,5 +296,5 @@ def test_a_survey_of_one_file_twice_in_threads_keeps_both_checkpoints(data_file,
     assert out.sizes["fit"] == 2 and out.attrs["fitted"] == 2
     assert len(list((tmp_path / "ck").glob("*.nc"))) == 1
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]
-    back = hd.survey([data_file], params=hd.Parameters(TRUTH), checkpoint=tmp_path / "ck")
+    back = hd.survey([tiny_file], params=hd.Parameters(TRUTH), checkpoint=tmp_path / "ck")
     assert back.attrs["from_checkpoint"] == 1

@@ -12,6 +12,7 @@ import urllib.request
 import holoviews as hv
 import numpy as np
 import pytest
+from _served import free_port, served
 
 import heterodyne as hd
 from heterodyne import diagnostics
@@ -277,12 +278,6 @@ def test_serve_refuses_bad_addresses_ports_and_roots(tmp_path):
     assert build_parser().parse_args(["dashboard", str(path)]).address == "localhost"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _handshake(port: int, headers: dict, host: str = "127.0.0.1") -> str:
     """The status line the server answers a websocket upgrade of ``/ws`` with."""
     lines = [
@@ -301,37 +296,25 @@ def _handshake(port: int, headers: dict, host: str = "127.0.0.1") -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A served dashboard on a free port of the default address; its port and file."""
+def default_server(tmp_path_factory):
+    """The port of a dashboard served on the default address."""
     path = example_file(
         tmp_path_factory.mktemp("served") / "sample.h5", q=(0.01,), n_frames=20, phi=(0.0,)
     )
-    port = _free_port()
-    server = serve(path, port=port, threaded=True, show=False, liveness=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/liveness", timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise
-            time.sleep(0.1)
-    yield port, path
-    server.stop()
+    with served(path) as port:
+        yield port
 
 
-def test_the_page_websocket_opens_only_from_a_served_page(served):
-    port, _ = served
+def test_the_page_websocket_opens_only_from_a_served_page(default_server):
+    port = default_server
     assert " 101 " in _handshake(port, {"Origin": f"http://localhost:{port}"})
     assert " 101 " in _handshake(port, {"Origin": f"http://127.0.0.1:{port}"})
     for headers in ({}, {"Origin": "http://evil.example"}, {"Origin": "http://localhost:1"}):
         assert " 403 " in _handshake(port, headers), headers
 
 
-def test_the_server_listens_on_loopback_only(served):
-    port, _ = served
+def test_the_server_listens_on_loopback_only(default_server):
+    port = default_server
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
@@ -356,7 +339,7 @@ def test_plain_page_requests_do_not_read_the_file(tmp_path):
         built.append(_session(path, tmp_path))
         return built[-1]
 
-    port = _free_port()
+    port = free_port()
     server = pn.serve({"/": session}, port=port, address="127.0.0.1", threaded=True, show=False)
     try:
         deadline = time.monotonic() + 30
