@@ -26,7 +26,6 @@ import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -120,8 +119,13 @@ def serve(
     if folder is not None and not folder.is_dir():
         raise OptionError(f"root {folder} is not a folder")
     origins = served_origins(address, port)
+    root = None if folder is None else folder.resolve()
+
+    def session():  # a function: panel calls it per session (a partial it would display)
+        return _session(source, root)
+
     return pn.serve(
-        {"/": partial(_session, source, None if folder is None else folder.resolve())},
+        {"/": session},
         port=port,
         address=address,
         show=show,
