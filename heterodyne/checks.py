@@ -151,7 +151,7 @@ def frame_window(frames, name: str = "frames") -> slice | None:
     a, b = frames.start, frames.stop
     if a is not None and b is not None and (a >= 0) == (b >= 0) and b - a < 3:
         raise OptionError(
-            f"{name}={_describe(frames)} holds {max(b - a, 0)} frames; need >= 3: give "
+            f"{name}={_describe(frames)} leaves {max(b - a, 0)} frames; need >= 3: give "
             "slice(a, b) with b >= a + 3"
         )
     return frames

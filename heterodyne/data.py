@@ -393,9 +393,10 @@ def select(ds: xr.Dataset, *, phi=None, frames=None) -> xr.Dataset:
     ``frames``: a ``slice(a, b)`` of frame indices. Times stay absolute.
     """
     validate(ds)
+    checks.frame_window(frames)
     out = ds
     if phi is not None:
-        wanted = np.atleast_1d(np.asarray(phi, dtype=np.float64))
+        wanted = checks.numbers(phi, "phi [deg]")
         # Positional nearest match: sel(method="nearest") fails on unsorted angles.
         angles = ds["phi"].values
         out = out.isel(phi=np.argmin(np.abs(angles[None, :] - wanted[:, None]), axis=1))
@@ -435,6 +436,7 @@ def atomic_write(write, path, *, overwrite: bool = False) -> Path:
     publication, so that a power cut too leaves either the old file or the whole new one.
     """
     path = checks.file_path(path, "path")
+    checks.flag(overwrite, "overwrite")
     if path.is_dir():
         raise FileFormatError(f"{path} is a directory; give a file name")
     if path.exists() and not overwrite:

@@ -171,7 +171,7 @@ def test_simulate_refuses_before_compiling(kwargs, match):
         ({"phi": np.nan}, OptionError, r"phi \[deg\] must hold finite numbers; got \[nan\]"),
         ({"phi": np.inf}, OptionError, r"must hold finite numbers; got \[inf\]"),
         ({"frames": slice(0.5, 10)}, OptionError, "frames .* must be an integer; got 0.5"),
-        ({"frames": slice(150, 50)}, OptionError, r"frames=slice\(150, 50\) holds 0 frames"),
+        ({"frames": slice(150, 50)}, OptionError, r"frames=slice\(150, 50\) leaves 0 frames"),
         ({"frames": [0, 10]}, OptionError, r"frames must be a slice\(a, b\)"),
         ({"q": np.nan}, OptionError, "q .* is NaN"),
     ],
@@ -298,3 +298,18 @@ def test_a_survey_of_one_file_twice_in_threads_keeps_both_checkpoints(tiny_file,
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]
     back = hd.survey([tiny_file], params=hd.Parameters(TRUTH), checkpoint=tmp_path / "ck")
     assert back.attrs["from_checkpoint"] == 1
+
+
+def test_select_and_to_netcdf_check_their_options(tiny_ds, tmp_path):
+    refused(
+        OptionError, r"phi \[deg\] must hold finite numbers", lambda: hd.select(tiny_ds, phi=np.nan)
+    )
+    refused(
+        OptionError, "must be an integer; got 0.5", lambda: hd.select(tiny_ds, frames=slice(0.5, 9))
+    )
+    refused(
+        OptionError,
+        "overwrite must be True or False",
+        lambda: hd.to_netcdf(tiny_ds, tmp_path / "a.nc", overwrite="yes"),
+    )
+    assert list(tmp_path.iterdir()) == []
