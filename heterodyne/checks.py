@@ -37,10 +37,6 @@ TR_SOLVERS = ("exact", "lsmr")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
-def _fail(error, text: str):
-    raise error(text)
-
-
 def _describe(value) -> str:
     """``value`` for a message: short, and without Python's internal spellings."""
     if isinstance(value, slice):
@@ -52,13 +48,12 @@ def _describe(value) -> str:
 def integer(value, name: str, *, minimum=None, maximum=None, error=OptionError) -> int:
     """``value`` as an ``int``; a bool, a float or a string is refused."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, _abc.Integral):
-        _fail(error, f"{name} must be an integer; got {_describe(value)}")
+        raise error(f"{name} must be an integer; got {_describe(value)}")
     value = int(value)
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
         low = "" if minimum is None else f">= {minimum}"
         high = "" if maximum is None else f"<= {maximum}"
-        _fail(
-            error,
+        raise error(
             f"{name} must be an integer {' and '.join(filter(None, (low, high)))}; got {value}",
         )
     return value
@@ -70,19 +65,19 @@ def number(
     """``value`` as a ``float``: a real number (not a bool or a string), finite unless
     ``finite=False`` (NaN is refused either way), ``> 0`` with ``positive``."""
     if isinstance(value, bool | np.bool_) or not isinstance(value, _abc.Real):
-        _fail(error, f"{name} must be a number; got {_describe(value)}")
+        raise error(f"{name} must be a number; got {_describe(value)}")
     try:
         out = float(value)
     except OverflowError:
-        _fail(error, f"{name} = {_describe(value)} is too large for a float64")
+        raise error(f"{name} = {_describe(value)} is too large for a float64") from None
     if np.isnan(out):
-        _fail(error, f"{name} is NaN; expected a number")
+        raise error(f"{name} is NaN; expected a number")
     if finite and not np.isfinite(out):
-        _fail(error, f"{name} must be a finite number; got {out!r}")
+        raise error(f"{name} must be a finite number; got {out!r}")
     if positive and not out > 0:
-        _fail(error, f"{name} must be > 0; got {out!r}")
+        raise error(f"{name} must be > 0; got {out!r}")
     if minimum is not None and out < minimum:
-        _fail(error, f"{name} must be >= {minimum}; got {out!r}")
+        raise error(f"{name} must be >= {minimum}; got {out!r}")
     return out
 
 
@@ -90,40 +85,41 @@ def numbers(value, name: str, *, positive=False, empty=False, error=OptionError)
     """``value`` (one number or a sequence) as a finite float64 vector; ``> 0`` with
     ``positive``; an empty one only with ``empty=True``."""
     if isinstance(value, str | bytes) or value is None:
-        _fail(error, f"{name} must be a number or a sequence of numbers; got {_describe(value)}")
+        raise error(f"{name} must be a number or a sequence of numbers; got {_describe(value)}")
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):
-        _fail(error, f"{name} must be a number or a sequence of numbers; got {_describe(value)}")
+        raise error(
+            f"{name} must be a number or a sequence of numbers; got {_describe(value)}"
+        ) from None
     if array.dtype.kind not in "iuf" or array.ndim > 1:
-        _fail(
-            error,
+        raise error(
             f"{name} must be a number or a flat sequence of real numbers; got "
             f"{_describe(value)} (dtype {array.dtype}, shape {array.shape})",
         )
     with np.errstate(over="ignore"):
         array = np.atleast_1d(array.astype(np.float64))
     if not array.size and not empty:
-        _fail(error, f"{name} is empty; give at least one number")
+        raise error(f"{name} is empty; give at least one number")
     if not np.all(np.isfinite(array)):
-        _fail(error, f"{name} must hold finite numbers; got {array.tolist()}")
+        raise error(f"{name} must hold finite numbers; got {array.tolist()}")
     if positive and np.any(array <= 0):
-        _fail(error, f"{name} must hold numbers > 0; got {array.tolist()}")
+        raise error(f"{name} must hold numbers > 0; got {array.tolist()}")
     return array
 
 
 def flag(value, name: str, *, error=OptionError) -> bool:
     """``value`` as a ``bool``: only ``True`` or ``False`` (numpy's too)."""
     if not isinstance(value, bool | np.bool_):
-        _fail(error, f"{name} must be True or False; got {_describe(value)}")
+        raise error(f"{name} must be True or False; got {_describe(value)}")
     return bool(value)
 
 
 def choice(value, name: str, options: tuple, *, error=OptionError):
     """``value`` if it is one of ``options`` (compared as strings only to strings)."""
     if not isinstance(value, str) or value not in options:
-        _fail(
-            error, f"{name} must be one of {', '.join(map(repr, options))}; got {_describe(value)}"
+        raise error(
+            f"{name} must be one of {', '.join(map(repr, options))}; got {_describe(value)}"
         )
     return value
 
@@ -161,16 +157,15 @@ def file_path(value, name: str, *, kind: str = "file", error=OptionError) -> Pat
     """``value`` as a ``Path``: a ``str`` or path-like, none of whose components is longer
     than the file system allows; ``kind`` ("file", "folder") words the message."""
     if not isinstance(value, str | os.PathLike) or isinstance(value, bytes):
-        _fail(error, f"{name} must be a {kind} path (str or pathlib.Path); got {_describe(value)}")
+        raise error(f"{name} must be a {kind} path (str or pathlib.Path); got {_describe(value)}")
     path = Path(value).expanduser()
     if not str(path).strip():
-        _fail(error, f"{name} is an empty path")
+        raise error(f"{name} is an empty path")
     if "\x00" in str(path):
-        _fail(error, f"{name} {str(path)!r} holds a NUL character, which no file name may")
+        raise error(f"{name} {str(path)!r} holds a NUL character, which no file name may")
     for part in path.parts:
         if len(os.fsencode(part)) > NAME_MAX:
-            _fail(
-                error,
+            raise error(
                 f"{name}: the name {part[:40]}... has {len(os.fsencode(part))} bytes; file "
                 f"systems allow {NAME_MAX}; choose a shorter name",
             )
