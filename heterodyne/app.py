@@ -22,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import html
 import io
+import re
+import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import holoviews as hv
 import numpy as np
@@ -33,8 +36,9 @@ import pandas as pd
 import panel as pn
 import param
 import xarray as xr
+from bokeh.server.auth_provider import AuthProvider
 
-from heterodyne import diagnostics, plot
+from heterodyne import checks, diagnostics, plot
 from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
@@ -50,7 +54,7 @@ PASS_STYLE = "background-color: #d4edda"  # bootstrap's success/danger alert col
 FAIL_STYLE = "background-color: #f8d7da"
 
 
-def dashboard(source, params=None) -> Dashboard:
+def dashboard(source, params=None, *, root=None) -> Dashboard:
     """The dashboard of a file or a Dataset: data views, NLSQ and CMC fits.
 
     Parameters
@@ -62,6 +66,9 @@ def dashboard(source, params=None) -> Dashboard:
         Start values, bounds and ``vary`` of the parameter table; default the MODEL.md
         table. ``contrast``/``offset`` take one value for all angles, or ``None`` to
         estimate them per angle from the data.
+    root : path, optional
+        A folder: the file box then opens only files under it (:func:`serve` sets it);
+        default any file.
 
     Returns
     -------
@@ -74,36 +81,114 @@ def dashboard(source, params=None) -> Dashboard:
     >>> pn.extension("tabulator", inline=True)  # doctest: +SKIP
     >>> hd.dashboard("sample_0001.h5")  # doctest: +SKIP
     """
-    return Dashboard(source, params)
+    return Dashboard(source, params, root=root)
 
 
 def serve(
     source,
     *,
     port: int = 5006,
-    address: str | None = None,
+    address: str = "localhost",
     show: bool = False,
+    root=None,
     t_start: float | None = None,
     **kwargs,
 ):
     """Serve the dashboard of ``source`` with ``pn.serve``, one :class:`Dashboard` per
     browser session, at ``http://ADDRESS:PORT/``.
 
-    ``source`` is read once here, so that a bad file fails now rather than in the page;
+    Safe by default: it listens on ``localhost`` only; the page's websocket is accepted
+    only from pages of the served address (``websocket_origin``) and only with an
+    ``Origin`` header (as browsers send); the file box opens only files under ``root``
+    (default: the folder of ``source``); a session reads the file only once its page
+    connects, so plain requests of the page load nothing. To reach it from another
+    machine, forward the port over SSH (``ssh -L 5006:localhost:5006 HOST``) rather than
+    listening on a network address.
+
+    ``source`` is checked here, so that a bad file fails now rather than in the page;
     ``t_start`` is the time [s] of its stored frame 0 (:func:`heterodyne.load`).
     ``kwargs`` go to ``pn.serve`` (``threaded``, ``liveness``, ``start``...); the server
     (or its thread) is returned.
     """
-    if not isinstance(source, xr.Dataset):
+    address = checks.host_address(address)
+    port = checks.integer(port, "port", minimum=1, maximum=65535)
+    checks.flag(show, "show")
+    if isinstance(source, xr.Dataset):
+        validate(source)
+        folder = None if root is None else checks.file_path(root, "root", kind="folder")
+    else:
+        source = checks.readable_file(source, "source")
         q_values(source)
+        folder = source.parent if root is None else checks.file_path(root, "root", kind="folder")
+    if folder is not None and not folder.is_dir():
+        raise OptionError(f"root {folder} is not a folder")
+    origins = served_origins(address, port)
+    root = None if folder is None else folder.resolve()
+
+    def session():  # a function: panel calls it per session (a partial it would display)
+        return _session(source, root, t_start)
+
     return pn.serve(
-        {"/": lambda: Dashboard(source, t_start=t_start)},
+        {"/": session},
         port=port,
         address=address,
         show=show,
         title="heterodyne",
+        # bokeh's allow-list does not parse bracketed IPv6 hosts
+        websocket_origin=[origin for origin in origins if not origin.startswith("[")],
+        auth_provider=BrowserPagesOnly(origins),
         **kwargs,
     )
+
+
+def served_origins(address: str, port: int) -> list[str]:
+    """The ``HOST:PORT`` origins whose pages may open the websocket: the served address,
+    and for a loopback or wildcard address the names of this machine's loopback."""
+    local = [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"]
+    if address in ("localhost", "127.0.0.1", "::1"):
+        return local
+    if address in ("0.0.0.0", "::"):
+        return [*local, f"{socket.gethostname()}:{port}", f"{socket.getfqdn()}:{port}"]
+    return [f"[{address}]:{port}" if ":" in address else f"{address}:{port}"]
+
+
+class BrowserPagesOnly(AuthProvider):
+    """Lets a websocket in only with an ``Origin`` header naming one of ``origins``.
+
+    Tornado (and so bokeh's ``websocket_origin``) let a websocket without an ``Origin``
+    header through, which any program can open; a page served here sends one. Plain HTTP
+    requests (the page, its resources) pass: there is no user login.
+    """
+
+    def __init__(self, origins):
+        self._origins = {origin.lower() for origin in origins}
+        super().__init__()
+
+    @property
+    def get_user(self):
+        return self._user
+
+    @property
+    def login_url(self):
+        return "/"  # required with get_user by bokeh; a refused websocket gets a 403
+
+    def _user(self, handler):
+        request = handler.request
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return "local"
+        origin = request.headers.get("Origin")
+        if origin is None or urlparse(origin).netloc.lower() not in self._origins:
+            return None
+        return "local"
+
+
+def _session(source, root, t_start=None):
+    """The Dashboard of one browser session; a file is read once the page connects."""
+    if isinstance(source, xr.Dataset):
+        return Dashboard(source, root=root)
+    dash = Dashboard(root=root, t_start=t_start)
+    pn.state.onload(lambda: setattr(dash, "path", str(source)))
+    return dash
 
 
 class DashboardExecutor(ThreadPoolExecutor):
@@ -161,8 +246,10 @@ class Dashboard(pn.viewable.Viewer):
     nlsq = param.ClassSelector(class_=NLSQResult, allow_None=True, doc="The last NLSQ fit.")
     cmc = param.ClassSelector(class_=CMCResult, allow_None=True, doc="The last CMC run.")
 
-    def __init__(self, source=None, params=None, **kwargs):
+    def __init__(self, source=None, params=None, *, root=None, **kwargs):
         super().__init__(**kwargs)
+        #: the folder the file box may read under; None: anywhere
+        self._root = None if root is None else Path(root).expanduser().resolve()
         self._full = None  # the loaded q-bin, all angles and frames
         self._resetting = False  # True while the selectors are reset to a new q-bin
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["hd-alert"])
@@ -223,6 +310,7 @@ class Dashboard(pn.viewable.Viewer):
     @param.depends("path", watch=True)
     def _open_file(self):
         try:
+            self._check_under_root(self.path)
             qs = q_values(self.path)
             try:
                 self._trace = intensity(self.path)
@@ -239,6 +327,16 @@ class Dashboard(pn.viewable.Viewer):
             self._fail(f"cannot open {self.path}", err)
             self._full = None
             self.data = None
+
+    def _check_under_root(self, path: str):
+        """Raise ``OptionError`` for a path outside the folder this dashboard may read,
+        before anything about it (even whether it exists) is looked up."""
+        if self._root is None:
+            return
+        if not Path(path).expanduser().resolve().is_relative_to(self._root):
+            raise OptionError(
+                f"this dashboard opens only files under {self._root}; give a path there"
+            )
 
     @param.depends("q", "t_start", "exclude", watch=True)
     def _load_q(self):
@@ -602,14 +700,26 @@ class Dashboard(pn.viewable.Viewer):
 
     def _fail(self, what: str, err: Exception):
         self.alert.param.update(
-            object=f"**{html.escape(what)}**: {html.escape(type(err).__name__)}: "
-            f"{html.escape(str(err))}",
+            object=f"**{markdown_text(what)}**: {markdown_text(type(err).__name__)}: "
+            f"{markdown_text(str(err))}",
             alert_type="danger",
             visible=True,
         )
 
     def _warn(self, text: str):
-        self.alert.param.update(object=html.escape(text), alert_type="warning", visible=True)
+        self.alert.param.update(object=markdown_text(text), alert_type="warning", visible=True)
+
+
+# The characters that open Markdown or HTML markup (images, links, raw HTML, entities,
+# code, emphasis, tables, math) and those bare links are recognised by (":", "."; the
+# pane links www.host.org and http://...); CommonMark lets a backslash escape each.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]()<>!&#|~{}$:.])")
+
+
+def markdown_text(text: str) -> str:
+    """``text`` escaped for a Markdown pane: shown as is, never as markup, HTML, an image
+    or a link (file names, attributes and messages may hold anything)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def parameter_frame(params: Parameters) -> pd.DataFrame:

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from heterodyne.errors import HeterodyneError
+from heterodyne import checks
+from heterodyne.errors import HeterodyneError, OverwriteError
 
 # The demo's sample: a flowing, diffusing sample against a slowly diffusing reference,
 # seen at three angles; flow at 20° so the heterodyne oscillation differs by angle. In 60
@@ -40,26 +41,56 @@ T_START_HELP = (
 )
 
 
-def _frames(text: str) -> slice:
+def _argument(convert, text: str, flag: str, expected: str):
+    """``convert(text)``, or argparse's one-line error naming ``flag`` and ``expected``."""
     try:
+        return convert(text)
+    except (ValueError, HeterodyneError):
+        raise argparse.ArgumentTypeError(f"must be {expected}; got {text!r}") from None
+
+
+def _frames(text: str) -> slice:
+    def window(text):
         start, stop = (int(v) if v else None for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--frames must look like A:B, got {text!r}") from None
-    return slice(start, stop)
+        return checks.frame_window(slice(start, stop))
+
+    return _argument(window, text, "--frames", "A:B, frame indices with B >= A + 3")
+
+
+def _angle(text: str) -> float:
+    return _argument(lambda v: checks.number(float(v), "phi"), text, "--phi", "finite angles [deg]")
+
+
+def _q(text: str) -> float:
+    return _argument(
+        lambda v: checks.number(float(v), "q", positive=True), text, "--q", "a number > 0 [1/Å]"
+    )
+
+
+def _port(text: str) -> int:
+    return _argument(
+        lambda v: checks.integer(int(v), "port", minimum=1, maximum=65535),
+        text,
+        "--port",
+        "a port number from 1 to 65535",
+    )
+
+
+def _address(text: str) -> str:
+    return _argument(
+        checks.host_address, text, "--address", "an IP address or a host name (e.g. localhost)"
+    )
 
 
 def _multistart(text: str) -> str | int:
     if text == "auto":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"--multistart must be auto or an integer >= 0, got {text!r}"
-        )
-    return value
+    return _argument(
+        lambda v: checks.integer(int(v), "n", minimum=0),
+        text,
+        "--multistart",
+        "auto or an integer >= 0",
+    )
 
 
 def _assignments(text: str) -> list[tuple[str, str]]:
@@ -166,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load FILE, fit it, and write the result netCDF and report to --out.",
     )
     fit.add_argument("file", type=Path, help="APS-U / legacy HDF5 or heterodyne netCDF")
-    fit.add_argument("--q", type=float, help="q-bin to fit [1/Å] (nearest is taken)")
-    fit.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
+    fit.add_argument("--q", type=_q, help="q-bin to fit [1/Å] (nearest is taken)")
+    fit.add_argument("--phi", type=_angle, nargs="+", help="angles to fit [deg]")
     fit.add_argument("--frames", type=_frames, help="frame window A:B")
     fit.add_argument("--t-start", type=float, help=T_START_HELP)
     fit.add_argument("--method", choices=["nlsq"], default="nlsq", help="fitting method")
@@ -182,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out/fits (a rerun resumes from there).",
     )
     survey.add_argument("file", type=Path, help="APS-U / legacy HDF5 file")
-    survey.add_argument("--phi", type=float, nargs="+", help="angles to fit [deg]")
+    survey.add_argument("--phi", type=_angle, nargs="+", help="angles to fit [deg]")
     survey.add_argument("--frames", type=_frames, help="frame window A:B")
     survey.add_argument("--t-start", type=float, help=T_START_HELP)
     survey.add_argument(
@@ -198,23 +229,39 @@ def build_parser() -> argparse.ArgumentParser:
         "dashboard",
         help="serve the interactive dashboard of a file",
         description="Serve the panel dashboard of FILE (data views, NLSQ and CMC fits) at "
-        "http://ADDRESS:PORT/ until interrupted. Browsers on other machines also need "
-        "BOKEH_ALLOW_WS_ORIGIN=HOST:PORT in the environment.",
+        "http://ADDRESS:PORT/ until interrupted. It listens on localhost only, accepts "
+        "page connections (websockets) only from pages it served, and its file box opens "
+        "only files under --root (default: the folder of FILE). Anyone who can reach the "
+        "port can drive it: to use it from another machine, keep the default and forward "
+        "the port over SSH (ssh -L 5006:localhost:5006 HOST), rather than --address "
+        "0.0.0.0 on a network you do not control.",
     )
     dashboard.add_argument("file", type=Path, help="APS-U / legacy HDF5 or heterodyne netCDF")
     dashboard.add_argument("--t-start", type=float, help=T_START_HELP)
-    dashboard.add_argument("--port", type=int, default=5006, help="port (default: 5006)")
-    dashboard.add_argument("--address", help="address to listen on (default: localhost)")
+    dashboard.add_argument("--port", type=_port, default=5006, help="port (default: 5006)")
+    dashboard.add_argument(
+        "--address",
+        type=_address,
+        default="localhost",
+        help="address to listen on (default: localhost)",
+    )
+    dashboard.add_argument(
+        "--root",
+        type=Path,
+        help="folder whose files the file box may open (default: the folder of FILE)",
+    )
     dashboard.add_argument("--show", action="store_true", help="open it in a web browser")
     return parser
 
 
 def _executor(text: str) -> str:
-    if text == "processes" or text.startswith(("dask://", "tcp://")):
+    from heterodyne import executors
+
+    def check(text):
+        executors.check(text)
         return text
-    raise argparse.ArgumentTypeError(
-        f"--executor must be 'processes' or dask://HOST:PORT, got {text!r}"
-    )
+
+    return _argument(check, text, "--executor", "'processes' or dask://HOST:PORT")
 
 
 def main(argv=None) -> int:
@@ -227,9 +274,23 @@ def main(argv=None) -> int:
             "dashboard": run_dashboard,
         }
         return commands[args.command](args)
-    except (HeterodyneError, FileExistsError) as err:
+    except HeterodyneError as err:
         print(f"heterodyne {args.command}: {err}", file=sys.stderr)
         return 1
+
+
+def _outputs(args, names: tuple[str, ...]) -> None:
+    """Before any work: ``--out`` is a folder this user can write, and none of ``names``
+    exists there unless ``--overwrite`` was given."""
+    checks.writable_folder(args.out, "--out")
+    if args.overwrite:
+        return
+    present = [name for name in names if (args.out / name).exists()]
+    if present:
+        raise OverwriteError(
+            f"output exists in {args.out}: {', '.join(present)}; pass --overwrite to replace "
+            "it, or choose another --out"
+        )
 
 
 def run_demo(args) -> int:
@@ -237,6 +298,7 @@ def run_demo(args) -> int:
 
     start = time.perf_counter()
     out = args.out
+    _outputs(args, ("data.nc", *_result_files("nlsq"), *_result_files("cmc")))
     ds = hd.simulate(DEMO_TRUTH, **DEMO_DATA)
     hd.to_netcdf(ds, out / "data.nc", overwrite=args.overwrite)
     guess = hd.Parameters({name: 0.7 * value for name, value in DEMO_TRUTH.items()})
@@ -265,6 +327,7 @@ def run_fit(args) -> int:
     import heterodyne as hd
 
     params = parameters_from(args)
+    _outputs(args, _result_files(args.method))
     ds = hd.load(args.file, q=args.q, phi=args.phi, frames=args.frames, t_start=args.t_start)
     result = hd.fit_nlsq(ds, params, multistart=args.multistart)
     written = _write_result(result, args.out, args.method, overwrite=args.overwrite)
@@ -278,6 +341,7 @@ def run_survey(args) -> int:
     from heterodyne import plot
     from heterodyne.data import atomic_write
 
+    _outputs(args, ("survey.nc", "survey.html"))
     out = hd.survey(
         args.file,
         phi=args.phi,
@@ -312,21 +376,34 @@ def run_dashboard(args) -> int:
     from heterodyne.app import serve
 
     try:
-        serve(args.file, port=args.port, address=args.address, show=args.show, t_start=args.t_start)
+        serve(
+            args.file,
+            port=args.port,
+            address=args.address,
+            show=args.show,
+            root=args.root,
+            t_start=args.t_start,
+        )
     except KeyboardInterrupt:
         pass
     return 0
 
 
-def _write_result(result, out: Path, stem: str, *, overwrite: bool) -> tuple[Path, ...]:
+def _result_files(stem: str) -> tuple[str, str, str]:
+    """The files :func:`_write_result` writes for ``stem``."""
+    return f"{stem}.nc", f"{stem}_report.txt", f"{stem}_report.html"
+
+
+def _write_result(result, out: Path, stem: str, *, overwrite: bool) -> list[Path]:
+    """Write the result's netCDF file, text report and HTML page; their paths."""
     from heterodyne.data import atomic_write
     from heterodyne.report import write_html
 
-    paths = (out / f"{stem}.nc", out / f"{stem}_report.txt", out / f"{stem}_report.html")
-    result.to_netcdf(paths[0], overwrite=overwrite)
-    atomic_write(lambda tmp: tmp.write_text(result.report() + "\n"), paths[1], overwrite=overwrite)
-    write_html(result, paths[2], overwrite=overwrite)
-    return paths
+    netcdf, text, page = (out / name for name in _result_files(stem))
+    result.to_netcdf(netcdf, overwrite=overwrite)
+    atomic_write(lambda tmp: tmp.write_text(result.report() + "\n"), text, overwrite=overwrite)
+    write_html(result, page, overwrite=overwrite)
+    return [netcdf, text, page]
 
 
 if __name__ == "__main__":

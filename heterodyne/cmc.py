@@ -128,9 +128,9 @@ Hoffman, Gelman, "The No-U-Turn sampler", JMLR 15 (2014).
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -146,9 +146,9 @@ from numpyro.distributions import constraints
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
-from heterodyne import diagnostics, executors, model, objective, uncertainty
+from heterodyne import checks, diagnostics, executors, identity, model, objective, uncertainty
 from heterodyne.data import FIT_MEMORY, atomic_write, check_memory, validate
-from heterodyne.errors import OptionError, ParameterError
+from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.nlsq import LOG_SCALE, _Problem
 from heterodyne.parameters import PHYSICS_NAMES, UNITS
 from heterodyne.results import CMCResult, NLSQResult, params_layout, settings_dataset
@@ -311,8 +311,7 @@ def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
     process that ran it), and read back instead of sampling when the file is there.
     """
     if job.checkpoint is not None and Path(job.checkpoint).exists():
-        with np.load(job.checkpoint) as stored:
-            return {name: stored[name] for name in stored.files}
+        return _load_shard(Path(job.checkpoint))
     start = time.perf_counter()
     data = type(job.data)(*(jnp.asarray(a) for a in job.data))
     space = Space(*(jnp.asarray(a) for a in job.space))
@@ -339,21 +338,36 @@ def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
     return out
 
 
+def _load_shard(path: Path) -> dict[str, np.ndarray]:
+    """A shard's outcome from its checkpoint file; ``FileFormatError`` when the file is
+    damaged (atomic writes never leave one half written: something else changed it)."""
+    try:
+        with np.load(path) as stored:
+            out = {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise FileFormatError(
+            f"{path}: a damaged CMC checkpoint ({err}); delete it to sample that shard again"
+        ) from err
+    missing = sorted({"w", "seconds", *_STATS} - set(out))
+    if missing:
+        raise FileFormatError(
+            f"{path}: a CMC checkpoint without {', '.join(missing)}; delete it to sample "
+            "that shard again"
+        )
+    return out
+
+
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:
         np.savez(f, **arrays)
 
 
 def checkpoint_name(job: ShardJob, shard: int) -> str:
-    """A file name unique to the shard's data, sampled space, key and run lengths."""
-    digest = hashlib.sha1()
-    for array in (*job.data, *job.space, job.key):
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
+    """A file name unique to the shard's data, sampled space, key, run lengths and the
+    package version (:func:`heterodyne.identity.digest`)."""
     settings = (type(job.data).__name__, job.chains, job.warmup, job.samples, job.adapt_mass)
-    digest.update(repr(settings).encode())
-    return f"shard{shard:04d}_{digest.hexdigest()[:16]}.npz"
+    digest = identity.digest(tuple(job.data), tuple(job.space), job.key, settings)
+    return f"shard{shard:04d}_{digest[:16]}.npz"
 
 
 def split_rows(n_frames: int, n_shards: int) -> list[np.ndarray]:
@@ -779,6 +793,11 @@ def fit_cmc(
     >>> result = hd.fit_cmc(ds, nlsq, shards=2)  # doctest: +SKIP
     >>> print(result.report())  # doctest: +SKIP
     """
+    checks.check_fit_cmc(
+        ds, init, params, shards=shards, chains=chains, warmup=warmup, samples=samples,
+        seed=seed, scaling=scaling, errors=errors, checkpoint=checkpoint,
+        likelihood=likelihood, progress=progress,
+    )  # fmt: skip
     executors.check(executor)
     if not isinstance(progress, bool):
         raise OptionError(f"progress must be True or False; got {progress!r}")

@@ -27,17 +27,21 @@ Every coordinate and variable carries ``units`` and ``long_name`` attrs.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from heterodyne import checks
 from heterodyne.errors import DataError, FileFormatError, OptionError, OverwriteError
 
 _RTOL_TIME = 1e-6  # relative tolerance on uniform frame spacing (float32 time stamps)
-# c2[i, j] and c2[j, i] may differ by this fraction of the angle's largest |c2|: files whose
+# c2[i, j] and c2[j, i] may differ by this fraction of the angle's largest |c2| off the
+# diagonal (a large diagonal spike must not widen it): files whose
 # triangles were accumulated separately in float32 differ at ~1e-5, far below any noise.
 _RTOL_SYMMETRY = 1e-4
+_TMP_STEM = 200  # bytes of the target's name kept in its temporary file's name
 _ROWS = 256  # rows per block of the symmetry check: temporary memory O(_ROWS N), not O(N²)
 
 MEMORY_LIMIT_VARIABLE = "HETERODYNE_MEMORY_LIMIT"
@@ -112,9 +116,9 @@ def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Data
     DataError
         Naming the argument, its shape and what was expected.
     """
-    c2 = np.asarray(c2, dtype=np.float64)  # copied by symmetrize: the Dataset owns its data
-    phi = np.atleast_1d(np.asarray(phi, dtype=np.float64))
-    t = np.asarray(t, dtype=np.float64)
+    c2 = _real_array(c2, "c2")  # copied by symmetrize: the Dataset owns its data
+    phi = np.atleast_1d(_real_array(phi, "phi"))
+    t = _real_array(t, "t")
     if c2.ndim == 2:
         c2 = c2[None]
     if c2.ndim != 3:
@@ -130,14 +134,14 @@ def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Data
             "give one angle per matrix"
         )
     if sigma is not None:
-        sigma = np.asarray(sigma, dtype=np.float64)
+        sigma = _real_array(sigma, "sigma")
         sigma = sigma[None] if sigma.ndim == 2 else sigma
         if sigma.shape != c2.shape:
             raise DataError(f"sigma has shape {sigma.shape}; expected the shape of c2 {c2.shape}")
     c2 = symmetrize(c2)
     if sigma is not None:
         sigma = symmetrize(sigma)
-    q_value = np.asarray(q, dtype=np.float64)
+    q_value = _real_array(q, "q")
     if q_value.ndim != 0:
         raise DataError(
             f"q must be one number [1/Å]; got shape {q_value.shape}. Build one Dataset per q-bin."
@@ -158,6 +162,21 @@ def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Data
         ds.attrs["dt"] = float((t[-1] - t[0]) / (t.size - 1))
     validate(ds)
     return tally_missing(ds)
+
+
+def _real_array(value, name: str) -> np.ndarray:
+    """``value`` as a float64 array; complex, text or ragged input raises ``DataError``
+    (a cast would silently drop an imaginary part)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{name} is not an array of numbers ({err})") from None
+    if array.dtype.kind not in "biuf":
+        raise DataError(
+            f"{name} has dtype {array.dtype}; expected real numbers"
+            + (" (complex values: give the real correlation)" if array.dtype.kind == "c" else "")
+        )
+    return array.astype(np.float64, copy=False)
 
 
 def symmetrize(matrix: np.ndarray) -> np.ndarray:
@@ -200,7 +219,7 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
     ``t1 == t2`` increasing and uniformly spaced with ``dt`` matching, ``q > 0`` and
     finite, finite ``phi``, no angle whose pairs are all NaN, ``sigma`` (when present)
     positive where finite, and ``c2`` symmetric: ``c2[i, j] == c2[j, i]`` (NaN equal to
-    NaN) within ``1e-4`` of the angle's largest ``|c2|``.
+    NaN) within ``1e-4`` of the angle's largest ``|c2|`` off the diagonal.
     """
     if not isinstance(ds, xr.Dataset):
         raise DataError(
@@ -232,10 +251,17 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
         if ds[name].dtype.kind not in "iuf":
             raise DataError(f"coordinate {name!r} has dtype {ds[name].dtype}; expected numbers")
     t = np.asarray(ds["t1"].values, dtype=np.float64)
+    for name in ("t1", "t2"):
+        times = np.asarray(ds[name].values, dtype=np.float64)
+        if not np.all(np.isfinite(times)):
+            k = int(np.argmin(np.isfinite(times)))
+            raise DataError(
+                f"{name} holds non-finite times: {name}[{k}] = {float(times[k])!r} s. Times are "
+                "t_i = t_start + i dt: a frame time (dt; frame_time in a beamline file) that "
+                "is NaN, infinite or too large gives these"
+            )
     if not np.array_equal(t, np.asarray(ds["t2"].values, dtype=np.float64)):
         raise DataError("coordinates t1 and t2 differ; they must be the same frame times")
-    if not np.all(np.isfinite(t)):
-        raise DataError("t1 holds non-finite times")
     steps = np.diff(t)
     if np.any(steps <= 0):
         raise DataError(
@@ -307,7 +333,7 @@ def _first_asymmetric(matrix: np.ndarray) -> tuple[int, int] | None:
     unequal = [block for block in blocks if not np.array_equal(block[1], block[2])]
     if not unequal:
         return None
-    scale = max(np.max(np.abs(rows), where=np.isfinite(rows), initial=0.0) for _, rows, _ in blocks)
+    scale = max(_off_diagonal_scale(start, rows) for start, rows, _ in blocks)
     for start, rows, columns in unequal:
         with np.errstate(invalid="ignore"):  # inf - inf; inf == inf is caught by ==
             same = (rows == columns) | (np.abs(rows - columns) <= _RTOL_SYMMETRY * scale)
@@ -318,6 +344,16 @@ def _first_asymmetric(matrix: np.ndarray) -> tuple[int, int] | None:
             i, j = np.argwhere(~same)[0]
             return int(start + i), int(j)
     return None
+
+
+def _off_diagonal_scale(start: int, rows: np.ndarray) -> float:
+    """Largest finite ``|c2|`` off the diagonal in the block of ``rows`` from row
+    ``start``: the diagonal (the speckle and shot-noise spike) may be far larger than any
+    pair, and must not loosen the symmetry tolerance."""
+    magnitude = np.where(np.isfinite(rows), np.abs(rows), 0.0)
+    k = np.arange(rows.shape[0])
+    magnitude[k, start + k] = 0.0
+    return float(magnitude.max(initial=0.0))
 
 
 def _number(value) -> float:
@@ -368,9 +404,10 @@ def select(ds: xr.Dataset, *, phi=None, frames=None) -> xr.Dataset:
     ``frames``: a ``slice(a, b)`` of frame indices. Times stay absolute.
     """
     validate(ds)
+    checks.frame_window(frames)
     out = ds
     if phi is not None:
-        wanted = np.atleast_1d(np.asarray(phi, dtype=np.float64))
+        wanted = checks.numbers(phi, "phi [deg]")
         # Positional nearest match: sel(method="nearest") fails on unsorted angles.
         angles = ds["phi"].values
         out = out.isel(phi=np.argmin(np.abs(angles[None, :] - wanted[:, None]), axis=1))
@@ -391,34 +428,70 @@ def select(ds: xr.Dataset, *, phi=None, frames=None) -> xr.Dataset:
 
 
 def atomic_write(write, path, *, overwrite: bool = False) -> Path:
-    """Run ``write(tmp_path)`` then rename the file to ``path``.
+    """Run ``write(tmp_path)`` then publish the file at ``path`` in one atomic step.
 
     A process killed mid-write leaves any old file intact and no half-written file under
     ``path``. Refuses to replace an existing file unless ``overwrite=True``: raises
     :class:`~heterodyne.errors.OverwriteError`, a ``FileExistsError``.
 
-    ``tmp_path`` is ``.NAME.PID.tmp`` in the folder of ``path``: hidden, ending in
-    ``.tmp`` (no ``*.nc`` or ``*.h5`` pattern matches it) and renamed only once complete.
-    A process killed by SIGKILL leaves it behind, half written; delete it by hand. The
+    ``tmp_path`` is a new file ``.NAME.PID.XXXXXXXX.tmp`` (``tempfile``) in the folder of
+    ``path``, unique to each writer, so that writers in threads or processes never share
+    it: hidden, ending in ``.tmp`` (no ``*.nc`` or ``*.h5`` pattern matches it) and
+    published only once complete. With ``overwrite=True`` it is renamed onto ``path``
+    (the last of concurrent writers wins, each file whole); otherwise it is hard-linked
+    to ``path``, which fails if ``path`` exists, so of concurrent writers exactly one
+    succeeds and the others raise ``OverwriteError`` (a file system without hard links
+    falls back to creating ``path`` exclusively, then renaming onto it). A process killed
+    by SIGKILL leaves the temporary file behind, half written; delete it by hand. The
     file's data and then the folder's entry are flushed to disk (``fsync``) around the
-    rename, so that a power cut too leaves either the old file or the whole new one.
+    publication, so that a power cut too leaves either the old file or the whole new one.
     """
-    path = Path(path)
+    path = checks.file_path(path, "path")
+    checks.flag(overwrite, "overwrite")
     if path.is_dir():
         raise FileFormatError(f"{path} is a directory; give a file name")
     if path.exists() and not overwrite:
         raise OverwriteError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    checks.writable_folder(path.parent, "the folder of the file")
+    # The temporary name keeps a prefix of the target's: a 255-byte target name still
+    # leaves room for the process id, the random part and the suffix.
+    stem = path.name
+    while len(os.fsencode(stem)) > _TMP_STEM:
+        stem = stem[:-1]
+    prefix = f".{stem}.{os.getpid()}."
+    try:
+        descriptor, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OptionError(f"cannot create a file in {path.parent}: {err.strerror}") from err
+    os.close(descriptor)
+    tmp = Path(name)
     try:
         write(tmp)
         _sync(tmp)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
         _sync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Give the complete file ``tmp`` the name ``path`` unless ``path`` exists, in one
+    step that concurrent writers cannot both pass."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OverwriteError(f"{path} exists; pass overwrite=True to replace it") from None
+    except OSError:  # no hard links here (some network and FAT file systems)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise OverwriteError(f"{path} exists; pass overwrite=True to replace it") from None
+        os.replace(tmp, path)
 
 
 def _sync(path: Path) -> None:

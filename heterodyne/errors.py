@@ -10,10 +10,13 @@ error                  raised when                                            su
 ``FileFormatError``    a file is missing, unreadable, of an unknown layout    ``DataError``
                        or inconsistent; the message names the file and the
                        path inside it
-``ParameterError``     an unknown parameter name, bounds with min > max, a    ``ValueError``
-                       value outside its bounds or of the wrong shape
+``ParameterError``     an unknown parameter name, a value, bound or vary of   ``ValueError``
+                       the wrong type, bounds with min > max, a value
+                       outside its bounds or of the wrong shape
 ``OptionError``        a keyword argument of a public function has the        ``ValueError``
-                       wrong type or value
+                       wrong type or value (paths too, and output folders
+                       that cannot be written); checked by
+                       :mod:`heterodyne.checks` before any work
 ``OverwriteError``     a file to be written exists and ``overwrite=True``     ``FileExistsError``
                        was not given
 =====================  =====================================================  ============

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -24,18 +25,30 @@ from tqdm.auto import tqdm
 from heterodyne.errors import OptionError
 
 _DASK_SCHEMES = ("dask://", "tcp://")
+CONNECT_S = 10  # seconds to reach a dask scheduler before giving up
 
 
 def check(executor) -> None:
     """Raise ``OptionError`` unless ``executor`` has one of the accepted forms."""
-    if executor is None or executor == "processes" or isinstance(executor, Executor):
+    if executor is None or isinstance(executor, Executor):
+        return
+    if isinstance(executor, str) and executor == "processes":
         return
     if isinstance(executor, str) and executor.startswith(_DASK_SCHEMES):
+        _host_port(executor)
         return
     raise OptionError(
         f"executor must be None, 'processes', 'dask://HOST:PORT' or a "
         f"concurrent.futures.Executor; got {executor!r}"
     )
+
+
+def _host_port(executor: str) -> tuple[str, int]:
+    """``(host, port)`` of ``"dask://HOST:PORT"``; ``OptionError`` without a port."""
+    host, _, port = executor.split("://", 1)[1].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionError(f"executor={executor!r}: expected dask://HOST:PORT, PORT 1 to 65535")
+    return host.strip("[]"), int(port)
 
 
 @contextmanager
@@ -51,8 +64,16 @@ def _opened(executor):
     elif isinstance(executor, str):
         from distributed import Client
 
-        address = "tcp://" + executor.split("://", 1)[1]
-        with Client(address) as client:
+        host, port = _host_port(executor)
+        try:  # fails at once for a refused connection, where dask retries for 30 s
+            socket.create_connection((host, port), timeout=CONNECT_S).close()
+            client = Client(f"tcp://{host}:{port}", timeout=CONNECT_S)
+        except OSError as err:
+            raise OptionError(
+                f"executor={executor!r}: cannot reach a dask scheduler at {host}:{port} "
+                f"({err}); start one (dask scheduler, dask-jobqueue) or check the address"
+            ) from err
+        with client:
             yield client.get_executor()
     else:
         yield executor

@@ -47,6 +47,7 @@ import h5py
 import numpy as np
 import xarray as xr
 
+from heterodyne import checks
 from heterodyne.data import (
     TIME_CONVENTION,
     _fill_triangle,
@@ -200,6 +201,7 @@ def load(
     --------
     >>> ds = load("sample_0001.h5", q=0.0054, phi=[0, 90], frames=slice(100, 600))
     """
+    checks.check_load(path, q=q, phi=phi, frames=frames)
     path = _check_path(path)
     start = _check_t_start(t_start)
     with _open(path) as f:
@@ -231,7 +233,7 @@ def q_values(path: str | os.PathLike) -> np.ndarray:
     ``load(path, q=q_values(path)[k])`` reads q-bin ``k``; the ``source`` attribute of
     the result names that ``k``. Only metadata is read.
     """
-    path = _check_path(path)
+    path = _check_path(checks.readable_file(path))
     with _open(path) as f:
         layout = _detect(f, path)
         if layout == "netcdf":

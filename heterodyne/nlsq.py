@@ -23,8 +23,8 @@ from scipy.optimize import least_squares
 from scipy.stats import qmc
 from tqdm.auto import tqdm
 
-from heterodyne import model, objective, starts, structured, uncertainty
-from heterodyne.data import FIT_MEMORY, check_memory, validate
+from heterodyne import checks, model, objective, starts, structured, uncertainty
+from heterodyne.data import FIT_MEMORY, check_memory
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
 from heterodyne.results import NLSQResult, identifiability_warnings
@@ -119,8 +119,11 @@ def fit_nlsq(
     progress : bool
         Show a progress bar (cost evaluations, or starts with ``multistart``).
     **least_squares_options
-        Passed to ``scipy.optimize.least_squares`` (``ftol``, ``xtol``, ``gtol``,
-        ``max_nfev``, ``x_scale``, ``loss`` ...).
+        Passed to ``scipy.optimize.least_squares``: ``ftol``, ``xtol``, ``gtol``,
+        ``max_nfev``, ``x_scale``, ``method`` ("trf" or "dogbox"), ``f_scale``,
+        ``tr_solver``, ``verbose``; ``loss`` only "linear" (scipy sees the compressed
+        problem, on which a robust loss would not act). Anything else raises
+        ``OptionError``.
 
     Returns
     -------
@@ -150,17 +153,11 @@ def fit_nlsq(
     >>> result = hd.fit_nlsq(ds, hd.Parameters(v0=400.0))
     >>> print(result.report())  # doctest: +SKIP
     """
-    if errors not in uncertainty.ERRORS:
-        raise OptionError(f"errors must be one of {uncertainty.ERRORS}; got {errors!r}")
-    if multistart != "auto" and (
-        not isinstance(multistart, int | np.integer)
-        or isinstance(multistart, bool)
-        or multistart < 0
-    ):
-        raise OptionError(f"multistart must be 'auto' or an integer >= 0; got {multistart!r}")
-    check_memory(validate(ds)["c2"].shape, what="fit_nlsq", **FIT_MEMORY[errors])
-    if "jac" in least_squares_options or "bounds" in least_squares_options:
-        raise OptionError("jac and bounds are set by fit_nlsq; set bounds on the Parameters")
+    checks.check_fit_nlsq(
+        ds, params, fix=fix, multistart=multistart, seed=seed, scaling=scaling, errors=errors,
+        progress=progress, options=least_squares_options,
+    )  # fmt: skip
+    check_memory(ds["c2"].shape, what="fit_nlsq", **FIT_MEMORY[errors])
     problem = _Problem.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
     options = {"x_scale": "jac", "method": "trf", **least_squares_options}
     if multistart == "auto":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from heterodyne import checks
 from heterodyne.errors import ParameterError
 
 
@@ -85,27 +86,45 @@ SPECS = {s.name: s for s in PHYSICS + SCALING}
 UNITS = {s.name: s.unit for s in PHYSICS + SCALING}
 
 
+def _bound(field: str, given: str | None = None) -> property:
+    """The ``min`` or ``max`` of a :class:`Parameter`: a number, ``±inf`` allowed; setting
+    it sets the flag ``given`` names."""
+
+    def get(self) -> float:
+        return getattr(self, f"_{field}")
+
+    def set(self, bound):
+        checked = checks.number(bound, f"{self.name} {field}", finite=False, error=ParameterError)
+        setattr(self, f"_{field}", checked)
+        if given is not None:
+            setattr(self, given, True)
+
+    return property(get, set)
+
+
 class Parameter:
     """A parameter's current setting: ``value``, ``vary``, ``min``, ``max``.
 
     For ``contrast`` and ``offset`` the value may be ``None`` (estimate it from the data
-    per angle), a number (all angles) or one number per angle. ``given`` is True once a
-    value has been set: the fitters estimate the start of a varied physics parameter
-    from the data unless its value was given (:mod:`heterodyne.starts`).
-    ``max_given`` is True once ``max`` has been set: only then may ``v0`` exceed the
-    velocity the data resolve (:func:`heterodyne.starts.resolvable_velocity`).
+    per angle), a number (all angles) or one number per angle. Each setting is checked
+    when it is set: a value that is not a real number, a ``vary`` that is not a bool or a
+    NaN bound raises ``ParameterError``; :meth:`Parameters.validate` checks them
+    together (bounds in order, value inside). ``given`` is True once a value has been
+    set: the fitters estimate the start of a varied physics parameter from the data
+    unless its value was given (:mod:`heterodyne.starts`). ``max_given`` is True once
+    ``max`` has been set: only then may ``v0`` exceed the velocity the data resolve
+    (:func:`heterodyne.starts.resolvable_velocity`).
     """
 
-    __slots__ = ("name", "_value", "given", "vary", "min", "_max", "max_given")
+    __slots__ = ("name", "_value", "_vary", "_min", "_max", "given", "max_given")
 
     def __init__(self, name, value, vary, min, max):  # noqa: A002 (lmfit's names)
         self.name = name
-        self._value = value
-        self.given = False
+        self.value = value
         self.vary = vary
         self.min = min
-        self._max = max
-        self.max_given = False
+        self.max = max
+        self.given = self.max_given = False  # the table's own settings
 
     @property
     def value(self):
@@ -113,17 +132,24 @@ class Parameter:
 
     @value.setter
     def value(self, value):
-        self._value = value
+        if value is None and self.name in SCALING_NAMES:
+            self._value = None
+        elif self.name in SCALING_NAMES and np.ndim(value) != 0:
+            self._value = checks.numbers(value, f"{self.name} value", error=ParameterError)
+        else:
+            self._value = checks.number(value, f"{self.name} value", error=ParameterError)
         self.given = True
 
     @property
-    def max(self):
-        return self._max
+    def vary(self) -> bool:
+        return self._vary
 
-    @max.setter
-    def max(self, value):
-        self._max = value
-        self.max_given = True
+    @vary.setter
+    def vary(self, vary):
+        self._vary = checks.flag(vary, f"{self.name} vary", error=ParameterError)
+
+    min = _bound("min")
+    max = _bound("max", given="max_given")
 
     @property
     def spec(self) -> ParameterSpec:
@@ -157,6 +183,11 @@ class Parameters(MutableMapping):
         self._params = {s.name: Parameter(s.name, s.default, s.vary, s.min, s.max) for s in PHYSICS}
         for s in SCALING:
             self._params[s.name] = Parameter(s.name, None, s.vary, s.min, s.max)
+        if values is not None and not isinstance(values, Mapping):
+            raise ParameterError(
+                f"Parameters takes a dict of name -> value (or keywords); got "
+                f"{type(values).__name__} {values!r:.60}"
+            )
         for name, value in {**dict(values or {}), **kwargs}.items():
             self[name].value = value
 
@@ -176,6 +207,8 @@ class Parameters(MutableMapping):
         )
 
     def __getitem__(self, name: str) -> Parameter:
+        if not isinstance(name, str):
+            raise ParameterError(f"parameter names are strings; got {name!r:.60}")
         try:
             return self._params[name]
         except KeyError:
@@ -279,13 +312,14 @@ class Parameters(MutableMapping):
         """Raise ``ParameterError`` for non-finite values, min > max or given values
         outside the bounds. ``n_phi`` checks the length of per-angle contrast/offset."""
         for name, p in self._params.items():
-            if not (np.isfinite(p.min) or p.min == -np.inf) or np.isnan(p.max):
-                raise ParameterError(f"{name}: bounds must be numbers, got [{p.min}, {p.max}]")
             if p.min > p.max:
                 raise ParameterError(f"{name}: min {p.min:g} > max {p.max:g}")
-            if p.value is None:
-                if name in PHYSICS_NAMES:
-                    raise ParameterError(f"{name}: value is None; physics parameters need one")
+            if p.vary and p.min == p.max:
+                raise ParameterError(
+                    f"{name}: min = max = {p.min:g} leaves no room to vary; fix it instead "
+                    f"(p[{name!r}].vary = False) or widen the bounds"
+                )
+            if p.value is None:  # contrast, offset: estimated from the data
                 continue
             values = np.atleast_1d(np.asarray(p.value, dtype=np.float64))
             if name in PHYSICS_NAMES and values.size != 1:

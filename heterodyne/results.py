@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from heterodyne import checks
 from heterodyne.data import atomic_write, time_origin
 from heterodyne.errors import FileFormatError
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
@@ -485,6 +486,7 @@ RESULT_TYPES = {"NLSQResult": NLSQResult}
 
 def open_result(path):
     """Read a result written by ``.to_netcdf`` (``NLSQResult`` or ``CMCResult``)."""
+    path = checks.readable_file(path)
     try:
         tree = xr.open_datatree(path, engine="h5netcdf").load()
     except (OSError, ValueError) as err:
@@ -495,7 +497,13 @@ def open_result(path):
             f"{path}: attribute result_type is {kind!r}; expected one of "
             f"{sorted(RESULT_TYPES)} (is this a data file? use hd.load)"
         )
-    return RESULT_TYPES[kind]._from_tree(tree)
+    try:
+        return RESULT_TYPES[kind]._from_tree(tree)
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise FileFormatError(
+            f"{path}: a {kind} file without all its parts ({type(err).__name__}: {err}); "
+            "it was not written whole by .to_netcdf"
+        ) from err
 
 
 VERDICT_COLOURS = {"ok": "#1a7f37", "check": "#9a6700", "fail": "#cf222e"}

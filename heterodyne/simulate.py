@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from heterodyne import model, speckle
+from heterodyne import checks, model, speckle
 from heterodyne.data import check_memory, from_arrays
 from heterodyne.errors import OptionError
 from heterodyne.parameters import PHYSICS_NAMES, Parameters
@@ -103,22 +103,23 @@ def simulate(
     >>> ds = simulate({"v0": 500.0}, n_frames=100, phi=[0, 45], noise="speckle", n_pixels=500)
     """
     p = Parameters.coerce(params)
-    if not isinstance(n_frames, int | np.integer) or n_frames < 3:
-        raise OptionError(f"n_frames must be an integer >= 3; got {n_frames!r}")
-    if not np.isfinite(dt) or dt <= 0:
-        raise OptionError(f"dt must be a positive number of seconds; got {dt!r}")
+    n_frames = checks.integer(n_frames, "n_frames", minimum=3)
+    dt = checks.number(dt, "dt [s]", positive=True)
+    t_start = dt if t_start is None else checks.number(t_start, "t_start [s]")
+    phi = checks.numbers(phi, "phi [deg]")
+    q = checks.number(q, "q [1/Å] (one number: simulate one q-bin at a time)", positive=True)
+    seed = checks.seed_value(seed)
+    store_sigma = checks.flag(store_sigma, "store_sigma")
     speckled = isinstance(noise, str)
     if speckled:
         n_pixels = 1000 if n_pixels is None else n_pixels
         _check_speckle_options(noise, store_sigma, n_pixels, counts)
     else:
-        if not np.isfinite(noise) or noise < 0:
-            raise OptionError(f"noise must be >= 0 or 'speckle'; got {noise!r}")
+        noise = checks.number(noise, "noise (a number >= 0 or 'speckle')", minimum=0.0)
         if store_sigma and noise <= 0:
             raise OptionError("store_sigma=True needs noise > 0")
         if n_pixels is not None or counts is not None:
             raise OptionError("n_pixels and counts are options of noise='speckle'")
-    phi = np.atleast_1d(np.asarray(phi, dtype=np.float64))
     n_phi = phi.size
     scale = _per_angle("contrast", contrast, n_phi)
     base = _per_angle("offset", offset, n_phi)
@@ -137,7 +138,7 @@ def simulate(
         what=f"simulate(n_frames={n_frames}) of {n_phi} angle(s)",
         remedy="simulate fewer frames (memory grows as n_frames²)",
     )
-    t = (dt if t_start is None else float(t_start)) + dt * np.arange(n_frames)
+    t = t_start + dt * np.arange(n_frames)
     physics = p.physics_values()
     if speckled:
         intensity = speckle.intensities(
@@ -172,14 +173,13 @@ def _check_speckle_options(noise, store_sigma, n_pixels, counts):
         raise OptionError(f"noise must be a number >= 0 or 'speckle'; got {noise!r}")
     if store_sigma:
         raise OptionError("store_sigma=True needs a number noise > 0, not 'speckle'")
-    if not isinstance(n_pixels, int | np.integer) or n_pixels < 2:
-        raise OptionError(f"n_pixels must be an integer >= 2; got {n_pixels!r}")
-    if counts is not None and not (np.isfinite(counts) and counts > 0):
-        raise OptionError(f"counts must be a positive mean photon count; got {counts!r}")
+    checks.integer(n_pixels, "n_pixels", minimum=2)
+    if counts is not None:
+        checks.number(counts, "counts (a mean photon count)", positive=True)
 
 
 def _per_angle(name, value, n_phi):
-    values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+    values = checks.numbers(value, name)
     if values.size == 1:
         return np.full(n_phi, values[0])
     if values.size != n_phi:

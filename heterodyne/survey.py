@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from heterodyne import executors
-from heterodyne.errors import OptionError
+from heterodyne import checks, executors, identity
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
 
 METHODS = ("nlsq",)
@@ -70,24 +68,13 @@ def survey(
         ``nfev``. ``attrs["fitted"]`` and ``attrs["from_checkpoint"]`` count the fits run
         now and read back from ``checkpoint``.
     """
-    if method not in METHODS:
-        raise OptionError(f"method must be one of {METHODS}; got {method!r}")
-    executors.check(executor)
-    for key in ("progress", "params"):
-        fit_options.pop(key, None)
+    sources = checks.check_survey(
+        sources, method=method, q=q, phi=phi, frames=frames, params=params,
+        checkpoint=checkpoint, executor=executor, progress=progress, options=fit_options,
+    )  # fmt: skip
     p = Parameters.coerce(params)
-    p.validate()
-    sources = list(sources) if isinstance(sources, list | tuple) else [sources]
-    if not sources:
-        raise OptionError("sources is empty: give a file, a Dataset or a list of them")
     if checkpoint is not None:
-        if not isinstance(checkpoint, str | os.PathLike):
-            raise OptionError(f"checkpoint must be a folder path; got {checkpoint!r}")
         checkpoint = Path(checkpoint)
-        if checkpoint.exists() and not checkpoint.is_dir():
-            raise OptionError(
-                f"checkpoint={str(checkpoint)!r} is a file; give a folder (created if missing)"
-            )
     tasks = []
     for k, source in enumerate(sources):
         for q_bin in _q_bins(source, q):
@@ -139,28 +126,26 @@ def _name(source, k):
 
 
 def _checkpoint_name(task) -> str:
-    """A file name unique to the source, q-bin and every fit argument."""
+    """A file name unique to the work: the source (a Dataset's every variable, coordinate
+    and attribute; a file's path, size and modification time), the q-bin, ``phi``,
+    ``frames``, ``t_start``, every parameter field and fit option at full precision, and the package
+    version (:func:`heterodyne.identity.digest`)."""
     source = task["source"]
     if isinstance(source, xr.Dataset):
-        identity = hashlib.sha1(np.ascontiguousarray(source["c2"].values).tobytes()).hexdigest()
-        stem = task["name"]
+        what, stem = source, task["name"]
     else:
-        identity = os.path.abspath(source) + str(os.path.getmtime(source))
-        stem = Path(source).stem
-    settings = repr(
-        (
-            identity,
-            task["q"],
-            task["phi"],
-            task["frames"],
-            task["t_start"],
-            str(task["params"]),
-            sorted(task["options"].items()),
-        )
+        what, stem = identity.file_identity(source), Path(source).stem
+    settings = (
+        what,
+        task["q"],
+        task["phi"],
+        task["frames"],
+        task["t_start"],
+        task["params"],
+        task["options"],
     )
-    digest = hashlib.sha1(settings.encode()).hexdigest()[:10]
     q = "" if task["q"] is None else f"_q{task['q']:.6g}"
-    return f"{stem}{q}_{digest}.nc"
+    return f"{stem}{q}_{identity.digest(*settings)[:16]}.nc"
 
 
 def _fit_task(task) -> xr.Dataset:

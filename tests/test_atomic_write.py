@@ -1,7 +1,8 @@
 """Nothing lost: a writer killed mid-write leaves the old file whole and no half file.
 
 Writers go through ``heterodyne.data.atomic_write``: the bytes go to a hidden temporary
-file ``.NAME.PID.tmp`` beside the target, renamed onto it once complete. The tests kill
+file ``.NAME.PID.XXXXXXXX.tmp`` beside the target, unique to each writer, published under
+the target's name once complete. The tests kill
 real processes with SIGKILL while they write, so they run on POSIX only.
 """
 
@@ -95,7 +96,8 @@ def test_writer_killed_mid_write_leaves_the_old_file(tmp_path, old):
     else:
         assert not path.exists()
     # The stale temporary file is hidden, ends in .tmp and is not a file heterodyne reads.
-    assert tmp == tmp_path / f".data.nc.{proc.pid}.tmp"
+    assert tmp.parent == tmp_path and tmp.name.startswith(f".data.nc.{proc.pid}.")
+    assert tmp.suffix == ".tmp"
     assert [p.name for p in tmp_path.glob("*.nc")] == (["data.nc"] if old else [])
     with pytest.raises(FileFormatError, match="is not an HDF5 file"):
         hd.load(tmp)
@@ -168,5 +170,79 @@ def test_the_whole_file_then_its_folder_entry_reach_the_disk_around_the_rename(
     monkeypatch.setattr(os, "fsync", fsync)
     path = atomic_write(lambda tmp: Path(tmp).write_bytes(b"whole"), tmp_path / "out.bin")
     # the temporary file, complete, before the rename; then the folder, after it
-    assert synced == [(f".out.bin.{os.getpid()}.tmp", b"whole"), (tmp_path.name, False)]
+    (tmp_name, content), folder = synced
+    assert tmp_name.startswith(f".out.bin.{os.getpid()}.") and tmp_name.endswith(".tmp")
+    assert content == b"whole" and folder == (tmp_path.name, False)
     assert path.read_bytes() == b"whole"
+
+
+# Waits at a barrier with its rival, then saves its own Dataset to the same new file.
+RACING_WRITER = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import heterodyne as hd
+from test_atomic_write import _dataset
+
+ds = _dataset(int(sys.argv[2]), 60)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    hd.to_netcdf(ds, sys.argv[1])
+    print("wrote", flush=True)
+except hd.OverwriteError as err:
+    print("refused", err, flush=True)
+"""
+
+
+def test_two_processes_writing_one_new_file_one_wins_the_other_is_refused(tmp_path):
+    """Both pass the existence check at the same time; the publication (a hard link)
+    lets only one through, and the file is the winner's, whole."""
+    for attempt in range(3):
+        path = tmp_path / f"same{attempt}.nc"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACING_WRITER, str(path), str(seed), Path(__file__).parent],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for seed in (1, 2)
+        ]
+        for proc in procs:
+            assert _line(proc) == "ready"
+        for proc in procs:  # the start signal, as close together as two writes allow
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outcomes = [_line(proc) for proc in procs]
+        for proc in procs:
+            assert proc.wait(timeout=60) == 0
+        assert sorted(o.split()[0] for o in outcomes) == ["refused", "wrote"], outcomes
+        winner = 1 + [o.split()[0] for o in outcomes].index("wrote")
+        assert hd.load(path).identical(_dataset(winner, 60))
+        assert "overwrite=True" in next(o for o in outcomes if o.startswith("refused"))
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_threads_overwriting_one_file_each_write_whole_files(tmp_path):
+    """Writers in one process no longer share a temporary name: all succeed, the file is
+    one of theirs, whole, and no temporary file is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "data.nc"
+    versions = [_dataset(seed, 40) for seed in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        written = list(pool.map(lambda ds: hd.to_netcdf(ds, path, overwrite=True), versions * 3))
+    assert written == [path] * 12
+    back = hd.load(path)
+    assert any(back.identical(ds) for ds in versions)
+    assert [p.name for p in tmp_path.iterdir()] == ["data.nc"]
+
+
+def test_a_target_name_of_251_characters_is_written_and_a_longer_one_refused(tmp_path):
+    long = tmp_path / ("x" * 248 + ".nc")
+    hd.to_netcdf(_dataset(1), long)
+    assert hd.load(long).identical(_dataset(1))
+    with pytest.raises(hd.OptionError, match="has 256 bytes; file systems allow 255"):
+        hd.to_netcdf(_dataset(1), tmp_path / ("x" * 253 + ".nc"))
+    with pytest.raises(hd.OptionError, match="has 256 bytes"):
+        hd.load(tmp_path / ("x" * 253 + ".nc"))

@@ -8,13 +8,10 @@ fail when ``HETERODYNE_REQUIRE_BROWSER=1`` (as in CI).
 import os
 import re
 import shutil
-import socket
-import time
-import urllib.request
 
 import pytest
+from _served import served
 
-from heterodyne.app import serve
 from heterodyne.examples import EXAMPLE_TRUTH, example_file
 
 CHROMIUM = "/usr/bin/chromium"
@@ -61,24 +58,8 @@ def url(tmp_path_factory):
     path = example_file(
         tmp_path_factory.mktemp("data") / "sample.h5", q=(0.01,), n_frames=40, phi=(0.0, 45.0)
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = serve(path, port=port, address="127.0.0.1", threaded=True, show=False, liveness=True)
-    address = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{address}/liveness", timeout=1) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            if time.monotonic() > deadline:
-                server.stop()
-                raise
-            time.sleep(0.1)
-    yield f"{address}/"
-    server.stop()
+    with served(path, address="127.0.0.1") as port:
+        yield f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
 """The command line: the README's demo, fitting a file, and argument errors."""
 
+import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -88,10 +91,10 @@ def test_survey_writes_the_table_and_plot_and_resumes(tmp_path, capsys):
     ("args", "message"),
     [
         (["fit"], "the following arguments are required: file"),
-        (["fit", "x.h5", "--out", "o", "--frames", "1-5"], "--frames must look like A:B"),
+        (["fit", "x.h5", "--out", "o", "--frames", "1-5"], "argument --frames: must be A:B"),
         (["fit", "x.h5", "--out", "o", "--method", "mcmc"], "invalid choice: 'mcmc'"),
         (["launch"], "invalid choice: 'launch'"),
-        (["survey", "x.h5", "--out", "o", "--executor", "threads"], "--executor must be"),
+        (["survey", "x.h5", "--out", "o", "--executor", "threads"], "argument --executor: must be"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message, capsys):
@@ -138,7 +141,7 @@ def test_fit_sets_starts_bounds_and_fixed_parameters_and_prints_the_verdict_firs
     ("args", "message"),
     [
         (["--set", "v0"], "expected NAME=VALUE"),
-        (["--multistart", "-2"], "--multistart must be auto or an integer"),
+        (["--multistart", "-2"], "argument --multistart: must be auto or an integer >= 0"),
     ],
 )
 def test_bad_parameter_options_exit_2(args, message, capsys):
@@ -159,3 +162,98 @@ def test_bad_parameter_options_exit_2(args, message, capsys):
 def test_bad_parameter_values_exit_1_before_reading_the_file(args, message, capsys):
     assert main(["fit", "missing.nc", "--out", "o", *args]) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["dashboard", "x.h5", "--port", "70000"], "argument --port: must be a port number"),
+        (["dashboard", "x.h5", "--address", "999.999.999.999"], "an IP address or a host name"),
+        (["fit", "x.h5", "--out", "o", "--frames", "150:50"], "got '150:50'"),
+        (["fit", "x.h5", "--out", "o", "--phi", "inf"], "argument --phi: must be finite"),
+        (["fit", "x.h5", "--out", "o", "--q", "-1"], "argument --q: must be a number > 0"),
+        (["fit", "x.h5", "--out", "o", "--multistart", "-1"], "must be auto or an integer >= 0"),
+        (["survey", "x.h5", "--out", "o", "--executor", "dask://host"], "dask://HOST:PORT"),
+    ],
+)
+def test_hostile_arguments_exit_2_with_one_line_and_no_repr(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "slice(" not in err and "Traceback" not in err
+
+
+def test_an_existing_output_is_refused_before_any_work(tmp_path, capsys):
+    from _work import NoWork
+
+    path = example_file(tmp_path / "f.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "nlsq_report.txt").write_text("an earlier fit")
+    with NoWork() as work:
+        assert main(["fit", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "nlsq_report.txt" in err and "--overwrite" in err and "overwrite=True" not in err
+    assert not work.events  # nothing compiled: the fit never started
+    assert sorted(p.name for p in out.iterdir()) == ["nlsq_report.txt"]
+
+
+def test_unusable_outputs_and_executors_are_one_line_and_exit_1(tmp_path, capsys):
+    path = example_file(tmp_path / "f.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    assert main(["demo", "--out", "/dev/null/x"]) == 1
+    assert "--out /dev/null/x cannot be created (Not a directory)" in capsys.readouterr().err
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["survey", str(path), "--out", str(tmp_path / "s"), "--executor"]
+    assert main([*args, f"dask://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("heterodyne survey: executor=") and "cannot reach a dask scheduler" in err
+
+
+READ_ONLY = """
+import sys
+from heterodyne.cli import main
+sys.exit(main(["fit", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def _unprivileged(*args):
+    """Run this Python with ``args`` subject to file permissions: as root, without the
+    capabilities that override them (``setpriv``)."""
+    command = [sys.executable, *args]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv cannot drop its file-permission override")
+        drop = ["--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-all"]
+        command = ["setpriv", *drop, "--", *command]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_a_read_only_out_or_unreadable_file_is_one_line_and_exit_1(tmp_path):
+    path = example_file(tmp_path / "f.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        done = _unprivileged("-c", READ_ONLY, str(path), str(locked / "out"))
+        assert done.returncode == 1, done.stderr
+        assert "permission denied" in done.stderr and "Traceback" not in done.stderr
+        path.chmod(0o000)
+        done = _unprivileged("-c", READ_ONLY, str(path), str(tmp_path / "out"))
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "f.h5: permission denied" in done.stderr
+        path.chmod(0o644)
+        hidden = tmp_path / "hidden"
+        hidden.mkdir()
+        inside = shutil.copy(path, hidden / "g.h5")
+        hidden.chmod(0o000)
+        done = _unprivileged("-c", READ_ONLY, str(inside), str(tmp_path / "out"))
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "cannot be reached (permission denied on it or on a folder above it)" in done.stderr
+    finally:
+        locked.chmod(0o755)
+        path.chmod(0o644)
+        if (tmp_path / "hidden").exists():
+            (tmp_path / "hidden").chmod(0o755)

@@ -2,11 +2,18 @@
 Run buttons pressed from code, the reports, downloads and alerts."""
 
 import asyncio
+import html
+import inspect
+import re
+import socket
+import time
+import urllib.request
 
 import _files
 import holoviews as hv
 import numpy as np
 import pytest
+from _served import free_port, served
 
 import heterodyne as hd
 from heterodyne import diagnostics
@@ -14,15 +21,27 @@ from heterodyne.app import (
     FAIL_STYLE,
     PASS_STYLE,
     Dashboard,
+    _session,
     diagnostics_tables,
     parameter_frame,
+    serve,
 )
-from heterodyne.cli import main
+from heterodyne.cli import build_parser, main
 from heterodyne.examples import EXAMPLE_TRUTH, example_file
 from heterodyne.parameters import ESTIMATED, PHYSICS_NAMES, SCALING_NAMES
 
 # Small data (the sizes of the browser tests, so the compiled fits are shared).
 DATA = {"n_frames": 40, "phi": [0.0, 45.0], "noise": 0.01}
+
+
+def rendered(pane) -> str:
+    """The HTML a Markdown pane (an alert) puts in the page."""
+    return html.unescape(pane._transform_object(pane.object)["object"])
+
+
+def shown(pane) -> str:
+    """The text a Markdown pane shows: its HTML without tags and entities."""
+    return html.unescape(re.sub(r"<[^>]+>", "", rendered(pane)))
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +84,21 @@ def test_a_beamline_file_opens_with_its_q_bins_and_follows_the_selectors(tmp_pat
 def test_a_bad_file_or_selection_shows_an_alert(tmp_path):
     dash = hd.dashboard(tmp_path / "missing.h5")
     assert dash.alert.visible and dash.alert.alert_type == "danger"
-    assert "no such file" in dash.alert.object
+    assert "no such file" in shown(dash.alert)
     assert dash.data is None and dash.nlsq_button.disabled and dash.cmc_button.disabled
 
     text = tmp_path / "notes.h5"
     text.write_text("not HDF5")
     dash.path = str(text)
-    assert dash.alert.visible and "FileFormatError" in dash.alert.object
+    assert dash.alert.visible and "FileFormatError" in shown(dash.alert)
 
     dash.path = str(example_file(tmp_path / "f.h5", q=(0.01,), n_frames=20, phi=(0.0,)))
     assert not dash.alert.visible and dash.data.sizes["t1"] == 20
     dash.frames = (0, 2)
-    assert dash.alert.visible and "leaves 2 frames" in dash.alert.object
+    assert dash.alert.visible and "leaves 2 frames" in shown(dash.alert)
     assert dash.data.sizes["t1"] == 20  # the last selection is kept
     dash.phi = []
-    assert "select at least one angle" in dash.alert.object
+    assert "select at least one angle" in shown(dash.alert)
 
 
 def test_the_parameter_table_is_the_parameters(ds):
@@ -180,12 +199,12 @@ def test_bad_parameters_or_a_missing_fit_show_alerts_instead_of_running(ds):
     dash.table.value = table
     dash.nlsq_button.clicks += 1
     assert dash.nlsq is None
-    assert dash.alert.visible and "ParameterError" in dash.alert.object
-    assert "v0: value -1.0 outside its bounds" in dash.alert.object
+    assert dash.alert.visible and "ParameterError" in shown(dash.alert)
+    assert "v0: value -1.0 outside its bounds" in shown(dash.alert)
     assert not dash.nlsq_button.disabled  # ready for another try
 
     dash.cmc_button.clicks += 1  # warm start is ticked, but there is no NLSQ fit
-    assert dash.cmc is None and "warm start needs an NLSQ fit" in dash.alert.object
+    assert dash.cmc is None and "warm start needs an NLSQ fit" in shown(dash.alert)
 
 
 def test_a_new_selection_drops_the_fits_of_the_old_one(fitted, ds):
@@ -267,3 +286,123 @@ def test_data_tab_takes_a_time_origin_and_marks_frames_out_on_the_intensity_trac
     dash.exclude = "12-14"
     assert dash.alert.visible and "expected an index or a range" in dash.alert.object
     assert dash.data.identical(expected)  # the last data are kept
+
+
+# ---- the server: binding, origins, file box, lazy data, escaping ---------------------
+
+
+def test_file_text_in_an_alert_is_escaped_never_markup(tmp_path):
+    beacon = "![](http://127.0.0.1:9/beacon.png) <img src=x onerror=alert(1)> [link](http://x)"
+    ds = hd.simulate(EXAMPLE_TRUTH, **DATA, seed=3)
+    ds.attrs["dt"] = beacon  # a text attribute where a number belongs: refused, quoted
+    path = tmp_path / "hostile.nc"
+    ds.to_netcdf(path, engine="h5netcdf")
+    dash = hd.dashboard(path)
+    assert dash.alert.visible and "does not match the spacing" in shown(dash.alert)
+    page = rendered(dash.alert)
+    assert "<img" not in page and "<a " not in page and "href" not in page
+    assert "![](http://127.0.0.1:9/beacon.png) &lt;img src=x" in page  # the text, as text
+    assert beacon in shown(dash.alert)
+
+
+def test_the_file_box_opens_only_files_under_the_root(tmp_path):
+    inside = example_file(tmp_path / "root" / "a.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    outside = example_file(tmp_path / "b.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    dash = hd.dashboard(inside, root=tmp_path / "root")
+    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+    for path in (str(outside), str(tmp_path / "root" / ".." / "b.h5"), "/etc/passwd", "../b.h5"):
+        dash.path = path
+        assert dash.alert.visible and "opens only files under" in shown(dash.alert), path
+        assert dash.data is None  # nothing loaded, nothing about the file told
+    dash.path = str(tmp_path / "root" / "." / "a.h5")
+    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+
+
+def test_serve_refuses_bad_addresses_ports_and_roots(tmp_path):
+    path = example_file(tmp_path / "a.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    with pytest.raises(hd.OptionError, match="neither an IP address nor a host name"):
+        serve(path, address="999.999.999.999")
+    with pytest.raises(hd.OptionError, match="port must be an integer >= 1 and <= 65535"):
+        serve(path, port=70000)
+    with pytest.raises(hd.OptionError, match="is not a folder"):
+        serve(path, root=tmp_path / "nowhere")
+    assert inspect.signature(serve).parameters["address"].default == "localhost"
+    assert build_parser().parse_args(["dashboard", str(path)]).address == "localhost"
+
+
+def _handshake(port: int, headers: dict, host: str = "127.0.0.1") -> str:
+    """The status line the server answers a websocket upgrade of ``/ws`` with."""
+    lines = [
+        "GET /ws HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Protocol: bokeh, token",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return conn.recv(4096).decode(errors="replace").splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """The port of a dashboard served on the default address."""
+    path = example_file(
+        tmp_path_factory.mktemp("served") / "sample.h5", q=(0.01,), n_frames=20, phi=(0.0,)
+    )
+    with served(path) as port:
+        yield port
+
+
+def test_the_page_websocket_opens_only_from_a_served_page(default_server):
+    port = default_server
+    assert " 101 " in _handshake(port, {"Origin": f"http://localhost:{port}"})
+    assert " 101 " in _handshake(port, {"Origin": f"http://127.0.0.1:{port}"})
+    for headers in ({}, {"Origin": "http://evil.example"}, {"Origin": "http://localhost:1"}):
+        assert " 403 " in _handshake(port, headers), headers
+
+
+def test_the_server_listens_on_loopback_only(default_server):
+    port = default_server
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: picks the outgoing interface
+            own = probe.getsockname()[0]
+        except OSError:
+            own = "127.0.0.1"
+    if own.startswith("127."):
+        pytest.skip("this machine has no address beside loopback")
+    with pytest.raises(OSError):
+        socket.create_connection((own, port), timeout=5).close()
+
+
+def test_plain_page_requests_do_not_read_the_file(tmp_path):
+    """Each page request builds a session (what serve builds, recorded here); its file is
+    read only once the page connects (its websocket), which a plain GET never does."""
+    import panel as pn
+
+    path = example_file(tmp_path / "sample.h5", q=(0.01,), n_frames=20, phi=(0.0,))
+    built = []
+
+    def session():
+        built.append(_session(path, tmp_path))
+        return built[-1]
+
+    port = free_port()
+    server = pn.serve({"/": session}, port=port, address="127.0.0.1", threaded=True, show=False)
+    try:
+        deadline = time.monotonic() + 30
+        while len(built) < 4:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+                    assert response.status == 200
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        server.stop()
+    assert [(dash.path, dash.data) for dash in built] == [("", None)] * 4

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import tracemalloc
 
 import h5netcdf
 import h5py
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _files import APS_U_C2, aps_u, write_h5
+from _work import NoWork
 
 import heterodyne as hd
 from heterodyne import cmc, nlsq, structured
@@ -113,25 +113,6 @@ def memory_limit(monkeypatch):
         monkeypatch.setenv(MEMORY_LIMIT_VARIABLE, value)
 
     return set_limit
-
-
-class NoWork:
-    """Records JAX traces/compiles and the peak of traced allocations inside ``with``."""
-
-    def __enter__(self):
-        self.events = []
-        jax.monitoring.register_event_duration_secs_listener(self._record)
-        tracemalloc.start()
-        return self
-
-    def _record(self, name, *args, **kwargs):
-        if name.startswith("/jax/core/compile"):
-            self.events.append(name)
-
-    def __exit__(self, *exc):
-        self.peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        jax.monitoring.unregister_event_duration_listener(self._record)
 
 
 def _huge_beamline_file(path, n_frames, window):
