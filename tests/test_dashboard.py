@@ -267,7 +267,7 @@ def test_data_tab_takes_a_time_origin_and_marks_frames_out_on_the_intensity_trac
     files[_files.INTENSITY] = np.stack([np.arange(n), trace])
     path = _files.write_h5(tmp_path / "tail.h5", files, lzf=lzf)
     dash = hd.dashboard(path)
-    assert dash.alert.visible and "t_start=" in dash.alert.object and dash.data is None
+    assert dash.alert.visible and "t_start=" in shown(dash.alert) and dash.data is None
     dash.t_start = 30.0
     assert not dash.alert.visible
     np.testing.assert_allclose(dash.data["t1"].values, 30.0 + frame_time * np.arange(n))
@@ -284,7 +284,7 @@ def test_data_tab_takes_a_time_origin_and_marks_frames_out_on_the_intensity_trac
     marked = dash.intensity_view.object.Scatter.Excluded
     np.testing.assert_array_equal(marked.dimension_values("stored frame"), [12, 13])
     dash.exclude = "12-14"
-    assert dash.alert.visible and "expected an index or a range" in dash.alert.object
+    assert dash.alert.visible and "expected an index or a range" in shown(dash.alert)
     assert dash.data.identical(expected)  # the last data are kept
 
 
