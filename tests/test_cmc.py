@@ -332,10 +332,13 @@ def test_consensus_matches_a_single_nuts_run_on_all_pairs():
         assert combined.error(label) == pytest.approx(sd, rel=0.25), label
 
 
-# A CMC run in a child process on worker processes, one of which is SIGKILLed as soon as
-# the first shard is on disk.
+# A CMC run in a child process on one worker process, SIGKILLed while it samples the
+# second shard: 0.5 s after the first shard is on disk, when its result has been sent (a
+# worker killed while it sends a result leaves CPython's ProcessPoolExecutor waiting for
+# the rest of the message for ever).
 _CRASHED = """
 import multiprocessing, os, signal, sys, threading, time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 import heterodyne as hd
 sys.path.insert(0, {tests!r})
@@ -346,13 +349,15 @@ truth = {{**TRUTH, "D0_ref": 1e4}}
 ds = hd.simulate(truth, n_frames=30, phi=[0, 60], noise=0.02, store_sigma=True, seed=2)
 init = hd.fit_nlsq(ds, parameters(truth), progress=False)
 
-def crash_a_worker():
+def crash_the_worker():
     while not list(folder.glob("*.npz")):
         time.sleep(0.01)
+    time.sleep(0.5)
     os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
 
-threading.Thread(target=crash_a_worker, daemon=True).start()
-hd.fit_cmc(ds, init, checkpoint=folder, executor="processes", **{options!r})
+pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+threading.Thread(target=crash_the_worker, daemon=True).start()
+hd.fit_cmc(ds, init, checkpoint=folder, executor=pool, **{options!r})
 """
 # ~2 s per shard: the stop lands while a shard is being sampled, not after the last one
 RESUMABLE = {"shards": 3, "warmup": 200, "samples": 3000, "progress": False}
@@ -362,7 +367,9 @@ def _crashed_run(folder):
     script = _CRASHED.format(
         tests=str(Path(__file__).parent), folder=str(folder), options=RESUMABLE
     )
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
 
 
 def _assert_resumes(ds, init, folder, uninterrupted):
