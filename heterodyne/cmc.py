@@ -147,8 +147,10 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
 from heterodyne import checks, diagnostics, executors, identity, model, objective, uncertainty
-from heterodyne.data import FIT_MEMORY, atomic_write, check_memory, validate
+from heterodyne.data import validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
+from heterodyne.files import atomic_write
+from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.nlsq import LOG_SCALE, _Problem
 from heterodyne.parameters import PHYSICS_NAMES, UNITS
 from heterodyne.results import CMCResult, NLSQResult, params_layout, settings_dataset

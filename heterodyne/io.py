@@ -51,13 +51,13 @@ from heterodyne import checks
 from heterodyne.data import (
     TIME_CONVENTION,
     _fill_triangle,
-    check_memory,
     from_arrays,
     select,
     tally_missing,
     validate,
 )
 from heterodyne.errors import DataError, FileFormatError, OptionError
+from heterodyne.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def load(
         ``q``, ``phi``, ``frames``, ``t_start`` or ``exclude_frames`` is invalid.
     DataError
         The matrices to read would not fit in memory (checked before reading, see
-        :func:`heterodyne.data.check_memory`); the message gives the memory needed and
+        :func:`heterodyne.memory.check_memory`); the message gives the memory needed and
         available, and the remedy: a window ``frames``, or frames binned upstream.
 
     Warns

@@ -24,8 +24,8 @@ from scipy.stats import qmc
 from tqdm.auto import tqdm
 
 from heterodyne import checks, model, objective, starts, structured, uncertainty
-from heterodyne.data import FIT_MEMORY, check_memory
 from heterodyne.errors import OptionError, ParameterError
+from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
 from heterodyne.results import NLSQResult, identifiability_warnings
 
@@ -134,7 +134,7 @@ def fit_nlsq(
     ------
     DataError
         ``ds`` is not a valid Dataset, or the fit would not fit in memory
-        (:func:`heterodyne.data.check_memory`; the message gives the remedy).
+        (:func:`heterodyne.memory.check_memory`; the message gives the remedy).
     ParameterError, OptionError
         Bad parameters or options; all raised before any compilation.
 

@@ -249,7 +249,7 @@ class Parameters(MutableMapping):
         --params`` read: per name ``vary``, ``min`` and, where they were set, ``value``
         and ``max`` (an unset value is estimated from the data at fit time, an unset
         ``v0`` max is the velocity the data resolve)."""
-        from heterodyne.data import atomic_write
+        from heterodyne.files import atomic_write
 
         table = {}
         for name, par in self._params.items():

@@ -26,8 +26,9 @@ import numpy as np
 import xarray as xr
 from bokeh.resources import INLINE
 
-from heterodyne.data import atomic_write, validate
+from heterodyne.data import validate
 from heterodyne.errors import OptionError
+from heterodyne.files import atomic_write
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS
 
 ROBUST_PERCENTILES = (1.0, 99.0)  # colour range of c2 heatmaps, off-diagonal values

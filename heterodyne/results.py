@@ -18,8 +18,9 @@ import numpy as np
 import xarray as xr
 
 from heterodyne import checks
-from heterodyne.data import atomic_write, time_origin
+from heterodyne.data import time_origin
 from heterodyne.errors import FileFormatError
+from heterodyne.files import atomic_write
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
 
 CORRELATION_SHOW = 0.7  # the report lists correlations above this
