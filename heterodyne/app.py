@@ -43,7 +43,8 @@ from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
-from heterodyne.nlsq import SCALINGS, fit_nlsq
+from heterodyne.nlsq import fit_nlsq
+from heterodyne.objective import SCALINGS
 from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
 from heterodyne.results import CMCResult, NLSQResult
 

@@ -166,12 +166,17 @@ def symmetrize(matrix: np.ndarray) -> np.ndarray:
     if out.ndim >= 2 and out.shape[-1] == out.shape[-2] >= 2:
         below = np.tri(out.shape[-1], k=-1, dtype=bool)
         for index in np.ndindex(out.shape[:-2]):
-            _fill_triangle(out[index], below)
+            fill_triangle(out[index], below)
     return out
 
 
-def _fill_triangle(m: np.ndarray, below: np.ndarray) -> None:
-    """:func:`symmetrize` one square matrix in place; ``below`` masks its lower triangle."""
+def fill_triangle(m: np.ndarray, below: np.ndarray) -> None:
+    """Fill one square matrix by symmetry, in place, as :func:`symmetrize` does.
+
+    For readers that fill a preallocated stack one angle at a time (no second copy of
+    the stack); ``below`` masks the lower triangle, ``np.tri(N, k=-1, dtype=bool)``,
+    built once for all angles.
+    """
     # m[below] and m.T[below] list the two values of each pair (i, j) in the same order;
     # one angle at a time and a boolean mask keep the temporaries to half a matrix.
     lower, upper = m[below], m.T[below]

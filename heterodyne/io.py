@@ -50,7 +50,7 @@ import xarray as xr
 from heterodyne import checks
 from heterodyne.data import (
     TIME_CONVENTION,
-    _fill_triangle,
+    fill_triangle,
     from_arrays,
     select,
     tally_missing,
@@ -715,7 +715,7 @@ def _read_bins(
     off_diagonal = ~np.eye(b - a, dtype=bool)
     for row, k in enumerate(members):
         c2[row] = _read(f[bins.names[k]], path, np.s_[a:b, a:b])
-        _fill_triangle(c2[row], below)
+        fill_triangle(c2[row], below)
         _mask_zeros(c2[row], off_diagonal, f"{path}: {bins.names[k]} ({_bin_words(bins, k)})")
     cut = excluded[a:b]
     c2[:, cut, :] = np.nan

@@ -84,6 +84,12 @@ PHYSICS_NAMES = tuple(s.name for s in PHYSICS)
 SCALING_NAMES = tuple(s.name for s in SCALING)
 SPECS = {s.name: s for s in PHYSICS + SCALING}
 UNITS = {s.name: s.unit for s in PHYSICS + SCALING}
+# Positive scales spanning decades: drawn log-uniformly by multistart, sampled in log10 by
+# CMC, shown on log sliders by the explorer.
+LOG_SCALE = ("D0_ref", "D0_sample", "v0")
+# The log range of a log-scale parameter whose lower bound is 0 starts this many decades
+# below its upper bound.
+LOG_DECADES = 6
 
 
 def _bound(field: str, given: str | None = None) -> property:

@@ -390,3 +390,37 @@ def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
     )
     out[index] = fitted.x
     return out, False
+
+
+def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-angle starting ``contrast`` and ``offset`` from the data.
+
+    ``c2 = offset + contrast g`` is linear in both, so given the starting physics (hence
+    ``g``) they are solved for by linear least squares over the fitted pairs. Where that
+    gives no positive contrast (a starting ``g`` far from the data, or one that does not
+    vary), the plateau estimate is used instead: offset = median ``c2`` over the longest
+    10 % of lags, contrast = mean ``c2`` one frame off the diagonal minus the offset.
+    """
+    c2 = ds["c2"].values
+    n = c2.shape[-1]
+    i, j = np.triu_indices(n, 1)
+    g = np.asarray(
+        model.c2_grid(physics, 1.0, 0.0, ds["t1"].values, ds["phi"].values, float(ds["q"]))
+    )[:, i, j]
+    lag = j - i
+    far, near = lag >= max(1, int(0.9 * (n - 1))), lag == 1
+    contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
+    for k, data in enumerate(c2[:, i, j]):
+        ok = np.isfinite(data)
+        # the least-squares line through (g, c2), centered: slope cov / var
+        g_ok, d_ok = g[k, ok], data[ok]
+        g_dev = g_ok - g_ok.mean()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = (g_dev @ (d_ok - d_ok.mean())) / (g_dev @ g_dev)
+        base = d_ok.mean() - scale * g_ok.mean()
+        if not scale > 0 and np.any(ok & far) and np.any(ok & near):
+            base = np.median(data[ok & far])
+            scale = np.mean(data[ok & near]) - base
+        if np.isfinite(base) and np.isfinite(scale) and scale > 0:
+            contrast[k], offset[k] = scale, base
+    return {"contrast": contrast, "offset": offset}
