@@ -152,7 +152,13 @@ from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.files import atomic_write
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.objective import Objective
-from heterodyne.parameters import LOG_SCALE, PHYSICS_NAMES, UNITS
+from heterodyne.parameters import (
+    LOG_SCALE,
+    PHYSICS_INDEX,
+    UNITS,
+    make_label,
+    parse_label,
+)
 from heterodyne.results import CMCResult, NLSQResult, params_layout, settings_dataset
 
 PAIRS_PER_SHARD = 20_000  # shards="auto": S = ceil(n_pairs / PAIRS_PER_SHARD)
@@ -579,7 +585,7 @@ def prepare(
             f"shards={n_shards} leaves {fewest} pairs in a shard for {entries} sampled "
             "quantities; use fewer shards"
         )
-    labels = problem.labels + tuple(f"noise[{k}]" for k in range(n_phi) if noise)
+    labels = problem.labels + tuple(make_label("noise", k) for k in range(n_phi) if noise)
     floors = _log_floors(problem)
     low, high, log = _sampled_bounds(problem, floors, n_phi if noise else 0)
     x0 = problem.x0
@@ -686,7 +692,7 @@ def _log_floors(problem: Objective) -> dict[str, float]:
     exponents = {"D0_ref": "alpha_ref", "D0_sample": "alpha_sample", "v0": "beta"}
     out = {}
     for name in LOG_SCALE:
-        exponent = template[PHYSICS_NAMES.index(exponents[name])]
+        exponent = template[PHYSICS_INDEX[exponents[name]]]
         integral = float(model.cumulative_trapezoid(model.power_law(t, 1.0, exponent, 0.0), t)[-1])
         out[name] = FLOOR_EFFECT / ((q * q if name.startswith("D0") else q) * integral)
     return out
@@ -967,15 +973,15 @@ def _draws_dataset(plan: Plan, x: np.ndarray, dims: tuple[str, ...]) -> xr.Datas
     """Draws ``(..., n)`` as one variable per parameter; per-angle quantities along
     ``phi``."""
     variables = {}
-    for k, label in enumerate(plan.labels):
-        name, _, index = label.partition("[")
+    entries = [parse_label(label) for label in plan.labels]
+    for k, (name, angle) in enumerate(entries):
         if name in variables:
             continue
-        if index:
-            entries = [m for m, other in enumerate(plan.labels) if other.partition("[")[0] == name]
-            variables[name] = (dims + ("phi",), x[..., entries], _attrs(name))
-        else:
+        if angle is None:
             variables[name] = (dims, x[..., k], _attrs(name))
+        else:
+            columns = [m for m, (other, _) in enumerate(entries) if other == name]
+            variables[name] = (dims + ("phi",), x[..., columns], _attrs(name))
     ds = plan.ds
     coords = {dim: np.arange(size) for dim, size in zip(dims, x.shape, strict=False)}
     coords["phi"] = ("phi", ds["phi"].values, {"units": "deg"})

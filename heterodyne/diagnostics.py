@@ -36,6 +36,7 @@ import numpy as np
 import xarray as xr
 
 from heterodyne.errors import OptionError
+from heterodyne.parameters import make_label
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def by_parameter(ds: xr.Dataset) -> xr.DataArray:
     for name, var in ds.data_vars.items():
         if "phi" in var.dims:
             for k in range(var.sizes["phi"]):
-                labels.append(f"{name}[{k}]")
+                labels.append(make_label(name, k))
                 columns.append(var.isel(phi=k, drop=True))
         else:
             labels.append(str(name))

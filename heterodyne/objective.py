@@ -32,9 +32,11 @@ from heterodyne.errors import DataError, OptionError, ParameterError
 from heterodyne.parameters import (
     LOG_DECADES,
     LOG_SCALE,
+    PHYSICS_INDEX,
     PHYSICS_NAMES,
     SCALING_NAMES,
     Parameters,
+    make_label,
 )
 from heterodyne.results import identifiability_warnings
 
@@ -290,8 +292,8 @@ class Objective:
             n_found = AUTO_STARTS if multistart == "auto" else 1
             found = starts.candidates(ds, p, n_found, p["v0"].max)
             for name in estimated:
-                k = PHYSICS_NAMES.index(name)
-                p[name].value = float(np.clip(found[0][k], p[name].min, p[name].max))
+                value = found[0][PHYSICS_INDEX[name]]
+                p[name].value = float(np.clip(value, p[name].min, p[name].max))
                 p[name].given = False
         estimates = starts.estimate_scaling(ds, p.physics_values())
         values, lower, upper, labels, free = [], [], [], [], []
@@ -316,7 +318,7 @@ class Objective:
             for k in range(n_scale):
                 if par.vary:
                     free.append(len(values))
-                    labels.append(f"{name}[{k}]" if scaling == "per_angle" else name)
+                    labels.append(make_label(name, k if scaling == "per_angle" else None))
                     lower.append(par.min)
                     upper.append(par.max)
                 values.append(float(start[k]))
@@ -350,7 +352,7 @@ class Objective:
         x = (self.x0 if base is None else np.asarray(base, dtype=float)).copy()
         for k, label in enumerate(self.labels):
             if label in PHYSICS_NAMES:
-                x[k] = physics[PHYSICS_NAMES.index(label)]
+                x[k] = physics[PHYSICS_INDEX[label]]
         return np.clip(x, self.lower, self.upper)
 
     def physics(self, x) -> np.ndarray:

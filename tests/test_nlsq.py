@@ -8,7 +8,7 @@ from scipy.optimize import curve_fit
 
 import heterodyne as hd
 from heterodyne import model, nlsq, objective, starts, structured
-from heterodyne.parameters import LOG_DECADES
+from heterodyne.parameters import LOG_DECADES, parse_label
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
@@ -89,10 +89,9 @@ def test_stderr_matches_the_scatter_over_noise_seeds():
     labels = list(fits[0].covariance["name"].values)
     values = np.array([[f.value(label) for label in labels] for f in fits])
     errors = np.array([[f.error(label) for label in labels] for f in fits])
-    truth = [fits[0].data.attrs[f"true_{label.split('[')[0]}"] for label in labels]
+    entries = [parse_label(label) for label in labels]
     truth = [
-        np.atleast_1d(t)[int(label[-2])] if "[" in label else t
-        for t, label in zip(truth, labels, strict=True)
+        np.atleast_1d(fits[0].data.attrs[f"true_{name}"])[angle or 0] for name, angle in entries
     ]
     z = (values - np.asarray(truth)) / errors
     assert np.all(np.abs(z) < 3.5), dict(zip(labels, np.abs(z).max(axis=0), strict=True))

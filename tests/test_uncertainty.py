@@ -8,6 +8,7 @@ from _work import Compiles
 
 import heterodyne as hd
 from heterodyne import model, objective, speckle, structured, uncertainty
+from heterodyne.parameters import parse_label
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
@@ -36,9 +37,9 @@ def ratios(result):
 
 
 def by_label(stderr, label):
-    name, _, index = label.partition("[")
+    name, angle = parse_label(label)
     values = np.atleast_1d(stderr[name].values)
-    return float(values[int(index[:-1])] if index else values[0])
+    return float(values[0 if angle is None else angle])
 
 
 @pytest.fixture(scope="module")
