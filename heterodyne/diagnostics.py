@@ -196,8 +196,3 @@ def hdi(posterior: xr.Dataset, prob: float = 0.94) -> xr.Dataset:
 def ess(posterior: xr.Dataset, method: str = "bulk") -> xr.Dataset:
     """Effective sample size of every variable of ``posterior`` (dims chain, draw)."""
     return _arviz().ess(posterior, method=method)
-
-
-def rhat(posterior: xr.Dataset) -> xr.Dataset:
-    """Rank-normalised split R-hat of every variable of ``posterior``."""
-    return _arviz().rhat(posterior)
