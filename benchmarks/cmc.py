@@ -40,9 +40,7 @@ def gradient_ms(plan) -> float:
 
     job = plan.jobs()[0]
     data = type(job.data)(*(jnp.asarray(a) for a in job.data))
-    potential = cmc._potential(
-        data, cmc._jax_space(job.space), n_scale=job.n_scale, n_free=job.n_free
-    )
+    potential = cmc.potential(data, job.space.as_jax(), n_scale=job.n_scale, n_free=job.n_free)
     step = jax.jit(jax.value_and_grad(potential))
     w = {"w": jnp.zeros(job.space.u0.shape)}
     jax.block_until_ready(step(w))

@@ -61,7 +61,7 @@ def one(n_frames: int, n_angles: int, path: str) -> dict:
     import jax.numpy as jnp
 
     import heterodyne as hd
-    from heterodyne import nlsq, structured
+    from heterodyne import structured
     from heterodyne.parameters import PHYSICS_NAMES
 
     if path == "plain":
@@ -77,22 +77,22 @@ def one(n_frames: int, n_angles: int, path: str) -> dict:
     t2 = time.perf_counter()
     assert cold.success and warm.success
 
-    problem = nlsq._Problem.build(ds, guess, fix=(), scaling="per_angle")
+    problem = hd.Objective.build(ds, guess, fix=(), scaling="per_angle")
     evaluation = best_of(lambda: problem.normal_equations(problem.x0))
     pairs = problem.pairs
-    if problem._blocks is None:
+    if problem.blocks is None:
         read = [pairs.c2, pairs.weight, pairs.angle, pairs.i, pairs.j]
         data = pairs
     else:
-        read = [problem._blocks.panels, problem._blocks.diag]
-        data = problem._blocks
+        read = [problem.blocks.panels, problem.blocks.diag]
+        data = problem.blocks
     # the floor of any evaluation: a compiled call with the same arguments doing nothing
     nothing = jax.jit(lambda x, template, free, data: (x[:, None] * x, x, x[0]))
     args = (jnp.asarray(problem.x0), problem.template, problem.free, data)
     floor = best_of(lambda: [np.asarray(v) for v in nothing(*args)])
     # the least work of any evaluation: the model's per-frame factors, no derivatives
     physics = problem.template.at[problem.free].set(args[0])[: len(PHYSICS_NAMES)]
-    factors = jax.jit(structured._factors)
+    factors = jax.jit(structured.frame_factors)
     model = best_of(lambda: [np.asarray(v) for v in factors(physics, pairs.t, pairs.phi, pairs.q)])
     n_pairs = warm.info["n_pairs"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -20,6 +20,7 @@ from heterodyne.errors import (  # noqa: E402
 )
 from heterodyne.io import load, q_values  # noqa: E402
 from heterodyne.nlsq import fit_nlsq  # noqa: E402
+from heterodyne.objective import Objective  # noqa: E402
 from heterodyne.parameters import Parameters  # noqa: E402
 from heterodyne.results import CMCResult, NLSQResult, open_result  # noqa: E402
 from heterodyne.simulate import simulate  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "FileFormatError",
     "HeterodyneError",
     "NLSQResult",
+    "Objective",
     "OptionError",
     "OverwriteError",
     "ParameterError",

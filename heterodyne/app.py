@@ -43,7 +43,8 @@ from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
-from heterodyne.nlsq import SCALINGS, fit_nlsq
+from heterodyne.nlsq import fit_nlsq
+from heterodyne.objective import SCALINGS
 from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
 from heterodyne.results import CMCResult, NLSQResult
 
@@ -757,15 +758,8 @@ def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, .
     :func:`heterodyne.diagnostics.failures` (a NaN fails).
     """
     figures = result.diagnostics
-    limits = diagnostics.thresholds_of(figures)
-    ess_min = limits.ess_per_chain_min * figures.sizes["chain"]
+    passes = diagnostics.pass_rules(figures)
     failed = result.failures()
-
-    def rhat_ok(v):
-        return v < limits.rhat_max
-
-    def ess_ok(v):
-        return v >= ess_min
 
     shards = pd.DataFrame(
         {
@@ -789,15 +783,15 @@ def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, .
         }
     )
     checks = {
-        "divergent %": lambda v: v <= 100 * limits.divergence_max,
-        "min BFMI": lambda v: v >= limits.bfmi_min,
-        "max R-hat": rhat_ok,
-        "min ESS bulk": ess_ok,
-        "min ESS tail": ess_ok,
+        "divergent %": lambda v: passes["divergent_fraction"](v / 100),
+        "min BFMI": passes["bfmi"],
+        "max R-hat": passes["rhat"],
+        "min ESS bulk": passes["ess_bulk"],
+        "min ESS tail": passes["ess_tail"],
         "verdict": lambda v: v == "pass",
-        "R-hat": rhat_ok,
-        "ESS bulk": ess_ok,
-        "ESS tail": ess_ok,
+        "R-hat": passes["rhat"],
+        "ESS bulk": passes["ess_bulk"],
+        "ESS tail": passes["ess_tail"],
     }
 
     formats = {

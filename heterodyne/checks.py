@@ -329,7 +329,7 @@ def least_squares_options(options: Mapping) -> dict:
 def check_fit_nlsq(ds, params, *, fix, multistart, seed, scaling, errors, progress, options):
     """All the arguments of :func:`heterodyne.fit_nlsq`, before any compilation."""
     from heterodyne.data import validate
-    from heterodyne.nlsq import SCALINGS
+    from heterodyne.objective import SCALINGS
     from heterodyne.uncertainty import ERRORS
 
     validate(ds)
@@ -353,7 +353,7 @@ def check_fit_cmc(
     quantity (CMC samples inside them)."""
     from heterodyne.cmc import LIKELIHOODS
     from heterodyne.data import validate
-    from heterodyne.nlsq import SCALINGS
+    from heterodyne.objective import SCALINGS
     from heterodyne.results import NLSQResult
     from heterodyne.uncertainty import ERRORS
 
@@ -417,7 +417,7 @@ def check_survey(sources, *, method, q, phi, frames, params, checkpoint, executo
     """The arguments of :func:`heterodyne.survey`, before any file is read; returns the
     sources as a list."""
     from heterodyne import executors
-    from heterodyne.nlsq import SCALINGS
+    from heterodyne.objective import SCALINGS
     from heterodyne.survey import METHODS
     from heterodyne.uncertainty import ERRORS
 

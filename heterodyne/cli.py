@@ -339,7 +339,7 @@ def run_fit(args) -> int:
 def run_survey(args) -> int:
     import heterodyne as hd
     from heterodyne import plot
-    from heterodyne.data import atomic_write
+    from heterodyne.files import atomic_write
 
     _outputs(args, ("survey.nc", "survey.html"))
     out = hd.survey(
@@ -396,7 +396,7 @@ def _result_files(stem: str) -> tuple[str, str, str]:
 
 def _write_result(result, out: Path, stem: str, *, overwrite: bool) -> list[Path]:
     """Write the result's netCDF file, text report and HTML page; their paths."""
-    from heterodyne.data import atomic_write
+    from heterodyne.files import atomic_write
     from heterodyne.report import write_html
 
     netcdf, text, page = (out / name for name in _result_files(stem))

@@ -147,10 +147,18 @@ from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
 from heterodyne import checks, diagnostics, executors, identity, model, objective, uncertainty
-from heterodyne.data import FIT_MEMORY, atomic_write, check_memory, validate
+from heterodyne.data import validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
-from heterodyne.nlsq import LOG_SCALE, _Problem
-from heterodyne.parameters import PHYSICS_NAMES, UNITS
+from heterodyne.files import atomic_write
+from heterodyne.memory import FIT_MEMORY, check_memory
+from heterodyne.objective import Objective
+from heterodyne.parameters import (
+    LOG_SCALE,
+    PHYSICS_INDEX,
+    UNITS,
+    make_label,
+    parse_label,
+)
 from heterodyne.results import CMCResult, NLSQResult, params_layout, settings_dataset
 
 PAIRS_PER_SHARD = 20_000  # shards="auto": S = ceil(n_pairs / PAIRS_PER_SHARD)
@@ -189,6 +197,10 @@ class Space(NamedTuple):
     u0: jax.Array  #: start in the unconstrained space, (n,)
     whiten: jax.Array  #: u = u0 + whiten @ w, (n, n)
     power: jax.Array  #: the prior is raised to this power, 1 / S, ()
+
+    def as_jax(self) -> Space:
+        """The same space with every field a JAX array (what the compiled chain takes)."""
+        return Space(*(jnp.asarray(a) for a in self))
 
 
 class ShardJob(NamedTuple):
@@ -257,20 +269,22 @@ def shard_model(data, space: Space, *, n_scale: int, n_free: int):
     numpyro.factor("residuals", jnp.sum(jnp.where(data.weight > 0, log_density, 0.0)))
 
 
-def _potential(data, space, *, n_scale, n_free):
+def potential(data, space: Space, *, n_scale: int, n_free: int):
+    """The potential energy (negative log density) of one shard as NUTS sees it: a
+    function of ``{"w": w}``, the whitened coordinates of :class:`Space`."""
     shard = partial(shard_model, n_scale=n_scale, n_free=n_free)
     return lambda params: potential_energy(shard, (data, space), {}, params)
 
 
 @partial(jax.jit, static_argnames=("warmup", "samples", "n_scale", "n_free", "adapt_mass"))
-def _chain(key, data, space, *, warmup, samples, n_scale, n_free, adapt_mass):
+def nuts_chain(key, data, space, *, warmup, samples, n_scale, n_free, adapt_mass):
     """One NUTS chain, warmup and draws, as one compiled program.
 
     Data and settings are arguments, not constants: every shard (same padded size) and
     every chain reuse the code compiled for the first.
     """
     init_kernel, sample_kernel = hmc(
-        potential_fn_gen=partial(_potential, n_scale=n_scale, n_free=n_free), algo="NUTS"
+        potential_fn_gen=partial(potential, n_scale=n_scale, n_free=n_free), algo="NUTS"
     )
     key_start, key_nuts = jax.random.split(key)
     w0 = jax.random.uniform(key_start, space.u0.shape, minval=-1.0, maxval=1.0)
@@ -318,7 +332,7 @@ def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
     keys = jax.random.split(jax.random.wrap_key_data(jnp.asarray(job.key)), job.chains)
     chains = [
         jax.device_get(
-            _chain(
+            nuts_chain(
                 key,
                 data,
                 space,
@@ -421,7 +435,7 @@ class Plan:
     space and prior, and the shards (see :func:`prepare`)."""
 
     ds: xr.Dataset
-    problem: _Problem
+    problem: Objective
     labels: tuple[str, ...]
     space: Space
     shards: tuple[objective.Rows | objective.Pairs, ...]
@@ -466,12 +480,12 @@ class Plan:
 
     def physical(self, u) -> np.ndarray:
         """Physical values of unconstrained draws ``(..., n)``."""
-        space = _jax_space(self.space)
+        space = self.space.as_jax()
         return np.asarray(physical(interval(space)(jnp.asarray(u)), space.log))
 
     def unconstrained(self, x) -> np.ndarray:
         """The unconstrained ``u`` of physical values ``x`` (n,)."""
-        space = _jax_space(self.space)
+        space = self.space.as_jax()
         y = jnp.where(space.log, jnp.log(jnp.where(space.log, jnp.asarray(x), 1.0)), x)
         return np.asarray(interval(space).inv(y))
 
@@ -485,16 +499,12 @@ class Plan:
         shard_fn = partial(shard_model, n_scale=job.n_scale, n_free=job.n_free)
         data = type(job.data)(*(jnp.asarray(a) for a in job.data))
         seeded = numpyro.handlers.substitute(shard_fn, data={"w": jnp.asarray(w)})
-        trace = numpyro.handlers.trace(seeded).get_trace(data, _jax_space(job.space))
+        trace = numpyro.handlers.trace(seeded).get_trace(data, job.space.as_jax())
         return {
             name: float(jnp.sum(site["fn"].log_prob(site["value"])))
             for name, site in trace.items()
             if site["type"] == "sample" and name != "w"
         }
-
-
-def _jax_space(space: Space) -> Space:
-    return Space(*(jnp.asarray(a) for a in space))
 
 
 def _check_options(init, shards, chains, warmup, samples, seed):
@@ -550,7 +560,7 @@ def prepare(
         params = init.parameters() if params is None else params
         scaling = init.info["scaling"] if scaling is None else scaling
     check_memory(validate(ds)["c2"].shape, what="fit_cmc", **FIT_MEMORY["nominal"])
-    problem = _Problem.build(ds, params, fix=(), scaling=scaling or "per_angle")
+    problem = Objective.build(ds, params, fix=(), scaling=scaling or "per_angle")
     pairs = problem.pairs
     n_frames = ds.sizes["t1"]
     most = max(n_frames // 2, 1)
@@ -575,7 +585,7 @@ def prepare(
             f"shards={n_shards} leaves {fewest} pairs in a shard for {entries} sampled "
             "quantities; use fewer shards"
         )
-    labels = problem.labels + tuple(f"noise[{k}]" for k in range(n_phi) if noise)
+    labels = problem.labels + tuple(make_label("noise", k) for k in range(n_phi) if noise)
     floors = _log_floors(problem)
     low, high, log = _sampled_bounds(problem, floors, n_phi if noise else 0)
     x0 = problem.x0
@@ -633,7 +643,7 @@ def prepare(
     )
 
 
-def _sampled_bounds(problem: _Problem, floors: dict[str, float], n_noise: int):
+def _sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int):
     """``(low, high, log)`` of the sampled space ``y`` for the varied quantities, then
     ``n_noise`` noise levels."""
     n = len(problem.labels)
@@ -674,7 +684,7 @@ def _prior(init, labels, low, high, log):
     return normal, loc, scale
 
 
-def _log_floors(problem: _Problem) -> dict[str, float]:
+def _log_floors(problem: Objective) -> dict[str, float]:
     """The floor of each log-space parameter: the value whose effect over the record is
     ``FLOOR_EFFECT`` (``q² D0 ∫t^alpha dt``, ``q v0 ∫t^beta dt``)."""
     template = np.asarray(problem.template)
@@ -682,7 +692,7 @@ def _log_floors(problem: _Problem) -> dict[str, float]:
     exponents = {"D0_ref": "alpha_ref", "D0_sample": "alpha_sample", "v0": "beta"}
     out = {}
     for name in LOG_SCALE:
-        exponent = template[PHYSICS_NAMES.index(exponents[name])]
+        exponent = template[PHYSICS_INDEX[exponents[name]]]
         integral = float(model.cumulative_trapezoid(model.power_law(t, 1.0, exponent, 0.0), t)[-1])
         out[name] = FLOOR_EFFECT / ((q * q if name.startswith("D0") else q) * integral)
     return out
@@ -963,15 +973,15 @@ def _draws_dataset(plan: Plan, x: np.ndarray, dims: tuple[str, ...]) -> xr.Datas
     """Draws ``(..., n)`` as one variable per parameter; per-angle quantities along
     ``phi``."""
     variables = {}
-    for k, label in enumerate(plan.labels):
-        name, _, index = label.partition("[")
+    entries = [parse_label(label) for label in plan.labels]
+    for k, (name, angle) in enumerate(entries):
         if name in variables:
             continue
-        if index:
-            entries = [m for m, other in enumerate(plan.labels) if other.partition("[")[0] == name]
-            variables[name] = (dims + ("phi",), x[..., entries], _attrs(name))
-        else:
+        if angle is None:
             variables[name] = (dims, x[..., k], _attrs(name))
+        else:
+            columns = [m for m, (other, _) in enumerate(entries) if other == name]
+            variables[name] = (dims + ("phi",), x[..., columns], _attrs(name))
     ds = plan.ds
     coords = {dim: np.arange(size) for dim, size in zip(dims, x.shape, strict=False)}
     coords["phi"] = ("phi", ds["phi"].values, {"units": "deg"})

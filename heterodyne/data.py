@@ -26,45 +26,21 @@ Every coordinate and variable carries ``units`` and ``long_name`` attrs.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from heterodyne import checks
-from heterodyne.errors import DataError, FileFormatError, OptionError, OverwriteError
+from heterodyne.errors import DataError, OptionError
+from heterodyne.files import atomic_write
 
 _RTOL_TIME = 1e-6  # relative tolerance on uniform frame spacing (float32 time stamps)
 # c2[i, j] and c2[j, i] may differ by this fraction of the angle's largest |c2| off the
 # diagonal (a large diagonal spike must not widen it): files whose
 # triangles were accumulated separately in float32 differ at ~1e-5, far below any noise.
 _RTOL_SYMMETRY = 1e-4
-_TMP_STEM = 200  # bytes of the target's name kept in its temporary file's name
 _ROWS = 256  # rows per block of the symmetry check: temporary memory O(_ROWS N), not O(N²)
-
-MEMORY_LIMIT_VARIABLE = "HETERODYNE_MEMORY_LIMIT"
-_SIZE_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_NO_LIMIT = 2**60  # cgroup v1 reports "no limit" as a number near 2**63
-WINDOW_REMEDY = (
-    "read fewer frames, hd.load(path, frames=slice(a, b)) or hd.select(ds, "
-    "frames=slice(a, b)) (memory grows as frames²: half the frames need a quarter of the "
-    "memory), or bin frames upstream"
-)
-# Peak memory of fit_nlsq beyond its Dataset, in bytes per value of the c2 grid
-# (n_phi x N x N; a fitted pair is two values), from peak RSS at 1000 to 3000 frames and 1
-# to 4 angles: the work grows by ~35 bytes per value (taken as 50), on top of ~0.5 GB that
-# does not grow (compiled code; left out, it matters only for data too small to meet the
-# check). errors="speckle" adds ~56 bytes per value and ~240 per value of one N x N matrix
-# (its Jacobian grids are built one angle at a time), taken as 70 and 290. At 2000 frames
-# x 4 angles (8.0 M pairs): 0.89 GB added, 1.39 GB peak (111 bytes per pair; 130 with
-# multistart=3), errors="speckle" 2.9 GB peak; at 3000 x 4: 1.56 GB added (estimate
-# 1.8 GB), errors="speckle" 4.7 GB added (estimate 5.1 GB).
-FIT_MEMORY = {
-    "nominal": {"per_value": 50.0},
-    "speckle": {"per_value": 70.0, "per_angle": 290.0},
-}
 
 COORD_ATTRS = {
     "phi": {"units": "deg", "long_name": "detector azimuth of the q-sector"},
@@ -190,12 +166,17 @@ def symmetrize(matrix: np.ndarray) -> np.ndarray:
     if out.ndim >= 2 and out.shape[-1] == out.shape[-2] >= 2:
         below = np.tri(out.shape[-1], k=-1, dtype=bool)
         for index in np.ndindex(out.shape[:-2]):
-            _fill_triangle(out[index], below)
+            fill_triangle(out[index], below)
     return out
 
 
-def _fill_triangle(m: np.ndarray, below: np.ndarray) -> None:
-    """:func:`symmetrize` one square matrix in place; ``below`` masks its lower triangle."""
+def fill_triangle(m: np.ndarray, below: np.ndarray) -> None:
+    """Fill one square matrix by symmetry, in place, as :func:`symmetrize` does.
+
+    For readers that fill a preallocated stack one angle at a time (no second copy of
+    the stack); ``below`` masks the lower triangle, ``np.tri(N, k=-1, dtype=bool)``,
+    built once for all angles.
+    """
     # m[below] and m.T[below] list the two values of each pair (i, j) in the same order;
     # one angle at a time and a boolean mask keep the temporaries to half a matrix.
     lower, upper = m[below], m.T[below]
@@ -427,87 +408,6 @@ def select(ds: xr.Dataset, *, phi=None, frames=None) -> xr.Dataset:
     return validate(tally_missing(out.copy()))
 
 
-def atomic_write(write, path, *, overwrite: bool = False) -> Path:
-    """Run ``write(tmp_path)`` then publish the file at ``path`` in one atomic step.
-
-    A process killed mid-write leaves any old file intact and no half-written file under
-    ``path``. Refuses to replace an existing file unless ``overwrite=True``: raises
-    :class:`~heterodyne.errors.OverwriteError`, a ``FileExistsError``.
-
-    ``tmp_path`` is a new file ``.NAME.PID.XXXXXXXX.tmp`` (``tempfile``) in the folder of
-    ``path``, unique to each writer, so that writers in threads or processes never share
-    it: hidden, ending in ``.tmp`` (no ``*.nc`` or ``*.h5`` pattern matches it) and
-    published only once complete. With ``overwrite=True`` it is renamed onto ``path``
-    (the last of concurrent writers wins, each file whole); otherwise it is hard-linked
-    to ``path``, which fails if ``path`` exists, so of concurrent writers exactly one
-    succeeds and the others raise ``OverwriteError`` (a file system without hard links
-    falls back to creating ``path`` exclusively, then renaming onto it). A process killed
-    by SIGKILL leaves the temporary file behind, half written; delete it by hand. The
-    file's data and then the folder's entry are flushed to disk (``fsync``) around the
-    publication, so that a power cut too leaves either the old file or the whole new one.
-    """
-    path = checks.file_path(path, "path")
-    checks.flag(overwrite, "overwrite")
-    if path.is_dir():
-        raise FileFormatError(f"{path} is a directory; give a file name")
-    if path.exists() and not overwrite:
-        raise OverwriteError(f"{path} exists; pass overwrite=True to replace it")
-    checks.writable_folder(path.parent, "the folder of the file")
-    # The temporary name keeps a prefix of the target's: a 255-byte target name still
-    # leaves room for the process id, the random part and the suffix.
-    stem = path.name
-    while len(os.fsencode(stem)) > _TMP_STEM:
-        stem = stem[:-1]
-    prefix = f".{stem}.{os.getpid()}."
-    try:
-        descriptor, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise OptionError(f"cannot create a file in {path.parent}: {err.strerror}") from err
-    os.close(descriptor)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        _sync(tmp)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _publish_new(tmp, path)
-        _sync(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _publish_new(tmp: Path, path: Path) -> None:
-    """Give the complete file ``tmp`` the name ``path`` unless ``path`` exists, in one
-    step that concurrent writers cannot both pass."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise OverwriteError(f"{path} exists; pass overwrite=True to replace it") from None
-    except OSError:  # no hard links here (some network and FAT file systems)
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            raise OverwriteError(f"{path} exists; pass overwrite=True to replace it") from None
-        os.replace(tmp, path)
-
-
-def _sync(path: Path) -> None:
-    """``fsync`` a file or a folder (where the system allows opening a folder)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass  # a file system that cannot sync (some network mounts): the rename still holds
-    finally:
-        os.close(descriptor)
-
-
 def to_netcdf(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
     """Save a canonical Dataset as netCDF-4 (h5netcdf, gzip), atomically.
 
@@ -530,155 +430,3 @@ def to_netcdf(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
         path,
         overwrite=overwrite,
     )
-
-
-def check_memory(
-    shape: tuple[int, ...],
-    *,
-    per_value: float,
-    per_angle: float = 0.0,
-    what: str,
-    remedy: str = WINDOW_REMEDY,
-) -> None:
-    """Raise ``DataError`` when work on a ``c2`` grid of ``shape`` would not fit in memory.
-
-    Called before a big allocation or compile, so that data too large for the machine give
-    a message instead of the kernel's out-of-memory kill.
-
-    Parameters
-    ----------
-    shape : tuple
-        ``(n_phi, N, N)``, the grid of the work.
-    per_value : float
-        Peak bytes per value of the grid, beyond what exists before the work.
-    per_angle : float
-        Further peak bytes per value of one angle's ``N x N`` matrix, for work done one
-        angle at a time.
-    what : str
-        The work, named in the message (with the file for a load).
-    remedy : str
-        What to do instead, named in the message.
-
-    Notes
-    -----
-    ``needed = N² (n_phi per_value + per_angle)`` is compared with
-    :func:`available_memory`; the check is skipped where that is unknown.
-    """
-    n_phi, n_frames = int(shape[0]), int(shape[-1])
-    needed = n_frames**2 * (n_phi * per_value + per_angle)
-    available = available_memory()
-    if available is None or needed <= available[0]:
-        return
-    raise DataError(
-        f"{what} needs about {_size(needed)} for {n_phi} angle(s) x {n_frames}² frame pairs, "
-        f"but {_size(available[0])} is available ({available[1]}); {remedy}. The "
-        f"environment variable {MEMORY_LIMIT_VARIABLE} overrides the available figure."
-    )
-
-
-def _size(n_bytes: float) -> str:
-    """``n_bytes`` to three significant digits in kB, MB, GB or TB (powers of 1000)."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.3g} {unit}"
-    return f"{n_bytes / 1e3:.3g} kB"
-
-
-def available_memory() -> tuple[float, str] | None:
-    """Bytes that heterodyne may allocate now, and where that figure comes from.
-
-    ``HETERODYNE_MEMORY_LIMIT``, when set, is the figure: a number of bytes, optionally with
-    a suffix ``k``, ``M``, ``G`` or ``T`` (powers of 1000, a trailing ``B`` allowed), e.g.
-    ``8G``. Set it on a shared node to keep heterodyne within a share of the memory, or above
-    the detected figure to overrule the check. Otherwise the lesser of ``MemAvailable`` of
-    ``/proc/meminfo`` (else the free physical pages that ``os.sysconf`` reports) and the
-    headroom of the process's cgroup (the memory limit of a container or batch job, less
-    what the group holds beyond reclaimable file cache). ``None`` when neither is known.
-    """
-    setting = os.environ.get(MEMORY_LIMIT_VARIABLE, "").strip()
-    if setting:
-        return _parse_bytes(setting), f"{MEMORY_LIMIT_VARIABLE}={setting}"
-    system = _mem_available()
-    found = [] if system is None else [system]
-    group = _cgroup_headroom(_read_text(Path("/proc/self/cgroup")), Path("/sys/fs/cgroup"))
-    if group is not None:
-        found.append((group, "cgroup memory limit less usage"))
-    return min(found) if found else None
-
-
-def _parse_bytes(setting: str) -> float:
-    text = setting.lower().removesuffix("b")
-    suffix = text[-1:] if text[-1:] in _SIZE_SUFFIXES else ""
-    try:
-        value = float(text.removesuffix(suffix)) * _SIZE_SUFFIXES[suffix]
-    except ValueError:
-        value = np.nan
-    if not np.isfinite(value) or value <= 0:
-        raise OptionError(
-            f"{MEMORY_LIMIT_VARIABLE}={setting!r}; expected a positive number of bytes, "
-            "optionally with a suffix k, M, G or T (e.g. 8G)"
-        )
-    return value
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def _mem_available() -> tuple[float, str] | None:
-    for line in (_read_text(Path("/proc/meminfo")) or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            return float(line.split()[1]) * 1024, "MemAvailable"  # reported in KiB
-    try:
-        pages = os.sysconf("SC_AVPHYS_PAGES")
-        return float(pages * os.sysconf("SC_PAGE_SIZE")), "free physical pages"
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _cgroup_headroom(membership: str | None, root: Path) -> float | None:
-    """Least headroom (limit less non-reclaimable usage) over the memory cgroups, and
-    their ancestors, that ``membership`` (the text of ``/proc/self/cgroup``) names under
-    ``root``; ``None`` without a limit.
-
-    cgroup v2 lines read ``0::PATH``, v1 lines ``N:memory:PATH``. A container sees its own
-    group at ``root``; a batch job (Slurm) sees ``root/PATH``, with the limit set on an
-    ancestor of the process's group.
-    """
-    headroom = []
-    for line in (membership or "").splitlines():
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        controllers, inner = fields[1:]
-        if controllers == "":
-            base, names = root, ("memory.max", "memory.current", "inactive_file")
-        elif "memory" in controllers.split(","):
-            base = root / "memory"
-            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-        else:
-            continue
-        folder = base / inner.strip("/")
-        for level in [folder, *folder.parents]:
-            value = _group_headroom(level, names)
-            if value is not None:
-                headroom.append(value)
-            if level == base:
-                break
-    return min(headroom) if headroom else None
-
-
-def _group_headroom(folder: Path, names: tuple[str, str, str]) -> float | None:
-    """``limit - usage + inactive file cache`` of one cgroup folder; ``None`` without a
-    limit or where the files are missing or unreadable."""
-    limit, usage, stat = (_read_text(folder / name) for name in (*names[:2], "memory.stat"))
-    try:
-        if limit is None or usage is None or limit.strip() == "max" or int(limit) >= _NO_LIMIT:
-            return None
-        cache = dict(row.split() for row in (stat or "").splitlines()).get(names[2], 0)
-        return float(int(limit) - int(usage) + int(cache))
-    except ValueError:
-        return None

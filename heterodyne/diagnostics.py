@@ -30,12 +30,14 @@ Carlo", arXiv:1604.00695 (BFMI).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import xarray as xr
 
 from heterodyne.errors import OptionError
+from heterodyne.parameters import make_label
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def by_parameter(ds: xr.Dataset) -> xr.DataArray:
     for name, var in ds.data_vars.items():
         if "phi" in var.dims:
             for k in range(var.sizes["phi"]):
-                labels.append(f"{name}[{k}]")
+                labels.append(make_label(name, k))
                 columns.append(var.isel(phi=k, drop=True))
         else:
             labels.append(str(name))
@@ -151,10 +153,27 @@ def thresholds_of(diagnostics: xr.Dataset) -> Thresholds:
     return Thresholds(**{k: float(diagnostics.attrs[f"threshold_{k}"]) for k in asdict(THRESHOLDS)})
 
 
+def pass_rules(diagnostics: xr.Dataset) -> dict[str, Callable[[float], bool]]:
+    """Whether a value of each figure passes, by the thresholds ``diagnostics`` was judged
+    by: ``{"rhat", "ess_bulk", "ess_tail", "bfmi", "divergent_fraction"}``, each a
+    predicate on one value (a NaN fails). The one pass/fail rule of the CMC diagnostics,
+    read by :func:`failures`, the plots and the dashboard."""
+    limits = thresholds_of(diagnostics)
+    ess_min = limits.ess_per_chain_min * diagnostics.sizes["chain"]
+    return {
+        "rhat": lambda v: v < limits.rhat_max,
+        "ess_bulk": lambda v: v >= ess_min,
+        "ess_tail": lambda v: v >= ess_min,
+        "bfmi": lambda v: v >= limits.bfmi_min,
+        "divergent_fraction": lambda v: v <= limits.divergence_max,
+    }
+
+
 def failures(diagnostics: xr.Dataset) -> dict[int, list[str]]:
     """Every failed figure, by shard: ``{shard: ["R-hat of v0 = 1.034 (needs < 1.01)",
-    ...]}``; empty when all shards pass. NaN figures fail."""
+    ...]}``; empty when all shards pass. NaN figures fail (:func:`pass_rules`)."""
     limits = thresholds_of(diagnostics)
+    passes = pass_rules(diagnostics)
     n_chains = diagnostics.sizes["chain"]
     ess_min = limits.ess_per_chain_min * n_chains
     out = {}
@@ -162,20 +181,20 @@ def failures(diagnostics: xr.Dataset) -> dict[int, list[str]]:
         d = diagnostics.sel(shard=s)
         found = []
         for label, value in zip(d["parameter"].values, d["rhat"].values, strict=True):
-            if not value < limits.rhat_max:
+            if not passes["rhat"](value):
                 found.append(f"R-hat of {label} = {value:.4g} (needs < {limits.rhat_max:g})")
         for figure, name in (("ess_bulk", "ESS_bulk"), ("ess_tail", "ESS_tail")):
             for label, value in zip(d["parameter"].values, d[figure].values, strict=True):
-                if not value >= ess_min:
+                if not passes[figure](value):
                     found.append(
                         f"{name} of {label} = {value:.4g} (needs >= {ess_min:g}: "
                         f"{limits.ess_per_chain_min:g} per chain x {n_chains} chains)"
                     )
         for chain, value in zip(d["chain"].values, d["bfmi"].values, strict=True):
-            if not value >= limits.bfmi_min:
+            if not passes["bfmi"](value):
                 found.append(f"BFMI of chain {chain} = {value:.3g} (needs >= {limits.bfmi_min:g})")
         fraction = float(d["divergent_fraction"])
-        if not fraction <= limits.divergence_max:
+        if not passes["divergent_fraction"](fraction):
             found.append(
                 f"{int(d['divergences'])} divergent transitions = {100 * fraction:.3g} % of "
                 f"the draws (needs <= {100 * limits.divergence_max:g} %)"
@@ -195,8 +214,3 @@ def hdi(posterior: xr.Dataset, prob: float = 0.94) -> xr.Dataset:
 def ess(posterior: xr.Dataset, method: str = "bulk") -> xr.Dataset:
     """Effective sample size of every variable of ``posterior`` (dims chain, draw)."""
     return _arviz().ess(posterior, method=method)
-
-
-def rhat(posterior: xr.Dataset) -> xr.Dataset:
-    """Rank-normalised split R-hat of every variable of ``posterior``."""
-    return _arviz().rhat(posterior)

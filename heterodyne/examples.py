@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from heterodyne.data import atomic_write
 from heterodyne.errors import OptionError
+from heterodyne.files import atomic_write
 from heterodyne.simulate import simulate
 
 LAYOUTS = ("aps_u", "aps_legacy")

@@ -17,8 +17,14 @@ from IPython.display import display
 
 from heterodyne import model
 from heterodyne.data import validate
-from heterodyne.nlsq import LOG_DECADES, LOG_SCALE, estimate_scaling
-from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, Parameters
+from heterodyne.parameters import (
+    LOG_DECADES,
+    LOG_SCALE,
+    PHYSICS,
+    PHYSICS_NAMES,
+    SCALING,
+    Parameters,
+)
 from heterodyne.plot import (
     HEATMAP_SIZE,
     PALETTE,
@@ -27,6 +33,7 @@ from heterodyne.plot import (
     offdiagonal,
     robust_range,
 )
+from heterodyne.starts import estimate_scaling
 
 # The time grid and q without data: those of hd.simulate's defaults.
 DEFAULT_FRAMES = 200

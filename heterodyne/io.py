@@ -50,14 +50,14 @@ import xarray as xr
 from heterodyne import checks
 from heterodyne.data import (
     TIME_CONVENTION,
-    _fill_triangle,
-    check_memory,
+    fill_triangle,
     from_arrays,
     select,
     tally_missing,
     validate,
 )
 from heterodyne.errors import DataError, FileFormatError, OptionError
+from heterodyne.memory import check_memory
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def load(
         ``q``, ``phi``, ``frames``, ``t_start`` or ``exclude_frames`` is invalid.
     DataError
         The matrices to read would not fit in memory (checked before reading, see
-        :func:`heterodyne.data.check_memory`); the message gives the memory needed and
+        :func:`heterodyne.memory.check_memory`); the message gives the memory needed and
         available, and the remedy: a window ``frames``, or frames binned upstream.
 
     Warns
@@ -715,7 +715,7 @@ def _read_bins(
     off_diagonal = ~np.eye(b - a, dtype=bool)
     for row, k in enumerate(members):
         c2[row] = _read(f[bins.names[k]], path, np.s_[a:b, a:b])
-        _fill_triangle(c2[row], below)
+        fill_triangle(c2[row], below)
         _mask_zeros(c2[row], off_diagonal, f"{path}: {bins.names[k]} ({_bin_words(bins, k)})")
     cut = excluded[a:b]
     c2[:, cut, :] = np.nan

@@ -6,22 +6,39 @@ masked. The residual of a pair is ``(model - data) / sigma``, or ``model - data`
 the Dataset has no ``sigma``.
 
 The fitted quantities are packed in one vector ``z = [physics (14), contrast (n_scale),
-offset (n_scale)]`` with ``n_scale = n_phi`` (per-angle scaling) or 1 (shared).
+offset (n_scale)]`` with ``n_scale = n_phi`` (per-angle scaling) or 1 (shared); a solver
+sees only the varied entries ``x``. :class:`Objective` owns that packing, the bounds and
+starts, the residuals, the cost and its gradient, the normal equations and the
+covariance: ``fit_nlsq`` minimises its cost, ``fit_cmc`` samples the Gaussian likelihood
+of its residuals, and a user's own optimiser can take its :meth:`Objective.cost` and
+:meth:`Objective.gradient`.
 """
 
 from __future__ import annotations
 
+import warnings
+from functools import cached_property
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
+from scipy.stats import qmc
 
-from heterodyne import model
+from heterodyne import model, starts, structured, uncertainty
 from heterodyne.data import validate
-from heterodyne.errors import DataError
-from heterodyne.parameters import PHYSICS_NAMES
+from heterodyne.errors import DataError, OptionError, ParameterError
+from heterodyne.parameters import (
+    LOG_DECADES,
+    LOG_SCALE,
+    PHYSICS_INDEX,
+    PHYSICS_NAMES,
+    SCALING_NAMES,
+    Parameters,
+    make_label,
+)
+from heterodyne.results import identifiability_warnings
 
 
 class Pairs(NamedTuple):
@@ -122,3 +139,346 @@ def residuals(z, pairs: Pairs | Rows, n_scale: int):
         c2 = model.c2_rows(physics, contrast, offset, pairs.t, pairs.phi, pairs.q, pairs.rows)
         return (c2 - pairs.c2) * pairs.weight
     return (model_at_pairs(z, pairs, n_scale) - pairs.c2) * pairs.weight
+
+
+SCALINGS = ("per_angle", "shared")
+# Starts of multistart="auto": the best estimate from the data and the next distinct ones.
+AUTO_STARTS = 3
+
+
+# Pairs are processed in blocks of this many, so that the Jacobian is never held for all
+# pairs at once: memory O(BLOCK x n_varied) whatever the size of the data.
+BLOCK = 2**16
+
+
+def free_residuals(x, template, free, pairs: Pairs, n_scale: int):
+    """Weighted residuals at the solver vector ``x``: the varied entries ``free`` of the
+    packed vector ``template`` set to ``x`` (differentiable by JAX in ``x``)."""
+    return residuals(template.at[free].set(x), pairs, n_scale)
+
+
+def _blocked_normal_equations(x, template, free, pairs, n_scale):
+    """``(J^T J, J^T r, r^T r)`` at ``x``, accumulated over blocks of pairs."""
+    per_pair = {k: getattr(pairs, k) for k in ("angle", "i", "j", "c2", "weight")}
+    n_blocks = -(-pairs.n_pairs // BLOCK)
+    pad = n_blocks * BLOCK - pairs.n_pairs
+    # padded pairs have weight 0: their residual and Jacobian rows are exactly 0
+    blocks = {k: jnp.pad(v, (0, pad)).reshape(n_blocks, BLOCK) for k, v in per_pair.items()}
+
+    def accumulate(totals, block):
+        part = pairs._replace(**block)
+        r = free_residuals(x, template, free, part, n_scale)
+        jac = jax.jacfwd(free_residuals)(x, template, free, part, n_scale)
+        return (totals[0] + jac.T @ jac, totals[1] + jac.T @ r, totals[2] + r @ r), None
+
+    n = x.shape[0]
+    zeros = (jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(()))
+    return jax.lax.scan(accumulate, zeros, blocks)[0]
+
+
+def _half_sum_of_squares(x, template, free, pairs, n_scale):
+    r = free_residuals(x, template, free, pairs, n_scale)
+    return 0.5 * r @ r
+
+
+_free_residuals_jit = jax.jit(free_residuals, static_argnums=4)
+_cost_and_gradient = jax.jit(jax.value_and_grad(_half_sum_of_squares), static_argnums=4)
+#: ``(J^T J, J^T r, r^T r)`` at ``x`` from the blocked Jacobian, compiled once per shape.
+blocked_normal_equations = jax.jit(_blocked_normal_equations, static_argnums=4)
+
+
+class Errors(NamedTuple):
+    """Outcome of :meth:`Objective.errors_at`."""
+
+    covariance: np.ndarray  #: covariance of the varied quantities, the chosen errors
+    nominal: np.ndarray  #: the nominal least-squares covariance
+    scales: dict  #: scales of the error model (``speckle_kappa``, ``white_variance``)
+    z: np.ndarray  #: the packed vector at ``x``
+    model_c2: np.ndarray  #: model on the grid, (n_phi, N, N)
+    residuals: np.ndarray  #: weighted residuals at the fitted pairs
+
+
+class Objective:
+    """The least-squares objective of one Dataset and one set of parameters.
+
+    Owns everything both engines read: the fitted pairs, the packing between the
+    parameters and the solver vector ``x`` (the varied entries of the packed vector
+    ``z``), the bounds and starts, the weighted residuals, the cost ``0.5 |r|²``, its
+    gradient, the normal equations and the covariance. :func:`heterodyne.fit_nlsq`
+    minimises :meth:`cost`; :func:`heterodyne.fit_cmc` samples the Gaussian likelihood
+    of the same residuals. Build one with :meth:`build`.
+
+    Attributes
+    ----------
+    ds : xarray.Dataset
+        The data.
+    params : Parameters
+        The parameters after starts, bounds and fixes were settled.
+    pairs : Pairs
+        The fitted pairs.
+    labels : tuple of str
+        Name of each entry of ``x`` (``"contrast[k]"`` for angle ``k`` with per-angle
+        scaling).
+    lower, upper : numpy.ndarray
+        Bounds of ``x``.
+    x0 : numpy.ndarray
+        The start.
+    n_scale : int
+        Number of contrast/offset pairs (``n_phi`` or 1).
+
+    Examples
+    --------
+    >>> from scipy.optimize import minimize
+    >>> ds = hd.simulate({"v0": 500.0}, phi=[0, 90], n_frames=40, noise=0.01)
+    >>> objective = hd.Objective.build(ds)
+    >>> found = minimize(objective.cost, objective.x0, jac=objective.gradient,
+    ...                  bounds=list(zip(objective.lower, objective.upper)))
+    """
+
+    def __init__(self, ds, params, pairs, template, free, labels, lower, upper, n_scale, scaling):
+        self.ds, self.params, self.pairs = ds, params, pairs
+        self.template, self.free, self.labels = template, free, labels
+        self.lower, self.upper, self.n_scale, self.scaling = lower, upper, n_scale, scaling
+        self.x0 = np.asarray(template)[np.asarray(free)]
+        self.n_physics = int(np.sum(np.asarray(free) < len(PHYSICS_NAMES)))  #: varied physics
+        self.alternatives = []  #: further starts read off the data (multistart="auto")
+
+    @classmethod
+    def build(cls, ds, params=None, *, fix=(), scaling="per_angle", multistart=0) -> Objective:
+        """The objective of ``ds`` and ``params``, checked before any compile.
+
+        Parameters
+        ----------
+        ds : xarray.Dataset
+            Canonical two-time Dataset (validated here).
+        params : Parameters, dict or None
+            Starting values, bounds and which parameters vary; varied physics without a
+            given value start from estimates read off the data
+            (:func:`heterodyne.starts.candidates`), ``contrast`` and ``offset`` left at
+            ``None`` from :func:`heterodyne.starts.estimate_scaling`.
+        fix : sequence of str
+            Names of parameters to hold at their value.
+        scaling : {"per_angle", "shared"}
+            One contrast/offset pair per angle, or one for all angles.
+        multistart : "auto" or int
+            With ``"auto"`` the next-best distinct estimates of the data are kept as
+            ``alternatives`` (solver vectors).
+
+        Raises
+        ------
+        ParameterError, OptionError, DataError
+            Bad parameters, options or data.
+        """
+        validate(ds)
+        if scaling not in SCALINGS:
+            raise OptionError(f"scaling must be one of {SCALINGS}; got {scaling!r}")
+        p = Parameters.coerce(params)
+        if isinstance(fix, str):
+            fix = (fix,)
+        p.fix(*fix)
+        n_phi = ds.sizes["phi"]
+        p.validate(n_phi)
+        for message in identifiability_warnings(p):
+            warnings.warn(message, stacklevel=3)
+        pairs = fitted_pairs(ds)
+        n_scale = n_phi if scaling == "per_angle" else 1
+        v_max = starts.resolvable_velocity(ds)
+        if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
+            p["v0"].max = v_max
+        p.clip_placeholders()
+        estimated = [n for n in PHYSICS_NAMES if p.from_data(n)]
+        found = []
+        if estimated or multistart == "auto":
+            n_found = AUTO_STARTS if multistart == "auto" else 1
+            found = starts.candidates(ds, p, n_found, p["v0"].max)
+            for name in estimated:
+                value = found[0][PHYSICS_INDEX[name]]
+                p[name].value = float(np.clip(value, p[name].min, p[name].max))
+                p[name].given = False
+        estimates = starts.estimate_scaling(ds, p.physics_values())
+        values, lower, upper, labels, free = [], [], [], [], []
+        for name in PHYSICS_NAMES:
+            par = p[name]
+            if par.vary:
+                free.append(len(values))
+                labels.append(name)
+                lower.append(par.min)
+                upper.append(par.max)
+            values.append(float(par.value))
+        for name in SCALING_NAMES:
+            par = p[name]
+            start = (
+                estimates[name]
+                if par.value is None
+                else np.broadcast_to(np.asarray(par.value, dtype=np.float64), (n_phi,))
+            )
+            start = np.clip(start, par.min, par.max)
+            if n_scale == 1:
+                start = np.array([np.mean(start)])
+            for k in range(n_scale):
+                if par.vary:
+                    free.append(len(values))
+                    labels.append(make_label(name, k if scaling == "per_angle" else None))
+                    lower.append(par.min)
+                    upper.append(par.max)
+                values.append(float(start[k]))
+        if not free:
+            raise ParameterError("no parameter varies; nothing to fit")
+        if len(free) >= pairs.n_pairs:
+            raise ParameterError(
+                f"{len(free)} varied parameters but only {pairs.n_pairs} finite pairs"
+            )
+        made = cls(
+            ds,
+            p,
+            pairs,
+            jnp.asarray(values),
+            jnp.asarray(free, dtype=jnp.int32),
+            tuple(labels),
+            np.asarray(lower),
+            np.asarray(upper),
+            n_scale,
+            scaling,
+        )
+        # with estimated starts the first candidate is x0 itself; given starts are kept
+        # and the data's candidates added where they differ
+        alternatives = [made.pack(v) for v in found[1 if estimated else 0 :]]
+        made.alternatives = [x for x in alternatives if not np.allclose(x, made.x0)]
+        return made
+
+    def pack(self, physics: np.ndarray, base=None) -> np.ndarray:
+        """``base`` (default ``x0``) with its varied physics entries taken from
+        ``physics`` (14,), clipped to the bounds."""
+        x = (self.x0 if base is None else np.asarray(base, dtype=float)).copy()
+        for k, label in enumerate(self.labels):
+            if label in PHYSICS_NAMES:
+                x[k] = physics[PHYSICS_INDEX[label]]
+        return np.clip(x, self.lower, self.upper)
+
+    def physics(self, x) -> np.ndarray:
+        """The 14 physics values at the solver vector ``x``."""
+        z = np.asarray(self.template).copy()
+        z[np.asarray(self.free)] = x
+        return z[: len(PHYSICS_NAMES)]
+
+    def residuals(self, x):
+        """Weighted residuals at all fitted pairs, (n_pairs,)."""
+        return np.asarray(
+            _free_residuals_jit(jnp.asarray(x), self.template, self.free, self.pairs, self.n_scale)
+        )
+
+    def cost(self, x) -> float:
+        """``0.5 * sum(residuals(x)²)``, the quantity least squares minimises."""
+        return float(self.cost_and_gradient(x)[0])
+
+    def gradient(self, x) -> np.ndarray:
+        """The gradient of :meth:`cost` in ``x``, ``J^T r`` (exact, by JAX)."""
+        return self.cost_and_gradient(x)[1]
+
+    def cost_and_gradient(self, x) -> tuple[float, np.ndarray]:
+        """:meth:`cost` and :meth:`gradient` from one evaluation."""
+        value, grad = _cost_and_gradient(
+            jnp.asarray(x, dtype=jnp.float64), self.template, self.free, self.pairs, self.n_scale
+        )
+        return float(value), np.asarray(grad)
+
+    def normal_equations(self, x):
+        """``(J^T J, J^T r, r^T r)`` at ``x`` as numpy arrays.
+
+        From the separable form of the model (:mod:`heterodyne.structured`, ``O(N)``
+        transcendentals) where its rule allows (weights constant per angle, fewer masked
+        pairs than fitted ones), else from the blocked Jacobian.
+        """
+        x = jnp.asarray(x)
+        if self.blocks is None:
+            out = blocked_normal_equations(x, self.template, self.free, self.pairs, self.n_scale)
+        else:
+            out = structured.normal_equations(
+                x, self.template, self.free, self.blocks, self.n_scale, self.n_physics
+            )
+        return tuple(np.asarray(a) for a in out)
+
+    @cached_property
+    def blocks(self) -> structured.Blocks | None:
+        """The block layout of the pairs for the separable path
+        (:func:`heterodyne.structured.blocks`), or ``None`` where its rule does not
+        allow it; built on first use and kept."""
+        return structured.blocks(self.pairs)
+
+    def design(self, n: int, seed: int) -> np.ndarray:
+        """``n`` starts from a Latin-hypercube design in the bounds of the varied physics
+        parameters (log-uniform for ``LOG_SCALE``); contrast and offset keep ``x0``."""
+        if n == 0:
+            return np.empty((0, self.x0.size))
+        physics = [k for k, label in enumerate(self.labels) if label in PHYSICS_NAMES]
+        unit = qmc.LatinHypercube(len(physics), seed=seed).random(n)
+        points = np.tile(self.x0, (n, 1))
+        for column, k in enumerate(physics):
+            lo, hi = self.lower[k], self.upper[k]
+            if self.labels[k] in LOG_SCALE and hi > 0:
+                lo_log = np.log10(max(lo, hi * 10.0**-LOG_DECADES))
+                points[:, k] = 10.0 ** (lo_log + unit[:, column] * (np.log10(hi) - lo_log))
+            else:
+                points[:, k] = lo + unit[:, column] * (hi - lo)
+        return points
+
+    def errors_at(self, x, jtj, errors: str) -> Errors:
+        """Covariance of the varied quantities at ``x`` with ``J^T J = jtj`` there.
+
+        The nominal one is ``(J^T J)^+``, scaled by ``chi2 / (n_pairs - n_varied)`` when
+        the Dataset has no ``sigma``; ``errors="speckle"`` adds the covariance of
+        pixel-averaged ``c2`` (:mod:`heterodyne.uncertainty`).
+        """
+        z = np.asarray(self.template).copy()
+        z[np.asarray(self.free)] = x
+        residuals = self.residuals(x)
+        chi2 = float(residuals @ residuals)
+        jtj_inverse = pseudo_inverse(jtj)
+        nominal = jtj_inverse.copy()
+        if "sigma" not in self.ds.data_vars:
+            nominal *= chi2 / max(self.pairs.n_pairs - x.size, 1)
+        physics, contrast, offset = unpack(z, self.n_scale)
+        model_c2 = np.asarray(
+            model.c2_grid(physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q)
+        )
+        covariance, scales = nominal, {}
+        if errors == "speckle":
+            speckle = uncertainty.speckle_covariance(
+                jtj_inverse,
+                x,
+                self.template,
+                self.free,
+                self.pairs,
+                self.n_scale,
+                residuals,
+                uncertainty.intensity_covariance(model_c2, self.ds["c2"].values, offset),
+            )
+            covariance = speckle.covariance
+            scales = {"speckle_kappa": speckle.kappa, "white_variance": speckle.white}
+        return Errors(covariance, nominal, scales, z, model_c2, residuals)
+
+
+def normalised_eigh(jtj: np.ndarray):
+    """Eigen-decomposition of ``J^T J`` with unit diagonal: ``(column norms, eigenvalues,
+    eigenvectors, mask of eigenvalues above eps * n * max)``. Normalising first keeps
+    parameters of very different units (D0 ~ 1e4, f0 ~ 0.5) from spoiling the
+    conditioning; a zero column (a parameter with no effect) gets a zero eigenvalue."""
+    scale = np.sqrt(np.diag(jtj))
+    inv = safe_inverse(scale)
+    eigval, eigvec = np.linalg.eigh(jtj * np.outer(inv, inv))
+    keep = eigval > np.finfo(float).eps * jtj.shape[0] * max(eigval.max(), 0.0)
+    return scale, eigval, eigvec, keep
+
+
+def pseudo_inverse(jtj: np.ndarray) -> np.ndarray:
+    """``(J^T J)^+`` from :func:`normalised_eigh`: a degenerate direction gives large, not
+    infinite, errors."""
+    scale, eigval, eigvec, keep = normalised_eigh(jtj)
+    inv = safe_inverse(scale)
+    normalised = (eigvec[:, keep] / eigval[keep]) @ eigvec[:, keep].T
+    return normalised * np.outer(inv, inv)
+
+
+def safe_inverse(scale):
+    """``1 / scale`` where ``scale > 0``, else 0 (a parameter with no effect)."""
+    return np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0)

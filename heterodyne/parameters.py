@@ -84,6 +84,43 @@ PHYSICS_NAMES = tuple(s.name for s in PHYSICS)
 SCALING_NAMES = tuple(s.name for s in SCALING)
 SPECS = {s.name: s for s in PHYSICS + SCALING}
 UNITS = {s.name: s.unit for s in PHYSICS + SCALING}
+#: Position of each physics parameter in the model's vector (:mod:`heterodyne.model`).
+PHYSICS_INDEX = {name: k for k, name in enumerate(PHYSICS_NAMES)}
+#: The arguments of :func:`heterodyne.model.sample_fraction`, in its order.
+FRACTION_NAMES = ("f0", "f1", "f2", "f3")
+
+
+def physics_by_name(physics) -> dict[str, float]:
+    """The model's physics vector (14,) as ``{name: value}``."""
+    return {name: float(physics[k]) for name, k in PHYSICS_INDEX.items()}
+
+
+def make_label(name: str, angle: int | None = None) -> str:
+    """The label of a fitted quantity in reports and result files: ``name``, or
+    ``"name[k]"`` for the entry of angle ``k`` of a per-angle quantity."""
+    return name if angle is None else f"{name}[{angle}]"
+
+
+def parse_label(text: str) -> tuple[str, int | None]:
+    """``(name, angle)`` of a label made by :func:`make_label`; ``angle`` is ``None`` for a
+    quantity without a ``phi`` dimension.
+
+    The one place where labels are read back: result files store the varied quantities
+    by label (the ``name`` coordinate of the covariance), and users may ask for
+    ``result.value("contrast[1]")``.
+    """
+    name, bracket, rest = str(text).partition("[")
+    if not bracket:
+        return name, None
+    return name, int(rest.removesuffix("]"))
+
+
+# Positive scales spanning decades: drawn log-uniformly by multistart, sampled in log10 by
+# CMC, shown on log sliders by the explorer.
+LOG_SCALE = ("D0_ref", "D0_sample", "v0")
+# The log range of a log-scale parameter whose lower bound is 0 starts this many decades
+# below its upper bound.
+LOG_DECADES = 6
 
 
 def _bound(field: str, given: str | None = None) -> property:
@@ -249,7 +286,7 @@ class Parameters(MutableMapping):
         --params`` read: per name ``vary``, ``min`` and, where they were set, ``value``
         and ``max`` (an unset value is estimated from the data at fit time, an unset
         ``v0`` max is the velocity the data resolve)."""
-        from heterodyne.data import atomic_write
+        from heterodyne.files import atomic_write
 
         table = {}
         for name, par in self._params.items():

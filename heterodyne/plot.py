@@ -26,8 +26,10 @@ import numpy as np
 import xarray as xr
 from bokeh.resources import INLINE
 
-from heterodyne.data import atomic_write, validate
+from heterodyne.data import validate
+from heterodyne.diagnostics import pass_rules
 from heterodyne.errors import OptionError
+from heterodyne.files import atomic_write
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS
 
 ROBUST_PERCENTILES = (1.0, 99.0)  # colour range of c2 heatmaps, off-diagonal values
@@ -415,40 +417,21 @@ def posterior(result) -> hv.Layout:
 def _diagnostics_table(result) -> hv.Overlay:
     """Pass/fail of each shard's worst R-hat, ESS bulk/tail, BFMI and divergences."""
     d = result.diagnostics
-    limits = {
-        k.removeprefix("threshold_"): v for k, v in d.attrs.items() if k.startswith("threshold_")
-    }
-    ess_min = limits["ess_per_chain_min"] * d.sizes["chain"]
+    passes = pass_rules(d)
     cells = []
     for s in d["shard"].values:
         row = d.sel(shard=s)
-        figures = (
-            (
-                "R-hat (max)",
-                float(row["rhat"].max()),
-                float(row["rhat"].max()) < limits["rhat_max"],
-            ),
-            (
-                "ESS bulk (min)",
-                float(row["ess_bulk"].min()),
-                float(row["ess_bulk"].min()) >= ess_min,
-            ),
-            (
-                "ESS tail (min)",
-                float(row["ess_tail"].min()),
-                float(row["ess_tail"].min()) >= ess_min,
-            ),
-            (
-                "BFMI (min)",
-                float(row["bfmi"].min()),
-                float(row["bfmi"].min()) >= limits["bfmi_min"],
-            ),
-            (
-                "divergent %",
-                100 * float(row["divergent_fraction"]),
-                float(row["divergent_fraction"]) <= limits["divergence_max"],
-            ),
-        )
+        worst = {
+            "R-hat (max)": ("rhat", float(row["rhat"].max())),
+            "ESS bulk (min)": ("ess_bulk", float(row["ess_bulk"].min())),
+            "ESS tail (min)": ("ess_tail", float(row["ess_tail"].min())),
+            "BFMI (min)": ("bfmi", float(row["bfmi"].min())),
+            "divergent %": ("divergent_fraction", float(row["divergent_fraction"])),
+        }
+        figures = [
+            (label, 100 * value if key == "divergent_fraction" else value, passes[key](value))
+            for label, (key, value) in worst.items()
+        ]
         cells += [(figure, f"shard {s}", int(ok), f"{value:.4g}") for figure, value, ok in figures]
     kdims, vdims = ["figure", "shard"], ["pass", "value"]
     table = hv.HeatMap(cells, kdims, vdims).opts(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from heterodyne.data import atomic_write
+from heterodyne.files import atomic_write
 
 # Outside Jupyter a table has no style of its own: its columns would run together.
 _TABLE_STYLE = (

@@ -18,9 +18,17 @@ import numpy as np
 import xarray as xr
 
 from heterodyne import checks
-from heterodyne.data import atomic_write, time_origin
+from heterodyne.data import time_origin
 from heterodyne.errors import FileFormatError
-from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS, Parameters
+from heterodyne.files import atomic_write
+from heterodyne.parameters import (
+    PHYSICS_NAMES,
+    SCALING_NAMES,
+    SPECS,
+    UNITS,
+    Parameters,
+    parse_label,
+)
 
 CORRELATION_SHOW = 0.7  # the report lists correlations above this
 CORRELATION_LINES = 12  # ... the strongest this many of them
@@ -288,7 +296,7 @@ class NLSQResult:
         """Varied quantities whose value sits on a bound."""
         out = []
         for label in self.covariance["name"].values:
-            name = str(label).split("[")[0]
+            name, _ = parse_label(label)
             lo, hi = (float(self.settings[k].sel(name=name)) for k in ("min", "max"))
             value = self.value(str(label))
             tol = AT_BOUND_RTOL * (hi - lo)
@@ -522,9 +530,11 @@ def verdict_html(verdict) -> str:
 
 
 def _by_label(ds: xr.Dataset, label: str) -> float:
-    name, _, index = label.partition("[")
+    """The value of ``ds`` at a label (:func:`~heterodyne.parameters.parse_label`): the
+    entry of angle ``k`` of a per-angle variable, or a scalar."""
+    name, angle = parse_label(label)
     values = np.atleast_1d(ds[name].values)
-    return float(values[int(index.rstrip("]"))] if index else values[0])
+    return float(values[0 if angle is None else angle])
 
 
 # The groups of CMCResult.posterior (an arviz.InferenceData), in the order they are written.
@@ -664,7 +674,7 @@ class CMCResult:
         if np.any(np.isfinite(floors.values)):
             lower = self.hdi().sel(hdi="lower")
             for label, floor in zip(floors["parameter"].values, floors.values, strict=True):
-                name = str(label).split("[")[0]
+                name, _ = parse_label(label)
                 if (
                     np.isfinite(floor)
                     and name in lower
@@ -691,7 +701,7 @@ class CMCResult:
         figures = self.diagnostics
         for label in figures["parameter"].values:
             label = str(label)
-            name = label.split("[")[0]
+            name, _ = parse_label(label)
             by = figures.sel(parameter=label)
             yield (
                 label,

@@ -6,8 +6,9 @@ import numpy as np
 import xarray as xr
 
 from heterodyne import checks, model, speckle
-from heterodyne.data import check_memory, from_arrays
+from heterodyne.data import from_arrays
 from heterodyne.errors import OptionError
+from heterodyne.memory import check_memory
 from heterodyne.parameters import PHYSICS_NAMES, Parameters
 
 # Peak memory of simulate beyond what exists before it, in bytes per value of the c2 grid
@@ -95,7 +96,7 @@ def simulate(
         An option has a wrong type or value.
     DataError
         The Dataset would not fit in memory (checked before any work, see
-        :func:`heterodyne.data.check_memory`).
+        :func:`heterodyne.memory.check_memory`).
 
     Examples
     --------

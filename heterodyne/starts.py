@@ -39,9 +39,13 @@ import scipy.optimize
 import xarray as xr
 
 from heterodyne import model
-from heterodyne.parameters import ESTIMATED, PHYSICS_NAMES, Parameters
+from heterodyne.parameters import (
+    ESTIMATED,
+    FRACTION_NAMES,
+    PHYSICS_INDEX,
+    Parameters,
+)
 
-_INDEX = {name: k for k, name in enumerate(PHYSICS_NAMES)}
 # Lags used individually; longer lags are averaged in this many log-spaced bins.
 LAGS = 160
 LAG_BINS = 60
@@ -124,12 +128,12 @@ def _vectors(base: np.ndarray, rate_ref, rate_sample, fraction, velocity, phi0, 
     """Physics vectors ``(M, 14)``: ``base`` with the one-time parameters replaced."""
     m = np.broadcast(rate_ref, rate_sample, fraction, velocity, phi0).shape
     out = np.tile(base, m + (1,))
-    out[..., _INDEX["D0_ref"]] = rate_ref / q**2
-    out[..., _INDEX["D0_sample"]] = rate_sample / q**2
-    out[..., _INDEX["f0"]] = fraction - base[_INDEX["f3"]]
-    out[..., _INDEX["f1"]] = 0.0
-    out[..., _INDEX["v0"]] = velocity
-    out[..., _INDEX["phi0"]] = phi0
+    out[..., PHYSICS_INDEX["D0_ref"]] = rate_ref / q**2
+    out[..., PHYSICS_INDEX["D0_sample"]] = rate_sample / q**2
+    out[..., PHYSICS_INDEX["f0"]] = fraction - base[PHYSICS_INDEX["f3"]]
+    out[..., PHYSICS_INDEX["f1"]] = 0.0
+    out[..., PHYSICS_INDEX["v0"]] = velocity
+    out[..., PHYSICS_INDEX["phi0"]] = phi0
     return out.reshape(-1, base.size)
 
 
@@ -168,7 +172,7 @@ def candidates(ds: xr.Dataset, p: Parameters, n: int, v_max: float) -> list[np.n
     ref, sample = _rate_pairs(rates, known, q)
     fractions = np.array(FRACTIONS)
     if "f0" in known:
-        fractions = np.array([np.clip(known["f0"] + base[_INDEX["f3"]], 0.0, 1.0)])
+        fractions = np.array([np.clip(known["f0"] + base[PHYSICS_INDEX["f3"]], 0.0, 1.0)])
     pair, frac = np.meshgrid(np.arange(ref.size), fractions, indexing="ij")
     pair, frac = pair.ravel(), frac.ravel()
     # Each angle sees w_k = q v0 |cos(phi_k - phi0)| <= q v0.
@@ -202,8 +206,8 @@ def candidates(ds: xr.Dataset, p: Parameters, n: int, v_max: float) -> list[np.n
         )
     found = np.array(found)
     for name, value in known.items():
-        found[:, _INDEX[name]] = value
-    free = tuple(_INDEX[n] for n in ESTIMATED if n not in known)
+        found[:, PHYSICS_INDEX[name]] = value
+    free = tuple(PHYSICS_INDEX[n] for n in ESTIMATED if n not in known)
     refined = [_polish(v, free, tau, y, w, phi, q, v_max) for v in found]
     ranked = [v for _, v in sorted(refined, key=lambda pair: pair[0])]
     out = []
@@ -276,11 +280,11 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     residual, jacobian = _polish_functions(free)
     args = (vector, tau, y, np.sqrt(w), phi, q)
     bounds = {
-        _INDEX["D0_ref"]: (0.0, np.inf),
-        _INDEX["D0_sample"]: (0.0, np.inf),
-        _INDEX["f0"]: (0.0, 1.0),
-        _INDEX["v0"]: (0.0, v_max),
-        _INDEX["phi0"]: (-90.0, 90.0),
+        PHYSICS_INDEX["D0_ref"]: (0.0, np.inf),
+        PHYSICS_INDEX["D0_sample"]: (0.0, np.inf),
+        PHYSICS_INDEX["f0"]: (0.0, 1.0),
+        PHYSICS_INDEX["v0"]: (0.0, v_max),
+        PHYSICS_INDEX["phi0"]: (-90.0, 90.0),
     }
     lower, upper = (np.array([bounds[k][side] for k in free]) for side in (0, 1))
     x0 = np.clip(vector[list(free)], lower, upper)
@@ -294,24 +298,25 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     )
     out = vector.copy()
     out[list(free)] = fit.x
-    i, j = _INDEX["D0_ref"], _INDEX["D0_sample"]
-    if out[i] > out[j] and i in free and j in free and _INDEX["f0"] in free:
+    i, j = PHYSICS_INDEX["D0_ref"], PHYSICS_INDEX["D0_sample"]
+    if out[i] > out[j] and i in free and j in free and PHYSICS_INDEX["f0"] in free:
         out[i], out[j] = out[j], out[i]
-        out[_INDEX["f0"]] = 1.0 - out[_INDEX["f0"]]
+        out[PHYSICS_INDEX["f0"]] = 1.0 - out[PHYSICS_INDEX["f0"]]
     return 2.0 * float(fit.cost), out
 
 
 def _distinct(a: np.ndarray, b: np.ndarray, floor: float) -> bool:
     """Whether two starts differ by more than :data:`DISTINCT`; rates below ``floor``
     [Å²/s] count as equal (too slow to tell apart over the window)."""
-    rates = [_INDEX["D0_ref"], _INDEX["D0_sample"]]
+    rates = [PHYSICS_INDEX["D0_ref"], PHYSICS_INDEX["D0_sample"]]
     ratio = (np.abs(a[rates]) + floor) / (np.abs(b[rates]) + floor)
-    v = _INDEX["v0"]
+    v = PHYSICS_INDEX["v0"]
     return bool(
         np.any(np.abs(np.log(ratio)) > np.log(DISTINCT["rate"]))
-        or abs(a[_INDEX["f0"]] - b[_INDEX["f0"]]) > DISTINCT["fraction"]
+        or abs(a[PHYSICS_INDEX["f0"]] - b[PHYSICS_INDEX["f0"]]) > DISTINCT["fraction"]
         or abs(a[v] - b[v]) > DISTINCT["velocity"] * max(abs(a[v]), abs(b[v]), 1e-12)
-        or abs((a[_INDEX["phi0"]] - b[_INDEX["phi0"]] + 90) % 180 - 90) > DISTINCT["phi0"]
+        or abs((a[PHYSICS_INDEX["phi0"]] - b[PHYSICS_INDEX["phi0"]] + 90) % 180 - 90)
+        > DISTINCT["phi0"]
     )
 
 
@@ -321,7 +326,6 @@ PAIRS = (
     ("alpha_ref", "alpha_sample"),
     ("D_offset_ref", "D_offset_sample"),
 )
-FRACTION_NAMES = ("f0", "f1", "f2", "f3")
 
 
 def transport(physics: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -348,14 +352,14 @@ def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
         return None
     out = np.array(physics, dtype=float)
     for a, b in PAIRS:
-        ia, ib = _INDEX[a], _INDEX[b]
+        ia, ib = PHYSICS_INDEX[a], PHYSICS_INDEX[b]
         if p[a].vary != p[b].vary or (not p[a].vary and out[ia] != out[ib]):
             return None
         out[ia], out[ib] = out[ib], out[ia]
         for name, k in ((a, ia), (b, ib)):
             if not p[name].min <= out[k] <= p[name].max:
                 return None
-    f0, f1, f2, f3 = (out[_INDEX[n]] for n in FRACTION_NAMES)
+    f0, f1, f2, f3 = (out[PHYSICS_INDEX[n]] for n in FRACTION_NAMES)
     if f1 == 0.0:
         target = 1.0 - float(np.clip(f0 + f3, 0.0, 1.0))
         name = "f0" if p["f0"].vary else "f3" if p["f3"].vary else None
@@ -364,18 +368,18 @@ def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
         value = target - (f3 if name == "f0" else f0)
         if not p[name].min <= value <= p[name].max:
             return None
-        out[_INDEX[name]] = value
+        out[PHYSICS_INDEX[name]] = value
         return out, True
     varied = [n for n in ("f0", "f1", "f3") if p[n].vary]
     if not varied:
         return None
     complement = 1.0 - np.asarray(model.sample_fraction(t, f0, f1, f2, f3))
-    index = [_INDEX[n] for n in varied]
+    index = [PHYSICS_INDEX[n] for n in varied]
 
     def misfit(x):
         trial = out.copy()
         trial[index] = x
-        law = trial[[_INDEX[n] for n in FRACTION_NAMES]]
+        law = trial[[PHYSICS_INDEX[n] for n in FRACTION_NAMES]]
         return np.asarray(model.sample_fraction(t, *law)) - complement
 
     start = out[index].copy()
@@ -390,3 +394,37 @@ def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
     )
     out[index] = fitted.x
     return out, False
+
+
+def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-angle starting ``contrast`` and ``offset`` from the data.
+
+    ``c2 = offset + contrast g`` is linear in both, so given the starting physics (hence
+    ``g``) they are solved for by linear least squares over the fitted pairs. Where that
+    gives no positive contrast (a starting ``g`` far from the data, or one that does not
+    vary), the plateau estimate is used instead: offset = median ``c2`` over the longest
+    10 % of lags, contrast = mean ``c2`` one frame off the diagonal minus the offset.
+    """
+    c2 = ds["c2"].values
+    n = c2.shape[-1]
+    i, j = np.triu_indices(n, 1)
+    g = np.asarray(
+        model.c2_grid(physics, 1.0, 0.0, ds["t1"].values, ds["phi"].values, float(ds["q"]))
+    )[:, i, j]
+    lag = j - i
+    far, near = lag >= max(1, int(0.9 * (n - 1))), lag == 1
+    contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
+    for k, data in enumerate(c2[:, i, j]):
+        ok = np.isfinite(data)
+        # the least-squares line through (g, c2), centered: slope cov / var
+        g_ok, d_ok = g[k, ok], data[ok]
+        g_dev = g_ok - g_ok.mean()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = (g_dev @ (d_ok - d_ok.mean())) / (g_dev @ g_dev)
+        base = d_ok.mean() - scale * g_ok.mean()
+        if not scale > 0 and np.any(ok & far) and np.any(ok & near):
+            base = np.median(data[ok & far])
+            scale = np.mean(data[ok & near]) - base
+        if np.isfinite(base) and np.isfinite(scale) and scale > 0:
+            contrast[k], offset[k] = scale, base
+    return {"contrast": contrast, "offset": offset}

@@ -185,7 +185,9 @@ def _layout(angle, i, j, d, n_phi: int, n_blocks: int, size: int):
     return square.reshape(n_phi, n_blocks, size, n_pad), jnp.where(upper, diag, 0.0)
 
 
-def _factors(physics, t, phi, q):
+def frame_factors(physics, t, phi, q):
+    """The per-frame factors ``(a, b, e)`` of the separable model
+    (:func:`heterodyne.model.correlation_factors`) from the 14 physics values."""
     frames = model.frame_integrals(physics, t)
     return model.correlation_factors(frames, q, model.parallel_wavevector(physics, phi, q))
 
@@ -196,7 +198,7 @@ def _factor_derivatives(x_physics, template, free_physics, t, phi, q):
     shares the primal (faster here than ``jax.jacfwd``, whose output transposes)."""
 
     def factors(y):
-        return _factors(template[: len(PHYSICS_NAMES)].at[free_physics].set(y), t, phi, q)
+        return frame_factors(template[: len(PHYSICS_NAMES)].at[free_physics].set(y), t, phi, q)
 
     def push(tangent):
         return jax.jvp(factors, (x_physics,), (tangent,))
@@ -237,11 +239,6 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     gram, magnitude = _fitted_gram(a, b, e, Da, Db, scale, masked)
     sums = (data.weight, data.sum_d, data.sum_d2)
     return _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scale, n_physics)
-
-
-def cache_size() -> int:
-    """Compilations held by the stages of :func:`normal_equations` (one set per shape)."""
-    return sum(f._cache_size() for f in (_factor_stage, _data_pass, _fitted_gram, _assemble))
 
 
 @partial(jax.jit, static_argnums=(7, 8))
@@ -550,3 +547,7 @@ def _masked_gram(a, b, e, Da, Db, scale, masked):
     size = Da.shape[-1] + 2
     parts = tuple(v.reshape(total // chunk, chunk) for v in masked)
     return jax.lax.scan(accumulate, jnp.zeros((n_phi, size, size)), parts)[0]
+
+
+#: The compiled stages of :func:`normal_equations`: each compiles once per data shape.
+STAGES = (_factor_stage, _data_pass, _fitted_gram, _assemble)

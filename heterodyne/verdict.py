@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from heterodyne import model, starts
-from heterodyne.parameters import PHYSICS_NAMES
+from heterodyne.parameters import FRACTION_NAMES, PHYSICS_INDEX, PHYSICS_NAMES, parse_label
 from heterodyne.results import AT_BOUND_RTOL
 
 STATUSES = ("ok", "check", "fail")
@@ -73,7 +73,7 @@ def of_fit(result) -> Verdict:
         fail.append(f"the optimiser did not converge: {result.message}")
     fail += _aliasing(physics, result.data)
     ref, sample = starts.transport(physics, t)
-    fraction = np.asarray(model.sample_fraction(t, *physics[9:13]))
+    fraction = np.asarray(model.sample_fraction(t, *_fraction_law(physics)))
     equal = abs(ref - sample) <= EQUAL_RATES * (ref + sample) or _within_errors(
         result, "D0_ref", "D0_sample", 0.0
     )
@@ -117,7 +117,7 @@ def of_fit(result) -> Verdict:
             f"{', '.join(group)} are degenerate (|correlation| > {DEGENERATE}): only a "
             "combination is determined"
         )
-        if any(name.split("[")[0] in PHYSICS_NAMES for name in group):
+        if any(parse_label(label)[0] in PHYSICS_NAMES for label in group):
             check.append(line + "; fix all but one or give more data")
         else:  # contrast and offset alone: the physics are not affected
             notes.append(line + " (the physics parameters are not affected)")
@@ -158,7 +158,7 @@ def _aliasing(physics: np.ndarray, ds) -> list[str]:
     frames = model.frame_integrals(physics, ds["t1"].values.astype(float))
     step = np.abs(np.diff(np.asarray(frames.V)))
     q = float(ds["q"])
-    cosine = np.abs(np.cos(np.deg2rad(ds["phi"].values - physics[13])))
+    cosine = np.abs(np.cos(np.deg2rad(ds["phi"].values - physics[PHYSICS_INDEX["phi0"]])))
     phase = q * float(cosine.max()) * float(step.max(initial=0.0))
     if phase <= np.pi:
         return []
@@ -170,7 +170,7 @@ def _aliasing(physics: np.ndarray, ds) -> list[str]:
 
 
 def _counts_at_bound(result, label: str) -> bool:
-    name = label.split("[")[0]
+    name, _ = parse_label(label)
     if name == "phi0":  # periodic: -90 and 90 are one direction
         return False
     if name not in PHYSICAL_ZERO:
@@ -255,11 +255,17 @@ def _invariants(result, x, names, t):
     physics = np.array([float(result.params[n]) for n in PHYSICS_NAMES])
     for k, n in enumerate(names):
         if n in PHYSICS_NAMES:
-            physics[PHYSICS_NAMES.index(n)] = x[k]
+            physics[PHYSICS_INDEX[n]] = x[k]
     ref, sample = starts.transport(physics, t)
-    fraction = float(np.mean(model.sample_fraction(t, *physics[9:13])))
+    fraction = float(np.mean(model.sample_fraction(t, *_fraction_law(physics))))
     slow = 1.0 - fraction if ref <= sample else fraction
-    return np.array([min(ref, sample), max(ref, sample), physics[6], physics[13], slow])
+    v0, phi0 = physics[PHYSICS_INDEX["v0"]], physics[PHYSICS_INDEX["phi0"]]
+    return np.array([min(ref, sample), max(ref, sample), v0, phi0, slow])
+
+
+def _fraction_law(physics) -> list[float]:
+    """The arguments ``f0 .. f3`` of :func:`heterodyne.model.sample_fraction`."""
+    return [physics[PHYSICS_INDEX[n]] for n in FRACTION_NAMES]
 
 
 def _differ(a, b, q) -> bool:

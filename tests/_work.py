@@ -4,6 +4,29 @@ import tracemalloc
 
 import jax
 
+COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class Compiles:
+    """Records the name of each function JAX compiles inside ``with`` (``names``)."""
+
+    def __enter__(self):
+        self.names = []
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+        return self
+
+    def _record(self, event, duration, **kwargs):
+        if event == COMPILE:
+            self.names.append(kwargs.get("fun_name", ""))
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._record)
+
+    def of(self, *functions) -> int:
+        """Compilations of the jitted ``functions`` (by their Python name)."""
+        wanted = {f"jit({f.__name__})" for f in functions}
+        return sum(name in wanted for name in self.names)
+
 
 class NoWork:
     """Records JAX traces/compiles and the peak of traced allocations inside ``with``."""

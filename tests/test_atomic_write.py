@@ -1,6 +1,6 @@
 """Nothing lost: a writer killed mid-write leaves the old file whole and no half file.
 
-Writers go through ``heterodyne.data.atomic_write``: the bytes go to a hidden temporary
+Writers go through ``heterodyne.files.atomic_write``: the bytes go to a hidden temporary
 file ``.NAME.PID.XXXXXXXX.tmp`` beside the target, unique to each writer, published under
 the target's name once complete. The tests kill
 real processes with SIGKILL while they write, so they run on POSIX only.
@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 import heterodyne as hd
-from heterodyne.data import atomic_write
 from heterodyne.errors import FileFormatError
+from heterodyne.files import atomic_write
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
 # Writes half a file, tells the parent where, then waits to be killed.
 SLOW_WRITER = """
 import sys, time
-from heterodyne.data import atomic_write
+from heterodyne.files import atomic_write
 
 def write(tmp):
     with open(tmp, "wb") as f:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _interrupt import ctrl_c_once
+from _work import Compiles
 
 import heterodyne as hd
 from heterodyne import cmc, model
@@ -72,11 +73,10 @@ def test_run_lengths_that_cannot_pass_are_announced_before_sampling(small):
 )
 def test_bad_options_raise_before_any_compile(small, options):
     ds, init = small
-    compiled = cmc._chain._cache_size()
     arguments = {"init": init, **options}
-    with pytest.raises(hd.OptionError):
+    with Compiles() as compiles, pytest.raises(hd.OptionError):
         hd.fit_cmc(ds, arguments.pop("init"), **arguments)
-    assert cmc._chain._cache_size() == compiled
+    assert compiles.of(cmc.nuts_chain) == 0
 
 
 def test_log_likelihood_is_the_gaussian_of_nlsq_residuals(small):
@@ -166,8 +166,8 @@ def test_whole_row_likelihood_equals_the_pairwise_one(sigma):
         values = []
         for job in (fast, slow):
             data = type(job.data)(*(jnp.asarray(a) for a in job.data))
-            potential = cmc._potential(
-                data, cmc._jax_space(job.space), n_scale=job.n_scale, n_free=job.n_free
+            potential = cmc.potential(
+                data, job.space.as_jax(), n_scale=job.n_scale, n_free=job.n_free
             )
             value, grad = jax.value_and_grad(potential)({"w": jnp.asarray(w)})
             values.append((float(value), np.asarray(grad["w"])))
@@ -417,10 +417,9 @@ def test_a_crashed_worker_keeps_the_finished_shards_and_a_rerun_resumes(
 def test_a_checkpoint_that_is_a_file_is_refused_before_sampling(small, tmp_path):
     ds, init = small
     (tmp_path / "file").write_text("")
-    compiled = cmc._chain._cache_size()
-    with pytest.raises(hd.OptionError, match="must be a folder"):
+    with Compiles() as compiles, pytest.raises(hd.OptionError, match="must be a folder"):
         hd.fit_cmc(ds, init, checkpoint=tmp_path / "file", **SHORT)
-    assert cmc._chain._cache_size() == compiled
+    assert compiles.of(cmc.nuts_chain) == 0
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 
 import heterodyne as hd
 from heterodyne import model
-from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, Parameters
+from heterodyne.parameters import PHYSICS_INDEX, PHYSICS_NAMES, SCALING_NAMES, SPECS, Parameters
 
 REDRAW_BOUND_S = 0.5  # generous: the target is < 0.1 s on an idle machine
 
@@ -48,7 +48,7 @@ def test_explorer_without_data_draws_the_model_at_the_slider_values():
     np.testing.assert_array_equal(explorer.model_c2, expected_c2(physics, 0.3, 1.0, t, 30.0, 0.01))
 
     explorer.zero["D0_ref"].value = True  # a static reference
-    physics[0] = 0.0
+    physics[PHYSICS_INDEX["D0_ref"]] = 0.0
     np.testing.assert_array_equal(explorer.physics(), physics)
     np.testing.assert_array_equal(explorer.model_c2, expected_c2(physics, 0.3, 1.0, t, 30.0, 0.01))
 
@@ -104,4 +104,4 @@ def test_redraw_at_200_frames_is_fast_enough_to_drag(with_data):
     assert median < REDRAW_BOUND_S
     column = 1 if with_data else 0
     np.testing.assert_array_equal(drawn_image(rendered, column), explorer.model_c2.T)
-    assert explorer.physics()[PHYSICS_NAMES.index("v0")] == pytest.approx(values[-1])
+    assert explorer.physics()[PHYSICS_INDEX["v0"]] == pytest.approx(values[-1])

@@ -3,18 +3,19 @@
 import jax
 import numpy as np
 import pytest
+from _work import Compiles
 from scipy.optimize import curve_fit
 
 import heterodyne as hd
-from heterodyne import model, nlsq, objective, structured
+from heterodyne import model, nlsq, objective, starts, structured
+from heterodyne.parameters import LOG_DECADES, parse_label
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
 
 
-def compiled_count():
-    """Compilations of the normal equations so far, on either path."""
-    return nlsq._normal_equations_jit._cache_size() + structured.cache_size()
+# the compiled normal equations, on either path
+NORMAL_EQUATIONS = (objective.blocked_normal_equations, *structured.STAGES)
 
 
 def off_by_30_percent(truth=TRUTH):
@@ -47,7 +48,7 @@ def test_starting_scaling_is_the_least_squares_line_through_the_data(dataset):
     c2[1, 3:9, 20:30] = c2[1, 20:30, 3:9] = np.nan
     ds = hd.from_arrays(c2, dataset["t1"].values, dataset["phi"].values, float(dataset["q"]))
     physics = hd.Parameters(TRUTH).physics_values()
-    got = nlsq.estimate_scaling(ds, physics)
+    got = starts.estimate_scaling(ds, physics)
     t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
     g = np.asarray(model.c2_grid(physics, 1.0, 0.0, t, phi, q))
     i, j = np.triu_indices(c2.shape[-1], 1)
@@ -67,7 +68,7 @@ def test_starting_scaling_falls_back_to_the_plateaus_where_g_does_not_vary(datas
     still = hd.Parameters(
         {**TRUTH, "D0_ref": 0.0, "D0_sample": 0.0, "v0": 0.0, "f0": 0.0}
     ).physics_values()
-    got = nlsq.estimate_scaling(dataset, still)
+    got = starts.estimate_scaling(dataset, still)
     c2 = dataset["c2"].values
     n = c2.shape[-1]
     i, j = np.triu_indices(n, 1)
@@ -88,10 +89,9 @@ def test_stderr_matches_the_scatter_over_noise_seeds():
     labels = list(fits[0].covariance["name"].values)
     values = np.array([[f.value(label) for label in labels] for f in fits])
     errors = np.array([[f.error(label) for label in labels] for f in fits])
-    truth = [fits[0].data.attrs[f"true_{label.split('[')[0]}"] for label in labels]
+    entries = [parse_label(label) for label in labels]
     truth = [
-        np.atleast_1d(t)[int(label[-2])] if "[" in label else t
-        for t, label in zip(truth, labels, strict=True)
+        np.atleast_1d(fits[0].data.attrs[f"true_{name}"])[angle or 0] for name, angle in entries
     ]
     z = (values - np.asarray(truth)) / errors
     assert np.all(np.abs(z) < 3.5), dict(zip(labels, np.abs(z).max(axis=0), strict=True))
@@ -140,11 +140,11 @@ def test_one_time_limit_matches_curve_fit_of_closed_form_g2():
 
 
 def test_normal_equations_equal_the_explicit_jacobian(dataset):
-    problem = nlsq._Problem.build(dataset, off_by_30_percent(), fix=(), scaling="per_angle")
+    problem = hd.Objective.build(dataset, off_by_30_percent(), fix=(), scaling="per_angle")
     x = problem.x0 * 1.01
     jtj, jtr, rtr = problem.normal_equations(x)
     jac = np.asarray(
-        jax.jacfwd(nlsq._residuals)(
+        jax.jacfwd(objective.free_residuals)(
             x, problem.template, problem.free, problem.pairs, problem.n_scale
         )
     )
@@ -173,10 +173,10 @@ def test_fixed_parameters_stay_put_and_shared_scaling(dataset):
 
 
 def test_multistart_is_deterministic_keeps_all_starts_and_does_not_recompile(dataset):
-    compiled = compiled_count()
-    a = hd.fit_nlsq(dataset, off_by_30_percent(), multistart=3, seed=5, progress=False)
-    b = hd.fit_nlsq(dataset, off_by_30_percent(), multistart=3, seed=5, progress=False)
-    assert compiled_count() - compiled <= 1
+    with Compiles() as compiles:
+        a = hd.fit_nlsq(dataset, off_by_30_percent(), multistart=3, seed=5, progress=False)
+        b = hd.fit_nlsq(dataset, off_by_30_percent(), multistart=3, seed=5, progress=False)
+    assert compiles.of(*NORMAL_EQUATIONS) <= 1
     assert a.starts.sizes["start"] == 4
     assert float(a.starts["cost"].min()) == pytest.approx(a.chi2 / 2, rel=1e-12)
     for name in a.params.data_vars:
@@ -185,14 +185,14 @@ def test_multistart_is_deterministic_keeps_all_starts_and_does_not_recompile(dat
 
 
 def test_multistart_design_is_inside_bounds_and_log_uniform_for_scales(dataset):
-    problem = nlsq._Problem.build(dataset, None, fix=(), scaling="per_angle")
+    problem = hd.Objective.build(dataset, None, fix=(), scaling="per_angle")
     starts = problem.design(256, seed=0)
     assert np.all(starts >= problem.lower) and np.all(starts <= problem.upper)
     k = problem.labels.index("D0_sample")
     decades = np.log10(starts[:, k])
     # log-uniform over LOG_DECADES decades below the upper bound: uniform in log10
-    assert decades.min() >= 7 - nlsq.LOG_DECADES and decades.max() <= 7
-    assert abs(np.mean(decades) - (7 - nlsq.LOG_DECADES / 2)) < 0.2
+    assert decades.min() >= 7 - LOG_DECADES and decades.max() <= 7
+    assert abs(np.mean(decades) - (7 - LOG_DECADES / 2)) < 0.2
 
 
 def test_dropped_frames_are_masked_counted_and_reported(dataset):
@@ -284,11 +284,10 @@ def test_static_reference_at_the_bound_is_reported():
     ],
 )
 def test_bad_input_fails_before_any_compile(dataset, mutate, error, match):
-    compiled = compiled_count()
     ds, p = mutate(dataset.copy(deep=True), hd.Parameters(TRUTH))
-    with pytest.raises(error, match=match):
+    with Compiles() as compiles, pytest.raises(error, match=match):
         hd.fit_nlsq(ds, p, progress=False)
-    assert compiled_count() == compiled
+    assert compiles.of(*NORMAL_EQUATIONS) == 0
 
 
 def test_bad_options(dataset):

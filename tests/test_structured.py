@@ -3,9 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _work import Compiles
 
 import heterodyne as hd
-from heterodyne import model, nlsq, structured
+from heterodyne import model, nlsq, objective, structured
 from heterodyne.parameters import PHYSICS_NAMES
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
@@ -40,12 +41,12 @@ def problem_for(ds, values, scaling="per_angle", fix=()):
     p = hd.Parameters(values)
     for name in PHYSICS_NAMES:
         p[name].vary = True
-    return nlsq._Problem.build(ds, p, fix=fix, scaling=scaling)
+    return hd.Objective.build(ds, p, fix=fix, scaling=scaling)
 
 
 def both_paths(problem, x, block=None):
     """``(J^T J, J^T r, r^T r)`` from the blocked Jacobian and from the separable form."""
-    plain = nlsq._normal_equations_jit(
+    plain = objective.blocked_normal_equations(
         jnp.asarray(x), problem.template, problem.free, problem.pairs, problem.n_scale
     )
     n_physics = int(np.sum(np.asarray(problem.free) < len(PHYSICS_NAMES)))
@@ -135,7 +136,7 @@ def test_a_handful_of_frames(n_frames):
     """Fewer frames than one block of either layout: all pairs are in a diagonal block."""
     ds = hd.simulate(TRUTH, n_frames=n_frames, phi=[0.0, 30.0], noise=0.01, seed=3)
     fix = tuple(name for name in PHYSICS_NAMES if name not in ("v0", "D0_sample"))
-    problem = nlsq._Problem.build(ds, hd.Parameters(TRUTH), fix=fix, scaling="shared")
+    problem = hd.Objective.build(ds, hd.Parameters(TRUTH), fix=fix, scaling="shared")
     assert problem.x0.size <= problem.pairs.n_pairs
     x = problem.x0 * np.random.default_rng(n_frames).uniform(0.9, 1.1, problem.x0.size)
     assert_same_normal_equations(*both_paths(problem, x))
@@ -202,7 +203,7 @@ def test_cancelling_columns_are_zero_not_rounding_of_either_sign():
     zero."""
     ds = hd.simulate(TRUTH, n_frames=30, phi=[0.0, 45.0], noise=0.01, seed=9)
     plane = hd.Parameters(D0_ref=1e4, D0_sample=1e4, f0=0.5, v0=1e3, phi0=0.0)
-    problem = nlsq._Problem.build(ds, plane, fix=(), scaling="per_angle")
+    problem = hd.Objective.build(ds, plane, fix=(), scaling="per_angle")
     x = problem.x0.copy()
     x[problem.labels.index("D0_sample")] *= 1 + 1e-13
     plain, fast = both_paths(problem, x, block=16)
@@ -228,10 +229,11 @@ def test_fits_agree_with_the_blocked_jacobian_path():
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()})
     fits = []
     for fast in (True, False):
-        problem = nlsq._Problem.build(ds, guess, fix=(), scaling="per_angle")
+        problem = hd.Objective.build(ds, guess, fix=(), scaling="per_angle")
         if not fast:
-            problem._blocks = None  # the dispatch's "rule does not apply" value
-        fits.append(problem.solve(problem.x0, {"x_scale": "jac", "method": "trf"}, progress=False))
+            problem.blocks = None  # the dispatch's "rule does not apply" value
+        options = {"x_scale": "jac", "method": "trf"}
+        fits.append(nlsq.solve(problem, problem.x0, options, progress=False))
     fast, plain = fits
     assert fast.nfev == plain.nfev
     np.testing.assert_allclose(fast.x, plain.x, rtol=1e-10)
@@ -245,15 +247,16 @@ def test_compiled_once_per_shape():
     ds = hd.simulate(TRUTH, n_frames=40, phi=[0.0, 60.0], noise=0.01, seed=8)
     guess = hd.Parameters({k: 1.2 * v for k, v in TRUTH.items()})
     hd.fit_nlsq(ds, guess, progress=False)
-    compiled = structured.cache_size()
-    hd.fit_nlsq(ds, guess, multistart=2, progress=False)
-    assert structured.cache_size() == compiled
+    with Compiles() as compiles:
+        hd.fit_nlsq(ds, guess, multistart=2, progress=False)
+    assert compiles.of(*structured.STAGES) == 0
     other = hd.simulate({**TRUTH, "v0": 500.0}, n_frames=40, phi=[0.0, 60.0], noise=0.02)
-    for rows in (slice(2, 4), slice(2, 5)):
-        c2 = other["c2"].values.copy()
-        c2[:, rows, 30:35] = np.nan
-        c2[:, 30:35, rows] = np.nan
-        masked = hd.from_arrays(c2, other["t1"].values, other["phi"].values, float(other["q"]))
-        hd.fit_nlsq(masked, guess, progress=False)
+    with Compiles() as compiles:
+        for rows in (slice(2, 4), slice(2, 5)):
+            c2 = other["c2"].values.copy()
+            c2[:, rows, 30:35] = np.nan
+            c2[:, 30:35, rows] = np.nan
+            masked = hd.from_arrays(c2, other["t1"].values, other["phi"].values, float(other["q"]))
+            hd.fit_nlsq(masked, guess, progress=False)
     # the masked pairs (20, then 30) are padded to one length: one more compile in all
-    assert structured.cache_size() == compiled + 1
+    assert compiles.of(*structured.STAGES) == 1
