@@ -24,7 +24,7 @@ def atomic_write(write, path, *, overwrite: bool = False) -> Path:
     ``path``. Refuses to replace an existing file unless ``overwrite=True``: raises
     :class:`~heterodyne.errors.OverwriteError`, a ``FileExistsError``.
 
-    ``tmp_path`` is a new file ``.NAME.PID.XXXXXXXX.tmp`` (``tempfile``) in the folder of
+    ``tmp_path`` is a new file ``.NAME.PID.<random>.tmp`` (``tempfile``) in the folder of
     ``path``, unique to each writer, so that writers in threads or processes never share
     it: hidden, ending in ``.tmp`` (no ``*.nc`` or ``*.h5`` pattern matches it) and
     published only once complete. With ``overwrite=True`` it is renamed onto ``path``

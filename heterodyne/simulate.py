@@ -140,6 +140,13 @@ def simulate(
         remedy="simulate fewer frames (memory grows as n_frames²)",
     )
     t = t_start + dt * np.arange(n_frames)
+    steps = np.diff(t)
+    # the spacing data.validate will demand of the Dataset, checked before any model work
+    if not (np.all(np.isfinite(t)) and np.all(np.abs(steps - dt) <= 0.5e-6 * dt)):
+        raise OptionError(
+            f"t_start={t_start:g} s and dt={dt:g} s give frame times that float64 cannot "
+            "space evenly; use a t_start closer to dt's scale"
+        )
     physics = p.physics_values()
     if speckled:
         intensity = speckle.intensities(

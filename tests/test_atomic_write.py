@@ -1,7 +1,7 @@
 """Nothing lost: a writer killed mid-write leaves the old file whole and no half file.
 
 Writers go through ``heterodyne.files.atomic_write``: the bytes go to a hidden temporary
-file ``.NAME.PID.XXXXXXXX.tmp`` beside the target, unique to each writer, published under
+file ``.NAME.PID.<random>.tmp`` beside the target, unique to each writer, published under
 the target's name once complete. The tests kill
 real processes with SIGKILL while they write, so they run on POSIX only.
 """

@@ -157,6 +157,8 @@ def test_a_garbled_shard_checkpoint_is_a_file_format_error(tiny_ds, tmp_path):
         ({"contrast": [0.5, 0.4]}, "contrast has 2 values; expected 1 or one per angle"),
         ({"store_sigma": "yes"}, "store_sigma must be True or False"),
         ({"t_start": float("inf")}, "t_start .* must be a finite number"),
+        # found by test_properties: frame times that float64 cannot space by dt
+        ({"t_start": 3.8e185, "dt": 0.49}, "cannot space evenly"),
     ],
 )
 def test_simulate_refuses_before_compiling(kwargs, match):

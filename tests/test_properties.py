@@ -49,7 +49,7 @@ def outcome(call):
 
 
 def refused_before_compiling(error, compiled):
-    assert error is not None
+    assert isinstance(error, HeterodyneError), error
     assert not compiled, f"{type(error).__name__} after compiling: {error}"
     assert str(error), "an empty message"
 
