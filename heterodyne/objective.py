@@ -59,8 +59,8 @@ class Pairs(NamedTuple):
 
 
 def fitted_pairs(ds: xr.Dataset) -> Pairs:
-    """The pairs ``t_i < t_j`` of every angle with finite ``c2`` (and ``sigma``)."""
-    validate(ds)
+    """The pairs ``t_i < t_j`` of every angle with finite ``c2`` (and ``sigma``) of a
+    Dataset its caller has validated (:meth:`Objective.build` does)."""
     n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
     i, j = np.triu_indices(n, 1)
     c2 = ds["c2"].values[:, i, j]
