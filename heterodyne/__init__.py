@@ -11,6 +11,7 @@ from heterodyne import model  # noqa: E402
 from heterodyne.cmc import fit_cmc  # noqa: E402
 from heterodyne.data import from_arrays, select, to_netcdf, validate  # noqa: E402
 from heterodyne.errors import (  # noqa: E402
+    Cancelled,
     DataError,
     FileFormatError,
     HeterodyneError,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CMCResult",
+    "Cancelled",
     "DataError",
     "FileFormatError",
     "HeterodyneError",

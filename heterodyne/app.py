@@ -26,7 +26,6 @@ import re
 import socket
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -41,12 +40,14 @@ from bokeh.server.auth_provider import AuthProvider
 from heterodyne import checks, diagnostics, plot
 from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
 from heterodyne.data import select, time_origin, validate
-from heterodyne.errors import FileFormatError, OptionError, ParameterError
+from heterodyne.errors import Cancelled, FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
 from heterodyne.nlsq import fit_nlsq
 from heterodyne.objective import SCALINGS
 from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
 from heterodyne.results import CMCResult, NLSQResult
+from heterodyne.tracker import Tracker
+from heterodyne.uncertainty import ERRORS
 
 POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
 TABLE_COLUMNS = ("name", "value", "vary", "min", "max", "unit")
@@ -189,24 +190,8 @@ def _session(source, root, t_start=None):
         return Dashboard(source, root=root)
     dash = Dashboard(root=root, t_start=t_start)
     pn.state.onload(lambda: setattr(dash, "path", str(source)))
+    pn.state.on_session_destroyed(lambda _context: dash.cancel())  # a closed page
     return dash
-
-
-class DashboardExecutor(ThreadPoolExecutor):
-    """The executor of the dashboard's CMC runs: one worker thread, counting finished
-    shards for the progress bar."""
-
-    def __init__(self):
-        super().__init__(max_workers=1, thread_name_prefix="heterodyne-cmc")
-        self.finished = 0
-
-    def submit(self, fn, /, *args, **kwargs):
-        future = super().submit(fn, *args, **kwargs)
-        future.add_done_callback(self._count)
-        return future
-
-    def _count(self, _future):
-        self.finished += 1
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -233,6 +218,12 @@ class Dashboard(pn.viewable.Viewer):
         default="auto",
         doc="NLSQ starts: 'auto' (the data's best estimates) or extra starts from a design.",
     )
+    errors = param.Selector(
+        objects=list(ERRORS),
+        default="nominal",
+        doc="Error bars of NLSQ (and of CMC started from it): 'speckle' accounts for the "
+        "correlated noise of two-time pairs, 'nominal' treats the pairs as independent.",
+    )
     shards = param.Integer(default=1, bounds=(1, None))
     chains = param.Integer(default=2, bounds=(1, None))
     warmup = param.Integer(default=WARMUP, bounds=(0, None))
@@ -253,13 +244,22 @@ class Dashboard(pn.viewable.Viewer):
         self._root = None if root is None else Path(root).expanduser().resolve()
         self._full = None  # the loaded q-bin, all angles and frames
         self._resetting = False  # True while the selectors are reset to a new q-bin
-        self.alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["hd-alert"])
+        # one alert per tab, at its top: a CMC warning stays on the CMC tab
+        self.data_alert, self.nlsq_alert, self.cmc_alert = (
+            pn.pane.Alert(
+                "",
+                alert_type="danger",
+                visible=False,
+                css_classes=["hd-alert", f"hd-{tab}-alert"],
+                sizing_mode="stretch_width",
+            )
+            for tab in ("data", "nlsq", "cmc")
+        )
         self._build_data_tab()
         self._build_nlsq_tab(Parameters.coerce(params))
         self._build_cmc_tab()
         self._layout = pn.Column(
             pn.pane.Markdown("## heterodyne", margin=(0, 10)),
-            self.alert,
             pn.Tabs(("Data", self._data_tab), ("NLSQ", self._nlsq_tab), ("CMC", self._cmc_tab)),
             sizing_mode="stretch_width",
         )
@@ -296,6 +296,7 @@ class Dashboard(pn.viewable.Viewer):
         self.c2_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-c2-plots"])
         self.cuts_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-cuts-plots"])
         self._data_tab = pn.Column(
+            self.data_alert,
             pn.Row(self.file_input, self.q_select),
             pn.Row(
                 pn.Column(pn.pane.Markdown("angles [deg]", margin=(0, 10)), self.phi_select),
@@ -325,9 +326,20 @@ class Dashboard(pn.viewable.Viewer):
                 self._resetting = False
             self._load_q()
         except Exception as err:  # the page is where the user sees it
-            self._fail(f"cannot open {self.path}", err)
-            self._full = None
-            self.data = None
+            self._fail(f"cannot open {self.path}", err, self.data_alert)
+            self._forget()
+
+    def _forget(self):
+        """No data: empty the selectors and views of the previous file."""
+        self._full = self._trace = None
+        self._resetting = True
+        try:
+            self.param.phi.objects = {}
+            self.param.update(phi=[], frames=(0, 0))
+        finally:
+            self._resetting = False
+        self.intensity_view.object = None
+        self.data = None
 
     def _check_under_root(self, path: str):
         """Raise ``OptionError`` for a path outside the folder this dashboard may read,
@@ -347,7 +359,11 @@ class Dashboard(pn.viewable.Viewer):
             excluded = frame_list(self.exclude)
             self._set_full(load(self.path, q=self.q, t_start=self.t_start, exclude_frames=excluded))
         except Exception as err:
-            self._fail(f"cannot read q = {self.q:g} 1/Å of {self.path} (kept the last data)", err)
+            self._fail(
+                f"cannot read q = {self.q:g} 1/Å of {self.path} (kept the last data)",
+                err,
+                self.data_alert,
+            )
             return
         self.intensity_view.object = _intensity_plot(self._trace, excluded)
 
@@ -376,13 +392,14 @@ class Dashboard(pn.viewable.Viewer):
             return
         try:
             if not self.phi:
+                self.data = None  # no plot of an angle that is not selected
                 raise OptionError("select at least one angle")
             a, b = (int(v) for v in self.frames)
             self.data = select(self._full, phi=self.phi, frames=slice(a, b))
         except Exception as err:
-            self._fail("cannot select these data (kept the last selection)", err)
+            self._fail("cannot select these data (kept the last selection)", err, self.data_alert)
             return
-        self.alert.visible = False
+        self.data_alert.visible = False
 
     @param.depends("data", watch=True)
     def _show_data(self):
@@ -438,6 +455,9 @@ class Dashboard(pn.viewable.Viewer):
         self.nlsq_cuts = pn.pane.HoloViews(None, backend="bokeh")
         controls = pn.Column(
             pn.widgets.RadioButtonGroup.from_param(self.param.scaling, name="scaling"),
+            pn.widgets.RadioButtonGroup.from_param(
+                self.param.errors, name="error bars", css_classes=["hd-errors"]
+            ),
             pn.widgets.Select.from_param(
                 self.param.multistart, name="multistart", width=120, css_classes=["hd-multistart"]
             ),
@@ -447,6 +467,7 @@ class Dashboard(pn.viewable.Viewer):
             self.nlsq_download,
         )
         self._nlsq_tab = pn.Column(
+            self.nlsq_alert,
             pn.Row(self.table, pn.Column(controls, self.nlsq_report)),
             pn.Card(self.nlsq_text, title="text report", collapsed=True, width=REPORT_WIDTH),
             self.nlsq_view,
@@ -482,7 +503,11 @@ class Dashboard(pn.viewable.Viewer):
         ds = self.data
         try:
             params = self.parameters()
-            options = {"scaling": self.scaling, "multistart": self.multistart}
+            options = {
+                "scaling": self.scaling,
+                "multistart": self.multistart,
+                "errors": self.errors,
+            }
             self._busy(True)
             self.nlsq_progress.param.update(visible=True, active=True, value=-1)
 
@@ -493,7 +518,7 @@ class Dashboard(pn.viewable.Viewer):
                 lambda: fit_nlsq(ds, params, progress=False, **options), report
             )
         except Exception as err:
-            self._fail("the NLSQ fit failed", err)
+            self._fail("the NLSQ fit failed", err, self.nlsq_alert)
             self.nlsq_status.object = ""
             return
         finally:
@@ -505,9 +530,12 @@ class Dashboard(pn.viewable.Viewer):
             f"{result.reduced_chi2:.4g}"
         )
         if verdict.status == "ok":
-            self.alert.visible = False
+            self.nlsq_alert.visible = False
         else:
-            self._warn(f"NLSQ verdict {verdict.status.upper()}: {'; '.join(verdict.reasons)}")
+            self._warn(
+                f"NLSQ verdict {verdict.status.upper()}: {'; '.join(verdict.reasons)}",
+                self.nlsq_alert,
+            )
         self.nlsq = result
 
     def _on_start_from_fit(self, _event=None):
@@ -550,6 +578,11 @@ class Dashboard(pn.viewable.Viewer):
             name="Run", button_type="primary", disabled=True, width=120
         )
         self.cmc_button.on_click(self._on_run)
+        self.cmc_cancel = pn.widgets.Button(
+            name="Cancel", button_type="warning", visible=False, width=120
+        )
+        self.cmc_cancel.on_click(lambda _event: self.cancel())
+        self._tracker = None  # the running CMC run's, while it runs
         self.cmc_progress = pn.indicators.Progress(
             value=0, max=1, visible=False, width=300, bar_color="primary"
         )
@@ -568,6 +601,7 @@ class Dashboard(pn.viewable.Viewer):
         self.cmc_parameters = pn.pane.HTML("", css_classes=["hd-cmc-parameters"])
         self.cmc_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-cmc-plots"])
         self._cmc_tab = pn.Column(
+            self.cmc_alert,
             pn.Row(
                 number("shards"),
                 number("chains"),
@@ -576,7 +610,7 @@ class Dashboard(pn.viewable.Viewer):
                 number("seed"),
             ),
             self.cmc_warm,
-            self.cmc_button,
+            pn.Row(self.cmc_button, self.cmc_cancel),
             self.cmc_progress,
             self.cmc_status,
             self.cmc_download,
@@ -615,46 +649,73 @@ class Dashboard(pn.viewable.Viewer):
                 "samples": self.samples,
                 "seed": self.seed,
                 "scaling": None if init is not None else self.scaling,
+                "errors": self.errors,
             }
-            executor = DashboardExecutor()
+            steps = self.shards * self.chains * (self.warmup + self.samples)
+            self._tracker = tracker = Tracker(total=steps)
             self._busy(True)
-            self.cmc_progress.param.update(visible=True, value=0, max=self.shards)
+            self.cmc_cancel.param.update(visible=True, disabled=False)
+            self.cmc_progress.param.update(visible=True, value=0, max=steps)
 
             def report(seconds):
-                done = executor.finished
+                done = tracker.steps
                 self.cmc_progress.value = done
-                self.cmc_status.object = (
-                    f"sampling... {done} of {self.shards} shards finished, {seconds:.0f} s"
-                )
+                if done < steps:
+                    self.cmc_status.object = (
+                        f"sampling... {done:,} of {steps:,} draws ({self.shards} shard(s) x "
+                        f"{self.chains} chains x {self.warmup} warmup + {self.samples}), "
+                        f"{seconds:.0f} s"
+                    )
+                else:
+                    self.cmc_status.object = (
+                        f"sampled {steps:,} draws; combining the shards and computing the "
+                        f"diagnostics... {seconds:.0f} s"
+                    )
 
             try:
                 result, seconds = await self._in_thread(
-                    lambda: fit_cmc(
-                        ds, init, params=params, executor=executor, progress=False, **options
-                    ),
-                    report,
+                    lambda: fit_cmc(ds, init, params=params, progress=tracker, **options), report
                 )
             finally:
-                executor.shutdown(wait=False)
+                tracker.close()
+                self._tracker = None
+        except Cancelled:
+            self.cmc_status.object = (
+                f"cancelled after {tracker.steps:,} of {steps:,} draws; nothing was kept"
+            )
+            self.cmc_alert.visible = False
+            return
         except Exception as err:
-            self._fail("the CMC run failed", err)
+            self._fail("the CMC run failed", err, self.cmc_alert)
             self.cmc_status.object = ""
             return
         finally:
-            self.cmc_progress.visible = False
+            self.cmc_progress.visible = self.cmc_cancel.visible = False
             self._busy(False)
         n_shards = result.info["shards"]
-        self.cmc_status.object = f"sampled in {seconds:.1f} s; shards: {n_shards}"
         failed = result.failures()
         if failed:
             self._warn(
-                f"CMC did not converge: shard(s) {', '.join(map(str, failed))} of {n_shards} "
-                "fail their diagnostics (red in the tables below); do not use this posterior "
-                "as is"
+                f"CMC did not converge: {len(failed)} of {n_shards} shard(s) fail their "
+                f"diagnostics (shard {', '.join(map(str, failed))}, counted from 0; red in the "
+                "tables below); do not use this posterior as is",
+                self.cmc_alert,
             )
         else:
-            self.alert.visible = False
+            self.cmc_alert.visible = False
+        self.cmc_status.object = f"sampled in {seconds:.1f} s; drawing the report and plots..."
+        await self._rebuilding((self.cmc_report, self.cmc_view, self.cmc_shards))
         self.cmc = result
+        self.cmc_status.object = f"sampled in {seconds:.1f} s; shards: {n_shards}"
+        self._rebuilt((self.cmc_report, self.cmc_view, self.cmc_shards))
+
+    def cancel(self):
+        """Stop the running CMC run at its chains' next report (the Cancel button; a
+        closed page); nothing if none runs."""
+        if self._tracker is not None:
+            self._tracker.cancel()
+            self.cmc_cancel.disabled = True
+            self.cmc_status.object = "cancelling..."
 
     @param.depends("cmc", watch=True)
     def _show_cmc(self):
@@ -689,6 +750,16 @@ class Dashboard(pn.viewable.Viewer):
                 return future.result(), time.perf_counter() - start
             await asyncio.wait([future], timeout=POLL_S)
 
+    async def _rebuilding(self, panes):
+        """Show ``panes`` busy, and let the page see it before they are rebuilt."""
+        for pane in panes:
+            pane.loading = True
+        await asyncio.sleep(POLL_S)
+
+    def _rebuilt(self, panes):
+        for pane in panes:
+            pane.loading = False
+
     def _busy(self, busy: bool):
         ready = not busy and self.data is not None
         self.nlsq_button.disabled = self.cmc_button.disabled = not ready
@@ -699,16 +770,16 @@ class Dashboard(pn.viewable.Viewer):
             self.file_input.disabled = not self.path
             self.q_select.disabled = len(self.param.q.objects) < 2
 
-    def _fail(self, what: str, err: Exception):
-        self.alert.param.update(
+    def _fail(self, what: str, err: Exception, alert: pn.pane.Alert):
+        alert.param.update(
             object=f"**{markdown_text(what)}**: {markdown_text(type(err).__name__)}: "
             f"{markdown_text(str(err))}",
             alert_type="danger",
             visible=True,
         )
 
-    def _warn(self, text: str):
-        self.alert.param.update(object=markdown_text(text), alert_type="warning", visible=True)
+    def _warn(self, text: str, alert: pn.pane.Alert):
+        alert.param.update(object=markdown_text(text), alert_type="warning", visible=True)
 
 
 # The characters that open Markdown or HTML markup (images, links, raw HTML, entities,

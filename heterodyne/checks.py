@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
+from heterodyne.tracker import Tracker
 
 SEED_MAX = 2**32 - 1  # numpy and JAX both take seeds in [0, 2**32)
 NAME_MAX = 255  # bytes of one path component on common file systems (ext4, xfs, apfs)
@@ -381,7 +382,8 @@ def check_fit_cmc(
     if errors is not None:
         choice(errors, "errors", ERRORS)
     choice(likelihood, "likelihood", LIKELIHOODS)
-    flag(progress, "progress")
+    if not isinstance(progress, Tracker):
+        flag(progress, "progress (True, False or a heterodyne.tracker.Tracker)")
     if checkpoint is not None:
         folder = file_path(checkpoint, "checkpoint", kind="folder")
         if folder.exists() and not folder.is_dir():

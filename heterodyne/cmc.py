@@ -142,13 +142,23 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import xarray as xr
+from jax.experimental import io_callback
 from numpyro.distributions import constraints
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
-from heterodyne import checks, diagnostics, executors, identity, model, objective, uncertainty
+from heterodyne import (
+    checks,
+    diagnostics,
+    executors,
+    identity,
+    model,
+    objective,
+    tracker,
+    uncertainty,
+)
 from heterodyne.data import validate
-from heterodyne.errors import FileFormatError, OptionError, ParameterError
+from heterodyne.errors import Cancelled, FileFormatError, OptionError, ParameterError
 from heterodyne.files import atomic_write
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.objective import Objective
@@ -216,6 +226,8 @@ class ShardJob(NamedTuple):
     n_free: int
     adapt_mass: bool = True  #: adapt a dense mass matrix during warmup
     checkpoint: str | None = None  #: file where the finished shard is kept
+    shard: int = 0  #: index of the shard in the run
+    token: int = 0  #: the run's :class:`heterodyne.tracker.Tracker` (0: none)
 
 
 def interval(space: Space):
@@ -277,11 +289,13 @@ def potential(data, space: Space, *, n_scale: int, n_free: int):
 
 
 @partial(jax.jit, static_argnames=("warmup", "samples", "n_scale", "n_free", "adapt_mass"))
-def nuts_chain(key, data, space, *, warmup, samples, n_scale, n_free, adapt_mass):
+def nuts_chain(key, data, space, where, *, warmup, samples, n_scale, n_free, adapt_mass):
     """One NUTS chain, warmup and draws, as one compiled program.
 
     Data and settings are arguments, not constants: every shard (same padded size) and
-    every chain reuse the code compiled for the first.
+    every chain reuse the code compiled for the first. ``where`` is ``(token, shard,
+    chain)``: every ``tracker.REPORT_EVERY`` steps the chain reports its steps to the
+    run's tracker (:func:`heterodyne.tracker.step`); once asked to stop it skips the rest.
     """
     init_kernel, sample_kernel = hmc(
         potential_fn_gen=partial(potential, n_scale=n_scale, n_free=n_free), algo="NUTS"
@@ -298,9 +312,17 @@ def nuts_chain(key, data, space, *, warmup, samples, n_scale, n_free, adapt_mass
         rng_key=key_nuts,
     )
 
-    def step(state, _):
-        state = sample_kernel(state, model_args=args)
-        return state, {
+    def step(carry, i):
+        state, stop = carry
+        # once stopped, the remaining steps are skipped without calling the host
+        report = ((i % tracker.REPORT_EVERY == 0) | (i == warmup + samples - 1)) & ~stop
+        stop = stop | jax.lax.cond(
+            report,
+            lambda: io_callback(tracker.step, jax.ShapeDtypeStruct((), jnp.bool_), *where, i + 1),
+            lambda: jnp.bool_(False),
+        )
+        state = jax.lax.cond(stop, lambda s: s, lambda s: sample_kernel(s, model_args=args), state)
+        return (state, stop), {
             "w": state.z["w"],
             "energy": state.energy,
             "diverging": state.diverging,
@@ -312,7 +334,8 @@ def nuts_chain(key, data, space, *, warmup, samples, n_scale, n_free, adapt_mass
 
     # One scan over warmup and draws (the kernel adapts while state.i < warmup): one copy
     # of the NUTS step to compile instead of two. The warmup part of the trace is dropped.
-    trace = jax.lax.scan(step, state, None, length=warmup + samples)[1]
+    steps = jnp.arange(warmup + samples)
+    trace = jax.lax.scan(step, (state, jnp.bool_(False)), steps)[1]
     return jax.tree.map(lambda a: a[warmup:], trace)
 
 
@@ -331,25 +354,37 @@ def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
     space = Space(*(jnp.asarray(a) for a in job.space))
     keys = jax.random.split(jax.random.wrap_key_data(jnp.asarray(job.key)), job.chains)
     chains = [
-        jax.device_get(
-            nuts_chain(
+        _unless_cancelled(
+            job,
+            lambda key=key, c=c: nuts_chain(
                 key,
                 data,
                 space,
+                (job.token, job.shard, c),
                 warmup=job.warmup,
                 samples=job.samples,
                 n_scale=job.n_scale,
                 n_free=job.n_free,
                 adapt_mass=job.adapt_mass,
-            )
+            ),
         )
-        for key in keys
+        for c, key in enumerate(keys)
     ]
     out = {name: np.stack([c[name] for c in chains]) for name in chains[0]}
     out["seconds"] = np.float64(time.perf_counter() - start)
     if job.checkpoint is not None:
         atomic_write(lambda tmp: _save(tmp, out), Path(job.checkpoint), overwrite=True)
     return out
+
+
+def _unless_cancelled(job: ShardJob, chain):
+    """``chain()`` as numpy arrays; ``Cancelled`` when the run's tracker asked to stop,
+    before it starts or while it ran (its draws are then incomplete)."""
+    if not tracker.cancelled(job.token):
+        out = jax.device_get(chain())
+        if not tracker.cancelled(job.token):
+            return out
+    raise Cancelled("the CMC run was cancelled")
 
 
 def _load_shard(path: Path) -> dict[str, np.ndarray]:
@@ -468,6 +503,7 @@ class Plan:
                 n_scale=self.problem.n_scale,
                 n_free=self.n_free,
                 adapt_mass=self.adapt_mass,
+                shard=s,
             )
             for s, data in enumerate(self.shards)
         ]
@@ -736,7 +772,7 @@ def fit_cmc(
     errors: str | None = None,
     checkpoint=None,
     likelihood: str = "rows",
-    progress: bool = True,
+    progress: bool | tracker.Tracker = True,
 ) -> CMCResult:
     """Sample the posterior of the heterodyne model by consensus Monte Carlo.
 
@@ -775,8 +811,12 @@ def fit_cmc(
     likelihood : {"rows", "pairs"}
         How a shard's likelihood is evaluated: whole-row blocks (fast), or pair by pair
         (the reference path). Both give the same density to 1e-10.
-    progress : bool
-        Show a progress bar over shards.
+    progress : bool or heterodyne.tracker.Tracker
+        Show a progress bar over shards; or a ``Tracker`` of
+        ``shards x chains x (warmup + samples)`` steps, which counts every chain's steps
+        as they are made and whose ``cancel()`` stops the run at the chains' next report,
+        raising ``heterodyne.Cancelled`` (chains run in this process or its threads; the
+        dashboard's Cancel).
 
     Returns
     -------
@@ -809,8 +849,6 @@ def fit_cmc(
         likelihood=likelihood, progress=progress,
     )  # fmt: skip
     executors.check(executor)
-    if not isinstance(progress, bool):
-        raise OptionError(f"progress must be True or False; got {progress!r}")
     if errors is None:
         errors = init.info["errors"] if isinstance(init, NLSQResult) else "nominal"
     if errors not in uncertainty.ERRORS:
@@ -833,10 +871,13 @@ def fit_cmc(
             raise OptionError(f"checkpoint must be a folder; {checkpoint} is a file")
         checkpoint.mkdir(parents=True, exist_ok=True)
     jobs = plan.jobs(checkpoint)
+    if isinstance(progress, tracker.Tracker):
+        jobs = [job._replace(token=progress.token) for job in jobs]
     resumed = sum(job.checkpoint is not None and Path(job.checkpoint).exists() for job in jobs)
     start = time.perf_counter()
     runs = [None] * len(plan.shards)
-    for s, run in executors.run(run_shard, jobs, executor, progress=progress, desc="cmc shards"):
+    bar = progress is True
+    for s, run in executors.run(run_shard, jobs, executor, progress=bar, desc="cmc shards"):
         runs[s] = run
     result = _result(plan, runs, _executor_name(executor), time.perf_counter() - start, errors)
     result.info.update(checkpoint=str(checkpoint or ""), from_checkpoint=resumed)

@@ -19,6 +19,8 @@ error                  raised when                                            su
                        :mod:`heterodyne.checks` before any work
 ``OverwriteError``     a file to be written exists and ``overwrite=True``     ``FileExistsError``
                        was not given
+``Cancelled``          work stopped on request (a CMC run's tracker           ``HeterodyneError``
+                       cancelled: the dashboard's Cancel, a closed page)
 =====================  =====================================================  ============
 """
 
@@ -45,3 +47,7 @@ class OptionError(HeterodyneError, ValueError):
 
 class OverwriteError(HeterodyneError, FileExistsError):
     """A file to be written exists; ``overwrite=True`` replaces it."""
+
+
+class Cancelled(HeterodyneError):
+    """Work was stopped on request (a :class:`heterodyne.tracker.Tracker` cancelled)."""

@@ -3,6 +3,8 @@ the consensus, the executors and the verdict."""
 
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from _interrupt import ctrl_c_once
 from _work import Compiles
 
 import heterodyne as hd
-from heterodyne import cmc, model
+from heterodyne import cmc, model, tracker
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 NOT_IN_TRUTH = ("alpha_ref", "alpha_sample", "beta", "f1")
@@ -270,6 +272,31 @@ def test_a_run_too_short_to_converge_names_the_shard_and_the_figure(small):
     assert not result.converged
     assert "NOT converged" in result.report()
     assert set(result.failures()) == {0, 1}
+
+
+def test_a_tracker_counts_every_draw_and_its_cancel_stops_the_run(small, short_result):
+    ds, init = small
+    steps = SHORT["shards"] * 2 * (SHORT["warmup"] + SHORT["samples"])
+    counted = tracker.Tracker(steps)
+    result = run_quietly(ds, init, **{**SHORT, "progress": counted})
+    assert counted.steps == steps
+    assert result.posterior["posterior"].identical(short_result.posterior["posterior"])
+
+    # a run of 2 x 100,000 draws (minutes) asked to stop once its first chain has begun
+    long = tracker.Tracker(2 * (100 + 100_000))
+    asked = []
+
+    def cancel_once_sampling():
+        while long.steps < 50:
+            time.sleep(0.01)
+        asked.append(long.steps)
+        long.cancel()
+
+    threading.Thread(target=cancel_once_sampling, daemon=True).start()
+    with pytest.raises(hd.Cancelled, match="cancelled"):
+        run_quietly(ds, init, shards=1, warmup=100, samples=100_000, progress=long)
+    # the first chain made at most one more report; the second never started
+    assert asked[0] <= long.steps <= asked[0] + tracker.REPORT_EVERY
 
 
 @pytest.mark.slow

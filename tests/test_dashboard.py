@@ -62,7 +62,7 @@ def test_a_beamline_file_opens_with_its_q_bins_and_follows_the_selectors(tmp_pat
     dash = hd.dashboard(path)
     assert isinstance(dash, Dashboard)
     assert list(dash.param.q.objects) == [0.008, 0.012]
-    assert not dash.alert.visible
+    assert not dash.data_alert.visible
     assert dash.data.identical(hd.load(path, q=0.008))
     assert not dash.q_select.disabled and not dash.nlsq_button.disabled
 
@@ -83,22 +83,25 @@ def test_a_beamline_file_opens_with_its_q_bins_and_follows_the_selectors(tmp_pat
 
 def test_a_bad_file_or_selection_shows_an_alert(tmp_path):
     dash = hd.dashboard(tmp_path / "missing.h5")
-    assert dash.alert.visible and dash.alert.alert_type == "danger"
-    assert "no such file" in shown(dash.alert)
+    assert dash.data_alert.visible and dash.data_alert.alert_type == "danger"
+    assert "no such file" in shown(dash.data_alert)
     assert dash.data is None and dash.nlsq_button.disabled and dash.cmc_button.disabled
 
     text = tmp_path / "notes.h5"
     text.write_text("not HDF5")
     dash.path = str(text)
-    assert dash.alert.visible and "FileFormatError" in shown(dash.alert)
+    assert dash.data_alert.visible and "FileFormatError" in shown(dash.data_alert)
 
     dash.path = str(example_file(tmp_path / "f.h5", q=(0.01,), n_frames=20, phi=(0.0,)))
-    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+    assert not dash.data_alert.visible and dash.data.sizes["t1"] == 20
     dash.frames = (0, 2)
-    assert dash.alert.visible and "leaves 2 frames" in shown(dash.alert)
+    assert dash.data_alert.visible and "leaves 2 frames" in shown(dash.data_alert)
     assert dash.data.sizes["t1"] == 20  # the last selection is kept
     dash.phi = []
-    assert "select at least one angle" in shown(dash.alert)
+    assert "select at least one angle" in shown(dash.data_alert)
+    assert dash.data is None and dash.c2_view.object is None  # no plot of an unticked angle
+    dash.path = str(text)  # a bad file after a good one: nothing of the good one is left
+    assert dash.param.phi.objects == [] and dash.intensity_view.object is None
 
 
 def test_the_parameter_table_is_the_parameters(ds):
@@ -123,7 +126,7 @@ def test_the_parameter_table_is_the_parameters(ds):
 
 def test_fit_pressed_from_code_fits_with_the_table_and_reports(fitted, ds, tmp_path):
     result = fitted.nlsq
-    assert not fitted.alert.visible and result.success
+    assert not fitted.nlsq_alert.visible and result.success
     for name, truth in EXAMPLE_TRUTH.items():
         assert abs(result.value(name) - truth) < 4 * result.error(name), name
     assert fitted.nlsq_report.object == result._repr_html_()
@@ -165,7 +168,7 @@ def test_the_event_loop_stays_live_while_a_fit_runs(ds):
         dash.nlsq_button.clicks += 1  # with a running loop, panel schedules the callback
         shown = []
         for _ in range(24_000):  # 2 minutes at most
-            if dash.nlsq is not None or dash.alert.visible:
+            if dash.nlsq is not None or dash.nlsq_alert.visible:
                 break
             shown.append((dash.nlsq_status.object, dash.nlsq_button.disabled))
             await asyncio.sleep(0.005)
@@ -199,12 +202,12 @@ def test_bad_parameters_or_a_missing_fit_show_alerts_instead_of_running(ds):
     dash.table.value = table
     dash.nlsq_button.clicks += 1
     assert dash.nlsq is None
-    assert dash.alert.visible and "ParameterError" in shown(dash.alert)
-    assert "v0: value -1.0 outside its bounds" in shown(dash.alert)
+    assert dash.nlsq_alert.visible and "ParameterError" in shown(dash.nlsq_alert)
+    assert "v0: value -1.0 outside its bounds" in shown(dash.nlsq_alert)
     assert not dash.nlsq_button.disabled  # ready for another try
 
     dash.cmc_button.clicks += 1  # warm start is ticked, but there is no NLSQ fit
-    assert dash.cmc is None and "warm start needs an NLSQ fit" in shown(dash.alert)
+    assert dash.cmc is None and "warm start needs an NLSQ fit" in shown(dash.cmc_alert)
 
 
 def test_a_new_selection_drops_the_fits_of_the_old_one(fitted, ds):
@@ -225,9 +228,12 @@ def test_run_pressed_from_code_samples_and_judges_the_shards(fitted, tmp_path):
     assert result.info["shards"] == 2 and result.info["prior"] == "nlsq"
     assert result.diagnostics.sizes["shard"] == 2
     assert fitted.cmc_report.object == result._repr_html_()
-    assert fitted.cmc_progress.value == 2 and "shards: 2" in fitted.cmc_status.object
+    steps = 2 * 2 * (60 + 40)  # every draw of every chain, warmup included, was counted
+    assert fitted.cmc_progress.value == steps and "shards: 2" in fitted.cmc_status.object
     assert abs(result.value("v0") - EXAMPLE_TRUTH["v0"]) < 0.05 * EXAMPLE_TRUTH["v0"]
-    assert (fitted.alert.visible and fitted.alert.alert_type == "warning") != result.converged
+    assert (
+        fitted.cmc_alert.visible and fitted.cmc_alert.alert_type == "warning"
+    ) != result.converged
     path = tmp_path / "posterior.nc"
     path.write_bytes(fitted.cmc_download.callback().getvalue())
     assert hd.open_result(path).diagnostics.identical(result.diagnostics)
@@ -267,9 +273,9 @@ def test_data_tab_takes_a_time_origin_and_marks_frames_out_on_the_intensity_trac
     files[_files.INTENSITY] = np.stack([np.arange(n), trace])
     path = _files.write_h5(tmp_path / "tail.h5", files, lzf=lzf)
     dash = hd.dashboard(path)
-    assert dash.alert.visible and "t_start=" in shown(dash.alert) and dash.data is None
+    assert dash.data_alert.visible and "t_start=" in shown(dash.data_alert) and dash.data is None
     dash.t_start = 30.0
-    assert not dash.alert.visible
+    assert not dash.data_alert.visible
     np.testing.assert_allclose(dash.data["t1"].values, 30.0 + frame_time * np.arange(n))
     assert "user: t_start = 30 s" in dash.summary.object
     curve = dash.intensity_view.object.Curve.Intensity
@@ -284,7 +290,7 @@ def test_data_tab_takes_a_time_origin_and_marks_frames_out_on_the_intensity_trac
     marked = dash.intensity_view.object.Scatter.Excluded
     np.testing.assert_array_equal(marked.dimension_values("stored frame"), [12, 13])
     dash.exclude = "12-14"
-    assert dash.alert.visible and "expected an index or a range" in shown(dash.alert)
+    assert dash.data_alert.visible and "expected an index or a range" in shown(dash.data_alert)
     assert dash.data.identical(expected)  # the last data are kept
 
 
@@ -298,24 +304,24 @@ def test_file_text_in_an_alert_is_escaped_never_markup(tmp_path):
     path = tmp_path / "hostile.nc"
     ds.to_netcdf(path, engine="h5netcdf")
     dash = hd.dashboard(path)
-    assert dash.alert.visible and "does not match the spacing" in shown(dash.alert)
-    page = rendered(dash.alert)
+    assert dash.data_alert.visible and "does not match the spacing" in shown(dash.data_alert)
+    page = rendered(dash.data_alert)
     assert "<img" not in page and "<a " not in page and "href" not in page
     assert "![](http://127.0.0.1:9/beacon.png) &lt;img src=x" in page  # the text, as text
-    assert beacon in shown(dash.alert)
+    assert beacon in shown(dash.data_alert)
 
 
 def test_the_file_box_opens_only_files_under_the_root(tmp_path):
     inside = example_file(tmp_path / "root" / "a.h5", q=(0.01,), n_frames=20, phi=(0.0,))
     outside = example_file(tmp_path / "b.h5", q=(0.01,), n_frames=20, phi=(0.0,))
     dash = hd.dashboard(inside, root=tmp_path / "root")
-    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+    assert not dash.data_alert.visible and dash.data.sizes["t1"] == 20
     for path in (str(outside), str(tmp_path / "root" / ".." / "b.h5"), "/etc/passwd", "../b.h5"):
         dash.path = path
-        assert dash.alert.visible and "opens only files under" in shown(dash.alert), path
+        assert dash.data_alert.visible and "opens only files under" in shown(dash.data_alert), path
         assert dash.data is None  # nothing loaded, nothing about the file told
     dash.path = str(tmp_path / "root" / "." / "a.h5")
-    assert not dash.alert.visible and dash.data.sizes["t1"] == 20
+    assert not dash.data_alert.visible and dash.data.sizes["t1"] == 20
 
 
 def test_serve_refuses_bad_addresses_ports_and_roots(tmp_path):
