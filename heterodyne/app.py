@@ -50,6 +50,10 @@ from heterodyne.tracker import Tracker
 from heterodyne.uncertainty import ERRORS
 
 POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
+# A closed page's session (and its CMC run) ends within CLOSED_S + CHECK_S; a page has
+# CLOSED_S from its request to open its websocket on a busy machine.
+CLOSED_S = 4.0
+CHECK_S = 1.0
 TABLE_COLUMNS = ("name", "value", "vary", "min", "max", "unit")
 REPORT_WIDTH = 900  # [px]: long warnings wrap instead of widening the page
 PASS_STYLE = "background-color: #d4edda"  # bootstrap's success/danger alert colours
@@ -108,7 +112,8 @@ def serve(
     listening on a network address.
 
     ``source`` is checked here, so that a bad file fails now rather than in the page;
-    ``t_start`` is the time [s] of its stored frame 0 (:func:`heterodyne.load`).
+    ``t_start`` is the time [s] of its stored frame 0 (:func:`heterodyne.load`). A closed
+    page stops its session's CMC run within ``CLOSED_S + CHECK_S`` seconds.
     ``kwargs`` go to ``pn.serve`` (``threaded``, ``liveness``, ``start``...); the server
     (or its thread) is returned.
     """
@@ -139,7 +144,11 @@ def serve(
         # bokeh's allow-list does not parse bracketed IPv6 hosts
         websocket_origin=[origin for origin in origins if not origin.startswith("[")],
         auth_provider=BrowserPagesOnly(origins),
-        **kwargs,
+        **{
+            "unused_session_lifetime_milliseconds": int(1000 * CLOSED_S),
+            "check_unused_sessions_milliseconds": int(1000 * CHECK_S),
+            **kwargs,
+        },
     )
 
 

@@ -8,10 +8,12 @@ fail when ``HETERODYNE_REQUIRE_BROWSER=1`` (as in CI).
 import os
 import re
 import shutil
+import time
 
 import pytest
 from _served import served
 
+from heterodyne.app import CHECK_S, CLOSED_S
 from heterodyne.examples import EXAMPLE_TRUTH, example_file
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,6 +31,7 @@ INSTALL = "apt-get install chromium; pip install playwright"
 VIEWPORT = {"width": 1500, "height": 1000}
 FIT_TIMEOUT_MS = 120_000  # a fit, compile included, on a loaded 2-core runner
 PAGE_TIMEOUT_MS = 30_000
+IDLE_CORES = 0.2  # a server with no work left: below a fifth of a core
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +118,46 @@ def test_cmc_in_the_browser_shows_the_diagnostics(page, tmp_path):
     assert table.locator("td").last.inner_text() in ("pass", "fail")
     assert "sampled in" in page.locator(".hd-cmc-status p").first.inner_text()
     screenshot(page, ".hd-cmc-plots", tmp_path / "cmc.png")
+
+
+def cpu_load(seconds: float) -> float:
+    """Cores this process (the server's threads) kept busy over ``seconds``."""
+    start = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - start) / seconds
+
+
+def start_long_cmc(page):
+    """Fit, then start a CMC run of minutes; return once its first draws are counted."""
+    fit_nlsq(page)
+    page.locator(".bk-tab", has_text="CMC").click()
+    for name, value in (("shards", 1), ("chains", 2), ("warmup", 100), ("samples", 100_000)):
+        box = page.locator(f".hd-cmc-{name} input")
+        box.fill(str(value))
+        box.press("Enter")
+    page.get_by_role("button", name="Run", exact=True).click()
+    status = page.locator(".hd-cmc-status p", has_text=re.compile(r"sampling\.\.\. [1-9]"))
+    status.wait_for(timeout=FIT_TIMEOUT_MS)
+    assert "of 200,200 draws" in status.inner_text()
+
+
+@pytest.mark.slow
+def test_cancel_and_a_closed_page_stop_a_cmc_run(browser, url):
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(url)
+    page.locator(".hd-summary table").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    start_long_cmc(page)
+    assert cpu_load(1.0) > IDLE_CORES  # sampling
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    page.locator(".hd-cmc-status p", has_text="cancelled after").wait_for(timeout=PAGE_TIMEOUT_MS)
+    assert cpu_load(2.0) < IDLE_CORES
+    assert page.get_by_role("button", name="Run", exact=True).is_enabled()
+
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.locator(".hd-cmc-status p", has_text=re.compile(r"sampling\.\.\. [1-9]")).wait_for(
+        timeout=FIT_TIMEOUT_MS
+    )
+    page.close()  # the session ends, and its run with it, within CLOSED_S + CHECK_S
+    time.sleep(CLOSED_S + CHECK_S)
+    loads = [cpu_load(1.0) for _ in range(3)]
+    assert min(loads) < IDLE_CORES, loads
