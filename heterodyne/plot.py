@@ -41,6 +41,10 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 HEATMAP_SIZE = 260  # frame width and height of a heatmap [px]
 PANEL_SIZE = (300, 260)  # frame width and height of a line panel [px]
+# At most this many panels side by side: two panels (~700 px) fit a notebook's output
+# area and the dashboard at a 1280 px window; more are clipped or scroll sideways.
+COLUMNS = 2
+TICKS = 4  # ticks on a parameter's value axis: long labels (0.000123) do not overlap
 N_PAIRS = 3  # the posterior view shows the pair plots of this many most correlated pairs
 HISTOGRAM_BINS = 40
 
@@ -149,7 +153,7 @@ def c2(ds: xr.Dataset, *, cmap: str = "viridis") -> hv.Layout:
         _heatmap(m, t, _time_dims(ds), _value_dim(ds["c2"], "c2"), clim, cmap, _title(ds, k))
         for k, m in enumerate(matrices)
     ]
-    return _layout(panels, min(len(panels), 3))
+    return _layout(panels, min(len(panels), COLUMNS))
 
 
 def cuts(ds: xr.Dataset, result=None, ages=None, *, n_ages: int = N_AGES) -> hv.Layout:
@@ -199,7 +203,7 @@ def cuts(ds: xr.Dataset, result=None, ages=None, *, n_ages: int = N_AGES) -> hv.
                     )
                 )
         panels.append(_line_panel(layers, _title(ds, k), logx=True))
-    return _layout(panels, min(len(panels), 3))
+    return _layout(panels, min(len(panels), COLUMNS))
 
 
 def fit(result) -> hv.Layout:
@@ -213,7 +217,7 @@ def fit(result) -> hv.Layout:
     Returns
     -------
     holoviews.Layout
-        Four panels per angle: data and model ``hv.Image`` on one colour scale (vdim
+        Four panels per angle, two to a row: data and model ``hv.Image`` on one colour scale (vdim
         ``c2``), the weighted residual on a diverging scale symmetric about 0 (vdim
         ``residual``), and an ``hv.Overlay`` of the diagonal means (:func:`diagonal_mean`)
         of data (``hv.Scatter``) and model (``hv.Curve``) against ``tau``.
@@ -255,7 +259,7 @@ def fit(result) -> hv.Layout:
                 logx=True,
             ),
         ]
-    return _layout(panels, 4)
+    return _layout(panels, COLUMNS)
 
 
 def params(results, x: str = "q") -> hv.Layout:
@@ -336,7 +340,7 @@ def params(results, x: str = "q") -> hv.Layout:
         panels.append(_line_panel(layers, name, logy=log))
     if not panels:
         raise OptionError(f"no parameter varies along {along!r}: nothing to plot")
-    return _layout(panels, min(len(panels), 4))
+    return _layout(panels, min(len(panels), COLUMNS))
 
 
 def posterior(result) -> hv.Layout:
@@ -351,9 +355,10 @@ def posterior(result) -> hv.Layout:
     holoviews.Layout
         For each varied physics parameter, the marginal of the combined draws
         (``hv.Histogram``, density) over which each shard's marginal is drawn as a line;
-        scatter plots of the ``N_PAIRS`` most correlated parameter pairs; the trace of
-        every shard (chains one after the other) per parameter; and the diagnostics as a
-        table coloured pass (green) / fail (red) by shard and figure.
+        scatter plots of the ``N_PAIRS`` most correlated parameter pairs; the traces per
+        parameter, one colour per chain (chains that disagree are what R-hat measures),
+        shards one after the other; and the diagnostics as a table coloured pass (green)
+        / fail (red) by shard and figure. Two panels to a row.
     """
     combined = result.posterior.posterior
     shards = result.posterior.shard_posterior
@@ -380,7 +385,9 @@ def posterior(result) -> hv.Layout:
                     color=PALETTE[k % len(PALETTE)], backend="bokeh"
                 )
             )
-        panels.append(_line_panel(layers, f"{name}: marginal", legend_position="top_right"))
+        panels.append(
+            _line_panel(layers, f"{name}: marginal", legend_position="top_right", xticks=TICKS)
+        )
     flat = np.array([combined[n].values.ravel() for n in names])
     if len(names) > 1:
         corr = np.corrcoef(flat)
@@ -397,21 +404,26 @@ def posterior(result) -> hv.Layout:
                         )
                     ],
                     f"{names[a]} vs {names[b]} (ρ = {corr[a, b]:+.2f})",
+                    xticks=TICKS,
                 )
             )
+    draw = hv.Dimension("draw", label="draw (shards in turn)")
     for name in names:
+        by_chain = shards[name].transpose("shard", "chain", "draw")
+        n_draws = by_chain.sizes["draw"]
         traces = [
             hv.Curve(
-                shards[name].sel(shard=s).values.ravel(),
-                "draw (chains in turn)",
+                (k * n_draws + np.arange(n_draws), by_chain.values[k, c]),
+                draw,
                 name,
-                label=f"shard {s}",
-            ).opts(color=PALETTE[k % len(PALETTE)], line_width=0.7, backend="bokeh")
-            for k, s in enumerate(shards["shard"].values)
+                label=f"chain {c}",
+            ).opts(color=PALETTE[c % len(PALETTE)], line_width=0.7, backend="bokeh")
+            for k in range(by_chain.sizes["shard"])
+            for c in range(by_chain.sizes["chain"])
         ]
-        panels.append(_line_panel(traces, f"{name}: trace by shard", show_legend=False))
+        panels.append(_line_panel(traces, f"{name}: trace by chain", legend_position="top_right"))
     panels.append(_diagnostics_table(result))
-    return _layout(panels, cols=3)
+    return _layout(panels, cols=COLUMNS)
 
 
 def _diagnostics_table(result) -> hv.Overlay:

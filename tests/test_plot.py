@@ -159,6 +159,7 @@ def test_fit_shows_data_model_residual_and_the_one_time_projection(result):
         )
     assert len(result.plot()) == len(panels)
     assert len(hv.render(layout, backend="bokeh").children) == len(panels)
+    assert columns(layout) == 2  # data | model, residual | projection: a notebook's width
 
 
 def survey_dataset():
@@ -249,6 +250,11 @@ def test_save_writes_standalone_html_without_a_cdn(tmp_path, result):
     assert "weighted residual" not in path.read_text(encoding="utf-8")
 
 
+def columns(layout) -> int:
+    """Panels side by side in the rendered bokeh grid."""
+    return 1 + max(col for _, _, col in hv.render(layout, backend="bokeh").children)
+
+
 @pytest.fixture(scope="module")
 def cmc_result():
     truth = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
@@ -265,7 +271,16 @@ def test_posterior_shows_marginals_pairs_traces_and_the_verdict(cmc_result):
     titles = [panel.opts.get("plot").kwargs.get("title", "") for panel in layout]
     assert titles[:5] == [f"{name}: marginal" for name in varied]
     assert sum(" vs " in t for t in titles) == plot.N_PAIRS
-    assert [t for t in titles if "trace" in t] == [f"{n}: trace by shard" for n in varied]
+    assert [t for t in titles if "trace" in t] == [f"{n}: trace by chain" for n in varied]
+    assert columns(layout) == plot.COLUMNS == 2  # fits a notebook's width
+    trace = layout[titles.index("v0: trace by chain")]
+    shard_draws = cmc_result.posterior.shard_posterior["v0"].transpose("shard", "chain", "draw")
+    curves = list(trace)  # shard 0 chain 0, shard 0 chain 1, shard 1 chain 0, ...
+    assert [c.label for c in curves] == ["chain 0", "chain 1"] * 2
+    np.testing.assert_array_equal(curves[3].dimension_values("v0"), shard_draws.values[1, 1])
+    assert (
+        curves[1].opts.get("style").kwargs["color"] != curves[0].opts.get("style").kwargs["color"]
+    )
     marginal = layout[0]
     draws = cmc_result.posterior.posterior["D0_ref"].values.ravel()
     histogram = marginal.get(0)
