@@ -55,7 +55,9 @@ POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
 CLOSED_S = 4.0
 CHECK_S = 1.0
 TABLE_COLUMNS = ("name", "value", "vary", "min", "max", "unit")
-REPORT_WIDTH = 900  # [px]: long warnings wrap instead of widening the page
+REPORT_WIDTH = 900  # [px]: the widest a report gets; narrower windows wrap it
+# Text reports keep their columns but wrap long lines (warnings) inside their card.
+TEXT_STYLESHEET = "pre { font-size: 11px; white-space: pre-wrap; overflow-wrap: anywhere; }"
 PASS_STYLE = "background-color: #d4edda"  # bootstrap's success/danger alert colours
 FAIL_STYLE = "background-color: #f8d7da"
 
@@ -269,7 +271,12 @@ class Dashboard(pn.viewable.Viewer):
         self._build_cmc_tab()
         self._layout = pn.Column(
             pn.pane.Markdown("## heterodyne", margin=(0, 10)),
-            pn.Tabs(("Data", self._data_tab), ("NLSQ", self._nlsq_tab), ("CMC", self._cmc_tab)),
+            pn.Tabs(
+                ("Data", self._data_tab),
+                ("NLSQ", self._nlsq_tab),
+                ("CMC", self._cmc_tab),
+                sizing_mode="stretch_width",
+            ),
             sizing_mode="stretch_width",
         )
         if isinstance(source, xr.Dataset):
@@ -316,6 +323,7 @@ class Dashboard(pn.viewable.Viewer):
             self.summary,
             self.c2_view,
             self.cuts_view,
+            sizing_mode="stretch_width",
         )
 
     @param.depends("path", watch=True)
@@ -458,8 +466,10 @@ class Dashboard(pn.viewable.Viewer):
             embed=False,
             width=260,
         )
-        self.nlsq_report = pn.pane.HTML("", css_classes=["hd-nlsq-report"], width=REPORT_WIDTH)
-        self.nlsq_text = pn.pane.Str("", styles={"font-size": "11px"})
+        self.nlsq_report = pn.pane.HTML(
+            "", css_classes=["hd-nlsq-report"], sizing_mode="stretch_width", max_width=REPORT_WIDTH
+        )
+        self.nlsq_text = pn.pane.Str("", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width")
         self.nlsq_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-nlsq-plots"])
         self.nlsq_cuts = pn.pane.HoloViews(None, backend="bokeh")
         controls = pn.Column(
@@ -477,10 +487,18 @@ class Dashboard(pn.viewable.Viewer):
         )
         self._nlsq_tab = pn.Column(
             self.nlsq_alert,
-            pn.Row(self.table, pn.Column(controls, self.nlsq_report)),
-            pn.Card(self.nlsq_text, title="text report", collapsed=True, width=REPORT_WIDTH),
+            pn.FlexBox(self.table, controls, gap="10px"),
+            self.nlsq_report,
+            pn.Card(
+                self.nlsq_text,
+                title="text report",
+                collapsed=True,
+                sizing_mode="stretch_width",
+                max_width=REPORT_WIDTH,
+            ),
             self.nlsq_view,
             self.nlsq_cuts,
+            sizing_mode="stretch_width",
         )
 
     def parameters(self) -> Parameters:
@@ -604,8 +622,10 @@ class Dashboard(pn.viewable.Viewer):
             embed=False,
             width=260,
         )
-        self.cmc_report = pn.pane.HTML("", css_classes=["hd-cmc-report"], width=REPORT_WIDTH)
-        self.cmc_text = pn.pane.Str("", styles={"font-size": "11px"})
+        self.cmc_report = pn.pane.HTML(
+            "", css_classes=["hd-cmc-report"], sizing_mode="stretch_width", max_width=REPORT_WIDTH
+        )
+        self.cmc_text = pn.pane.Str("", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width")
         self.cmc_shards = pn.pane.HTML("", css_classes=["hd-cmc-diagnostics"])
         self.cmc_parameters = pn.pane.HTML("", css_classes=["hd-cmc-parameters"])
         self.cmc_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-cmc-plots"])
@@ -623,7 +643,7 @@ class Dashboard(pn.viewable.Viewer):
             self.cmc_progress,
             self.cmc_status,
             self.cmc_download,
-            pn.Row(
+            pn.FlexBox(
                 pn.Column(
                     pn.pane.Markdown("#### Diagnostics by shard"),
                     self.cmc_shards,
@@ -631,9 +651,17 @@ class Dashboard(pn.viewable.Viewer):
                     self.cmc_parameters,
                 ),
                 self.cmc_report,
+                gap="10px",
             ),
-            pn.Card(self.cmc_text, title="text report", collapsed=True, width=REPORT_WIDTH),
+            pn.Card(
+                self.cmc_text,
+                title="text report",
+                collapsed=True,
+                sizing_mode="stretch_width",
+                max_width=REPORT_WIDTH,
+            ),
             self.cmc_view,
+            sizing_mode="stretch_width",
         )
 
     async def _on_run(self, _event=None):

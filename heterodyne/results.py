@@ -389,7 +389,7 @@ class NLSQResult:
             f"    success           {self.success}: {self.message}",
             f"    starts            {self.starts.sizes['start']}",
             "[[Parameters]]",
-            f"    {'name':<16}{'value':>13}{'stderr':>12}{'rel.':>9}"
+            f"    {'name':<16}{'value':>13}{'stderr':>12}{'rel.':>10}"
             + ("" if nominal else f"{'nominal':>12}")
             + f"{'min':>11}{'max':>11}  {'flags':<9} unit",
         ]
@@ -398,7 +398,7 @@ class NLSQResult:
             if np.isfinite(error) and value:
                 rel = f"{100 * error / abs(value):.2f}%" if error < 1e3 * abs(value) else ">1e5%"
             err = f"{error:.4g}" if np.isfinite(error) else "-"
-            row = f"    {label:<16}{value:>13.6g}{err:>12}{rel:>9}"
+            row = f"    {label:<16}{value:>13.6g}{err:>12}{rel:>10}"
             if not nominal:
                 least = _by_label(self.stderr_nominal, label)
                 row += f"{least:>12.4g}" if np.isfinite(least) else f"{'-':>12}"
@@ -783,12 +783,12 @@ class CMCResult:
             f"    wall time         {info['wall_seconds']:.1f} s",
             f"    verdict           {self._verdict()}",
             "[[Parameters]] (mean, sd, 94 % HDI; R-hat worst and ESS least over shards)",
-            f"    {'name':<14}{'mean':>12}{'sd':>11}{'hdi 3%':>12}{'hdi 97%':>12}"
+            f"    {'name':<16}{'mean':>13}{'sd':>11}{'hdi 3%':>13}{'hdi 97%':>13}"
             f"{'R-hat':>8}{'ESS bulk':>10}{'ESS tail':>10}  unit",
         ]
         for label, mean, sd, lo, hi, rhat, bulk, tail, unit in self._rows():
             lines.append(
-                f"    {label:<14}{mean:>12.6g}{sd:>11.4g}{lo:>12.6g}{hi:>12.6g}"
+                f"    {label:<16}{mean:>13.6g}{sd:>11.4g}{lo:>13.6g}{hi:>13.6g}"
                 f"{rhat:>8.4f}{bulk:>10.0f}{tail:>10.0f}  {unit}"
             )
         lines.append("[[Shards]]")

@@ -28,7 +28,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 INSTALL = "apt-get install chromium; pip install playwright"
-VIEWPORT = {"width": 1500, "height": 1000}
+VIEWPORT = {"width": 1280, "height": 900}  # a laptop window
 FIT_TIMEOUT_MS = 120_000  # a fit, compile included, on a loaded 2-core runner
 PAGE_TIMEOUT_MS = 30_000
 IDLE_CORES = 0.2  # a server with no work left: below a fifth of a core
@@ -92,14 +92,26 @@ def screenshot(page, plots, path):
     page.screenshot(path=path, full_page=True)
 
 
+def scrolls_sideways(page) -> bool:
+    """Whether the page is wider than the window (a horizontal scroll bar)."""
+    return page.evaluate("document.documentElement.scrollWidth > window.innerWidth")
+
+
 def test_fit_in_the_browser_shows_the_report_with_v0(page, tmp_path):
     assert "40: t = 0.1 ... 4 s" in page.locator(".hd-summary table").first.inner_text()
     screenshot(page, ".hd-cuts-plots", tmp_path / "data.png")
+    assert not scrolls_sideways(page)
 
     v0 = fit_nlsq(page)
     assert abs(v0 - EXAMPLE_TRUTH["v0"]) < 0.05 * EXAMPLE_TRUTH["v0"]
     assert not page.locator(".hd-alert").first.is_visible()
     screenshot(page, ".hd-nlsq-plots", tmp_path / "nlsq.png")
+    page.get_by_text("text report").first.click()  # open the card: its lines wrap
+    page.wait_for_timeout(500)
+    for width in (1280, 1920):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(500)
+        assert not scrolls_sideways(page), width
 
 
 @pytest.mark.slow
@@ -118,6 +130,7 @@ def test_cmc_in_the_browser_shows_the_diagnostics(page, tmp_path):
     assert table.locator("td").last.inner_text() in ("pass", "fail")
     assert "sampled in" in page.locator(".hd-cmc-status p").first.inner_text()
     screenshot(page, ".hd-cmc-plots", tmp_path / "cmc.png")
+    assert not scrolls_sideways(page)
 
 
 def cpu_load(seconds: float) -> float:

@@ -1,5 +1,7 @@
 """fit_nlsq against truth, against an independent curve_fit, and its contracts."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -260,6 +262,28 @@ def test_report_flags_degenerate_pairs_and_bounds(dataset):
     assert report.startswith("[[Verdict]] CHECK")
     assert report.count("D0_sample, D_offset_sample are degenerate") == 1
     assert "C(D0_sample, D_offset_sample) = +1.0000" in report
+
+
+def test_report_columns_stay_apart_at_every_width(dataset):
+    """The widest figure of each column (a relative error of 35571.29 %, a value of
+    -1.23457e+06) keeps a space before the next column: every row splits back into its
+    value, stderr and relative error."""
+    result = hd.fit_nlsq(dataset, off_by_30_percent(), progress=False)
+    wide = dataclasses.replace(result, stderr=result.stderr.map(lambda e: 355.7129 * e))
+    rows = wide.report().split("[[Parameters]]")[1].split("[[")[0].splitlines()[2:]
+    shown = 0
+    for row in rows:
+        label, value, error, rel, *_ = row.split()
+        if error == "-":
+            continue
+        assert float(error) == pytest.approx(wide.error(label), rel=1e-3), row
+        relative = 100 * float(error) / abs(float(value))
+        if rel == ">1e5%":
+            assert relative > 0.999e5, row
+        else:
+            assert float(rel.rstrip("%")) == pytest.approx(relative, rel=1e-3), row
+        shown += 1
+    assert shown == len(result.parameters().varied) + 2 * len(PHI)  # physics + contrast, offset
 
 
 def test_static_reference_at_the_bound_is_reported():
