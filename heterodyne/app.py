@@ -35,6 +35,7 @@ import pandas as pd
 import panel as pn
 import param
 import xarray as xr
+from bokeh.models import StringFormatter
 from bokeh.server.auth_provider import AuthProvider
 
 from heterodyne import checks, diagnostics, plot
@@ -424,7 +425,7 @@ class Dashboard(pn.viewable.Viewer):
         self.cmc = None
         ds = self.data
         ready = ds is not None
-        self.nlsq_button.disabled = not ready
+        self.nlsq_button.disabled = not ready or bool(self._problems)
         self.cmc_button.disabled = not ready
         if not ready:
             self.summary.object, self.c2_view.object, self.cuts_view.object = "", None, None
@@ -439,12 +440,25 @@ class Dashboard(pn.viewable.Viewer):
 
     def _build_nlsq_tab(self, params: Parameters):
         self._start = params.copy()
+        numbers = ("value", "min", "max")
         self.table = pn.widgets.Tabulator(
             parameter_frame(params),
             show_index=False,
-            editors={"name": None, "unit": None},
+            # text editors: what was typed reaches the check as typed, never as a blank
+            editors={"name": None, "unit": None, **dict.fromkeys(numbers, "input")},
+            # numbers as typed (1e+07, never a cut "10,000,00"); blank: from the data
+            formatters=dict.fromkeys(
+                numbers, StringFormatter(text_align="right", nan_format="(data)")
+            ),
             layout="fit_data_table",
             css_classes=["hd-parameters"],
+        )
+        self._problems = {}  # (row, column) -> why the cell cannot be used
+        self.table.style.apply(self._mark_problems, axis=None)
+        self.table.on_edit(lambda _event: self._check_table())
+        self.table.param.watch(lambda _event: self._check_table(), "value")
+        self.table_message = pn.pane.Alert(
+            "", alert_type="danger", visible=False, css_classes=["hd-table-message"], width=300
         )
         self.nlsq_button = pn.widgets.Button(
             name="Fit", button_type="primary", disabled=True, width=120
@@ -473,6 +487,7 @@ class Dashboard(pn.viewable.Viewer):
         self.nlsq_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-nlsq-plots"])
         self.nlsq_cuts = pn.pane.HoloViews(None, backend="bokeh")
         controls = pn.Column(
+            self.table_message,
             pn.widgets.RadioButtonGroup.from_param(self.param.scaling, name="scaling"),
             pn.widgets.RadioButtonGroup.from_param(
                 self.param.errors, name="error bars", css_classes=["hd-errors"]
@@ -500,6 +515,22 @@ class Dashboard(pn.viewable.Viewer):
             self.nlsq_cuts,
             sizing_mode="stretch_width",
         )
+
+    def _check_table(self):
+        """Mark the cells that cannot be used and say why, as they are edited."""
+        self._problems = table_problems(self.table.value)
+        self.table_message.param.update(
+            object="\n".join(f"- {markdown_text(m)}" for m in self._problems.values()),
+            visible=bool(self._problems),
+        )
+        self.nlsq_button.disabled = bool(self._problems) or self.data is None
+
+    def _mark_problems(self, frame: pd.DataFrame) -> pd.DataFrame:
+        styles = pd.DataFrame("", index=frame.index, columns=frame.columns)
+        for (row, column), _ in self._problems.items():
+            if row < len(frame):
+                styles.iloc[row, frame.columns.get_loc(column)] = FAIL_STYLE
+        return styles
 
     def parameters(self) -> Parameters:
         """The parameter table as a ``Parameters`` (checked against the data's angles).
@@ -799,7 +830,8 @@ class Dashboard(pn.viewable.Viewer):
 
     def _busy(self, busy: bool):
         ready = not busy and self.data is not None
-        self.nlsq_button.disabled = self.cmc_button.disabled = not ready
+        self.cmc_button.disabled = not ready
+        self.nlsq_button.disabled = not ready or bool(self._problems)
         for widget in (self.file_input, self.q_select, self.phi_select, self.frames_slider):
             widget.disabled = busy
         self.t_start_input.disabled = self.exclude_input.disabled = busy or not self.path
@@ -853,7 +885,9 @@ def parameter_frame(params: Parameters) -> pd.DataFrame:
                 )
             value = values[0]
         rows.append((spec.name, float(value), bool(entry.vary), entry.min, entry.max, spec.unit))
-    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    # cells of any type: text typed into a number cell stays text, shown and checked
+    return frame.astype({"value": object, "min": object, "max": object})
 
 
 def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, ...]:
@@ -963,6 +997,32 @@ def _pairs(ds: xr.Dataset) -> int:
     """Number of pairs ``t1 < t2`` over all angles."""
     n = ds.sizes["t1"]
     return ds.sizes["phi"] * n * (n - 1) // 2
+
+
+def table_problems(frame: pd.DataFrame) -> dict[tuple[int, str], str]:
+    """The cells of a parameter table that cannot be used, ``{(row, column): why}``: text
+    that is not a number, a missing bound, ``min > max``, a value outside its bounds. A
+    blank value is allowed (from the data; per angle for contrast and offset)."""
+    problems = {}
+    for k, row in enumerate(frame.itertuples(index=False)):
+        numbers = {}
+        for column in ("value", "min", "max"):
+            cell = getattr(row, column)
+            numbers[column] = _number(cell)
+            blank = cell is None or (isinstance(cell, str) and not cell.strip())
+            blank = blank or (isinstance(cell, float) and np.isnan(cell))
+            if np.isnan(numbers[column]) and not blank:
+                problems[k, column] = f"{row.name} {column}: {cell!r} is not a number"
+            elif blank and column != "value":
+                problems[k, column] = f"{row.name} {column}: give a number (inf for none)"
+        value, low, high = numbers["value"], numbers["min"], numbers["max"]
+        if low > high:
+            problems[k, "min"] = f"{row.name}: min {low:g} is above max {high:g}"
+        elif not np.isnan(value) and not low <= value <= high:
+            problems.setdefault(
+                (k, "value"), f"{row.name}: value {value:g} is outside [{low:g}, {high:g}]"
+            )
+    return problems
 
 
 def _number(value) -> float:

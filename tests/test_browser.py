@@ -174,3 +174,17 @@ def test_cancel_and_a_closed_page_stop_a_cmc_run(browser, url):
     time.sleep(CLOSED_S + CHECK_S)
     loads = [cpu_load(1.0) for _ in range(3)]
     assert min(loads) < IDLE_CORES, loads
+
+
+def test_a_bad_cell_is_marked_with_its_message_as_it_is_edited(page):
+    page.locator(".bk-tab", has_text="NLSQ").click()
+    name = page.locator(".tabulator-cell[tabulator-field='name']", has_text=re.compile(r"^v0$"))
+    cell = page.locator(".tabulator-row").filter(has=name).locator("[tabulator-field='min']")
+    cell.click()
+    cell.locator("input").fill("fast")
+    cell.locator("input").press("Enter")
+    message = page.locator(".hd-table-message")
+    message.get_by_text("v0 min: 'fast' is not a number").wait_for(timeout=PAGE_TIMEOUT_MS)
+    assert cell.inner_text() == "fast"  # shown as typed, not as a blank
+    assert cell.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(248, 215, 218)"
+    assert page.get_by_role("button", name="Fit", exact=True).is_disabled()

@@ -25,6 +25,7 @@ from heterodyne.app import (
     diagnostics_tables,
     parameter_frame,
     serve,
+    table_problems,
 )
 from heterodyne.cli import build_parser, main
 from heterodyne.examples import EXAMPLE_TRUTH, example_file
@@ -200,11 +201,24 @@ def test_bad_parameters_or_a_missing_fit_show_alerts_instead_of_running(ds):
     table = dash.table.value.copy()
     table.loc[table["name"] == "v0", "value"] = -1.0
     dash.table.value = table
-    dash.nlsq_button.clicks += 1
+    # marked as edited, before any click: the cell, the message beside it, no Fit
+    assert dash.nlsq_button.disabled and dash.table_message.visible
+    assert "v0: value -1 is outside [0, 1e+06]" in shown(dash.table_message)
+    v0 = list(table["name"]).index("v0")
+    assert set(table_problems(table)) == {(v0, "value")}
+    dash.nlsq_button.clicks += 1  # pressed from code all the same: refused with the reason
     assert dash.nlsq is None
     assert dash.nlsq_alert.visible and "ParameterError" in shown(dash.nlsq_alert)
     assert "v0: value -1.0 outside its bounds" in shown(dash.nlsq_alert)
-    assert not dash.nlsq_button.disabled  # ready for another try
+    table.loc[table["name"] == "v0", "value"] = "fast"  # text is not a blank (from the data)
+    table.loc[table["name"] == "D0_ref", "max"] = ""
+    dash.table.value = table
+    assert set(table_problems(table)) == {(v0, "value"), (0, "max")}
+    assert "v0 value: 'fast' is not a number" in shown(dash.table_message)
+    table.loc[table["name"] == "v0", "value"] = 1e3
+    table.loc[table["name"] == "D0_ref", "max"] = "1e7"
+    dash.table.value = table
+    assert not dash.nlsq_button.disabled and not dash.table_message.visible
 
     dash.cmc_button.clicks += 1  # warm start is ticked, but there is no NLSQ fit
     assert dash.cmc is None and "warm start needs an NLSQ fit" in shown(dash.cmc_alert)
