@@ -338,8 +338,9 @@ def run_fit(args) -> int:
 
 def run_survey(args) -> int:
     import heterodyne as hd
-    from heterodyne import plot
     from heterodyne.files import atomic_write
+    from heterodyne.report import write_survey_html
+    from heterodyne.survey import table
 
     _outputs(args, ("survey.nc", "survey.html"))
     out = hd.survey(
@@ -358,16 +359,21 @@ def run_survey(args) -> int:
         args.out / "survey.nc",
         overwrite=args.overwrite,
     )
-    plot.save(
-        plot.params(out, x="q"),
+    write_survey_html(
+        out,
         args.out / "survey.html",
         overwrite=args.overwrite,
         title=f"heterodyne survey of {args.file.name}",
     )
-    print(out[[name for name in out.data_vars if "_stderr" not in name]])
+    rows = table(out)
+    print(rows.drop(columns="reasons").to_string(index=False))  # reasons: one line each
+    flagged = rows[rows["verdict"] != "ok"]
+    for row in flagged.itertuples(index=False):
+        print(f"q = {row[0]} 1/Å: verdict {row.verdict}: {row.reasons}")
     print(
         f"{out.attrs['fitted']} fits run, {out.attrs['from_checkpoint']} read from "
-        f"{args.out / 'fits'}; wrote survey.nc and survey.html to {args.out}/"
+        f"{args.out / 'fits'}; {len(flagged)} of {len(rows)} not ok\n"
+        f"wrote {args.out / 'survey.nc'}, {args.out / 'survey.html'}"
     )
     return 0
 

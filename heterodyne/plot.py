@@ -282,7 +282,8 @@ def params(results, x: str = "q") -> hv.Layout:
     holoviews.Layout
         For each parameter that varies in the survey (a finite stderr somewhere, or
         values that change along ``x``): an ``hv.Overlay`` of ``hv.Scatter`` and
-        ``hv.ErrorBars`` (kdim ``x``, vdim the parameter), one pair per value of any other
+        ``hv.ErrorBars`` (kdim ``x``, with its units; one bin is centred in +-10 %), vdim
+        the parameter), one pair per value of any other
         dimension (e.g. ``contrast`` per ``phi``). ``D0_*`` and ``v0`` use a log axis
         when all their values are positive. Bars span ``value -+ stderr`` clipped to
         the parameter's bounds in the MODEL.md table (an undetermined parameter's bar
@@ -297,7 +298,11 @@ def params(results, x: str = "q") -> hv.Layout:
     if values[x].ndim != 1:
         raise OptionError(f"coordinate {x!r} has dims {values[x].dims}; expected one dimension")
     along = values[x].dims[0]
+    xs = values[x].values
     x_dim = hv.Dimension(x, unit=values[x].attrs.get("units") or None)
+    if np.issubdtype(xs.dtype, np.number) and np.unique(xs).size == 1:
+        # one bin: centre it in +-10 % (bokeh would draw it at 0 of an axis -1..1)
+        x_dim = x_dim.clone(range=tuple(sorted((0.9 * xs[0], 1.1 * xs[0]))) if xs[0] else (-1, 1))
     names = [n for n in PHYSICS_NAMES + SCALING_NAMES if n in values.data_vars]
     names += [n for n in values.data_vars if n not in names]
     panels = []
@@ -320,7 +325,7 @@ def params(results, x: str = "q") -> hv.Layout:
         spec = SPECS.get(name)
         layers = []
         for s in range(stacked.shape[1]):
-            xs, ys, es = values[x].values, stacked[:, s], np.nan_to_num(spread[:, s])
+            ys, es = stacked[:, s], np.nan_to_num(spread[:, s])
             # A value cannot leave its bounds: a bar beyond them (an undetermined
             # parameter) would only stretch the axis. On a log axis stop short of 0.
             low, high = ys - es, ys + es

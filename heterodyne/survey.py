@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from heterodyne import checks, executors, identity
-from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, Parameters
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, UNITS, Parameters
 
 METHODS = ("nlsq",)
 
@@ -65,7 +66,8 @@ def survey(
         of the kind ``errors=`` chose) and ``<name>_stderr_nominal`` (the nominal
         least-squares errors, which treat the pairs as independent), ``contrast`` and
         ``offset`` (and their stderr) along ``phi``, ``reduced_chi2``, ``success``,
-        ``nfev``. ``attrs["fitted"]`` and ``attrs["from_checkpoint"]`` count the fits run
+        ``verdict`` (ok, check, fail) and its ``reasons``, ``nfev``. :func:`table` shows it
+        as one row per fit. ``attrs["fitted"]`` and ``attrs["from_checkpoint"]`` count the fits run
         now and read back from ``checkpoint``.
     """
     sources = checks.check_survey(
@@ -106,8 +108,40 @@ def survey(
     out = xr.concat(summaries, dim="fit", join="outer", combine_attrs="drop")
     if len(sources) == 1:
         out = out.swap_dims(fit="q").drop_vars("fit", errors="ignore")
+    out["q"].attrs.update(units="1/Å", long_name="q")
     out.attrs.update(method=method, fitted=len(pending), from_checkpoint=len(tasks) - len(pending))
     return out
+
+
+def table(out: xr.Dataset) -> pd.DataFrame:
+    """A survey as one row per fit, for a person: ``q [1/Å]``, the verdict and its reasons
+    (degenerate parameters, bounds reached...), the reduced chi2, and ``value ± stderr``
+    of each physics parameter that was fitted (units in the column names).
+
+    Examples
+    --------
+    >>> from heterodyne.survey import table
+    >>> print(table(hd.survey("sample.h5")).to_string())  # doctest: +SKIP
+    """
+    along = out["q"].dims[0]
+    columns = {"q [1/Å]": [f"{v:.5g}" for v in out["q"].values]}
+    if "source" in out.coords and out["source"].dims == (along,) and along != "q":
+        columns["source"] = [Path(str(v)).name for v in out["source"].values]
+    columns["verdict"] = [str(v) for v in out["verdict"].values]
+    columns["reduced χ²"] = [f"{v:.4g}" for v in out["reduced_chi2"].values]
+    for name in PHYSICS_NAMES:
+        errors = out[f"{name}_stderr"].values
+        if not np.isfinite(errors).any():
+            continue  # fixed in every fit
+        unit = UNITS.get(name)
+        header = f"{name} [{unit}]" if unit else name
+        columns[header] = [
+            f"{v:.4g} ± {e:.2g}" if np.isfinite(e) else f"{v:.4g} (fixed)"
+            for v, e in zip(out[name].values, errors, strict=True)
+        ]
+    if "reasons" in out.data_vars:
+        columns["reasons"] = [str(v) for v in out["reasons"].values]
+    return pd.DataFrame(columns)
 
 
 def _q_bins(source, q):
@@ -180,6 +214,7 @@ def summarize(result, name: str) -> xr.Dataset:
     out["reduced_chi2"] = result.reduced_chi2
     out["success"] = int(result.success)
     out["verdict"] = result.verdict.status
+    out["reasons"] = "; ".join(result.verdict.reasons)
     out["nfev"] = result.nfev
     return out.expand_dims("fit").assign_coords(
         source=("fit", [name]), q=("fit", [float(result.params["q"])])

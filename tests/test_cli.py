@@ -1,5 +1,7 @@
 """The command line: the README's demo, fitting a file, and argument errors."""
 
+import html
+import json
 import os
 import shutil
 import socket
@@ -13,6 +15,7 @@ import xarray as xr
 import heterodyne as hd
 from heterodyne.cli import DEMO_TRUTH, main
 from heterodyne.examples import example_file
+from heterodyne.survey import table as survey_table
 
 
 def run(*args):
@@ -82,7 +85,22 @@ def test_survey_writes_the_table_and_plot_and_resumes(tmp_path, capsys):
     assert main(["survey", str(path), "--out", str(out)]) == 0
     table = xr.open_dataset(out / "survey.nc", engine="h5netcdf")
     np.testing.assert_allclose(table["q"].values, [0.008, 0.012])
-    assert "cdn.bokeh.org" not in (out / "survey.html").read_text()
+    page = (out / "survey.html").read_text()
+    assert "cdn.bokeh.org" not in page
+    printed = capsys.readouterr().out
+    rows = survey_table(table)
+    # every fitted parameter, in full (no xarray "(12/19)" elision), with units and verdicts
+    assert rows.columns[:3].tolist() == ["q [1/Å]", "verdict", "reduced χ²"]
+    assert "v0 [Å/s^(1+β)]" in rows.columns and "D0_ref [Å²/s^(1+α)]" in rows.columns
+    assert rows.drop(columns="reasons").to_string(index=False) in printed
+    assert "..." not in printed
+    assert f"wrote {out / 'survey.nc'}, {out / 'survey.html'}" in printed
+    assert rows["verdict"].tolist() == [str(v) for v in table["verdict"].values]
+    v0 = rows["v0 [Å/s^(1+β)]"][1]
+    assert v0 == f"{float(table['v0'][1]):.4g} ± {float(table['v0_stderr'][1]):.2g}"
+    # the table is in the page's document (JSON, HTML-escaped inside the bokeh script)
+    cell = json.dumps(html.escape(f"<td>{v0}</td>"))[1:-1]
+    assert cell in page and html.escape("<th>verdict</th>") in page
     assert main(["survey", str(path), "--out", str(out), "--overwrite"]) == 0
     assert "0 fits run, 2 read from" in capsys.readouterr().out
 

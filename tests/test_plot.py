@@ -236,6 +236,10 @@ def test_params_stacks_fit_results_along_their_q(result):
     with pytest.raises(hd.OptionError, match="no coordinate 'file'"):
         plot.params([result, shifted], x="file")
 
+    alone = plot.params([result], x="q")  # one bin: drawn at its q, not at 0 of -1..1
+    x_axis = hv.render(alone[0], backend="bokeh").x_range
+    assert (x_axis.start, x_axis.end) == pytest.approx((0.009, 0.011), rel=1e-12)
+
 
 def test_save_writes_standalone_html_without_a_cdn(tmp_path, result):
     layout = plot.fit(result)
