@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from _served import served
@@ -31,6 +32,7 @@ INSTALL = "apt-get install chromium; pip install playwright"
 VIEWPORT = {"width": 1280, "height": 900}  # a laptop window
 FIT_TIMEOUT_MS = 120_000  # a fit, compile included, on a loaded 2-core runner
 PAGE_TIMEOUT_MS = 30_000
+NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 IDLE_CORES = 0.2  # a server with no work left: below a fifth of a core
 
 
@@ -188,3 +190,41 @@ def test_a_bad_cell_is_marked_with_its_message_as_it_is_edited(page):
     assert cell.inner_text() == "fast"  # shown as typed, not as a blank
     assert cell.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(248, 215, 218)"
     assert page.get_by_role("button", name="Fit", exact=True).is_disabled()
+
+
+@pytest.mark.slow
+def test_a_notebook_exported_to_html_draws_its_plots_offline(browser, tmp_path):
+    """Notebook 01's setup cell and a plot, run and exported as JupyterLab does (nbconvert,
+    lab template), open with every network request refused (a beamline network): bokeh
+    is inline, so the figure is drawn."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nbconvert = pytest.importorskip("nbconvert")
+    notebook = nbformat.read(NOTEBOOKS / "01_quickstart.ipynb", as_version=4)
+    setup = next(c for c in notebook.cells if "hv.extension" in "".join(c.source))
+    small = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(setup.source),
+            nbformat.v4.new_code_cell('hd.plot.c2(hd.simulate({"v0": 500.0}, n_frames=20))'),
+        ]
+    )
+    nbclient.NotebookClient(small, kernel_name="python3", timeout=300).execute()
+    html, _ = nbconvert.HTMLExporter(template_name="lab").from_notebook_node(small)
+    path = tmp_path / "small.html"
+    path.write_text(html, encoding="utf-8")
+
+    page = browser.new_page(viewport=VIEWPORT)
+    refused = []
+
+    def offline(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    page.route("**/*", offline)
+    page.goto(path.as_uri())
+    page.locator(".bk-Canvas, canvas").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    assert refused  # the page did try the network (CDN scripts of the template)
+    page.close()
