@@ -39,7 +39,8 @@ from heterodyne.starts import estimate_scaling
 DEFAULT_FRAMES = 200
 DEFAULT_DT = 0.1
 DEFAULT_Q = 0.01
-SLIDER_STEPS = 1000  # a linear slider moves in (max - min) / SLIDER_STEPS
+SLIDER_STEPS = 1000  # a linear slider moves in about (max - min) / SLIDER_STEPS
+LABEL_WIDTH = "120px"  # the longest name, D_offset_sample, in full
 LOG_STEP = 0.01  # a log slider moves in decades / 100
 
 
@@ -108,7 +109,7 @@ class Explorer(widgets.VBox):
         for spec in PHYSICS + SCALING:
             value = p[spec.name].value if spec in PHYSICS else self._scaling[spec.name][0]
             rows.append(self._control(spec, float(value)))
-        style = {"style": {"description_width": "100px"}}
+        style = {"style": {"description_width": LABEL_WIDTH}}
         if ds is None:
             self.angle = widgets.FloatSlider(
                 value=0.0, min=-180.0, max=180.0, step=1.0, description="phi [deg]", **style
@@ -144,7 +145,7 @@ class Explorer(widgets.VBox):
         self.q.observe(self._on_change, "value")
         self.angle.observe(self._on_angle, "value")
         controls = widgets.GridBox(
-            rows, layout=widgets.Layout(grid_template_columns="repeat(3, 340px)")
+            rows, layout=widgets.Layout(grid_template_columns="repeat(auto-fill, 350px)")
         )
         super().__init__([widgets.HBox([self.angle, self.q]), controls, self.output])
 
@@ -192,8 +193,8 @@ class Explorer(widgets.VBox):
             "continuous_update": True,
             "readout_format": ".4g",
             "tooltip": f"{spec.meaning} [{spec.unit or '-'}]",
-            "style": {"description_width": "100px"},
-            "layout": widgets.Layout(width="320px" if spec.name not in LOG_SCALE else "270px"),
+            "style": {"description_width": LABEL_WIDTH},
+            "layout": widgets.Layout(width="340px" if spec.name not in LOG_SCALE else "290px"),
         }
         if spec.name in LOG_SCALE:
             top = np.log10(spec.max)
@@ -218,12 +219,11 @@ class Explorer(widgets.VBox):
             # explores it; the table's +-1e4 s would leave the slider no resolution.
             span = self.t[-1] - self.t[0]
             low, high = max(low, self.t[0] - span), min(high, self.t[-1] + span)
+        step = nice_step((high - low) / SLIDER_STEPS)
+        # bounds on the step's grid, so that 0 (and every round value) is a position
+        low, high = np.floor(low / step) * step, np.ceil(high / step) * step
         slider = widgets.FloatSlider(
-            value=min(max(value, low), high),
-            min=low,
-            max=high,
-            step=(high - low) / SLIDER_STEPS,
-            **common,
+            value=min(max(value, low), high), min=low, max=high, step=step, **common
         )
         self.sliders[spec.name] = slider
         return slider
@@ -342,6 +342,12 @@ def explore(ds: xr.Dataset | None = None, params=None) -> Explorer:
     >>> hd.explore(hd.simulate({"v0": 500.0}, phi=[0, 90]))  # doctest: +SKIP
     """
     return Explorer(ds, params)
+
+
+def nice_step(step: float) -> float:
+    """The round number (1, 2 or 5 x 10^k) nearest above ``step``."""
+    decade = 10.0 ** np.floor(np.log10(step))
+    return float(decade * next(m for m in (1, 2, 5, 10) if m * decade >= step * (1 - 1e-12)))
 
 
 def _per_angle(value, estimate, name, default, n_angles) -> np.ndarray:

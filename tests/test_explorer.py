@@ -35,6 +35,13 @@ def test_explorer_without_data_draws_the_model_at_the_slider_values():
         assert slider.max == pytest.approx(np.log10(SPECS[name].max))
         assert slider.min == pytest.approx(slider.max - 6)
     assert isinstance(explorer.sliders["phi0"], widgets.FloatSlider)
+    # linear sliders step on round numbers with 0 on their grid: f2 = 0 reads 0
+    for name in ("alpha_ref", "D_offset_sample", "beta", "f1", "f2", "f3", "phi0"):
+        slider = explorer.sliders[name]
+        assert slider.value == 0.0, name
+        assert slider.step in {m * 10.0**k for m in (1, 2, 5) for k in range(-6, 4)}, name
+        assert slider.min / slider.step == pytest.approx(round(slider.min / slider.step)), name
+    assert explorer.sliders["D_offset_sample"].style.description_width == "120px"
     assert (explorer.sliders["phi0"].min, explorer.sliders["phi0"].max) == (-90.0, 90.0)
     t = 0.1 * np.arange(1, 201)
     np.testing.assert_allclose(explorer.t, t)
