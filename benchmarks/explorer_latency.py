@@ -1,9 +1,9 @@
 """Slider-to-plot latency of ``hd.explore``, measured live in a real browser.
 
-The explorer's views (``Explorer.view``: data and model heatmaps, one-time cuts) are
+The explorer's figures (``Explorer.figure``: data and model heatmaps, one-time cuts) are
 served on a Panel page next to a Panel slider that sets the explorer's ``f0`` slider, so a
-step runs the explorer's own path: the model computed, pushed through its HoloViews
-``Pipe`` into the bokeh figures, sent over the websocket and drawn. Headless Chromium
+step runs the explorer's own path: the model computed, written into the figures' data
+sources, sent over the websocket and drawn. Headless Chromium
 (Playwright, Debian's ``/usr/bin/chromium``) presses the arrow key on the slider handle
 ``--presses`` times; each press is timed in the page from the key event to the second
 animation frame after the page received the new image (the frame that shows it). Prints
@@ -62,7 +62,7 @@ def page(frames: int):
     f0 = explorer.sliders["f0"]
     slider = pn.widgets.FloatSlider(name="f0", start=0.0, end=1.0, step=0.01, value=f0.value)
     slider.param.watch(lambda event: setattr(f0, "value", event.new), "value")
-    return pn.Column(slider, pn.pane.HoloViews(explorer.view, backend="bokeh"))
+    return pn.Column(slider, pn.pane.Bokeh(explorer.figure))
 
 
 def main():

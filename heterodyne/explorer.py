@@ -1,18 +1,24 @@
 """The model explorer: one slider per parameter, the model ``c2`` redrawn as you drag.
 
 ``hd.explore()`` returns an ipywidgets box: sliders on top, HoloViews/bokeh views below
-(the model heatmap and the one-time cuts, next to the data when a Dataset is given). A
-redraw evaluates the jitted :func:`heterodyne.model.c2_grid` at one angle and pushes the
-new arrays into the existing bokeh figures through HoloViews ``Pipe`` streams, so only
-data travel to the browser.
+(the model heatmap and the one-time cuts, next to the data when a Dataset is given). The
+views are drawn by HoloViews once; a redraw evaluates the jitted
+:func:`heterodyne.model.c2_grid` at one angle and writes the new arrays straight into
+the data sources of those bokeh figures, so only data travel to the browser and no plot
+is rebuilt (HoloViews' update path of streams and DynamicMaps costs far more than the
+model).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import holoviews as hv
 import ipywidgets as widgets
 import numpy as np
+import panel as pn
 import xarray as xr
+from bokeh.models import ColorMapper, ColumnDataSource
 from IPython.display import display
 
 from heterodyne import model
@@ -83,7 +89,9 @@ class Explorer(widgets.VBox):
     angle, q : ipywidgets widgets
         The angle (a list of the data's angles, else a slider in degrees) and ``q`` [1/Å].
     view : holoviews.Layout
-        The views: data heatmap (with data), model heatmap, one-time cuts.
+        The views as first drawn: data heatmap (with data), model heatmap, one-time cuts.
+    figure : bokeh model
+        Those views as shown, updated in place by :meth:`redraw`.
     model_c2 : numpy.ndarray
         The model ``c2 (N, N)`` drawn last.
     """
@@ -137,7 +145,7 @@ class Explorer(widgets.VBox):
         self._build_views()
         self.output = widgets.Output()
         with self.output:
-            display(self.view)
+            display(pn.pane.Bokeh(self.figure))
         for name, slider in self.sliders.items():
             slider.observe(self._on_scaling if name in self._scaling else self._on_change, "value")
         for box in self.zero.values():
@@ -173,8 +181,27 @@ class Explorer(widgets.VBox):
     def redraw(self) -> np.ndarray:
         """Evaluate the model at the sliders' values and push it into the views."""
         self.model_c2 = self._compute()
-        self._model_pipe.send(self.model_c2)
+        self._show(self._model_image, self._model_cuts, self.model_c2)
+        if self.data is None:  # the colour scale follows the model
+            self._model_image.colors.update(
+                low=np.nanmin(self.model_c2), high=np.nanmax(self.model_c2)
+            )
+        self._fit_cuts_axis()
         return self.model_c2
+
+    def _show(self, image, cuts, matrix):
+        """Write ``matrix`` into an image's data source and its cuts' sources."""
+        image.source.data = {**image.source.data, "image": [matrix.T]}
+        for source, i in zip(cuts, self.frames, strict=True):
+            source.data = {"tau": self.t[i + 1 :] - self.t[i], "c2": matrix[i, i + 1 :]}
+
+    def _fit_cuts_axis(self):
+        """The cuts' vertical axis spans what they show, 5 % either side."""
+        shown = [self.model_c2] if self.data is None else [self.model_c2, self._data_c2]
+        rows = np.concatenate([m[i, i + 1 :] for m in shown for i in self.frames])
+        low, high = np.nanmin(rows), np.nanmax(rows)
+        pad = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+        self._cuts_range.update(start=low - pad, end=high + pad)
 
     def _compute(self) -> np.ndarray:
         k = self._index
@@ -229,8 +256,7 @@ class Explorer(widgets.VBox):
         return slider
 
     def _build_views(self):
-        # Callbacks build bare elements and the DynamicMaps carry the styling, so a redraw
-        # builds only the new elements (.opts on each would clone each one again).
+        # Drawn once by HoloViews; a redraw writes into the drawn figures' data sources.
         t = self.t
         dims = [hv.Dimension("t1", unit="s"), hv.Dimension("t2", unit="s")]
         tau_dim = hv.Dimension("tau", label="τ", unit="s")
@@ -250,7 +276,6 @@ class Explorer(widgets.VBox):
             "Overlay": {
                 "title": "cuts at ages t1",
                 "logx": True,
-                "framewise": True,
                 "frame_width": width,
                 "frame_height": height,
             },
@@ -270,24 +295,38 @@ class Explorer(widgets.VBox):
 
             return draw
 
-        self._model_pipe = hv.streams.Pipe(data=self.model_c2)
-        model_map = hv.DynamicMap(image, streams=[self._model_pipe])
-        cuts_map = hv.DynamicMap(cuts(hv.Curve), streams=[self._model_pipe])
+        model_image = image(self.model_c2)
+        model_cuts = cuts(hv.Curve)(self.model_c2)
         if self.data is None:
-            model_map = model_map.opts(title="model", framewise=True, backend="bokeh", **image_opts)
-            panels = [model_map, cuts_map.opts(cuts_opts, backend="bokeh")]
+            panels = [
+                model_image.opts(title="model", backend="bokeh", **image_opts),
+                model_cuts.opts(cuts_opts, backend="bokeh"),
+            ]
         else:
             data = offdiagonal(self.data["c2"].values)
             image_opts["clim"] = robust_range(data)
-            self._data_pipe = hv.streams.Pipe(data=data[self._index])
-            data_map = hv.DynamicMap(image, streams=[self._data_pipe])
-            data_cuts = hv.DynamicMap(cuts(hv.Scatter), streams=[self._data_pipe])
+            self._data_c2 = data[self._index]
             panels = [
-                data_map.opts(title="data", backend="bokeh", **image_opts),
-                model_map.opts(title="model", backend="bokeh", **image_opts),
-                (data_cuts * cuts_map).opts(cuts_opts, backend="bokeh"),
+                image(self._data_c2).opts(title="data", backend="bokeh", **image_opts),
+                model_image.opts(title="model", backend="bokeh", **image_opts),
+                (cuts(hv.Scatter)(self._data_c2) * model_cuts).opts(cuts_opts, backend="bokeh"),
             ]
         self.view = hv.Layout(panels).opts(shared_axes=False, backend="bokeh").cols(3)
+        drawn = hv.renderer("bokeh").get_plot(self.view)
+        self.figure = drawn.state
+        *images, lines = (drawn.subplots[0, k].subplots["main"] for k in range(len(panels)))
+        heatmaps = [
+            Heatmap(plot.handles["source"], plot.handles["color_mapper"]) for plot in images
+        ]
+        self._model_image = heatmaps[-1]
+        by_kind = {"Curve": [], "Scatter": []}
+        for (kind, _), plot in lines.subplots.items():
+            by_kind[kind].append(plot.handles["source"])
+        self._model_cuts = by_kind["Curve"]
+        if self.data is not None:
+            self._data_image, self._data_cuts = heatmaps[0], by_kind["Scatter"]
+        self._cuts_range = lines.handles["y_range"]
+        self._fit_cuts_axis()
 
     def _on_change(self, _change):
         if not self._holding:
@@ -306,8 +345,16 @@ class Explorer(widgets.VBox):
         finally:
             self._holding = False
         if self.data is not None:
-            self._data_pipe.send(offdiagonal(self.data["c2"].values[self._index]))
+            self._data_c2 = offdiagonal(self.data["c2"].values[self._index])
+            self._show(self._data_image, self._data_cuts, self._data_c2)
         self.redraw()
+
+
+class Heatmap(NamedTuple):
+    """The parts of a drawn heatmap that a redraw changes."""
+
+    source: ColumnDataSource  #: its image
+    colors: ColorMapper  #: its colour scale
 
 
 def explore(ds: xr.Dataset | None = None, params=None) -> Explorer:

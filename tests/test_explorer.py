@@ -1,9 +1,9 @@
 import time
 
-import holoviews as hv
 import ipywidgets as widgets
 import numpy as np
 import pytest
+from bokeh.models import Image, Line, Plot
 
 import heterodyne as hd
 from heterodyne import model
@@ -19,10 +19,21 @@ def expected_c2(physics, contrast, offset, t, phi, q):
     return grid
 
 
-def drawn_image(rendered, column):
-    """The array in the bokeh data source of the heatmap in layout column ``column``."""
-    source = rendered.subplots[(0, column)].subplots["main"].handles["source"]
-    return np.asarray(source.data["image"][0])
+def drawn_image(explorer, title):
+    """The array in the bokeh data source of the explorer's heatmap titled ``title``, as
+    the page shows it."""
+    (figure,) = [f for f in explorer.figure.select({"type": Plot}) if f.title.text == title]
+    (renderer,) = [r for r in figure.renderers if isinstance(r.glyph, Image)]
+    return np.asarray(renderer.data_source.data["image"][0])
+
+
+def drawn_cuts(explorer):
+    """The lines of the explorer's cuts figure (the model), as the page shows them."""
+    (figure,) = [
+        f for f in explorer.figure.select({"type": Plot}) if f.title.text.startswith("cuts")
+    ]
+    lines = [r for r in figure.renderers if isinstance(r.glyph, Line)]
+    return [np.asarray(r.data_source.data["c2"]) for r in lines]
 
 
 def test_explorer_without_data_draws_the_model_at_the_slider_values():
@@ -63,7 +74,6 @@ def test_explorer_without_data_draws_the_model_at_the_slider_values():
 def test_explorer_with_data_follows_its_grid_angles_and_scaling():
     ds = hd.simulate({"v0": 500.0}, n_frames=30, phi=[0.0, 90.0], contrast=[0.4, 0.2], noise=0.01)
     explorer = hd.explore(ds, {"v0": 500.0})
-    rendered = hv.renderer("bokeh").get_plot(explorer.view)
     np.testing.assert_array_equal(explorer.t, ds["t1"].values)
     assert explorer.angle.options == (("0", 0), ("90", 1))
     # contrast and offset are estimated per angle from the data
@@ -74,14 +84,16 @@ def test_explorer_with_data_follows_its_grid_angles_and_scaling():
     assert explorer.sliders["contrast"].value == pytest.approx(0.2, abs=0.01)
     data = ds["c2"].values[1].copy()
     np.fill_diagonal(data, np.nan)
-    np.testing.assert_array_equal(drawn_image(rendered, 0), data.T)
+    np.testing.assert_array_equal(drawn_image(explorer, "data"), data.T)
 
     explorer.sliders["D0_sample"].value = 3e3
     physics = Parameters(v0=500.0, D0_sample=3e3).physics_values()
     contrast, offset = explorer.sliders["contrast"].value, explorer.sliders["offset"].value
     expected = expected_c2(physics, contrast, offset, ds["t1"].values, 90.0, float(ds["q"]))
     np.testing.assert_array_equal(explorer.model_c2, expected)
-    np.testing.assert_array_equal(drawn_image(rendered, 1), expected.T)
+    np.testing.assert_array_equal(drawn_image(explorer, "model"), expected.T)
+    for line, i in zip(drawn_cuts(explorer), explorer.frames, strict=True):
+        np.testing.assert_array_equal(line, expected[i, i + 1 :])
     # the first angle kept its own scaling
     explorer.angle.value = 0
     assert explorer.sliders["contrast"].value == pytest.approx(0.4, abs=0.01)
@@ -91,7 +103,6 @@ def test_explorer_with_data_follows_its_grid_angles_and_scaling():
 def test_redraw_at_200_frames_is_fast_enough_to_drag(with_data):
     ds = hd.simulate({"v0": 500.0}, n_frames=200, phi=[0.0, 90.0], noise=0.01)
     explorer = hd.explore(ds if with_data else None)
-    rendered = hv.renderer("bokeh").get_plot(explorer.view)
     slider = explorer.sliders["v0"]
     values = np.geomspace(200.0, 5000.0, 12)
     slider.value = values[0]  # compiles c2_grid for this shape
@@ -109,6 +120,5 @@ def test_redraw_at_200_frames_is_fast_enough_to_drag(with_data):
         f"max {1e3 * max(times):.1f} ms wall"
     )
     assert median < REDRAW_BOUND_S
-    column = 1 if with_data else 0
-    np.testing.assert_array_equal(drawn_image(rendered, column), explorer.model_c2.T)
+    np.testing.assert_array_equal(drawn_image(explorer, "model"), explorer.model_c2.T)
     assert explorer.physics()[PHYSICS_INDEX["v0"]] == pytest.approx(values[-1])
