@@ -37,6 +37,7 @@ import param
 import xarray as xr
 from bokeh.models import StringFormatter
 from bokeh.server.auth_provider import AuthProvider
+from panel.custom import JSComponent
 
 from heterodyne import checks, diagnostics, plot
 from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
@@ -48,6 +49,7 @@ from heterodyne.nlsq import fit_nlsq
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import SCALINGS
 from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
+from heterodyne.results import entry_label, index_of
 from heterodyne.tracker import Tracker
 from heterodyne.uncertainty import ERRORS
 
@@ -207,6 +209,48 @@ def _session(source, root, t_start=None):
     return dash
 
 
+class TabRoles(JSComponent):
+    """Gives the page's tab headers their ARIA roles, which bokeh's tabs lack: the header
+    a ``tablist``, each tab a ``tab`` with ``aria-selected`` (screen readers, keyboard
+    users and tests find the tabs by role). It draws nothing."""
+
+    _esm = """
+export function render({ el }) {
+  el.style.display = "none";
+  const options = {subtree: true, childList: true, attributes: true, attributeFilter: ["class"]};
+  const seen = new WeakSet();
+  let queued = false;
+  const observer = new MutationObserver(() => {
+    if (!queued) {
+      queued = true;
+      requestAnimationFrame(() => { queued = false; mark(document); });
+    }
+  });
+  // bokeh draws inside shadow roots: walk them, and watch each once
+  function mark(root) {
+    for (const header of root.querySelectorAll(".bk-header")) {
+      header.setAttribute("role", "tablist");
+    }
+    for (const tab of root.querySelectorAll(".bk-tab")) {
+      tab.setAttribute("role", "tab");
+      tab.setAttribute("aria-selected", String(tab.classList.contains("bk-active")));
+    }
+    for (const node of root.querySelectorAll("*")) {
+      if (node.shadowRoot) {
+        if (!seen.has(node.shadowRoot)) {
+          seen.add(node.shadowRoot);
+          observer.observe(node.shadowRoot, options);
+        }
+        mark(node.shadowRoot);
+      }
+    }
+  }
+  observer.observe(document.body, options);
+  mark(document);
+}
+"""
+
+
 class Dashboard(pn.viewable.Viewer):
     """Data, NLSQ and CMC tabs over one file or Dataset; build it with :func:`dashboard`.
 
@@ -273,6 +317,7 @@ class Dashboard(pn.viewable.Viewer):
         self._build_cmc_tab()
         self._layout = pn.Column(
             pn.pane.Markdown("## heterodyne", margin=(0, 10)),
+            TabRoles(),
             pn.Tabs(
                 ("Data", self._data_tab),
                 ("NLSQ", self._nlsq_tab),
@@ -895,42 +940,26 @@ def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, .
     """The CMC diagnostics as two styled tables, each figure green where it passes its
     threshold and red where it fails (:data:`heterodyne.diagnostics.THRESHOLDS`).
 
-    By shard: pairs, seconds, divergences, least BFMI over chains, worst R-hat and least
-    ESS over parameters, and the shard's verdict (``result.failures()``). By parameter:
-    the worst R-hat and least ESS over shards. A figure passes by the comparisons of
-    :func:`heterodyne.diagnostics.failures` (a NaN fails).
+    By shard: the verdict table of :func:`heterodyne.diagnostics.verdict` (pairs,
+    seconds, worst R-hat and least ESS over the quantities, least BFMI over chains,
+    divergences, the shard's verdict), coloured by its pass columns. By quantity: the
+    worst R-hat and least ESS over shards, by :func:`heterodyne.diagnostics.pass_rules`
+    (a NaN fails).
     """
     figures = result.diagnostics
     passes = diagnostics.pass_rules(figures)
-    failed = result.failures()
-
-    shards = pd.DataFrame(
-        {
-            "shard": figures["shard"].values,
-            "pairs": figures["n_pairs"].values,
-            "seconds": figures["seconds"].values,
-            "divergent %": 100 * figures["divergent_fraction"].values,
-            "min BFMI": figures["bfmi"].min("chain").values,
-            "max R-hat": figures["rhat"].max("parameter", skipna=False).values,
-            "min ESS bulk": figures["ess_bulk"].min("parameter", skipna=False).values,
-            "min ESS tail": figures["ess_tail"].min("parameter", skipna=False).values,
-            "verdict": ["fail" if int(s) in failed else "pass" for s in figures["shard"].values],
-        }
-    )
+    verdict = diagnostics.verdict(figures)
+    judged = [column for column, _, _ in diagnostics.VERDICT_FIGURES]
+    shards = verdict[["shard", "pairs", "seconds", *judged, "verdict"]]
     by_parameter = pd.DataFrame(
         {
-            "parameter": figures["parameter"].values,
+            "parameter": [entry_label(*entry) for entry in index_of(figures)],
             "R-hat": figures["rhat"].max("shard", skipna=False).values,
             "ESS bulk": figures["ess_bulk"].min("shard", skipna=False).values,
             "ESS tail": figures["ess_tail"].min("shard", skipna=False).values,
         }
     )
     checks = {
-        "divergent %": lambda v: passes["divergent_fraction"](v / 100),
-        "min BFMI": passes["bfmi"],
-        "max R-hat": passes["rhat"],
-        "min ESS bulk": passes["ess_bulk"],
-        "min ESS tail": passes["ess_tail"],
         "verdict": lambda v: v == "pass",
         "R-hat": passes["rhat"],
         "ESS bulk": passes["ess_bulk"],
@@ -946,18 +975,21 @@ def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, .
         **{c: "{:.0f}" for c in ("min ESS bulk", "min ESS tail", "ESS bulk", "ESS tail")},
     }
 
-    def styled(frame):
+    def styled(frame, judged=None):
         shown = {c: f for c, f in formats.items() if c in frame.columns}
         style = frame.style.hide(axis="index").format(shown, na_rep="nan")
         for column in frame.columns:
-            if column in checks:
+            if judged is not None and f"{column} ok" in judged.columns:
+                colours = np.where(judged[f"{column} ok"], PASS_STYLE, FAIL_STYLE)
+                style = style.apply(lambda _, c=colours: c, subset=[column])
+            elif column in checks:
                 ok = checks[column]
                 style = style.map(
                     lambda v, ok=ok: PASS_STYLE if ok(v) else FAIL_STYLE, subset=[column]
                 )
         return style
 
-    return styled(shards), styled(by_parameter)
+    return styled(shards, verdict), styled(by_parameter)
 
 
 def _summary_html(ds: xr.Dataset) -> str:

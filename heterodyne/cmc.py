@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pandas as pd
 import xarray as xr
 from numpyro.distributions import constraints
 
@@ -61,8 +62,8 @@ from heterodyne.errors import OptionError
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective
-from heterodyne.parameters import UNITS, make_label, parse_label
-from heterodyne.results import params_layout, settings_dataset
+from heterodyne.parameters import UNITS
+from heterodyne.results import entries, entry_coords, params_layout, settings_dataset
 from heterodyne.sampler import (
     CHAIN_METHOD,
     STATS,
@@ -119,7 +120,7 @@ class Plan:
 
     ds: xr.Dataset
     problem: Objective
-    labels: tuple[str, ...]
+    entries: pd.MultiIndex  #: ``(name, phi)`` of each sampled quantity
     space: Space
     shards: tuple[objective.Rows | objective.Pairs, ...]
     shard_pairs: tuple[int, ...]
@@ -135,7 +136,7 @@ class Plan:
 
     @property
     def n_free(self) -> int:
-        return len(self.problem.labels)
+        return len(self.problem.entries)
 
     def jobs(self, checkpoint: Path | None = None) -> list[ShardJob]:
         """One job per shard; with ``checkpoint`` (a folder) each keeps its outcome there
@@ -262,14 +263,15 @@ def prepare(
     index = [np.flatnonzero(np.isin(first, r)) for r in rows]
     noise = "sigma" not in ds.data_vars
     n_phi = ds.sizes["phi"]
-    entries = len(problem.labels) + (n_phi if noise else 0)
+    n_sampled = len(problem.entries) + (n_phi if noise else 0)
     fewest = min(ix.size for ix in index)
-    if fewest <= entries:
+    if fewest <= n_sampled:
         raise OptionError(
-            f"shards={n_shards} leaves {fewest} pairs in a shard for {entries} sampled "
+            f"shards={n_shards} leaves {fewest} pairs in a shard for {n_sampled} sampled "
             "quantities; use fewer shards"
         )
-    labels = problem.labels + tuple(make_label("noise", k) for k in range(n_phi) if noise)
+    phi = ds["phi"].values if noise else np.empty(0)
+    sampled = problem.entries.append(entries(["noise"] * phi.size, phi))
     floors = priors.log_floors(problem)
     low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0)
     x0 = problem.x0
@@ -282,7 +284,7 @@ def prepare(
     y0 = np.where(log, np.log(np.where(log, np.maximum(x0, np.exp(low)), 1.0)), x0)
     margin = 1e-6 * (high - low)
     y0 = np.clip(y0, low + margin, high - margin)
-    normal, loc, width = priors.prior(init, problem.labels, low, high, log)
+    normal, loc, width = priors.prior(init, problem.entries, low, high, log)
     transform = dist.transforms.biject_to(constraints.interval(low, high))
     u0 = np.asarray(transform.inv(jnp.asarray(y0)))
     whiten = priors.whitening(problem, u0, low, high, log, x0, n_shards, noise)
@@ -309,7 +311,7 @@ def prepare(
     return Plan(
         ds=ds,
         problem=problem,
-        labels=labels,
+        entries=sampled,
         space=space,
         shards=data,
         shard_pairs=tuple(int(ix.size) for ix in index),
@@ -322,7 +324,10 @@ def prepare(
         prior_kind="nlsq" if init is not None else "table",
         adapt_mass=init is None,
         floors=np.array(
-            [floors.get(label, np.nan) if log[k] else np.nan for k, label in enumerate(labels)]
+            [
+                floors.get(name, np.nan) if log[k] else np.nan
+                for k, name in enumerate(sampled.get_level_values("name"))
+            ]
         ),
     )
 
@@ -549,14 +554,13 @@ def _draws_dataset(plan: Plan, x: np.ndarray, dims: tuple[str, ...]) -> xr.Datas
     """Draws ``(..., n)`` as one variable per parameter; per-angle quantities along
     ``phi``."""
     variables = {}
-    entries = [parse_label(label) for label in plan.labels]
-    for k, (name, angle) in enumerate(entries):
-        if name in variables:
-            continue
-        if angle is None:
-            variables[name] = (dims, x[..., k], _attrs(name))
+    names = plan.entries.get_level_values("name")
+    for name in dict.fromkeys(names):
+        columns = np.flatnonzero(names == name)
+        if np.isnan(plan.entries[columns[0]][1]):
+            variables[name] = (dims, x[..., columns[0]], _attrs(name))
         else:
-            columns = [m for m, (other, _) in enumerate(entries) if other == name]
+            # per-angle entries are laid out in the order of the data's phi
             variables[name] = (dims + ("phi",), x[..., columns], _attrs(name))
     ds = plan.ds
     coords = {dim: np.arange(size) for dim, size in zip(dims, x.shape, strict=False)}
@@ -579,16 +583,16 @@ def _prior_dataset(plan: Plan) -> xr.Dataset:
     }
     return xr.Dataset(
         {
-            "space": ("parameter", np.where(space.log, "log", "linear")),
-            "kind": ("parameter", np.where(space.normal, "truncated normal", "uniform")),
+            "space": ("entry", np.where(space.log, "log", "linear")),
+            "kind": ("entry", np.where(space.normal, "truncated normal", "uniform")),
             **{
-                k: ("parameter", v, {"long_name": f"{k} bound (physical units)"})
+                k: ("entry", v, {"long_name": f"{k} bound (physical units)"})
                 for k, v in physical_bounds.items()
             },
-            "loc": ("parameter", space.loc, {"long_name": "prior centre, sampled space"}),
-            "scale": ("parameter", space.scale, {"long_name": "prior sd, sampled space"}),
-            "floor": ("parameter", plan.floors, {"long_name": "log-space floor of a bound 0"}),
+            "loc": ("entry", space.loc, {"long_name": "prior centre, sampled space"}),
+            "scale": ("entry", space.scale, {"long_name": "prior sd, sampled space"}),
+            "floor": ("entry", plan.floors, {"long_name": "log-space floor of a bound 0"}),
         },
-        coords={"parameter": list(plan.labels)},
+        coords=entry_coords(plan.entries),
         attrs={"power": float(space.power)},
     )

@@ -36,9 +36,15 @@ from heterodyne.parameters import (
     PHYSICS_NAMES,
     SCALING_NAMES,
     Parameters,
-    make_label,
 )
-from heterodyne.results import identifiability_warnings
+from heterodyne.results import (
+    assign_entries,
+    entries,
+    entry_label,
+    identifiability_warnings,
+    params_layout,
+    stacked,
+)
 
 
 class Pairs(NamedTuple):
@@ -216,9 +222,9 @@ class Objective:
         The parameters after starts, bounds and fixes were settled.
     pairs : Pairs
         The fitted pairs.
-    labels : tuple of str
-        Name of each entry of ``x`` (``"contrast[k]"`` for angle ``k`` with per-angle
-        scaling).
+    entries : pandas.MultiIndex
+        ``(name, phi)`` of each entry of ``x``: ``phi`` [deg] for one angle's contrast or
+        offset with per-angle scaling, NaN for a physics parameter or a shared one.
     lower, upper : numpy.ndarray
         Bounds of ``x``.
     x0 : numpy.ndarray
@@ -235,9 +241,9 @@ class Objective:
     ...                  bounds=list(zip(objective.lower, objective.upper)))
     """
 
-    def __init__(self, ds, params, pairs, template, free, labels, lower, upper, n_scale, scaling):
+    def __init__(self, ds, params, pairs, template, free, index, lower, upper, n_scale, scaling):
         self.ds, self.params, self.pairs = ds, params, pairs
-        self.template, self.free, self.labels = template, free, labels
+        self.template, self.free, self.entries = template, free, index
         self.lower, self.upper, self.n_scale, self.scaling = lower, upper, n_scale, scaling
         self.x0 = np.asarray(template)[np.asarray(free)]
         self.n_physics = int(np.sum(np.asarray(free) < len(PHYSICS_NAMES)))  #: varied physics
@@ -296,12 +302,13 @@ class Objective:
                 p[name].value = float(np.clip(value, p[name].min, p[name].max))
                 p[name].given = False
         estimates = starts.estimate_scaling(ds, p.physics_values())
-        values, lower, upper, labels, free = [], [], [], [], []
+        values, lower, upper, names, phis, free = [], [], [], [], [], []
         for name in PHYSICS_NAMES:
             par = p[name]
             if par.vary:
                 free.append(len(values))
-                labels.append(name)
+                names.append(name)
+                phis.append(np.nan)
                 lower.append(par.min)
                 upper.append(par.max)
             values.append(float(par.value))
@@ -318,7 +325,8 @@ class Objective:
             for k in range(n_scale):
                 if par.vary:
                     free.append(len(values))
-                    labels.append(make_label(name, k if scaling == "per_angle" else None))
+                    names.append(name)
+                    phis.append(ds["phi"].values[k] if scaling == "per_angle" else np.nan)
                     lower.append(par.min)
                     upper.append(par.max)
                 values.append(float(start[k]))
@@ -334,7 +342,7 @@ class Objective:
             pairs,
             jnp.asarray(values),
             jnp.asarray(free, dtype=jnp.int32),
-            tuple(labels),
+            entries(names, phis),
             np.asarray(lower),
             np.asarray(upper),
             n_scale,
@@ -350,16 +358,51 @@ class Objective:
         """``base`` (default ``x0``) with its varied physics entries taken from
         ``physics`` (14,), clipped to the bounds."""
         x = (self.x0 if base is None else np.asarray(base, dtype=float)).copy()
-        for k, label in enumerate(self.labels):
-            if label in PHYSICS_NAMES:
-                x[k] = physics[PHYSICS_INDEX[label]]
+        for k, name in enumerate(self.names):
+            if name in PHYSICS_INDEX:
+                x[k] = physics[PHYSICS_INDEX[name]]
         return np.clip(x, self.lower, self.upper)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The parameter name of each entry of ``x``."""
+        return tuple(self.entries.get_level_values("name"))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Display text of each entry of ``x`` (``"v0"``, ``"contrast[60°]"``)."""
+        return tuple(entry_label(name, phi) for name, phi in self.entries)
 
     def physics(self, x) -> np.ndarray:
         """The 14 physics values at the solver vector ``x``."""
+        return self.unpack(x)[0]
+
+    def unpack(self, x):
+        """``(physics (14,), contrast (n_scale,), offset (n_scale,))`` at the solver
+        vector ``x``, the fixed values included."""
         z = np.asarray(self.template).copy()
         z[np.asarray(self.free)] = x
-        return z[: len(PHYSICS_NAMES)]
+        return unpack(z, self.n_scale)
+
+    def values(self, x) -> xr.Dataset:
+        """Every parameter at ``x`` as a ``params`` Dataset: a scalar per physics
+        parameter, ``contrast`` and ``offset`` along ``phi``."""
+        physics, contrast, offset = self.unpack(x)
+        return params_layout(physics, contrast, offset, self.ds["phi"].values, float(self.ds["q"]))
+
+    def errors(self, covariance) -> xr.Dataset:
+        """Standard errors ``sqrt(diag covariance)`` in the ``params`` layout, NaN for
+        the fixed parameters."""
+        blank = params_layout(
+            np.full(len(PHYSICS_NAMES), np.nan), np.nan, np.nan, self.ds["phi"].values,
+            float(self.ds["q"]),
+        )  # fmt: skip
+        return assign_entries(blank, self.entries, np.sqrt(np.clip(np.diag(covariance), 0, None)))
+
+    def covariance_array(self, covariance, name: str = "covariance") -> xr.DataArray:
+        """A covariance of ``x`` over the stacked ``(name, phi)`` index of its entries,
+        dims ``(entry, entry_)``."""
+        return stacked(np.asarray(covariance), self.entries, name=name)
 
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
@@ -410,12 +453,12 @@ class Objective:
         parameters (log-uniform for ``LOG_SCALE``); contrast and offset keep ``x0``."""
         if n == 0:
             return np.empty((0, self.x0.size))
-        physics = [k for k, label in enumerate(self.labels) if label in PHYSICS_NAMES]
+        physics = [k for k, name in enumerate(self.names) if name in PHYSICS_INDEX]
         unit = qmc.LatinHypercube(len(physics), seed=seed).random(n)
         points = np.tile(self.x0, (n, 1))
         for column, k in enumerate(physics):
             lo, hi = self.lower[k], self.upper[k]
-            if self.labels[k] in LOG_SCALE and hi > 0:
+            if self.names[k] in LOG_SCALE and hi > 0:
                 lo_log = np.log10(max(lo, hi * 10.0**-LOG_DECADES))
                 points[:, k] = 10.0 ** (lo_log + unit[:, column] * (np.log10(hi) - lo_log))
             else:

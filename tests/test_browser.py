@@ -78,7 +78,7 @@ def page(browser, url):
 
 def fit_nlsq(page):
     """Open the NLSQ tab, press Fit and wait for the report; return v0 as shown."""
-    page.locator(".bk-tab", has_text="NLSQ").click()
+    page.get_by_role("tab", name="NLSQ").click()
     page.get_by_role("button", name="Fit", exact=True).click()
     page.locator(".hd-nlsq-status p", has_text="fitted in").wait_for(timeout=FIT_TIMEOUT_MS)
     report = page.locator(".hd-nlsq-report table").first
@@ -119,7 +119,7 @@ def test_fit_in_the_browser_shows_the_report_with_v0(page, tmp_path):
 @pytest.mark.slow
 def test_cmc_in_the_browser_shows_the_diagnostics(page, tmp_path):
     fit_nlsq(page)
-    page.locator(".bk-tab", has_text="CMC").click()
+    page.get_by_role("tab", name="CMC").click()
     # The settings of tests/test_dashboard.py: run in one process, the two share compiles.
     for name, value in (("shards", 2), ("chains", 2), ("warmup", 60), ("samples", 40)):
         box = page.locator(f".hd-cmc-{name} input")
@@ -145,7 +145,7 @@ def cpu_load(seconds: float) -> float:
 def start_long_cmc(page):
     """Fit, then start a CMC run of minutes; return once its first draws are counted."""
     fit_nlsq(page)
-    page.locator(".bk-tab", has_text="CMC").click()
+    page.get_by_role("tab", name="CMC").click()
     for name, value in (("shards", 1), ("chains", 2), ("warmup", 100), ("samples", 100_000)):
         box = page.locator(f".hd-cmc-{name} input")
         box.fill(str(value))
@@ -179,7 +179,7 @@ def test_cancel_and_a_closed_page_stop_a_cmc_run(browser, url):
 
 
 def test_a_bad_cell_is_marked_with_its_message_as_it_is_edited(page):
-    page.locator(".bk-tab", has_text="NLSQ").click()
+    page.get_by_role("tab", name="NLSQ").click()
     name = page.locator(".tabulator-cell[tabulator-field='name']", has_text=re.compile(r"^v0$"))
     cell = page.locator(".tabulator-row").filter(has=name).locator("[tabulator-field='min']")
     cell.click()
@@ -190,6 +190,9 @@ def test_a_bad_cell_is_marked_with_its_message_as_it_is_edited(page):
     assert cell.inner_text() == "fast"  # shown as typed, not as a blank
     assert cell.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(248, 215, 218)"
     assert page.get_by_role("button", name="Fit", exact=True).is_disabled()
+    tabs = page.get_by_role("tab")
+    assert tabs.all_inner_texts() == ["Data", "NLSQ", "CMC"]
+    assert [t.get_attribute("aria-selected") for t in tabs.all()] == ["false", "true", "false"]
 
 
 @pytest.mark.slow
