@@ -550,13 +550,7 @@ class Dashboard(pn.viewable.Viewer):
             self.nlsq_alert,
             pn.FlexBox(self.table, controls, gap="10px"),
             self.nlsq_report,
-            pn.Card(
-                self.nlsq_text,
-                title="text report",
-                collapsed=True,
-                sizing_mode="stretch_width",
-                max_width=REPORT_WIDTH,
-            ),
+            _text_card(self.nlsq_text),
             self.nlsq_view,
             self.nlsq_cuts,
             sizing_mode="stretch_width",
@@ -730,13 +724,7 @@ class Dashboard(pn.viewable.Viewer):
                 self.cmc_report,
                 gap="10px",
             ),
-            pn.Card(
-                self.cmc_text,
-                title="text report",
-                collapsed=True,
-                sizing_mode="stretch_width",
-                max_width=REPORT_WIDTH,
-            ),
+            _text_card(self.cmc_text),
             self.cmc_view,
             sizing_mode="stretch_width",
         )
@@ -990,6 +978,17 @@ def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, .
         return style
 
     return styled(shards, verdict), styled(by_parameter)
+
+
+def _text_card(text: pn.pane.Str) -> pn.Card:
+    """A collapsed card of a text report, as wide as the page up to ``REPORT_WIDTH``."""
+    return pn.Card(
+        text,
+        title="text report",
+        collapsed=True,
+        sizing_mode="stretch_width",
+        max_width=REPORT_WIDTH,
+    )
 
 
 def _summary_html(ds: xr.Dataset) -> str:

@@ -118,14 +118,8 @@ def test_fit_in_the_browser_shows_the_report_with_v0(page, tmp_path):
 
 @pytest.mark.slow
 def test_cmc_in_the_browser_shows_the_diagnostics(page, tmp_path):
-    fit_nlsq(page)
-    page.get_by_role("tab", name="CMC").click()
     # The settings of tests/test_dashboard.py: run in one process, the two share compiles.
-    for name, value in (("shards", 2), ("chains", 2), ("warmup", 60), ("samples", 40)):
-        box = page.locator(f".hd-cmc-{name} input")
-        box.fill(str(value))
-        box.press("Enter")
-    page.get_by_role("button", name="Run", exact=True).click()
+    run_cmc(page, shards=2, chains=2, warmup=60, samples=40)
     table = page.locator(".hd-cmc-diagnostics table").first
     table.wait_for(timeout=FIT_TIMEOUT_MS)
     assert table.locator("th").all_inner_texts()[-1] == "verdict"
@@ -142,15 +136,20 @@ def cpu_load(seconds: float) -> float:
     return (time.process_time() - start) / seconds
 
 
-def start_long_cmc(page):
-    """Fit, then start a CMC run of minutes; return once its first draws are counted."""
+def run_cmc(page, **settings):
+    """Fit, then type ``settings`` into the CMC tab and press Run."""
     fit_nlsq(page)
     page.get_by_role("tab", name="CMC").click()
-    for name, value in (("shards", 1), ("chains", 2), ("warmup", 100), ("samples", 100_000)):
+    for name, value in settings.items():
         box = page.locator(f".hd-cmc-{name} input")
         box.fill(str(value))
         box.press("Enter")
     page.get_by_role("button", name="Run", exact=True).click()
+
+
+def start_long_cmc(page):
+    """Fit, then start a CMC run of minutes; return once its first draws are counted."""
+    run_cmc(page, shards=1, chains=2, warmup=100, samples=100_000)
     status = page.locator(".hd-cmc-status p", has_text=re.compile(r"sampling\.\.\. [1-9]"))
     status.wait_for(timeout=FIT_TIMEOUT_MS)
     assert "of 200,200 draws" in status.inner_text()
