@@ -58,6 +58,8 @@ POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
 # CLOSED_S from its request to open its websocket on a busy machine.
 CLOSED_S = 4.0
 CHECK_S = 1.0
+CMC_LIMITS = {"shards": 1, "chains": 1, "warmup": 0, "samples": 4, "seed": 0}  # least values
+BAD_INPUT = "input { background-color: #f8d7da; }"  # FAIL_STYLE's colour
 TABLE_COLUMNS = ("name", "value", "vary", "min", "max", "unit")
 REPORT_WIDTH = 900  # [px]: the widest a report gets; narrower windows wrap it
 # Text reports keep their columns but wrap long lines (warnings) inside their card.
@@ -281,11 +283,13 @@ class Dashboard(pn.viewable.Viewer):
         doc="Error bars of NLSQ (and of CMC started from it): 'speckle' accounts for the "
         "correlated noise of two-time pairs, 'nominal' treats the pairs as independent.",
     )
-    shards = param.Integer(default=1, bounds=(1, None))
-    chains = param.Integer(default=2, bounds=(1, None))
-    warmup = param.Integer(default=WARMUP, bounds=(0, None))
-    samples = param.Integer(default=SAMPLES, bounds=(4, None))
-    seed = param.Integer(default=0, bounds=(0, None))
+    # No bounds here: a value out of range is kept, marked and explained beside the
+    # inputs (CMC_LIMITS), never silently reset by the widget.
+    shards = param.Integer(default=1)
+    chains = param.Integer(default=2)
+    warmup = param.Integer(default=WARMUP)
+    samples = param.Integer(default=SAMPLES)
+    seed = param.Integer(default=0)
     warm_start = param.Boolean(
         default=True,
         doc="Start CMC from the last NLSQ fit, with priors centred on it; unticked, from "
@@ -473,6 +477,7 @@ class Dashboard(pn.viewable.Viewer):
         ready = ds is not None
         self.nlsq_button.disabled = not ready or bool(self._problems)
         self.cmc_button.disabled = not ready
+        self._check_cmc_settings()
         if not ready:
             self.summary.object, self.c2_view.object, self.cuts_view.object = "", None, None
             return
@@ -663,9 +668,15 @@ class Dashboard(pn.viewable.Viewer):
 
     def _build_cmc_tab(self):
         def number(name, **kwargs):
-            return pn.widgets.IntInput.from_param(
+            self.cmc_inputs[name] = pn.widgets.IntInput.from_param(
                 self.param[name], width=110, css_classes=[f"hd-cmc-{name}"], **kwargs
             )
+            return self.cmc_inputs[name]
+
+        self.cmc_inputs = {}
+        self.cmc_message = pn.pane.Alert(
+            "", alert_type="danger", visible=False, css_classes=["hd-cmc-message"]
+        )
 
         self.cmc_warm = pn.widgets.Checkbox.from_param(
             self.param.warm_start,
@@ -709,6 +720,7 @@ class Dashboard(pn.viewable.Viewer):
                 number("samples", step=100),
                 number("seed"),
             ),
+            self.cmc_message,
             self.cmc_warm,
             pn.Row(self.cmc_button, self.cmc_cancel),
             self.cmc_progress,
@@ -811,6 +823,21 @@ class Dashboard(pn.viewable.Viewer):
         self.cmc_status.object = f"sampled in {seconds:.1f} s; shards: {n_shards}"
         self._rebuilt((self.cmc_report, self.cmc_view, self.cmc_shards))
 
+    @param.depends("shards", "chains", "warmup", "samples", "seed", watch=True)
+    def _check_cmc_settings(self):
+        """Mark the CMC settings out of range, say why beside them, and hold Run."""
+        n_frames = None if self.data is None else self.data.sizes["t1"]
+        problems = cmc_setting_problems(
+            {name: getattr(self, name) for name in CMC_LIMITS}, n_frames
+        )
+        for name, box in self.cmc_inputs.items():
+            box.stylesheets = [BAD_INPUT] if name in problems else []
+        self.cmc_message.param.update(
+            object="\n".join(f"- {markdown_text(m)}" for m in problems.values()),
+            visible=bool(problems),
+        )
+        self.cmc_button.disabled = bool(problems) or self.data is None
+
     def cancel(self):
         """Stop the running CMC run at its chains' next report (the Cancel button; a
         closed page); nothing if none runs."""
@@ -865,6 +892,8 @@ class Dashboard(pn.viewable.Viewer):
     def _busy(self, busy: bool):
         ready = not busy and self.data is not None
         self.cmc_button.disabled = not ready
+        if ready:
+            self._check_cmc_settings()
         self.nlsq_button.disabled = not ready or bool(self._problems)
         for widget in (self.file_input, self.q_select, self.phi_select, self.frames_slider):
             widget.disabled = busy
@@ -1029,6 +1058,20 @@ def _pairs(ds: xr.Dataset) -> int:
     """Number of pairs ``t1 < t2`` over all angles."""
     n = ds.sizes["t1"]
     return ds.sizes["phi"] * n * (n - 1) // 2
+
+
+def cmc_setting_problems(settings: dict, n_frames: int | None) -> dict[str, str]:
+    """The CMC settings out of range, ``{name: why}`` (:data:`CMC_LIMITS`; a shard holds
+    at least two of the ``n_frames`` rows)."""
+    problems = {}
+    for name, value in settings.items():
+        low = CMC_LIMITS[name]
+        high = max(n_frames // 2, 1) if name == "shards" and n_frames else None
+        try:
+            checks.integer(value, name, minimum=low, maximum=high)
+        except OptionError as err:
+            problems[name] = str(err)
+    return problems
 
 
 def table_problems(frame: pd.DataFrame) -> dict[tuple[int, str], str]:

@@ -22,6 +22,7 @@ from heterodyne.app import (
     PASS_STYLE,
     Dashboard,
     _session,
+    cmc_setting_problems,
     diagnostics_tables,
     parameter_frame,
     serve,
@@ -222,6 +223,22 @@ def test_bad_parameters_or_a_missing_fit_show_alerts_instead_of_running(ds):
 
     dash.cmc_button.clicks += 1  # warm start is ticked, but there is no NLSQ fit
     assert dash.cmc is None and "warm start needs an NLSQ fit" in shown(dash.cmc_alert)
+
+
+def test_cmc_settings_out_of_range_are_kept_marked_and_explained(ds):
+    dash = hd.dashboard(ds)  # 40 frames: at most 20 shards of two rows
+    assert not dash.cmc_button.disabled and not dash.cmc_message.visible
+    dash.param.update(shards=0, samples=2)
+    assert dash.shards == 0 and dash.samples == 2  # kept as typed, not reset
+    assert dash.cmc_button.disabled and dash.cmc_message.visible
+    assert "shards must be an integer >= 1 and <= 20; got 0" in shown(dash.cmc_message)
+    assert "samples must be an integer >= 4; got 2" in shown(dash.cmc_message)
+    marked = {name for name, box in dash.cmc_inputs.items() if box.stylesheets}
+    assert marked == {"shards", "samples"}
+    dash.param.update(shards=21, samples=100)
+    assert set(cmc_setting_problems({"shards": 21, "samples": 100}, 40)) == {"shards"}
+    dash.shards = 20
+    assert not dash.cmc_button.disabled and not dash.cmc_message.visible
 
 
 def test_a_new_selection_drops_the_fits_of_the_old_one(fitted, ds):
