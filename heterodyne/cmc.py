@@ -17,19 +17,20 @@ Shards
     record (all ages; all lags beyond its rows; every angle) and, as row ``i`` holds
     ``N - 1 - i`` pairs, the same number of pairs to within one row. ``shards="auto"``
     takes ``S = ceil(n_pairs / PAIRS_PER_SHARD)`` (at most ``N / 2``: a shard holds two
-    rows or more): shards of about 20 000 pairs keep a gradient evaluation well under a
-    millisecond and each shard's posterior close to Gaussian. Shards are padded to equal
-    size with weight-0 rows, so NUTS compiles once for all of them.
+    rows or more): shards of that size keep a gradient evaluation short and each shard's
+    posterior close to Gaussian. Shards are padded to equal size with weight-0 rows, so
+    NUTS compiles once for all of them.
 
 Diagnostics
-    R-hat, bulk and tail ESS per shard and parameter, BFMI per chain, divergences per
-    shard, judged by :data:`heterodyne.diagnostics.THRESHOLDS`. A failing shard is named
-    in a warning with its failing figures and ``converged`` is False; it is still
-    combined (dropping it would silently change both the data and the prior), so the
-    combined posterior of an unconverged run must not be used as is. R-hat needs draws:
-    with 2 chains of 500, a well-mixed chain whose tail ESS is half its draws still
-    exceeds 1.01 in about 3 % of the figures, so a run of ten parameters on four shards
-    is often flagged by chance; ``samples=1000`` (or more chains) makes that rare.
+    R-hat, bulk and tail ESS per shard and quantity (one ArviZ call over ``(shard, phi)``),
+    BFMI per chain, divergences per shard, judged by
+    :data:`heterodyne.diagnostics.THRESHOLDS`. A failing shard is named in a warning with
+    its failing figures and ``converged`` is False; it is still combined (dropping it would
+    silently change both the data and the prior), so the combined posterior of an
+    unconverged run must not be used as is. R-hat needs draws: with short chains, well-mixed
+    chains still exceed 1.01 by chance in a share of the figures, so a run of many
+    quantities on several shards can be flagged by chance; the default ``SAMPLES`` makes
+    that rare (``benchmarks/cmc_defaults.py`` measures it).
 
 References
 ----------
@@ -54,7 +55,7 @@ import pandas as pd
 import xarray as xr
 from numpyro.distributions import constraints
 
-from heterodyne import checks, diagnostics, executors, objective, priors, tracker, uncertainty
+from heterodyne import checks, diagnostics, executors, priors, tracker, uncertainty
 from heterodyne.cmc_result import CMCResult
 from heterodyne.consensus import adjustment, consensus
 from heterodyne.data import validate
@@ -62,6 +63,7 @@ from heterodyne.errors import OptionError
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective
+from heterodyne.pairs import Pairs, Rows, row_block, unpack
 from heterodyne.parameters import UNITS
 from heterodyne.results import entries, entry_coords, params_layout, settings_dataset
 from heterodyne.sampler import (
@@ -100,7 +102,7 @@ def split_rows(n_frames: int, n_shards: int) -> list[np.ndarray]:
     return [frame[shard == s] for s in range(n_shards)]
 
 
-def pad_shard(pairs: objective.Pairs, index: np.ndarray, size: int) -> objective.Pairs:
+def pad_shard(pairs: Pairs, index: np.ndarray, size: int) -> Pairs:
     """The pairs at ``index`` padded to ``size`` with weight-0 pairs (numpy arrays)."""
     pad = size - index.size
     fill = {"angle": 0, "i": 0, "j": 1, "c2": 0.0, "weight": 0.0}
@@ -108,7 +110,7 @@ def pad_shard(pairs: objective.Pairs, index: np.ndarray, size: int) -> objective
     for name, value in fill.items():
         source = np.asarray(getattr(pairs, name))
         per_pair[name] = np.concatenate([source[index], np.full(pad, value, source.dtype)])
-    return objective.Pairs(
+    return Pairs(
         t=np.asarray(pairs.t), phi=np.asarray(pairs.phi), q=np.asarray(pairs.q), **per_pair
     )
 
@@ -122,7 +124,7 @@ class Plan:
     problem: Objective
     entries: pd.MultiIndex  #: ``(name, phi)`` of each sampled quantity
     space: Space
-    shards: tuple[objective.Rows | objective.Pairs, ...]
+    shards: tuple[Rows | Pairs, ...]
     shard_pairs: tuple[int, ...]
     keys: np.ndarray
     chains: int
@@ -291,7 +293,7 @@ def prepare(
     keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n_shards)))
     if likelihood == "rows":
         size = max(r.size for r in rows)
-        data = tuple(objective.row_block(pairs, r, size) for r in rows)
+        data = tuple(row_block(pairs, r, size) for r in rows)
     else:
         size = max(ix.size for ix in index)
         data = tuple(pad_shard(pairs, ix, size) for ix in index)
@@ -501,7 +503,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         )
     n_phi = ds.sizes["phi"]
     template = np.asarray(space.template)
-    physics, contrast, offset = objective.unpack(template, problem.n_scale)
+    physics, contrast, offset = unpack(template, problem.n_scale)
     start = params_layout(physics, contrast, offset, ds["phi"].values, float(ds["q"]))
     n_free = plan.n_free
     if space.u0.size > n_free:
@@ -521,7 +523,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         "nan_pairs": int(ds.attrs.get("nan_pairs", 0)),
         "dropped_frames": int(ds.attrs.get("dropped_frames", 0)),
         "shard_size": int(plan.shards[0].c2.size),
-        "likelihood": "rows" if isinstance(plan.shards[0], objective.Rows) else "pairs",
+        "likelihood": "rows" if isinstance(plan.shards[0], Rows) else "pairs",
         "n_phi": n_phi,
         "scaling": problem.scaling,
         "weighted": int("sigma" in ds.data_vars),

@@ -60,7 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heterodyne import model, objective
+from heterodyne import model
+from heterodyne.pairs import Pairs, unpack
 from heterodyne.parameters import PHYSICS_NAMES
 
 # A diagonal block whose exponents span at most this much is split at its first frame
@@ -115,7 +116,7 @@ def block_size(n_frames: int) -> int:
     return int(np.clip(2 ** np.round(np.log2(4.0 * np.sqrt(n_frames))), 16, 128))
 
 
-def blocks(pairs: objective.Pairs, block: int | None = None) -> Blocks | None:
+def blocks(pairs: Pairs, block: int | None = None) -> Blocks | None:
     """The data of ``pairs`` in the block layout of the fast path, or ``None`` where the
     fast path does not apply (weights not constant per angle, or more masked pairs than
     fitted ones).
@@ -246,7 +247,7 @@ def _factor_stage(x, template, free, t, phi, q, center, n_scale: int, n_physics:
     """Factors ``(a, b, e)``, ``Da``, ``Db`` of the module docstring, the contrast and
     the offset less the data's center, per angle."""
     z = template.at[free].set(x)
-    _, contrast, offset = objective.unpack(z, n_scale)
+    _, contrast, offset = unpack(z, n_scale)
     n_phi = phi.shape[0]
     (a, b, e), (da, db, de) = _factor_derivatives(
         x[:n_physics], template, free[:n_physics], t, phi, q

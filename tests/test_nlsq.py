@@ -10,6 +10,7 @@ from scipy.optimize import curve_fit
 
 import heterodyne as hd
 from heterodyne import model, nlsq, objective, starts, structured
+from heterodyne.pairs import fitted_pairs
 from heterodyne.parameters import LOG_DECADES
 from heterodyne.results import at_entries, index_of
 
@@ -333,6 +334,6 @@ def test_bad_options(dataset):
 
 
 def test_pairs_exclude_diagonal_and_lower_triangle(dataset):
-    pairs = objective.fitted_pairs(dataset)
+    pairs = fitted_pairs(dataset)
     assert np.all(np.asarray(pairs.i) < np.asarray(pairs.j))
     assert pairs.n_pairs == 3 * 60 * 59 // 2
