@@ -9,6 +9,7 @@ jax.config.update("jax_enable_x64", True)
 
 from heterodyne import model  # noqa: E402
 from heterodyne.cmc import fit_cmc  # noqa: E402
+from heterodyne.cmc_result import CMCResult  # noqa: E402
 from heterodyne.data import from_arrays, select, to_netcdf, validate  # noqa: E402
 from heterodyne.errors import (  # noqa: E402
     DataError,
@@ -20,9 +21,10 @@ from heterodyne.errors import (  # noqa: E402
 )
 from heterodyne.io import load, q_values  # noqa: E402
 from heterodyne.nlsq import fit_nlsq  # noqa: E402
+from heterodyne.nlsq_result import NLSQResult  # noqa: E402
 from heterodyne.objective import Objective  # noqa: E402
 from heterodyne.parameters import Parameters  # noqa: E402
-from heterodyne.results import CMCResult, NLSQResult, open_result  # noqa: E402
+from heterodyne.results import open_result  # noqa: E402
 from heterodyne.simulate import simulate  # noqa: E402
 from heterodyne.survey import survey  # noqa: E402
 
