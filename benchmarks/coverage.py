@@ -10,8 +10,9 @@ dt = 0.1 s, phi = -45, 0, 45, 90, contrast 0.5, fitted from a start 30 % off. Ca
   rates (``alpha_ref``, ``alpha_sample``, ``beta``, ``f1`` fixed at their true 0);
 - ``powerlaw``: the same with a velocity ``v0 t**beta``, ``v0 = 300, beta = 0.8``
   (``beta`` varied);
-- ``weakref``: the flow case with a reference 30 times slower, ``D0_ref = 100``: it
-  barely decorrelates over the window, so ``D0_ref`` is weakly determined.
+- ``weakref``: the flow case with a reference 300 times slower, ``D0_ref = 10``: it
+  decorrelates by 1.5 % over the window, so ``D0_ref`` is weakly determined (about
+  2 stderr from 0).
 
 For each seed the fit is done once with ``errors="speckle"``, which keeps the nominal
 errors alongside.
@@ -53,7 +54,7 @@ FLOW = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 CASES = {
     "flow": (FLOW, ("alpha_ref", "alpha_sample", "beta", "f1")),
     "powerlaw": ({**FLOW, "v0": 300.0, "beta": 0.8}, ("alpha_ref", "alpha_sample", "f1")),
-    "weakref": ({**FLOW, "D0_ref": 100.0}, ("alpha_ref", "alpha_sample", "beta", "f1")),
+    "weakref": ({**FLOW, "D0_ref": 10.0}, ("alpha_ref", "alpha_sample", "beta", "f1")),
 }
 PHI = [-45.0, 0.0, 45.0, 90.0]
 
