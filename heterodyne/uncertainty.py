@@ -65,12 +65,16 @@ into the parameters.
 The scales are estimated from three moments of the residuals, each against its
 expectation per unit scale of each shape: ``m0 = sum r_p²``, ``m1 = sum r_{i,j}
 r_{i+1,j+1}`` (four different frames: speckle only) and ``m2 = sum r_{i,j} (r_{i,j+1} +
-r_{i+1,j})`` (a shared frame: speckle and shot). The fit absorbs part of the noise, taken
-out of ``m0`` as ``n - p`` does for independent errors::
+r_{i+1,j})`` (a shared frame: speckle and shot). The fit absorbs part of the noise: the
+residuals are ``(I - H) r_true`` with ``H = J A^+ J^T``, ``A = J^T J``, so a moment
+``m = r^T N r`` has, per unit scale of shape ``Q``::
 
-    E[m0] = sum_c theta_c (D0_c - tr(A^+ B_c)) + sigma2 (n - p),    A = J^T J
+    E[m] = tr(N Q) - tr(N H Q) - tr(N Q H) + tr(N H Q H)
 
-and the three non-negative scales ``theta`` solve the three moment equations. The
+(for ``m0``, ``N = 1``: ``tr(Q) - tr(A^+ B)``, and ``n - p`` for the white part, as for
+independent errors); the traces with ``H`` need only ``p x p`` products of the Jacobian
+with ``Q`` and with the Jacobian at the neighbouring pairs. The three non-negative scales
+``theta`` solve the three moment equations. The
 covariance of the fit is the sandwich::
 
     cov = A^+ J^T Cov(r) J A^+ = A^+ (kappa B_s + kappa_n B_n) A^+ + sigma2 A^+,
