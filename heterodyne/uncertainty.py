@@ -14,9 +14,13 @@ pixel's products (first order in ``1 / P``, the delta method on the ratio). (A2)
 the speckle intensity ``I`` (mean 1 per frame), counts are Poisson and independent across
 pixels and frames (the detector adds no correlated noise): ``x = I + eta`` with
 ``E[eta_i eta_k | I] = delta_ik I_i / lambda``. (A3) ``c2`` is normalised (offset near 1).
-(A4) The fourth- and third-order cumulants of the speckle intensity are proportional to
-the Isserlis (Gaussian) products of its covariance: true in shape for the coherent modes
-of a partially coherent beam, whose factor (1 to 1.5) is not known from ``c2``.
+(A4) The speckle intensity is a sum of coherent modes of circular Gaussian fields with the
+normalised field correlation ``g_ij`` (:func:`heterodyne.model.field_correlation`,
+``|g|² = G``, the model's correlation), so its third cumulant is
+``k(I_i, I_j, I_k) = 2 beta_3 Re(g_ij g_jk g_ki)`` with ``beta_3 = contrast²`` (equal
+modes). Its fourth-order cumulants are taken as proportional to the Isserlis products of
+its covariance: true in shape for such fields, with a factor (1 to 1.5) that ``c2`` does
+not give.
 
 Derivation
 ----------
@@ -42,18 +46,23 @@ speckle covariance (the model; ``C_ii = contrast``), three kinds of pair pairs:
 - four different frames: no counting term; ``Q_s = C_ik C_jl + C_il C_jk`` (Isserlis),
   times the factor of (A4);
 - one shared frame, ``i = k``: ``Q_s`` plus ``E_i (C_jl + k(I_i, I_j, I_l) - K_ij K_il)``;
-  the bracket beyond ``C_jl`` is of order ``K²`` and taken into the factor (A4);
 - the same pair, ``(i, j) = (k, l)``: ``Q_s`` plus
   ``(E_i C_jj + E_j C_ii) + E_i E_j (1 + C_ij / offset)``, the last term exact
-  (``E[n_i n_j] = lambda² E[I_i I_j]``), and third cumulants taken into (A4).
+  (``E[n_i n_j] = lambda² E[I_i I_j]``), plus the third-cumulant terms of both frames,
+  ``E_i (k(I_i, I_j, I_j) - K_ij²) + E_j (k(I_j, I_i, I_i) - K_ij²)``.
 
 Isserlis on the total covariance ``C + E`` gives all of these but the ``E_i E_j C_ij``
-term and the factors. So the covariance of the weighted residuals ``r_p`` is modelled as
-three shapes with three scales::
+term, the third cumulants and the factor. Near the diagonal the third cumulant is as large
+as ``C_jl``: leaving it out makes the shared-frame correlations, which carry the
+velocity, half what they are. So the covariance of the weighted residuals ``r_p`` is
+modelled as three shapes with three scales::
 
     Cov(r_p, r_q) = w_p w_q [kappa Q_s + kappa_n Q_n] + sigma2 delta_pq
-    Q_s = Q[C],    Q_n = Q[C + E] - Q[C] + delta_pq E_i E_j C_ij / offset
-    Q[C]_pq = C_ik C_jl + C_il C_jk
+    Q_s = Q[C],    Q[C]_pq = C_ik C_jl + C_il C_jk
+    Q_n = Q[C + E] - Q[C] + delta_pq E_i E_j C_ij / offset
+          + sum_{f shared by p, q} E_f (2 contrast² Re(g_fa g_ab g_bf) - K_fa K_fb)
+
+(``a``, ``b`` the other frames of ``p`` and ``q``).
 
 (``p = (i, j)``, ``q = (k, l)``, ``w`` the weights ``1 / sigma``): speckle,
 ``kappa ~ 1/P`` times (A4)'s factor; shot noise, ``kappa_n ~ 1/P`` (0 without counting,
@@ -81,13 +90,15 @@ covariance of the fit is the sandwich::
     B_c = J^T Q_c J
 
 computed per angle (angles are different pixels, hence independent) on the ``N x N``
-grid from the Jacobian and the separable form of the model's correlation, in
-``O(p N²)`` time and memory. Without counting the shot shape vanishes and the model is
-the speckle one of issue 9. Where the frames of both pairs lie within a correlation time,
-the speckle variance is larger than ``Q_s`` (speckle simulations: up to 1.5 times at lag
-1); the free ``kappa`` absorbs most of it. Resampling frame blocks, or cluster-robust
-sandwiches over them, has too few independent blocks to estimate this covariance when a
-slowly decorrelating reference makes the matrix a few large correlated blocks.
+grid from the Jacobian and the separable forms of the model's correlation and of the
+field correlation, in ``O(p N²)`` time and memory. Without counting the shot shape
+vanishes and the model is the speckle one of issue 9. Where the frames of both pairs lie
+within a correlation time, the speckle variance is larger than ``Q_s`` (the fourth
+cumulant; speckle simulations: up to 1.5 times at lag 1); the free ``kappa`` absorbs most
+of it, and what it cannot shows as slightly too large errors of a slow reference's rate.
+Resampling frame blocks, or cluster-robust sandwiches over them, has too few independent
+blocks to estimate this covariance when a slowly decorrelating reference makes the matrix
+a few large correlated blocks.
 """
 
 from __future__ import annotations
@@ -103,6 +114,9 @@ from heterodyne import model, objective
 from heterodyne.parameters import PHYSICS_NAMES
 
 ERRORS = ("nominal", "speckle")
+# Third cumulant of the speckle intensity of three frames, 2 beta_3 Re(g_ij g_jk g_ki), in
+# units of contrast² Re(g_ij g_jk g_ki): beta_3 = sum_m w_m³ = contrast² for equal modes.
+THIRD_CUMULANT = 2.0
 
 
 class SpeckleErrors(NamedTuple):
@@ -175,7 +189,7 @@ def jacobian_grid(x, template, free, columns, t, phi, q, angle, weight, n_scale)
     return jnp.where(weight > 0, grid * weight, 0.0)
 
 
-def correlation_apply(a, b, e, x):
+def correlation_apply(a, b, e, x, hermitian: bool = False):
     """``G x`` for one angle's normalised correlation ``G`` (symmetric, ``N x N``) in
     ``O(N M K)`` operations, never forming ``G``.
 
@@ -185,6 +199,10 @@ def correlation_apply(a, b, e, x):
 
         Z_im = b_im x_i + d_im Z_{i+1,m},     W_{i+1,m} = d_im (W_im + a_im x_i),
         d_im = exp(-(e_{i+1,m} - e_im)) <= 1  (e is non-decreasing),  Z_N = W_0 = 0
+
+    With ``hermitian=True`` (complex ``a``, ``b``) the lower triangle is the conjugate,
+    ``G_ji = conj(G_ij)``: the product with a Hermitian ``G`` such as the field
+    correlation (:func:`heterodyne.model.field_factors`).
 
     Parameters
     ----------
@@ -208,10 +226,10 @@ def correlation_apply(a, b, e, x):
         a_i, b_i, d_i, x_i = step
         return d_i[:, None] * (w + a_i[:, None] * x_i[None, :]), b_i @ w
 
-    zeros = jnp.zeros((a.shape[1], x.shape[1]))
-    steps = (a, b, decay, x)
-    upper = jax.lax.scan(later, zeros, steps, reverse=True)[1]
-    lower = jax.lax.scan(earlier, zeros, steps)[1]
+    zeros = jnp.zeros((a.shape[1], x.shape[1]), dtype=jnp.result_type(a, x))
+    upper = jax.lax.scan(later, zeros, (a, b, decay, x), reverse=True)[1]
+    below = (jnp.conj(a), jnp.conj(b)) if hermitian else (a, b)
+    lower = jax.lax.scan(earlier, zeros, (*below, decay, x))[1]
     return upper + lower
 
 
@@ -261,6 +279,9 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
     q_parallel = model.parallel_wavevector(physics, phi[angle], q)
     a, b, e = model.correlation_factors(frames, q, q_parallel)
     excess = diagonal - scale
+    gamma = model.field_correlation(frames, q, q_parallel)
+    speckle_cov = scale * jnp.abs(gamma) ** 2
+    field = model.field_factors(frames, q, q_parallel)
 
     def both(u):
         """``(C_s u, E u)`` for a matrix ``u`` of columns."""
@@ -273,18 +294,29 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
         speckle_w = both(speckle_u.T)[0].T
         total = speckle_u + shot_u
         total_w = sum(both(total.T)).T
-        return jnp.stack([speckle_w, total_w - speckle_w])
+        # the shared frame's third cumulant: Z = (U o gamma) gamma = conj(gamma conj(U o
+        # gamma)^T)^T, gamma Hermitian
+        product = correlation_apply(*field, jnp.conj(u * gamma).T, hermitian=True)
+        return jnp.stack([speckle_w, total_w - speckle_w]), jnp.conj(product).T
 
     # one column at a time: O(N²) memory beyond the grids
-    w = jax.lax.map(column, s)
+    w, z = jax.lax.map(column, s)
     u = jnp.triu(s * weight, 1)
+    rows = jnp.einsum("aij,ij->ai", s * weight, speckle_cov)
     upper_weight = jnp.triu(weight, 1)
 
     def products(right):
         """``J^T Q_c J'`` of both shapes for the upper-triangle grids ``right``."""
         shot_variance = jnp.einsum("aij,bij,ij->ab", u, right, shot_grid)
         isserlis = jnp.einsum("acij,bij->cab", w, right)
-        return isserlis.at[1].add(shot_variance)
+        # sum_i E_i sum_jl U_ij U'_il (THIRD_CUMULANT contrast² Re(g_ij g_jl g_li) - K_ij K_il)
+        both_triangles = right + jnp.swapaxes(right, -1, -2)
+        third = THIRD_CUMULANT * scale**2 * jnp.einsum(
+            "i,ail,bil->ab", excess, z, jnp.conj(both_triangles * gamma)
+        ).real - jnp.einsum(
+            "i,ai,bi->ab", excess, rows, jnp.einsum("bil,il->bi", both_triangles, speckle_cov)
+        )
+        return isserlis.at[1].add(shot_variance + third)
 
     big_b = products(u)
     neighbour_x, neighbour_t = [], []
@@ -343,9 +375,9 @@ def isserlis_moments(weight, cov) -> np.ndarray:
     )
 
 
-def shape_moments(weight, cov, contrast, offset) -> np.ndarray:
+def shape_moments(weight, cov, contrast, offset, gamma) -> np.ndarray:
     """Expected :func:`pair_moments` of one angle per unit scale of each shape, (3, 3):
-    columns speckle, shot, white (module doc)."""
+    columns speckle, shot, white (module doc); ``gamma`` the field correlation."""
     speckle_cov = cov.copy()
     n = cov.shape[0]
     excess = np.diagonal(cov) - contrast
@@ -353,8 +385,36 @@ def shape_moments(weight, cov, contrast, offset) -> np.ndarray:
     speckle = isserlis_moments(weight, speckle_cov)
     shot = isserlis_moments(weight, cov) - speckle
     shot[0] += np.sum(weight**2 * shot_grid(excess, cov, offset))
+    shot += shared_frame_moments(weight, gamma, contrast, excess)
     white = np.array([np.count_nonzero(weight), 0.0, 0.0])
     return np.column_stack([speckle, shot, white])
+
+
+def shared_frame_moments(weight, gamma, contrast, excess) -> np.ndarray:
+    """The shot shape's third-cumulant part of :func:`isserlis_moments`: pairs ``p, q``
+    that share frame ``f``, with other frames ``a``, ``b``, add
+    ``w_p w_q E_f (THIRD_CUMULANT contrast² Re(g_fa g_ab g_bf) - K_fa K_fb)``, ``g`` the
+    field correlation and ``K = contrast |g|²`` (module doc)."""
+    k = contrast * np.abs(gamma) ** 2
+    third = THIRD_CUMULANT * contrast**2
+
+    def term(f, a, b):
+        """The bracket for shared frames ``f`` and other frames ``a``, ``b`` (arrays)."""
+        cycle = (gamma[f, a] * gamma[a, b] * gamma[b, f]).real
+        return excess[f] * (third * cycle - k[f, a] * k[f, b])
+
+    n = weight.shape[0]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    same = np.sum(weight**2 * (term(i, j, j) + term(j, i, i)))
+    lag_one = np.arange(n - 2)
+    diagonal = np.sum(
+        weight[lag_one, lag_one + 1]
+        * weight[lag_one + 1, lag_one + 2]
+        * term(lag_one + 1, lag_one, lag_one + 2)
+    )
+    row = np.sum(weight[:, :-1] * weight[:, 1:] * term(i[:, :-1], j[:, :-1], j[:, 1:]))
+    column = np.sum(weight[:-1] * weight[1:] * term(j[:-1], i[:-1], i[1:]))
+    return np.array([same, diagonal, row + column])
 
 
 def shot_grid(excess, cov, offset) -> np.ndarray:
@@ -394,9 +454,10 @@ def speckle_covariance(
     weight[angle, i, j] = np.asarray(pairs.weight)
     residual = np.zeros(cov.shape)
     residual[angle, i, j] = residuals
-    _, contrast, offset = (
+    physics, contrast, offset = (
         np.asarray(v) for v in objective.unpack(np.asarray(template.at[free].set(x)), n_scale)
     )
+    frames = model.frame_integrals(physics, pairs.t)
     p = jtj_inverse.shape[0]
     products = np.zeros((2, p, p))
     neighbour_products = np.zeros((2, 2, p, p))
@@ -406,7 +467,12 @@ def speckle_covariance(
     for k in range(n_phi):
         scale, base = contrast[min(k, n_scale - 1)], offset[min(k, n_scale - 1)]
         moments += pair_moments(residual[k])
-        expected += shape_moments(weight[k], cov[k], scale, base)
+        gamma = np.asarray(
+            model.field_correlation(
+                frames, pairs.q, model.parallel_wavevector(physics, pairs.phi[k], pairs.q)
+            )
+        )
+        expected += shape_moments(weight[k], cov[k], scale, base, gamma)
         columns = angle_columns(free, n_scale, k)
         if columns.size == 0:
             continue

@@ -138,6 +138,40 @@ def test_pairs_sharing_a_counted_frame_are_correlated_by_its_shot_noise():
     assert isserlis.mean() < 0.8 * measured and exact.mean() < measured < 1.2 * exact.mean()
 
 
+def field_correlation(physics, t, phi):
+    """The field correlation of one angle, written out pair by pair from the integrals."""
+    frames = model.frame_integrals(physics, t)
+    p_ref, p_sample, v, s = (np.asarray(a) for a in frames[1:])
+    r, q = 1.0 - s, 0.01
+    q_parallel = q * np.cos(np.deg2rad(phi - physics[13]))
+    n = len(t)
+    out = np.zeros((n, n), complex)
+    for a in range(n):
+        for b in range(n):
+            out[a, b] = (
+                r[a] * r[b] * np.exp(-0.5 * q * q * abs(p_ref[b] - p_ref[a]))
+                + s[a]
+                * s[b]
+                * np.exp(-0.5 * q * q * abs(p_sample[b] - p_sample[a]))
+                * np.exp(1j * q_parallel * (v[b] - v[a]))
+            ) / np.sqrt((r[a] ** 2 + s[a] ** 2) * (r[b] ** 2 + s[b] ** 2))
+    return out
+
+
+def test_field_correlation_squared_is_the_model_correlation():
+    physics = hd.Parameters(
+        {**TRUTH, "alpha_sample": 0.5, "beta": 0.6, "f1": -0.3, "f3": 0.1}
+    ).physics_values()
+    t = 0.1 + 0.1 * np.arange(15)
+    frames = model.frame_integrals(physics, t)
+    gamma = np.asarray(
+        model.field_correlation(frames, 0.01, model.parallel_wavevector(physics, 30.0, 0.01))
+    )
+    np.testing.assert_allclose(gamma, field_correlation(physics, t, 30.0), rtol=1e-12, atol=1e-14)
+    g = np.asarray(c2_grid(physics, 1.0, 0.0, t, np.array([30.0]), 0.01))[0]
+    np.testing.assert_allclose(np.abs(gamma) ** 2, g, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("scaling", ["per_angle", "shared"])
 def test_speckle_covariance_equals_the_pair_by_pair_sum(scaling):
     n = 12
@@ -181,6 +215,8 @@ def test_speckle_covariance_equals_the_pair_by_pair_sum(scaling):
     for a in range(2):
         np.fill_diagonal(speckle_cov[a], contrast[a if problem.n_scale > 1 else 0])
     index = {(a, b, c): p for p, (a, b, c) in enumerate(zip(angle, i, j, strict=True))}
+    contrast_of = contrast if problem.n_scale > 1 else np.full(2, contrast[0])
+    gammas = [field_correlation(physics, problem.pairs.t, phi_a) for phi_a in problem.pairs.phi]
     shapes = np.zeros((2, r.size, r.size))
     for p, (a, b, c) in enumerate(zip(angle, i, j, strict=True)):
         for q, (a2, d, e) in enumerate(zip(angle, i, j, strict=True)):
@@ -190,6 +226,21 @@ def test_speckle_covariance_equals_the_pair_by_pair_sum(scaling):
                 shapes[k, p, q] = w[p] * w[q] * (cv[b, d] * cv[c, e] + cv[b, e] * cv[c, d])
         # the shot variance beyond Isserlis: E_i E_j C_ij / offset
         shapes[1, p, p] += w[p] ** 2 * excess[a, b] * excess[a, c] * cov[a, b, c] / base[p]
+        # a shared frame f, other frames g, h: E_f (2 contrast² Re(y_fg y_gh y_hf) - K_fg K_fh)
+        for q, (a2, d, e) in enumerate(zip(angle, i, j, strict=True)):
+            if a != a2:
+                continue
+            for f, g in ((b, c), (c, b)):
+                for f2, h in ((d, e), (e, d)):
+                    if f == f2:
+                        y, k = gammas[a], contrast_of[a] * np.abs(gammas[a]) ** 2
+                        cycle = (y[f, g] * y[g, h] * y[h, f]).real
+                        shapes[1, p, q] += (
+                            w[p]
+                            * w[q]
+                            * excess[a, f]
+                            * (2 * contrast_of[a] ** 2 * cycle - k[f, g] * k[f, h])
+                        )
     shapes[1] -= shapes[0]
     hat = jac @ inverse @ jac.T
     neighbours = [np.zeros((r.size, r.size)) for _ in range(2)]
@@ -263,6 +314,16 @@ def test_correlation_apply_is_the_dense_product(truth):
     x = np.random.default_rng(1).standard_normal((n, 5))
     np.testing.assert_allclose(
         jax.jit(uncertainty.correlation_apply)(a, b, e, x), dense @ x, rtol=1e-12, atol=1e-12
+    )
+    # the Hermitian field correlation, against its entries written out pair by pair
+    frames = model.frame_integrals(physics, t)
+    field = model.field_factors(frames, 0.01, model.parallel_wavevector(physics, 30.0, 0.01))
+    y = x + 1j * np.random.default_rng(2).standard_normal((n, 5))
+    np.testing.assert_allclose(
+        uncertainty.correlation_apply(*field, y, hermitian=True),
+        field_correlation(physics, t, 30.0) @ y,
+        rtol=1e-11,
+        atol=1e-11,
     )
 
 
