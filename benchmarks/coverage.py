@@ -1,12 +1,21 @@
-"""Coverage of NLSQ standard errors and CMC intervals on speckle-level two-time data (issue 9).
+"""Coverage of NLSQ standard errors and CMC intervals on speckle-level two-time data (issues 9, 20).
 
 Speckle simulations (``hd.simulate(noise="speckle")``: ``c2`` averaged over the pixels of
-each q-sector, so pairs that share frames have correlated errors) of the issue's truth
-``D0_ref = 3e3, D0_sample = 2e4, v0 = 800, f0 = 0.4, phi0 = 20`` at q = 0.01 1/Å,
-dt = 0.1 s, phi = -45, 0, 45, 90, contrast 0.5, fitted from a start 30 % off with
-``alpha_ref``, ``alpha_sample``, ``beta`` and ``f1`` fixed at their true 0 (the other
-rate offsets, ``f2`` and ``f3`` are fixed by default). For each seed the fit is done once
-with ``errors="speckle"``, which keeps the nominal errors alongside.
+each q-sector, so pairs that share frames have correlated errors; with ``--counts`` the
+intensities are Poisson photon counts at that mean per pixel and frame) at q = 0.01 1/Å,
+dt = 0.1 s, phi = -45, 0, 45, 90, contrast 0.5, fitted from a start 30 % off. Cases
+(``--case``):
+
+- ``flow``: ``D0_ref = 3e3, D0_sample = 2e4, v0 = 800, f0 = 0.4, phi0 = 20``, constant
+  rates (``alpha_ref``, ``alpha_sample``, ``beta``, ``f1`` fixed at their true 0);
+- ``powerlaw``: the same with a velocity ``v0 t**beta``, ``v0 = 300, beta = 0.8``
+  (``beta`` varied);
+- ``weakref``: the flow case with a reference 300 times slower, ``D0_ref = 10``: it
+  decorrelates by 1.5 % over the window, so ``D0_ref`` is weakly determined (about
+  2 stderr from 0).
+
+For each seed the fit is done once with ``errors="speckle"``, which keeps the nominal
+errors alongside.
 
 With ``--cmc`` each seed's NLSQ fit also starts a CMC run (``fit_cmc(ds, fit)``, which
 takes ``errors="speckle"`` from the fit) and the 68 % central posterior interval (16th to
@@ -15,18 +24,20 @@ takes ``errors="speckle"`` from the fit) and the 68 % central posterior interval
 the correction).
 
 Prints, per quantity, the scatter of the fitted values over seeds, the mean of each kind
-of stderr, the fraction of fits whose ``value -+ stderr`` covers the truth (68 % for
-honest Gaussian errors; the binomial spread over the seeds is printed) and the rms of
-``(value - truth) / stderr``, and the time the speckle errors add to a fit.
+of stderr, their ratio, the fraction of fits whose ``value -+ stderr`` covers the truth
+(68 % for honest Gaussian errors; the binomial spread over the seeds is printed) and the
+rms of ``(value - truth) / stderr``, and the time the speckle errors add to a fit.
 
-    .venv/bin/python benchmarks/coverage.py [--seeds 40] [--first-seed 0] [--frames 200]
-                                            [--pixels 1000] [--counts C] [--cmc]
-                                            [--warmup 300] [--samples 500] [--save F.npz]
+    .venv/bin/python benchmarks/coverage.py [--case flow] [--seeds 40] [--first-seed 0]
+                                            [--frames 150] [--pixels 2000] [--counts C]
+                                            [--cmc] [--warmup 300] [--samples 500]
+                                            [--save F.npz]
     .venv/bin/python benchmarks/coverage.py --load A.npz B.npz ...
+    .venv/bin/python benchmarks/coverage.py --table A.npz B.npz ...
 
 ``--save`` keeps each seed's outcome; ``--load`` prints the tables of several saved runs
 together (seed ranges run in parallel processes, say), refusing runs whose settings or
-seeds overlap.
+seeds overlap; ``--table`` prints one summary line per saved run (the README's table).
 """
 
 import argparse
@@ -38,24 +49,34 @@ import numpy as np
 
 import heterodyne as hd
 
-TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
-FIXED = ("alpha_ref", "alpha_sample", "beta", "f1")
+FLOW = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
+#: truth and fixed parameters of each case
+CASES = {
+    "flow": (FLOW, ("alpha_ref", "alpha_sample", "beta", "f1")),
+    "powerlaw": ({**FLOW, "v0": 300.0, "beta": 0.8}, ("alpha_ref", "alpha_sample", "f1")),
+    "weakref": ({**FLOW, "D0_ref": 10.0}, ("alpha_ref", "alpha_sample", "beta", "f1")),
+}
 PHI = [-45.0, 0.0, 45.0, 90.0]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=list(CASES), default="flow")
     parser.add_argument("--seeds", type=int, default=40)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--frames", type=int, default=200)
-    parser.add_argument("--pixels", type=int, default=1000)
+    parser.add_argument("--frames", type=int, default=150)
+    parser.add_argument("--pixels", type=int, default=2000)
     parser.add_argument("--counts", type=float, default=None, help="mean photons per pixel")
     parser.add_argument("--cmc", action="store_true", help="also CMC intervals")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--save", help="write each seed's outcome to this .npz file")
     parser.add_argument("--load", nargs="+", help="print the tables of saved runs")
+    parser.add_argument("--table", nargs="+", help="one summary line per saved run")
     args = parser.parse_args()
+    if args.table:
+        summary([dict(np.load(f)) for f in args.table])
+        return
     outcome = combine(args.load) if args.load else run(args)
     if args.save:
         np.savez(args.save, **outcome)
@@ -64,18 +85,19 @@ def main():
 
 def run(args) -> dict:
     """Fit each seed's speckle simulation; the outcome arrays are indexed by seed first."""
-    settings = {k: getattr(args, k) for k in ("frames", "pixels", "counts", "cmc")}
+    settings = {k: getattr(args, k) for k in ("case", "frames", "pixels", "counts", "cmc")}
     if args.cmc:
         settings.update(warmup=args.warmup, samples=args.samples)
-    guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()}).fix(*FIXED)
-    names = list(TRUTH)
+    truth, fixed = CASES[args.case]
+    guess = hd.Parameters({k: 1.3 * v for k, v in truth.items()}).fix(*fixed)
+    names = list(truth)
     values, speckle, nominal, seconds = [], [], [], []
     intervals = {"posterior": [], "uncorrected_posterior": []}
     cmc_seconds, converged = [], []
     seeds = np.arange(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         ds = hd.simulate(
-            TRUTH,
+            truth,
             n_frames=args.frames,
             phi=PHI,
             noise="speckle",
@@ -145,21 +167,28 @@ def combine(files) -> dict:
     return joined
 
 
+def case_truth(settings: dict) -> dict:
+    """The true values of a saved run's case (runs saved before cases were ``flow``)."""
+    return CASES[settings.get("case", "flow")][0]
+
+
 def report(outcome: dict) -> None:
     settings = json.loads(str(outcome["settings"]))
-    names = list(TRUTH)
-    truth = np.array(list(TRUTH.values()))
+    names = list(case_truth(settings))
+    truth = np.array(list(case_truth(settings).values()))
     values, speckle, nominal = outcome["value"], outcome["speckle"], outcome["nominal"]
     seeds = outcome["seed"]
     spread = 100 * np.sqrt(0.68 * 0.32 / seeds.size)
     print(
+        f"case {settings.get('case', 'flow')}: "
         f"{seeds.size} seeds ({seeds.min()} to {seeds.max()}), N = {settings['frames']}, "
         f"{len(PHI)} angles, {settings['pixels']} pixels, counts {settings['counts']}; "
         f"coverage of truth by value -+ stderr (68 % expected, +- {spread:.0f} % over the seeds)"
     )
     print(
         f"{'quantity':<11}{'truth':>9}{'mean fit':>11}{'scatter':>10}{'nominal':>10}"
-        f"{'speckle':>10}{'cover nom':>11}{'cover spk':>11}{'rms z nom':>11}{'rms z spk':>11}"
+        f"{'speckle':>10}{'spk/scat':>10}{'cover nom':>11}{'cover spk':>11}{'rms z nom':>11}"
+        f"{'rms z spk':>11}"
     )
     for k, name in enumerate(names):
         error = values[:, k] - truth[k]
@@ -168,6 +197,7 @@ def report(outcome: dict) -> None:
             f"{name:<11}{truth[k]:>9.4g}{values[:, k].mean():>11.5g}"
             f"{values[:, k].std(ddof=1):>10.3g}{nominal[:, k].mean():>10.3g}"
             f"{speckle[:, k].mean():>10.3g}"
+            f"{speckle[:, k].mean() / values[:, k].std(ddof=1):>10.2f}"
             f"{100 * np.mean(np.abs(z_nominal) < 1):>10.0f}%"
             f"{100 * np.mean(np.abs(z_speckle) < 1):>10.0f}%"
             f"{np.sqrt(np.mean(z_nominal**2)):>11.2f}{np.sqrt(np.mean(z_speckle**2)):>11.2f}"
@@ -191,6 +221,30 @@ def report(outcome: dict) -> None:
             for group, b in ((g, outcome[g]) for g in ("posterior", "uncorrected_posterior"))
         }
         print(f"{name:<11}{covered['posterior']:>10.0f}%{covered['uncorrected_posterior']:>12.0f}%")
+
+
+def summary(outcomes) -> None:
+    """One line per saved run: the range over the physics parameters of the speckle
+    stderr over the scatter, of the +-1 stderr coverage and of the rms z."""
+    print(
+        f"{'case':<10}{'pixels':>8}{'photons':>9}{'seeds':>7}{'stderr/scatter':>17}"
+        f"{'coverage %':>13}{'rms z':>12}"
+    )
+    for outcome in outcomes:
+        settings = json.loads(str(outcome["settings"]))
+        truth = np.array(list(case_truth(settings).values()))
+        values, speckle = outcome["value"], outcome["speckle"]
+        ratio = speckle.mean(axis=0) / values.std(axis=0, ddof=1)
+        z = (values - truth) / speckle
+        cover = 100 * np.mean(np.abs(z) < 1, axis=0)
+        rms = np.sqrt(np.mean(z**2, axis=0))
+        counts = "none" if settings["counts"] is None else f"{settings['counts']:g}"
+        seeds = outcome["seed"]
+        print(
+            f"{settings.get('case', 'flow'):<10}{settings['pixels']:>8}{counts:>9}"
+            f"{seeds.size:>7}{ratio.min():>10.2f} - {ratio.max():<4.2f}"
+            f"{cover.min():>8.0f} - {cover.max():<3.0f}{rms.min():>7.2f} - {rms.max():.2f}"
+        )
 
 
 if __name__ == "__main__":

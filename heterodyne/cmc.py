@@ -275,7 +275,7 @@ def prepare(
     phi = ds["phi"].values if noise else np.empty(0)
     sampled = problem.entries.append(entries(["noise"] * phi.size, phi))
     floors = priors.log_floors(problem)
-    low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0)
+    low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0, init)
     x0 = problem.x0
     if noise:
         residuals, angle = problem.residuals(x0), np.asarray(pairs.angle)
@@ -580,8 +580,9 @@ def _attrs(name: str) -> dict:
 def _prior_dataset(plan: Plan) -> xr.Dataset:
     space = plan.space
     physical_bounds = {
-        "low": np.where(space.log, np.exp(space.low), space.low),
-        "high": np.where(space.log, np.exp(space.high), space.high),
+        # exp only of log-space bounds: a linear bound such as f2's 1e4 would overflow
+        "low": np.where(space.log, np.exp(np.where(space.log, space.low, 0.0)), space.low),
+        "high": np.where(space.log, np.exp(np.where(space.log, space.high, 0.0)), space.high),
     }
     return xr.Dataset(
         {

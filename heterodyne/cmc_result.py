@@ -35,6 +35,9 @@ CMC_OPTIONAL_GROUPS = ("uncorrected_posterior",)
 # A log-space parameter whose 94 % HDI starts below this multiple of its floor is
 # reported as consistent with 0.
 FLOOR_NOTE = 10.0
+# A posterior whose sd in the sampled space exceeds this fraction of its prior's sd is
+# reported as prior-dominated: the data shrank the prior by less than a factor 2.
+PRIOR_DOMINATED = 0.5
 
 
 @dataclass(frozen=True, repr=False)
@@ -151,6 +154,12 @@ class CMCResult(FitResult):
                         f"{UNITS.get(name, '')}: the data are consistent with {name} = 0; "
                         f"fix {name} = 0 if that is the physics"
                     )
+        out += [
+            f"{label}'s posterior is prior-dominated: its sd in the sampled space is "
+            f"{ratio:.0%} of the prior's, so the data hardly constrain it and its interval "
+            "is the prior's choice; fix it, or add data that constrain it"
+            for label, ratio in self.prior_dominated().items()
+        ]
         out += identifiability_warnings(self.parameters())
         if self.info.get("errors", "nominal") == "nominal":
             out.append(
@@ -158,6 +167,32 @@ class CMCResult(FitResult):
                 "so on real data the posterior is narrower than the truth warrants "
                 '(fit_cmc(..., errors="speckle") corrects it)'
             )
+        return out
+
+    def prior_dominated(self) -> dict[str, float]:
+        """Sampled quantities whose posterior sd, in the sampled space (log or linear, as
+        ``prior["space"]``), exceeds ``PRIOR_DOMINATED`` times the prior's sd: label ->
+        ratio. The prior's sd is its ``scale`` (a truncated normal's is at most that) and
+        at most ``(high - low) / sqrt(12)``, that of a uniform prior on its bounds."""
+        prior, draws = self.prior, self.posterior.posterior
+        out = {}
+        for k, (name, phi) in enumerate(index_of(prior)):
+            if name not in draws:
+                continue
+            values = draws[name]
+            if "phi" in values.dims:
+                values = values.isel(phi=0) if np.isnan(phi) else values.sel(phi=phi)
+            log = str(prior["space"].values[k]) == "log"
+            bounds = np.array([prior["low"].values[k], prior["high"].values[k]], dtype=float)
+            with np.errstate(divide="ignore"):
+                sampled = np.log(values.values) if log else values.values
+                bounds = np.log(bounds) if log else bounds
+            spread = (bounds[1] - bounds[0]) / np.sqrt(12.0)
+            if str(prior["kind"].values[k]) != "uniform":
+                spread = min(spread, float(prior["scale"].values[k]))
+            ratio = float(np.std(sampled)) / spread if spread > 0 else 0.0
+            if np.isfinite(ratio) and ratio > PRIOR_DOMINATED:
+                out[entry_label(name, phi)] = ratio
         return out
 
     def _rows(self):
@@ -202,7 +237,8 @@ class CMCResult(FitResult):
             return "nominal: pairs taken as independent"
         return (
             "speckle: draws corrected to the speckle covariance of the pairs "
-            f"(kappa {self.info['speckle_kappa']:.3g}, white variance "
+            f"(kappa {self.info['speckle_kappa']:.3g}, shot "
+            f"{self.info.get('shot_kappa', 0.0):.3g}, white variance "
             f"{self.info['white_variance']:.3g}); uncorrected draws in "
             "posterior.uncorrected_posterior"
         )

@@ -140,6 +140,51 @@ def correlation(frames_i: FrameIntegrals, frames_j: FrameIntegrals, q, q_paralle
     return (reference + sample + cross_amplitude * jnp.cos(phase)) / norm
 
 
+def field_correlation(frames: FrameIntegrals, q, q_parallel):
+    """Normalised field correlation ``gamma_ij`` of all frame pairs, ``(N, N)`` complex.
+
+    The fields behind MODEL.md's ``g`` (:mod:`heterodyne.speckle`), with ``g = |gamma|²``::
+
+        gamma_ij = [ r_i r_j exp(-q² A_r / 2)
+                   + s_i s_j exp(-q² A_s / 2) exp(i q_parallel (V_j - V_i)) ] / sqrt(n_i n_j)
+
+    ``A = |P_j - P_i|``; ``gamma_ji`` is the conjugate of ``gamma_ij``, ``gamma_ii = 1``.
+    ``q_parallel = q cos(phi - phi0)`` [1/Å] of one angle.
+    """
+    q2 = q * q
+    s = frames.x_sample
+    r = 1.0 - s
+    root = jnp.sqrt(r * r + s * s)
+
+    def decay(p):
+        return jnp.exp(-0.5 * q2 * jnp.abs(p[None, :] - p[:, None]))
+
+    phase = jnp.exp(1j * q_parallel * (frames.V[None, :] - frames.V[:, None]))
+    field = jnp.outer(r, r) * decay(frames.P_ref) + jnp.outer(s, s) * decay(frames.P_sample) * phase
+    return field / jnp.outer(root, root)
+
+
+def field_factors(frames: FrameIntegrals, q, q_parallel):
+    """Per-frame factors of :func:`field_correlation` in separable form, for ``t_i <= t_j``.
+
+    ``gamma_ij = sum_m a_im b_jm exp(-(e_jm - e_im))`` with ``M = 2`` terms (reference,
+    sample)::
+
+        a = [r, s exp(-i k V)] / sqrt(n),    b = [r, s exp(i k V)] / sqrt(n),
+        e = q² [P_r, P_s] / 2
+
+    (``k = q_parallel`` of one angle); the lower triangle is the conjugate.
+    """
+    s = frames.x_sample
+    r = 1.0 - s
+    root = jnp.sqrt(r * r + s * s)
+    turn = jnp.exp(1j * q_parallel * frames.V)
+    b = jnp.stack([r + 0j, s * turn], axis=-1) / root[:, None]
+    a = jnp.stack([r + 0j, s * jnp.conj(turn)], axis=-1) / root[:, None]
+    e = 0.5 * q * q * jnp.stack([frames.P_ref, frames.P_sample], axis=-1)
+    return a, b, e
+
+
 def correlation_factors(frames: FrameIntegrals, q, q_parallel):
     """Per-frame factors of :func:`correlation` in separable form, for ``t_i <= t_j``.
 

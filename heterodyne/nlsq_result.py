@@ -74,8 +74,9 @@ class NLSQResult(FitResult):
     info : dict
         ``chi2``, ``nfev``, ``success``, ``message``, ``scaling``, ``n_pairs``,
         ``nan_pairs``, ``dropped_frames``, ``errors``; with ``errors="speckle"`` also
-        ``speckle_kappa`` and ``white_variance``, the two scales of the error model
-        (:mod:`heterodyne.uncertainty`).
+        ``speckle_kappa``, ``shot_kappa`` and ``white_variance``, the three scales of the
+        error model (:mod:`heterodyne.uncertainty`; results written before the shot
+        shape have no ``shot_kappa``).
     """
 
     params: xr.Dataset
@@ -269,7 +270,8 @@ class NLSQResult(FitResult):
             pixels = f" (~ 1/{1 / kappa:.4g} pixels)" if kappa > 0 and not info["weighted"] else ""
             errors = [
                 "    errors            speckle: pairs share frames; nominal stderr alongside",
-                f"    error model       kappa {kappa:.4g}{pixels}, white variance "
+                f"    error model       kappa {kappa:.4g}{pixels}, shot "
+                f"{float(info.get('shot_kappa', 0.0)):.4g}, white variance "
                 f"{float(info['white_variance']):.4g}",
             ]
         verdict = self.verdict

@@ -99,7 +99,9 @@ class Errors(NamedTuple):
 
     covariance: np.ndarray  #: covariance of the varied quantities, the chosen errors
     nominal: np.ndarray  #: the nominal least-squares covariance
-    scales: dict  #: scales of the error model (``speckle_kappa``, ``white_variance``)
+    scales: (
+        dict  #: scales of the error model (``speckle_kappa``, ``shot_kappa``, ``white_variance``)
+    )
     z: np.ndarray  #: the packed vector at ``x``
     model_c2: np.ndarray  #: model on the grid, (n_phi, N, N)
     residuals: np.ndarray  #: weighted residuals at the fitted pairs
@@ -406,7 +408,11 @@ class Objective:
                 uncertainty.intensity_covariance(model_c2, self.ds["c2"].values, offset),
             )
             covariance = speckle.covariance
-            scales = {"speckle_kappa": speckle.kappa, "white_variance": speckle.white}
+            scales = {
+                "speckle_kappa": speckle.kappa,
+                "shot_kappa": speckle.shot,
+                "white_variance": speckle.white,
+            }
         return Errors(covariance, nominal, scales, z, model_c2, residuals)
 
 

@@ -12,7 +12,12 @@ Sampled space
     below what two-time data resolve, so 0 is "reached" at the floor: a posterior piled
     against it means "consistent with 0" and the result says so. To impose a static
     reference, fix ``D0_ref = 0`` instead (fixed parameters are not sampled). A
-    log-space parameter whose bounds allow negative values is sampled linearly. NUTS
+    log-space parameter whose bounds allow negative values is sampled linearly, and so
+    is one that an NLSQ ``init`` finds within ``LOG_MIN_SIGMAS`` (3) stderr of 0: its
+    posterior reaches down to 0, which in log space is a tail over many decades down to
+    the floor (and an upward tail of the linear posterior is compressed there too); NUTS
+    then crosses it slowly or not at all. Linearly, the posterior is a near-Gaussian cut
+    at 0, and the logit below keeps it off the bound. NUTS
     then moves in the unconstrained ``u = logit((y - low) / (high - low))``, whitened by
     the Gauss-Newton curvature at the start (``u = u0 + A w``, ``A A^T`` the inverse
     curvature of one shard): numpyro regularises its mass matrix towards a unit scale,
@@ -41,6 +46,7 @@ from heterodyne.parameters import LOG_SCALE, PHYSICS_INDEX
 from heterodyne.results import at_entries
 
 PRIOR_WIDTH = 10.0  # NLSQ-centred priors: standard deviation = PRIOR_WIDTH x NLSQ stderr
+LOG_MIN_SIGMAS = 3.0  # log space only for a value this many NLSQ stderr above 0
 FLOOR_EFFECT = 1e-4  # a log-space parameter's floor: q² ∫J (or q ∫v) over the record
 NOISE_BOUNDS = (1e-6, 1.0)  # log-uniform prior of the per-angle noise level of c2
 # Whitening: curvature added to every unconstrained direction. A quantity the data do not
@@ -49,9 +55,10 @@ NOISE_BOUNDS = (1e-6, 1.0)  # log-uniform prior of the per-angle noise level of 
 _RIDGE = 0.25
 
 
-def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int):
+def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int, init=None):
     """``(low, high, log)`` of the sampled space ``y`` for the varied quantities, then
-    ``n_noise`` noise levels."""
+    ``n_noise`` noise levels; with an NLSQ ``init``, a parameter it finds within
+    ``LOG_MIN_SIGMAS`` stderr of 0 is sampled linearly (module doc)."""
     n = len(problem.entries)
     low, high = np.empty(n + n_noise), np.empty(n + n_noise)
     log = np.zeros(n + n_noise, dtype=bool)
@@ -62,13 +69,22 @@ def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int):
                 f"{label}: CMC samples inside finite bounds with min < max; got "
                 f"[{lo:g}, {hi:g}] (set finite bounds, or fix the parameter)"
             )
-        if name in floors and lo >= 0 and hi > floors[name]:
+        if name in floors and lo >= 0 and hi > floors[name] and not near_zero(init, name):
             log[k], low[k], high[k] = True, np.log(max(lo, floors[name])), np.log(hi)
         else:
             low[k], high[k] = lo, hi
     log[n:] = True
     low[n:], high[n:] = np.log(NOISE_BOUNDS[0]), np.log(NOISE_BOUNDS[1])
     return low, high, log
+
+
+def near_zero(init, name: str) -> bool:
+    """Whether NLSQ ``init`` finds ``name`` within ``LOG_MIN_SIGMAS`` finite stderr of
+    0; ``False`` without ``init``."""
+    if init is None:
+        return False
+    value, error = init.value(name), init.error(name)
+    return bool(np.isfinite(error) and value <= LOG_MIN_SIGMAS * error)
 
 
 def prior(init, index, low, high, log):

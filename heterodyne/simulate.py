@@ -18,8 +18,9 @@ from heterodyne.parameters import PHYSICS_NAMES, Parameters
 # the import at 3000 frames x 4 angles (2.8 times the grid), 0.38 GB at 3000 x 1 angle.
 SIMULATE_MEMORY = {"per_value": 20.0, "per_angle": 20.0}
 # store_sigma doubles the grid part (sigma and its copy). noise="speckle" also holds the
-# pixel intensities and their Poisson counts (int64 and float64): bytes per pixel and
-# frame of each angle.
+# sums of products it accumulates (8 bytes per value) and one block of pixel intensities
+# and their Poisson counts (int64 and float64): bytes per pixel and frame of each angle.
+SPECKLE_PER_VALUE = 8.0
 SPECKLE_PER_PIXEL = 24.0
 
 
@@ -78,8 +79,11 @@ def simulate(
         Speckle only: pixels per q-sector (default 1000).
     counts : float, optional
         Speckle only: Poisson-count the intensities at this mean photon count per pixel
-        and frame (default: no counting). The diagonal then carries the shot-noise spike
-        ``1 / counts``.
+        and frame (default: no counting), e.g. 0.01 to 10. The diagonal then carries the
+        shot-noise spike ``1 / counts``; a frame of an angle that counted no photon at all
+        (likely when ``counts * n_pixels`` is below ~5) has NaN pairs, which fits mask.
+        The pixels are simulated in blocks (:func:`heterodyne.speckle.simulated_two_time`),
+        so 50 000 pixels take no more memory than 2000.
     seed : int
         Seed of the noise; the same seed gives the same Dataset.
 
@@ -131,7 +135,11 @@ def simulate(
             f"noise='speckle' needs contrast in (0, 1] and offset 1 (the pixel average is "
             f"normalised); got contrast={scale.tolist()}, offset={base.tolist()}"
         )
-    pixels = SPECKLE_PER_PIXEL * n_pixels / n_frames if speckled else 0.0
+    pixels = (
+        SPECKLE_PER_VALUE + SPECKLE_PER_PIXEL * min(n_pixels, speckle.PIXEL_BLOCK) / n_frames
+        if speckled
+        else 0.0
+    )
     check_memory(
         (n_phi, n_frames, n_frames),
         per_value=SIMULATE_MEMORY["per_value"] * (2 if store_sigma else 1) + pixels,
@@ -149,10 +157,9 @@ def simulate(
         )
     physics = p.physics_values()
     if speckled:
-        intensity = speckle.intensities(
+        c2 = speckle.simulated_two_time(
             physics, scale, t, phi, float(q), n_pixels=n_pixels, counts=counts, seed=seed
         )
-        c2 = speckle.two_time(intensity)
     else:
         c2 = np.array(model.c2_grid(physics, scale, base, t, phi, float(q)))
         if noise > 0:

@@ -39,6 +39,10 @@ import numpy as np
 
 from heterodyne import model
 
+#: Pixels simulated at once by :func:`simulated_two_time`; its memory grows with this, not
+#: with the number of pixels.
+PIXEL_BLOCK = 2000
+
 
 def mode_weights(contrast) -> np.ndarray:
     """Intensity weights of the coherent modes that give each angle its speckle contrast.
@@ -170,7 +174,7 @@ def two_time(intensity) -> np.ndarray:
 
     ``c2(i, j) = <I_i I_j>_p / (<I_i>_p <I_j>_p)`` over the pixels ``p`` of each angle,
     diagonal included (with Poisson counting it carries the shot-noise spike
-    ``1 / counts``).
+    ``1 / counts``); NaN at the pairs of a frame that counted no photon.
 
     Parameters
     ----------
@@ -178,6 +182,40 @@ def two_time(intensity) -> np.ndarray:
         Pixel intensities of each angle, e.g. from :func:`intensities`.
     """
     intensity = np.asarray(intensity, dtype=np.float64)
-    mean = intensity.mean(axis=1)
-    products = np.swapaxes(intensity, 1, 2) @ intensity / intensity.shape[1]
-    return products / (mean[:, :, None] * mean[:, None, :])
+    return normalised(
+        np.swapaxes(intensity, 1, 2) @ intensity, intensity.sum(axis=1), intensity.shape[1]
+    )
+
+
+def simulated_two_time(physics, contrast, t, phi, q, *, n_pixels: int, counts=None, seed=0):
+    """:func:`two_time` of :func:`intensities` of ``n_pixels`` pixels, shape ``(n_phi, N, N)``,
+    accumulated :data:`PIXEL_BLOCK` pixels at a time: memory ``O(n_phi N (N + block))``
+    whatever the number of pixels. Arguments as :func:`intensities`; up to one block,
+    the same numbers as ``two_time(intensities(...))``.
+    """
+    rng = np.random.default_rng(seed)
+    n_phi, n = np.atleast_1d(phi).size, np.asarray(t).size
+    products, sums = np.zeros((n_phi, n, n)), np.zeros((n_phi, n))
+    for start in range(0, n_pixels, PIXEL_BLOCK):
+        block = intensities(
+            physics,
+            contrast,
+            t,
+            phi,
+            q,
+            n_pixels=min(PIXEL_BLOCK, n_pixels - start),
+            counts=counts,
+            seed=rng,
+        )
+        products += np.swapaxes(block, 1, 2) @ block
+        sums += block.sum(axis=1)
+    return normalised(products, sums, n_pixels)
+
+
+def normalised(products, sums, n_pixels) -> np.ndarray:
+    """``c2 = (products / P) / (m_i m_j)`` with ``m = sums / P`` the mean of each frame;
+    NaN where a frame's mean is 0 (a frame that counted no photon has no correlation)."""
+    mean = sums / n_pixels
+    outer = mean[:, :, None] * mean[:, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(outer > 0, products / n_pixels / outer, np.nan)

@@ -2,44 +2,103 @@
 
 Nominal least-squares errors ``(J^T J)^-1 chi2 / (n - p)`` treat the ``N (N - 1) / 2``
 pairs of each angle as independent. They are not (MODEL.md, "Noise in real two-time
-data"): ``c2(t_i, t_j) = <I_i I_j>_p / (<I_i>_p <I_j>_p)`` is an average over the ``P``
-pixels of a q-sector, and to first order in ``1 / P``, with fourth moments of the
-intensity fluctuations taken as Gaussian (Isserlis)::
+data"): ``c2(t_i, t_j) = <x_i x_j>_p / (<x_i>_p <x_j>_p)`` is an average over the ``P``
+pixels of a q-sector of the photon counts ``x = n / lambda`` (``lambda`` the mean count
+per pixel and frame). The covariance of the pair estimates, and the error model
+``errors="speckle"`` built on it, follow.
 
-    Cov(c2_ij, c2_kl) = kappa (C_ik C_jl + C_il C_jk),    kappa = 1 / P
+Assumptions
+-----------
+(A1) Pixels are independent and alike: the covariance is ``1 / P`` times that of one
+pixel's products (first order in ``1 / P``, the delta method on the ratio). (A2) Given
+the speckle intensity ``I`` (mean 1 per frame), counts are Poisson and independent across
+pixels and frames (the detector adds no correlated noise): ``x = I + eta`` with
+``E[eta_i eta_k | I] = delta_ik I_i / lambda``. (A3) ``c2`` is normalised (offset near 1).
+(A4) The speckle intensity is a sum of coherent modes of circular Gaussian fields with the
+normalised field correlation ``g_ij`` (:func:`heterodyne.model.field_correlation`,
+``|g|² = G``, the model's correlation), so its third cumulant is
+``k(I_i, I_j, I_k) = 2 beta_3 Re(g_ij g_jk g_ki)`` with ``beta_3 = contrast²`` (equal
+modes). Its fourth-order cumulants are taken as proportional to the Isserlis products of
+its covariance: true in shape for such fields, with a factor (1 to 1.5) that ``c2`` does
+not give.
 
-where ``C_ik = Cov(I_i, I_k) / (<I_i> <I_k>) = c2_ik - offset`` is the normalised intensity
-covariance of frames ``i`` and ``k``: the fitted model off the diagonal and the measured
-``c2_ii - offset`` on it (the pixel variance of each frame, shot noise included). The
-form is exact when frames ``i, k`` are independent of frames ``j, l`` (most pairs); where
-all four frames lie within a correlation time the variance is larger. The errors of a pair
-are correlated with those of every pair whose two frames both lie within a correlation time
-of its own two, so a slowly decorrelating reference makes the matrix a few large correlated
-blocks: resampling frame blocks, or cluster-robust sandwiches over them, has too few
-independent blocks to estimate this covariance.
+Derivation
+----------
+Linearising the ratio around its mean ``c_ij = E[x_i x_j] = 1 + K_ij``::
 
-``errors="speckle"`` takes the covariance of the weighted residuals ``r_p`` to be::
+    delta c2_ij = delta<x_i x_j> - c_ij (delta<x_i> + delta<x_j>)
+    Cov(c2_ij, c2_kl) = Cov(y_ij, y_kl) / P,    y_ij = x_i x_j - c_ij (x_i + x_j)
 
-    Cov(r_p, r_q) = w_p w_q [sigma2 delta_pq + kappa (C_ik C_jl + C_il C_jk)]
+Written with the joint cumulants ``k(.)`` of one pixel's ``x`` (means 1)::
 
-(``p = (i, j)``, ``q = (k, l)``, ``w`` the weights ``1 / sigma``) and estimates its two
-scales from the residuals by moments. The products of neighbouring pairs
-``M1 = sum r_{i,j} r_{i+1,j+1}`` (zero for independent errors) against
-``M0 = sum r_p²``, each over its prediction, give the share of the variance that has the
-speckle shape; ``M0`` then fixes the scale, with the part the fit absorbs taken out as
-``n - p`` does for independent errors::
+    Cov(y_ij, y_kl) = k(i,j,k,l) + k_ik k_jl + k_il k_jk
+                      - K_ij (k(i,k,l) + k(j,k,l)) - K_kl (k(i,j,k) + k(i,j,l))
+                      + K_ij K_kl (k_ik + k_il + k_jk + k_jl)
 
-    E[M0] = kappa (D0 - tr(A^+ B)) + sigma2 (n - p),    D0 = tr(Q),  A = J^T J
+By (A2) the cumulants of ``x`` are those of ``I``, plus, for each frame repeated among
+the indices, those of ``I`` with the repeated indices merged, over ``lambda`` (Poisson
+counting of a random rate): ``k(x_i, x_i) = k(I_i, I_i) + 1 / lambda``,
+``k(x_i, x_i, x_l) = k(I_i, I_i, I_l) + K_il / lambda``, and so on. With
+``E_i = 1 / lambda_i`` the shot-noise variance of frame ``i`` (the spike of the measured
+diagonal above the model's ``offset + contrast``) and ``C_ik = c2_ik - offset`` the
+speckle covariance (the model; ``C_ii = contrast``), three kinds of pair pairs:
 
-Independent errors give ``kappa = 0`` and the nominal errors; speckle gives
-``sigma2 = 0``. The covariance of the fit is the sandwich::
+- four different frames: no counting term; ``Q_s = C_ik C_jl + C_il C_jk`` (Isserlis),
+  times the factor of (A4);
+- one shared frame, ``i = k``: ``Q_s`` plus ``E_i (C_jl + k(I_i, I_j, I_l) - K_ij K_il)``;
+- the same pair, ``(i, j) = (k, l)``: ``Q_s`` plus
+  ``(E_i C_jj + E_j C_ii) + E_i E_j (1 + C_ij / offset)``, the last term exact
+  (``E[n_i n_j] = lambda² E[I_i I_j]``), plus the third-cumulant terms of both frames,
+  ``E_i (k(I_i, I_j, I_j) - K_ij²) + E_j (k(I_j, I_i, I_i) - K_ij²)``.
 
-    cov = A^+ J^T Cov(r) J A^+ = kappa A^+ B A^+ + sigma2 A^+,
-    B = J^T Q J,   Q_pq = w_p w_q (C_ik C_jl + C_il C_jk)
+Isserlis on the total covariance ``C + E`` gives all of these but the ``E_i E_j C_ij``
+term, the third cumulants and the factor. Near the diagonal the third cumulant is as large
+as ``C_jl``: leaving it out makes the shared-frame correlations, which carry the
+velocity, half what they are. So the covariance of the weighted residuals ``r_p`` is
+modelled as three shapes with three scales::
+
+    Cov(r_p, r_q) = w_p w_q [kappa Q_s + kappa_n Q_n] + sigma2 delta_pq
+    Q_s = Q[C],    Q[C]_pq = C_ik C_jl + C_il C_jk
+    Q_n = Q[C + E] - Q[C] + delta_pq E_i E_j C_ij / offset
+          + sum_{f shared by p, q} E_f (2 contrast² Re(g_fa g_ab g_bf) - K_fa K_fb)
+
+(``a``, ``b`` the other frames of ``p`` and ``q``).
+
+(``p = (i, j)``, ``q = (k, l)``, ``w`` the weights ``1 / sigma``): speckle,
+``kappa ~ 1/P`` times (A4)'s factor; shot noise, ``kappa_n ~ 1/P`` (0 without counting,
+where ``E = 0``); and independent ("white") noise, for data with Gaussian errors. The shot
+shape is not white: pairs that share frame ``i`` are correlated through ``E_i C_jl``, and
+pairs near the diagonal have the larger variance ``E_i E_j (1 + C_ij)``; both propagate
+into the parameters.
+
+The scales are estimated from three moments of the residuals, each against its
+expectation per unit scale of each shape: ``m0 = sum r_p²``, ``m1 = sum r_{i,j}
+r_{i+1,j+1}`` (four different frames: speckle only) and ``m2 = sum r_{i,j} (r_{i,j+1} +
+r_{i+1,j})`` (a shared frame: speckle and shot). The fit absorbs part of the noise: the
+residuals are ``(I - H) r_true`` with ``H = J A^+ J^T``, ``A = J^T J``, so a moment
+``m = r^T N r`` has, per unit scale of shape ``Q``::
+
+    E[m] = tr(N Q) - tr(N H Q) - tr(N Q H) + tr(N H Q H)
+
+(for ``m0``, ``N = 1``: ``tr(Q) - tr(A^+ B)``, and ``n - p`` for the white part, as for
+independent errors); the traces with ``H`` need only ``p x p`` products of the Jacobian
+with ``Q`` and with the Jacobian at the neighbouring pairs. The three non-negative scales
+``theta`` solve the three moment equations. The
+covariance of the fit is the sandwich::
+
+    cov = A^+ J^T Cov(r) J A^+ = A^+ (kappa B_s + kappa_n B_n) A^+ + sigma2 A^+,
+    B_c = J^T Q_c J
 
 computed per angle (angles are different pixels, hence independent) on the ``N x N``
-grid from the Jacobian and the separable form of the model's correlation, in
-``O(p N²)`` time and memory.
+grid from the Jacobian and the separable forms of the model's correlation and of the
+field correlation, in ``O(p N²)`` time and memory. Without counting the shot shape
+vanishes and the model is the speckle one of issue 9. Where the frames of both pairs lie
+within a correlation time, the speckle variance is larger than ``Q_s`` (the fourth
+cumulant; speckle simulations: up to 1.5 times at lag 1); the free ``kappa`` absorbs most
+of it, and what it cannot shows as slightly too large errors of a slow reference's rate.
+Resampling frame blocks, or cluster-robust sandwiches over them, has too few independent
+blocks to estimate this covariance when a slowly decorrelating reference makes the matrix
+a few large correlated blocks.
 """
 
 from __future__ import annotations
@@ -49,19 +108,24 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import optimize
 
 from heterodyne import model
 from heterodyne.pairs import Pairs, unpack
 from heterodyne.parameters import PHYSICS_NAMES
 
 ERRORS = ("nominal", "speckle")
+# Third cumulant of the speckle intensity of three frames, 2 beta_3 Re(g_ij g_jk g_ki), in
+# units of contrast² Re(g_ij g_jk g_ki): beta_3 = sum_m w_m³ = contrast² for equal modes.
+THIRD_CUMULANT = 2.0
 
 
 class SpeckleErrors(NamedTuple):
     """Outcome of :func:`speckle_covariance`."""
 
     covariance: np.ndarray  #: covariance of the varied quantities, (p, p)
-    kappa: float  #: scale of the speckle covariance (1 / pixels for unweighted c2)
+    kappa: float  #: scale of the speckle shape (about 1 / pixels for unweighted c2)
+    shot: float  #: scale of the shot-noise shape (about 1 / pixels with photon counting)
     white: float  #: variance of the independent part of the weighted residuals
 
 
@@ -126,7 +190,7 @@ def jacobian_grid(x, template, free, columns, t, phi, q, angle, weight, n_scale)
     return jnp.where(weight > 0, grid * weight, 0.0)
 
 
-def correlation_apply(a, b, e, x):
+def correlation_apply(a, b, e, x, hermitian: bool = False):
     """``G x`` for one angle's normalised correlation ``G`` (symmetric, ``N x N``) in
     ``O(N M K)`` operations, never forming ``G``.
 
@@ -136,6 +200,10 @@ def correlation_apply(a, b, e, x):
 
         Z_im = b_im x_i + d_im Z_{i+1,m},     W_{i+1,m} = d_im (W_im + a_im x_i),
         d_im = exp(-(e_{i+1,m} - e_im)) <= 1  (e is non-decreasing),  Z_N = W_0 = 0
+
+    With ``hermitian=True`` (complex ``a``, ``b``) the lower triangle is the conjugate,
+    ``G_ji = conj(G_ij)``: the product with a Hermitian ``G`` such as the field
+    correlation (:func:`heterodyne.model.field_factors`).
 
     Parameters
     ----------
@@ -159,25 +227,52 @@ def correlation_apply(a, b, e, x):
         a_i, b_i, d_i, x_i = step
         return d_i[:, None] * (w + a_i[:, None] * x_i[None, :]), b_i @ w
 
-    zeros = jnp.zeros((a.shape[1], x.shape[1]))
-    steps = (a, b, decay, x)
-    upper = jax.lax.scan(later, zeros, steps, reverse=True)[1]
-    lower = jax.lax.scan(earlier, zeros, steps)[1]
+    zeros = jnp.zeros((a.shape[1], x.shape[1]), dtype=jnp.result_type(a, x))
+    upper = jax.lax.scan(later, zeros, (a, b, decay, x), reverse=True)[1]
+    below = (jnp.conj(a), jnp.conj(b)) if hermitian else (a, b)
+    lower = jax.lax.scan(earlier, zeros, (*below, decay, x))[1]
     return upper + lower
 
 
-def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, n_scale):
-    """``B = J^T Q J`` of one angle, ``Q_pq = w_p w_q (C_ik C_jl + C_il C_jk)`` the
-    speckle covariance of the weighted residuals per unit ``kappa``.
+#: Neighbours of pair ``(i, j)`` in the moments ``m1`` and ``m2`` (:func:`pair_moments`).
+NEIGHBOURS = (((1, 1),), ((0, 1), (1, 0)))
 
-    With ``U^a = w S^a`` (``S`` from :func:`jacobian_grid`, ``w`` the weight grid), summing
-    the symmetric grids over both triangles::
 
-        B_ab = sum_pq J_pa Q_pq J_qb = 1/2 tr(U^a C U^b C) = 1/2 sum_ij V^a_ij V^b_ji,
-        V^a = C U^a,    C = contrast G + diag(diagonal - contrast)
+def shifted(grid, di: int, dj: int):
+    """``out_ij = grid_{i+di, j+dj}`` on the upper triangle (``i < j``), zero elsewhere
+    and where the neighbour falls outside the grid or on the diagonal."""
+    n = grid.shape[-1]
+    upper = jnp.triu(grid, 1)
+    padded = jnp.pad(upper, [(0, 0)] * (grid.ndim - 2) + [(1, 1), (1, 1)])
+    out = padded[..., 1 + di : 1 + di + n, 1 + dj : 1 + dj + n]
+    return jnp.triu(out, 1)
 
-    ``G`` is the model's normalised correlation at ``x`` (:func:`correlation_apply`) and
-    ``diagonal`` the diagonal of :func:`intensity_covariance` (``G_ii = 1``).
+
+def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, shot_grid, n_scale):
+    """Products of one angle's Jacobian with the speckle and the shot shapes (module doc).
+
+    With ``U^a = w S^a`` (``S`` from :func:`jacobian_grid`, ``w`` the weight grid) and,
+    for the Isserlis form with covariance ``C``, ``W^a = C U^a C``, a sum over the pairs
+    ``p = (i < j)`` is one over the upper triangle::
+
+        (J^T Q J')_ab = sum_{i<j} W^a_ij U'^b_ij,    Q_pq = C_ik C_jl + C_il C_jk
+
+    for any ``J'`` whose grid ``U' = w S'`` holds its pair values on the upper triangle.
+    ``C_s = contrast G`` (the speckle covariance; ``G`` the model's normalised correlation
+    at ``x``, :func:`correlation_apply`, ``G_ii = 1``) and ``C = C_s + E``,
+    ``E = diag(diagonal - contrast)`` the shot-noise variance of each frame. The speckle
+    shape is ``Q[C_s]``; the shot shape is ``Q[C] - Q[C_s]`` plus the variance term
+    ``sum_{i<j} U^a_ij U'^b_ij shot_grid_ij`` (``shot_grid = E_i E_j C_ij / offset``).
+
+    Returns
+    -------
+    B : jax.Array, shape (2, n_columns, n_columns)
+        ``B_c = J^T Q_c J`` for the speckle and the shot shape.
+    X : jax.Array, shape (2, 2, n_columns, n_columns)
+        ``X_kc = J^T Q_c (J_k+ + J_k-)``, ``J_k+-`` the Jacobian at the forward and
+        backward neighbours of moment ``k`` (``m1``, ``m2``; :data:`NEIGHBOURS`).
+    T : jax.Array, shape (2, n_columns, n_columns)
+        ``T_k = J^T N_k J = sum_p J_p J_{p+}`` over the forward neighbours of moment ``k``.
     """
     physics, contrast, _ = unpack(template.at[free].set(x), n_scale)
     scale = contrast[angle if n_scale > 1 else 0]
@@ -185,49 +280,148 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, n
     q_parallel = model.parallel_wavevector(physics, phi[angle], q)
     a, b, e = model.correlation_factors(frames, q, q_parallel)
     excess = diagonal - scale
+    gamma = model.field_correlation(frames, q, q_parallel)
+    speckle_cov = scale * jnp.abs(gamma) ** 2
+    field = model.field_factors(frames, q, q_parallel)
+
+    def both(u):
+        """``(C_s u, E u)`` for a matrix ``u`` of columns."""
+        return scale * correlation_apply(a, b, e, u), excess[:, None] * u
 
     def column(s_a):
         u = s_a * weight
-        return scale * correlation_apply(a, b, e, u) + excess[:, None] * u
+        speckle_u, shot_u = both(u)
+        # W = C U C = (C (C U)^T)^T, C symmetric: speckle C_s U C_s, and C U C in total
+        speckle_w = both(speckle_u.T)[0].T
+        total = speckle_u + shot_u
+        total_w = sum(both(total.T)).T
+        # the shared frame's third cumulant: Z = (U o gamma) gamma = conj(gamma conj(U o
+        # gamma)^T)^T, gamma Hermitian
+        product = correlation_apply(*field, jnp.conj(u * gamma).T, hermitian=True)
+        return jnp.stack([speckle_w, total_w - speckle_w]), jnp.conj(product).T
 
     # one column at a time: O(N²) memory beyond the grids
-    v = jax.lax.map(column, s)
-    return 0.5 * jnp.einsum("aij,bji->ab", v, v)
+    w, z = jax.lax.map(column, s)
+    u = jnp.triu(s * weight, 1)
+    rows = jnp.einsum("aij,ij->ai", s * weight, speckle_cov)
+    upper_weight = jnp.triu(weight, 1)
+
+    def products(right):
+        """``J^T Q_c J'`` of both shapes for the upper-triangle grids ``right``."""
+        shot_variance = jnp.einsum("aij,bij,ij->ab", u, right, shot_grid)
+        isserlis = jnp.einsum("acij,bij->cab", w, right)
+        # sum_i E_i sum_jl U_ij U'_il (THIRD_CUMULANT contrast² Re(g_ij g_jl g_li) - K_ij K_il)
+        both_triangles = right + jnp.swapaxes(right, -1, -2)
+        third = THIRD_CUMULANT * scale**2 * jnp.einsum(
+            "i,ail,bil->ab", excess, z, jnp.conj(both_triangles * gamma)
+        ).real - jnp.einsum(
+            "i,ai,bi->ab", excess, rows, jnp.einsum("bil,il->bi", both_triangles, speckle_cov)
+        )
+        return isserlis.at[1].add(shot_variance + third)
+
+    big_b = products(u)
+    neighbour_x, neighbour_t = [], []
+    for steps in NEIGHBOURS:
+        forward = sum(shifted(s, di, dj) for di, dj in steps)
+        backward = sum(shifted(s, -di, -dj) for di, dj in steps)
+        neighbour_x.append(products(upper_weight * (forward + backward)))
+        neighbour_t.append(jnp.einsum("aij,bij->ab", jnp.triu(s, 1), forward))
+    return big_b, jnp.stack(neighbour_x), jnp.stack(neighbour_t)
 
 
 jacobian_grid_jit = jax.jit(jacobian_grid, static_argnums=9)
-speckle_products_jit = jax.jit(speckle_products, static_argnums=10)
+speckle_products_jit = jax.jit(speckle_products, static_argnums=11)
 
 
-def neighbour_moments(residual, weight, cov):
-    """Moments of one angle's residuals that fix the two scales of the error model.
+def pair_moments(residual) -> np.ndarray:
+    """The three moments of one angle's residuals that fix the scales of the error model.
 
-    Parameters
-    ----------
-    residual, weight : array, shape (N, N)
-        Weighted residuals and weights ``1 / sigma`` of the fitted pairs on the upper
-        triangle (``i < j``), zero elsewhere.
-    cov : array, shape (N, N)
-        Normalised intensity covariance :func:`intensity_covariance`.
+    ``m0 = sum r_p²``, ``m1 = sum r_{i,j} r_{i+1,j+1}`` (neighbouring pairs with four
+    different frames) and ``m2 = sum r_{i,j} (r_{i,j+1} + r_{i+1,j})`` (neighbouring
+    pairs that share a frame), over the upper triangle of ``residual`` (the weighted
+    residuals at the fitted pairs ``i < j``, zero elsewhere).
+    """
+    return np.array(
+        [
+            np.sum(residual**2),
+            np.sum(residual[:-1, :-1] * residual[1:, 1:]),
+            np.sum(residual[:, :-1] * residual[:, 1:]) + np.sum(residual[:-1] * residual[1:]),
+        ]
+    )
 
-    Returns
-    -------
-    m0, d0, m1, d1 : float
-        ``m0 = sum r_p²`` and its speckle expectation per unit ``kappa``,
-        ``d0 = sum w_p² (C_ii C_jj + C_ij²)``; ``m1 = sum r_{i,j} r_{i+1,j+1}`` over
-        neighbouring fitted pairs and ``d1 = sum w w' (C_{i,i+1} C_{j,j+1} +
-        C_{i,j+1} C_{j,i+1})``.
+
+def isserlis_moments(weight, cov) -> np.ndarray:
+    """Expectations of :func:`pair_moments` per unit ``kappa`` under the Isserlis form
+    ``Q_pq = w_p w_q (C_ik C_jl + C_il C_jk)`` with the covariance ``cov`` (``C``)::
+
+        d0 = sum w_ij² (C_ii C_jj + C_ij²)
+        d1 = sum w_ij w_{i+1,j+1} (C_{i,i+1} C_{j,j+1} + C_{i,j+1} C_{j,i+1})
+        d2 = sum w_ij w_{i,j+1} (C_ii C_{j,j+1} + C_{i,j+1} C_ij)
+           + sum w_ij w_{i+1,j} (C_{i,i+1} C_jj + C_ij C_{i+1,j})
+
+    ``weight`` is the grid of ``1 / sigma`` at the fitted pairs on the upper triangle.
     """
     d = np.diagonal(cov)
-    m0 = float(np.sum(residual**2))
-    d0 = float(np.sum(weight**2 * (np.outer(d, d) + cov**2)))
     step = np.diagonal(cov, 1)
     shifted = cov[:-1, 1:]
-    m1 = float(np.sum(residual[:-1, :-1] * residual[1:, 1:]))
-    d1 = float(
-        np.sum(weight[:-1, :-1] * weight[1:, 1:] * (np.outer(step, step) + shifted * shifted.T))
+    return np.array(
+        [
+            np.sum(weight**2 * (np.outer(d, d) + cov**2)),
+            np.sum(
+                weight[:-1, :-1] * weight[1:, 1:] * (np.outer(step, step) + shifted * shifted.T)
+            ),
+            np.sum(weight[:, :-1] * weight[:, 1:] * (np.outer(d, step) + cov[:, 1:] * cov[:, :-1]))
+            + np.sum(weight[:-1] * weight[1:] * (np.outer(step, d) + cov[:-1] * cov[1:])),
+        ]
     )
-    return m0, d0, m1, d1
+
+
+def shape_moments(weight, cov, contrast, offset, gamma) -> np.ndarray:
+    """Expected :func:`pair_moments` of one angle per unit scale of each shape, (3, 3):
+    columns speckle, shot, white (module doc); ``gamma`` the field correlation."""
+    speckle_cov = cov.copy()
+    n = cov.shape[0]
+    excess = np.diagonal(cov) - contrast
+    speckle_cov[np.arange(n), np.arange(n)] = contrast
+    speckle = isserlis_moments(weight, speckle_cov)
+    shot = isserlis_moments(weight, cov) - speckle
+    shot[0] += np.sum(weight**2 * shot_grid(excess, cov, offset))
+    shot += shared_frame_moments(weight, gamma, contrast, excess)
+    white = np.array([np.count_nonzero(weight), 0.0, 0.0])
+    return np.column_stack([speckle, shot, white])
+
+
+def shared_frame_moments(weight, gamma, contrast, excess) -> np.ndarray:
+    """The shot shape's third-cumulant part of :func:`isserlis_moments`: pairs ``p, q``
+    that share frame ``f``, with other frames ``a``, ``b``, add
+    ``w_p w_q E_f (THIRD_CUMULANT contrast² Re(g_fa g_ab g_bf) - K_fa K_fb)``, ``g`` the
+    field correlation and ``K = contrast |g|²`` (module doc)."""
+    k = contrast * np.abs(gamma) ** 2
+    third = THIRD_CUMULANT * contrast**2
+
+    def term(f, a, b):
+        """The bracket for shared frames ``f`` and other frames ``a``, ``b`` (arrays)."""
+        cycle = (gamma[f, a] * gamma[a, b] * gamma[b, f]).real
+        return excess[f] * (third * cycle - k[f, a] * k[f, b])
+
+    n = weight.shape[0]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    same = np.sum(weight**2 * (term(i, j, j) + term(j, i, i)))
+    lag_one = np.arange(n - 2)
+    diagonal = np.sum(
+        weight[lag_one, lag_one + 1]
+        * weight[lag_one + 1, lag_one + 2]
+        * term(lag_one + 1, lag_one, lag_one + 2)
+    )
+    row = np.sum(weight[:, :-1] * weight[:, 1:] * term(i[:, :-1], j[:, :-1], j[:, 1:]))
+    column = np.sum(weight[:-1] * weight[1:] * term(j[:-1], i[:-1], i[1:]))
+    return np.array([same, diagonal, row + column])
+
+
+def shot_grid(excess, cov, offset) -> np.ndarray:
+    """``E_i E_j C_ij / offset``: the part of the shot-noise variance of pair ``(i, j)``
+    beyond the Isserlis form, ``E_i E_j``, from ``<n_i n_j> = lambda² <I_i I_j>``."""
+    return np.outer(excess, excess) * cov / offset
 
 
 def speckle_covariance(
@@ -261,15 +455,31 @@ def speckle_covariance(
     weight[angle, i, j] = np.asarray(pairs.weight)
     residual = np.zeros(cov.shape)
     residual[angle, i, j] = residuals
-    b = np.zeros_like(jtj_inverse)
-    moments = np.zeros(4)
+    physics, contrast, offset = (
+        np.asarray(v) for v in unpack(np.asarray(template.at[free].set(x)), n_scale)
+    )
+    frames = model.frame_integrals(physics, pairs.t)
+    p = jtj_inverse.shape[0]
+    products = np.zeros((2, p, p))
+    neighbour_products = np.zeros((2, 2, p, p))
+    neighbour_jtj = np.zeros((2, p, p))
+    moments = np.zeros(3)
+    expected = np.zeros((3, 3))
     for k in range(n_phi):
-        moments += neighbour_moments(residual[k], weight[k], cov[k])
+        scale, base = contrast[min(k, n_scale - 1)], offset[min(k, n_scale - 1)]
+        moments += pair_moments(residual[k])
+        gamma = np.asarray(
+            model.field_correlation(
+                frames, pairs.q, model.parallel_wavevector(physics, pairs.phi[k], pairs.q)
+            )
+        )
+        expected += shape_moments(weight[k], cov[k], scale, base, gamma)
         columns = angle_columns(free, n_scale, k)
         if columns.size == 0:
             continue
         # one angle's grids at a time: memory O(p N²) whatever the number of angles
         symmetric = jnp.asarray(weight[k] + weight[k].T)
+        diagonal = np.diagonal(cov[k])
         grids = jacobian_grid_jit(
             jnp.asarray(x),
             template,
@@ -282,7 +492,7 @@ def speckle_covariance(
             symmetric,
             n_scale,
         )
-        part = speckle_products_jit(
+        parts = speckle_products_jit(
             jnp.asarray(x),
             template,
             free,
@@ -292,22 +502,45 @@ def speckle_covariance(
             k,
             grids,
             symmetric,
-            jnp.asarray(np.diagonal(cov[k])),
+            jnp.asarray(diagonal),
+            jnp.asarray(shot_grid(diagonal - scale, cov[k], base)),
             n_scale,
         )
         del grids
-        b[np.ix_(columns, columns)] += np.asarray(part)
-    m0, d0, m1, d1 = moments
-    n_pairs = pairs.n_pairs
-    # The share of the residual variance that has the speckle shape: the neighbour moment
-    # against the total, each per unit of its prediction (0 for independent errors).
-    share = float(np.clip((m1 / d1) / (m0 / d0), 0.0, 1.0)) if min(m0, d0, d1) > 0 else 0.0
-    # The fit absorbs part of the noise, E[M0] = kappa (D0 - tr(A^+ B)) + sigma2 (n - p):
-    # tr(A^+ B) = tr(H Q), H the hat matrix, is to the speckle part what p is to the white.
-    absorbed = float(np.sum(jtj_inverse * b)) / d0 if d0 > 0 else 0.0
-    kept = share * (1.0 - absorbed) + (1.0 - share) * max(n_pairs - len(x), 1) / n_pairs
-    total = m0 / kept if kept > 0 else 0.0
-    kappa = share * total / d0 if d0 > 0 else 0.0
-    white = (1.0 - share) * total / n_pairs
-    covariance = kappa * jtj_inverse @ b @ jtj_inverse + white * jtj_inverse
-    return SpeckleErrors(0.5 * (covariance + covariance.T), kappa, white)
+        block = (columns[:, None], columns[None, :])
+        products[(slice(None), *block)] += np.asarray(parts[0])
+        neighbour_products[(slice(None), slice(None), *block)] += np.asarray(parts[1])
+        neighbour_jtj[(slice(None), *block)] += np.asarray(parts[2])
+    # The fit absorbs part of the noise: with H = J A^+ J^T the hat matrix, a moment
+    # r^T N r of the residuals (I - H) r_true has E = tr(N Q) - tr(N H Q) - tr(N Q H)
+    # + tr(N H Q H) per shape Q; for m0 (N = 1) that is tr(Q) - tr(A^+ B), and the white
+    # part keeps n - p as for independent errors.
+    expected[0, :2] -= np.einsum("pq,cpq->c", jtj_inverse, products)
+    expected[0, 2] = max(pairs.n_pairs - len(x), 1)
+    for k in range(2):
+        expected[1 + k, :2] += -np.einsum(
+            "pq,cpq->c", jtj_inverse, neighbour_products[k]
+        ) + np.einsum("pq,cqr,rs,sp->c", jtj_inverse, products, jtj_inverse, neighbour_jtj[k])
+        expected[1 + k, 2] = -np.sum(jtj_inverse * neighbour_jtj[k])
+    scales = shape_scales(expected, moments)
+    covariance = (
+        jtj_inverse @ (scales[0] * products[0] + scales[1] * products[1]) @ jtj_inverse
+        + scales[2] * jtj_inverse
+    )
+    return SpeckleErrors(0.5 * (covariance + covariance.T), *scales)
+
+
+def shape_scales(expected, moments) -> np.ndarray:
+    """Non-negative scales ``theta`` of the speckle, shot and white shapes with
+    ``expected @ theta`` closest to the measured ``moments`` (exact where it can be).
+
+    Each column is normalised first, so that a shape that predicts tiny moments (no
+    counting: no shot shape) does not spoil the conditioning; a column of zeros gets 0.
+    """
+    norms = np.linalg.norm(expected, axis=0)
+    usable = norms > 0
+    scales = np.zeros(expected.shape[1])
+    if usable.any() and np.all(np.isfinite(expected)) and np.all(np.isfinite(moments)):
+        solution = optimize.nnls(expected[:, usable] / norms[usable], moments)[0]
+        scales[usable] = solution / norms[usable]
+    return scales

@@ -477,3 +477,34 @@ def test_speckle_correction_is_no_change_for_independent_noise(small):
     corrected = run_quietly(ds, init, errors="speckle", **SHORT)
     for name in TRUTH:
         assert corrected.error(name) == pytest.approx(nominal.error(name), rel=0.15), name
+
+
+def test_a_rate_that_nlsq_finds_near_zero_is_sampled_linearly():
+    """A slow reference that 40 frames barely resolve: NLSQ finds D0_ref within 3 stderr
+    of 0, so CMC samples it linearly (a log-space posterior reaching 0 is a tail over many
+    decades); the well-determined D0_sample stays in log space, and without NLSQ both do."""
+    truth = {**TRUTH, "D0_ref": 30.0}
+    ds = hd.simulate(truth, n_frames=40, phi=[0, 60], noise=0.02, store_sigma=True, seed=1)
+    init = hd.fit_nlsq(ds, parameters(truth), progress=False)
+    assert init.value("D0_ref") <= priors.LOG_MIN_SIGMAS * init.error("D0_ref")
+    assert init.value("D0_sample") > 10 * init.error("D0_sample")
+    plan = cmc.prepare(ds, init, shards=1)
+    space = dict(zip(plan.problem.labels, plan.space.log, strict=False))
+    assert not space["D0_ref"] and space["D0_sample"] and space["v0"]
+    k = plan.problem.labels.index("D0_ref")
+    assert plan.space.low[k] == 0.0 and np.isnan(plan.floors[k])
+    table = cmc.prepare(ds, params=parameters(truth), shards=1)
+    assert dict(zip(table.problem.labels, table.space.log, strict=False))["D0_ref"]
+
+
+def test_a_parameter_the_data_do_not_constrain_is_reported_prior_dominated(small, short_result):
+    """f2 has no effect with f1 = 0: its posterior is its prior, and the report says so;
+    the parameters the data determine are not named."""
+    ds, init = small
+    assert short_result.prior_dominated() == {}
+    p = parameters({**TRUTH, "D0_ref": 1e4})
+    p["f2"].vary = True
+    result = run_quietly(ds, params=p, **SHORT)
+    found = result.prior_dominated()
+    assert list(found) == ["f2"] and 0.7 < found["f2"] < 1.3
+    assert "f2's posterior is prior-dominated" in result.report()

@@ -157,3 +157,39 @@ def test_speckle_errors_are_correlated_along_rows_and_gaussian_ones_are_not():
 def test_speckle_options_are_checked(options):
     with pytest.raises(hd.OptionError):
         hd.simulate(FLOW, n_frames=10, **options)
+
+
+def test_pixels_accumulated_block_by_block_are_the_correlation_of_all_pixels():
+    """simulated_two_time over more pixels than a block equals two_time of the blocks'
+    intensities drawn in turn from the same generator; up to a block, two_time of one draw."""
+    physics = hd.Parameters(FLOW).physics_values()
+    t, phi, n_pixels = T[:12], PHI[:1], speckle.PIXEL_BLOCK + 37
+    blocked = speckle.simulated_two_time(
+        physics, [0.5], t, phi, Q, n_pixels=n_pixels, counts=2.0, seed=5
+    )
+    rng = np.random.default_rng(5)
+    parts = [
+        speckle.intensities(physics, [0.5], t, phi, Q, n_pixels=size, counts=2.0, seed=rng)
+        for size in (speckle.PIXEL_BLOCK, 37)
+    ]
+    np.testing.assert_allclose(blocked, speckle.two_time(np.concatenate(parts, axis=1)), rtol=1e-12)
+    one = speckle.simulated_two_time(physics, [0.5], t, phi, Q, n_pixels=50, seed=3)
+    direct = speckle.two_time(speckle.intensities(physics, [0.5], t, phi, Q, n_pixels=50, seed=3))
+    np.testing.assert_array_equal(one, direct)
+
+
+def test_a_frame_without_photons_has_no_correlation_and_the_fit_masks_it():
+    """At 0.01 photons per pixel and frame on 100 pixels a frame counts no photon with
+    probability exp(-1): its pairs are NaN, exactly those, and a fit leaves them out."""
+    physics = hd.Parameters(FLOW).physics_values()
+    t = T[:20]
+    counts = speckle.intensities(physics, [0.5], t, PHI[:1], Q, n_pixels=100, counts=0.01, seed=4)
+    empty = counts[0].sum(axis=0) == 0
+    assert 2 <= empty.sum() <= 15
+    ds = hd.simulate(
+        FLOW, n_frames=20, phi=PHI[:1], noise="speckle", n_pixels=100, counts=0.01, seed=4
+    )
+    nan = ~np.isfinite(ds["c2"].values[0])
+    np.testing.assert_array_equal(nan, empty[:, None] | empty[None, :])
+    problem = hd.Objective.build(ds, hd.Parameters(FLOW), fix=())
+    assert problem.pairs.n_pairs == np.sum(~empty) * (np.sum(~empty) - 1) // 2

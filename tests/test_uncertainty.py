@@ -89,10 +89,89 @@ def test_pair_covariance_of_pixel_averaged_c2_is_the_speckle_formula():
     assert predicted > 5 * independent
 
 
+def test_pairs_sharing_a_counted_frame_are_correlated_by_its_shot_noise():
+    """With Poisson counting at lambda photons per pixel and frame, pairs (i, j), (i, l)
+    that share frame i covary by (C_ii + E) (C_jl + E delta_jl) + C_il C_ij, E = 1 / lambda
+    (Isserlis on C + E, the shot shape of the module doc): the mean of
+    row i over late frames varies as the shot shape says (module doc), from 600 replicas
+    of P = 200 pixels; the same pair's variance has the counting term E² (1 + C_ij)."""
+    truth = {"D0_ref": 2e4, "D0_sample": 2e4, "v0": 0.0, "f0": 0.4}
+    n, pixels, replicas, counts = 40, 200, 600, 0.5
+    t = 0.1 + 0.1 * np.arange(n)
+    physics = hd.Parameters(truth).physics_values()
+    intensity = speckle.intensities(
+        physics,
+        np.array([0.5]),
+        t,
+        np.array([0.0]),
+        0.01,
+        n_pixels=pixels * replicas,
+        counts=counts,
+        seed=8,
+    )
+    c2 = speckle.two_time(intensity[0].reshape(replicas, pixels, n))
+    cov = np.asarray(c2_grid(physics, 0.5, 1.0, t, np.array([0.0]), 0.01))[0] - 1.0
+    total = cov + np.eye(n) / counts
+    late = np.arange(25, n)
+    rows = c2[:, :10][:, :, late].mean(axis=2)  # (replicas, early frame i)
+    predicted = np.mean(
+        [
+            total[i, i] * total[np.ix_(late, late)] + np.outer(cov[i, late], cov[i, late])
+            for i in range(10)
+        ]
+    )
+    assert rows.var(axis=0, ddof=1).mean() * pixels == pytest.approx(predicted, rel=0.12)
+    # pairs taken as independent (white), the row mean would vary less than half as much
+    assert predicted > 2 * np.mean(total[0, 0] * total[late, late]) / late.size
+    # the same pair near the diagonal: Isserlis on C + E, plus E² C_ij from the counting
+    i, j = np.arange(0, n - 1), np.arange(1, n)
+    isserlis = total[i, i] * total[j, j] + cov[i, j] ** 2
+    exact = isserlis + cov[i, j] / counts**2
+    measured = c2[:, i, j].var(axis=0, ddof=1).mean() * pixels
+    # the rest (~12 %) is the speckle's third cumulant, which the fitted scales take up
+    assert isserlis.mean() < 0.8 * measured and exact.mean() < measured < 1.2 * exact.mean()
+
+
+def field_correlation(physics, t, phi):
+    """The field correlation of one angle, written out pair by pair from the integrals."""
+    frames = model.frame_integrals(physics, t)
+    p_ref, p_sample, v, s = (np.asarray(a) for a in frames[1:])
+    r, q = 1.0 - s, 0.01
+    q_parallel = q * np.cos(np.deg2rad(phi - physics[13]))
+    n = len(t)
+    out = np.zeros((n, n), complex)
+    for a in range(n):
+        for b in range(n):
+            out[a, b] = (
+                r[a] * r[b] * np.exp(-0.5 * q * q * abs(p_ref[b] - p_ref[a]))
+                + s[a]
+                * s[b]
+                * np.exp(-0.5 * q * q * abs(p_sample[b] - p_sample[a]))
+                * np.exp(1j * q_parallel * (v[b] - v[a]))
+            ) / np.sqrt((r[a] ** 2 + s[a] ** 2) * (r[b] ** 2 + s[b] ** 2))
+    return out
+
+
+def test_field_correlation_squared_is_the_model_correlation():
+    physics = hd.Parameters(
+        {**TRUTH, "alpha_sample": 0.5, "beta": 0.6, "f1": -0.3, "f3": 0.1}
+    ).physics_values()
+    t = 0.1 + 0.1 * np.arange(15)
+    frames = model.frame_integrals(physics, t)
+    gamma = np.asarray(
+        model.field_correlation(frames, 0.01, model.parallel_wavevector(physics, 30.0, 0.01))
+    )
+    np.testing.assert_allclose(gamma, field_correlation(physics, t, 30.0), rtol=1e-12, atol=1e-14)
+    g = np.asarray(c2_grid(physics, 1.0, 0.0, t, np.array([30.0]), 0.01))[0]
+    np.testing.assert_allclose(np.abs(gamma) ** 2, g, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("scaling", ["per_angle", "shared"])
 def test_speckle_covariance_equals_the_pair_by_pair_sum(scaling):
     n = 12
-    ds = hd.simulate(TRUTH, n_frames=n, phi=[0.0, 60.0], noise="speckle", n_pixels=50, seed=2)
+    ds = hd.simulate(
+        TRUTH, n_frames=n, phi=[0.0, 60.0], noise="speckle", n_pixels=50, counts=2.0, seed=2
+    )
     rng = np.random.default_rng(0)
     sigma = rng.uniform(0.5, 2.0, (2, n, n)) * 0.05
     c2 = ds["c2"].values.copy()
@@ -120,36 +199,69 @@ def test_speckle_covariance_equals_the_pair_by_pair_sum(scaling):
 
     angle, i, j = (np.asarray(a) for a in (problem.pairs.angle, problem.pairs.i, problem.pairs.j))
     w = np.asarray(problem.pairs.weight)
+    base = offset[angle] if problem.n_scale > 1 else np.full(angle.size, offset[0])
+    # shot-noise variance of each frame: the measured diagonal above offset + contrast
+    excess = (
+        np.diagonal(cov, axis1=1, axis2=2)
+        - (contrast if problem.n_scale > 1 else np.full(2, contrast[0]))[:, None]
+    )
+    speckle_cov = cov.copy()
+    for a in range(2):
+        np.fill_diagonal(speckle_cov[a], contrast[a if problem.n_scale > 1 else 0])
     index = {(a, b, c): p for p, (a, b, c) in enumerate(zip(angle, i, j, strict=True))}
-    pair_cov = np.zeros((r.size, r.size))
+    contrast_of = contrast if problem.n_scale > 1 else np.full(2, contrast[0])
+    gammas = [field_correlation(physics, problem.pairs.t, phi_a) for phi_a in problem.pairs.phi]
+    shapes = np.zeros((2, r.size, r.size))
     for p, (a, b, c) in enumerate(zip(angle, i, j, strict=True)):
         for q, (a2, d, e) in enumerate(zip(angle, i, j, strict=True)):
-            if a == a2:
-                pair_cov[p, q] = (
-                    w[p] * w[q] * (cov[a, b, d] * cov[a, c, e] + cov[a, b, e] * cov[a, c, d])
-                )
-    m1 = d1 = 0.0
-    for (a, b, c), p in index.items():
-        q = index.get((a, b + 1, c + 1))
-        if q is not None:
-            m1 += r[p] * r[q]
-            d1 += (
-                w[p]
-                * w[q]
-                * (cov[a, b, b + 1] * cov[a, c, c + 1] + cov[a, b, c + 1] * cov[a, c, b + 1])
-            )
-    m0, d0 = r @ r, np.trace(pair_cov)
-    share = np.clip((m1 / d1) / (m0 / d0), 0.0, 1.0)
-    # E[r^T r] = tr((I - H) Cov(r)) with the hat matrix H of the fit
+            if a != a2:
+                continue
+            for k, cv in enumerate((speckle_cov[a], cov[a])):
+                shapes[k, p, q] = w[p] * w[q] * (cv[b, d] * cv[c, e] + cv[b, e] * cv[c, d])
+        # the shot variance beyond Isserlis: E_i E_j C_ij / offset
+        shapes[1, p, p] += w[p] ** 2 * excess[a, b] * excess[a, c] * cov[a, b, c] / base[p]
+        # a shared frame f, other frames g, h: E_f (2 contrast² Re(y_fg y_gh y_hf) - K_fg K_fh)
+        for q, (a2, d, e) in enumerate(zip(angle, i, j, strict=True)):
+            if a != a2:
+                continue
+            for f, g in ((b, c), (c, b)):
+                for f2, h in ((d, e), (e, d)):
+                    if f == f2:
+                        y, k = gammas[a], contrast_of[a] * np.abs(gammas[a]) ** 2
+                        cycle = (y[f, g] * y[g, h] * y[h, f]).real
+                        shapes[1, p, q] += (
+                            w[p]
+                            * w[q]
+                            * excess[a, f]
+                            * (2 * contrast_of[a] ** 2 * cycle - k[f, g] * k[f, h])
+                        )
+    shapes[1] -= shapes[0]
     hat = jac @ inverse @ jac.T
-    kept = (
-        share * np.trace(pair_cov - hat @ pair_cov) / d0
-        + (1 - share) * np.trace(np.eye(r.size) - hat) / r.size
+    neighbours = [np.zeros((r.size, r.size)) for _ in range(2)]
+    for (a, b, c), p in index.items():
+        for k, steps in enumerate((((1, 1),), ((0, 1), (1, 0)))):
+            for di, dj in steps:
+                q = index.get((a, b + di, c + dj))
+                if q is not None:
+                    neighbours[k][p, q] = 1.0
+    # E[r^T N r] = tr(N (I - H) Cov (I - H)) for residuals (I - H) r_true
+    kept = np.eye(r.size) - hat
+    expected_moments = np.zeros((3, 3))
+    for k, n in enumerate((np.eye(r.size), *neighbours)):
+        for c in range(2):
+            expected_moments[k, c] = np.trace(n @ kept @ shapes[c] @ kept)
+        expected_moments[k, 2] = np.trace(n @ kept)
+    moments = np.array([r @ r, r @ neighbours[0] @ r, r @ neighbours[1] @ r])
+    theta = uncertainty.shape_scales(expected_moments, moments)
+    # the scales solve the moment equations exactly where a non-negative solution exists
+    if np.all(np.linalg.solve(expected_moments, moments) >= 0):
+        np.testing.assert_allclose(expected_moments @ theta, moments, rtol=1e-9)
+    expected = (
+        inverse @ jac.T @ (theta[0] * shapes[0] + theta[1] * shapes[1]) @ jac @ inverse
+        + theta[2] * inverse
     )
-    kappa, white = share * m0 / kept / d0, (1 - share) * m0 / kept / r.size
-    expected = kappa * inverse @ jac.T @ pair_cov @ jac @ inverse + white * inverse
-    assert out.kappa == pytest.approx(kappa, rel=1e-9) and kappa > 0
-    assert out.white == pytest.approx(white, rel=1e-9, abs=1e-15)
+    assert (out.kappa, out.shot, out.white) == pytest.approx(tuple(theta), rel=1e-9, abs=1e-15)
+    assert out.kappa > 0 and out.shot > 0
     np.testing.assert_allclose(
         out.covariance, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max()
     )
@@ -196,6 +308,16 @@ def test_correlation_apply_is_the_dense_product(truth):
     x = np.random.default_rng(1).standard_normal((n, 5))
     np.testing.assert_allclose(
         jax.jit(uncertainty.correlation_apply)(a, b, e, x), dense @ x, rtol=1e-12, atol=1e-12
+    )
+    # the Hermitian field correlation, against its entries written out pair by pair
+    frames = model.frame_integrals(physics, t)
+    field = model.field_factors(frames, 0.01, model.parallel_wavevector(physics, 30.0, 0.01))
+    y = x + 1j * np.random.default_rng(2).standard_normal((n, 5))
+    np.testing.assert_allclose(
+        uncertainty.correlation_apply(*field, y, hermitian=True),
+        field_correlation(physics, t, 30.0) @ y,
+        rtol=1e-11,
+        atol=1e-11,
     )
 
 
