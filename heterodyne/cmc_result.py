@@ -32,6 +32,8 @@ CMC_POSTERIOR_GROUPS = ("posterior", "sample_stats", "observed_data", "shard_pos
 _LIKELIHOOD_WORDS = {"rows": "whole rows", "pairs": "pair by pair"}
 # Written when present: the combined draws before the errors="speckle" correction.
 CMC_OPTIONAL_GROUPS = ("uncorrected_posterior",)
+# The groups of the other fields of CMCResult but info.
+CMC_GROUPS = ("diagnostics", "prior", "start", "settings")
 # A log-space parameter whose 94 % HDI starts below this multiple of its floor is
 # reported as consistent with 0.
 FLOOR_NOTE = 10.0
@@ -358,7 +360,7 @@ class CMCResult(FitResult):
                 for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS
                 if g in present
             },
-            **{name: getattr(self, name) for name in ("diagnostics", "prior", "start", "settings")},
+            **{name: getattr(self, name) for name in CMC_GROUPS},
         }
         return write_result("CMCResult", self.info, groups, path, overwrite=overwrite)
 
@@ -369,10 +371,7 @@ class CMCResult(FitResult):
             posterior=diagnostics.inference_data(
                 **{g: group[g] for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS if g in group}
             ),
-            diagnostics=group["diagnostics"],
-            prior=group["prior"],
-            start=group["start"],
-            settings=group["settings"],
+            **{name: group[name] for name in CMC_GROUPS},
             info=info,
         )
 

@@ -149,8 +149,8 @@ def pick(ds: xr.Dataset, name: str, phi: float | None = None) -> float:
             raise OptionError(f"{name} is one value for all angles; call without phi")
         return float(var)
     if phi is None:
-        values = var.values
-        if values.size and np.all((values == values[0]) | (np.isnan(values) & np.isnan(values[0]))):
+        values = np.unique(var.values, equal_nan=True)
+        if values.size == 1:  # shared scaling, or a fixed (NaN) error
             return float(values[0])
         raise OptionError(
             f"{name} has one value per angle: give phi, one of "

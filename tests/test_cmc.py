@@ -242,7 +242,7 @@ def test_result_layout_and_posterior_summaries(small, short_result):
     assert result.info["chain_method"] == "sequential"
     assert result.info["n_pairs"] == sum(d["n_pairs"].values) == 2 * 435
     report = result.report()
-    for text in ("[[CMC fit]]", "[[Parameters]]", "[[Shards]]", "contrast[1]", "verdict"):
+    for text in ("[[CMC fit]]", "[[Parameters]]", "[[Shards]]", "contrast[60°]", "verdict"):
         assert text in report
     assert "<table>" in result._repr_html_()
 
