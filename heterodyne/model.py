@@ -18,6 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from heterodyne import compilation  # noqa: F401 (float64 and the compilation cache first)
+
 # Largest exponent fed to exp in the fraction law: exp(700) ~ 1e304 is still finite, so
 # neither the value nor its gradient (value * (t - f2)) becomes inf * 0 = NaN.
 _MAX_EXPONENT = 700.0
