@@ -76,9 +76,6 @@ RESOLUTION = 1e-11
 # Masked pairs are corrected in chunks of at most this many, so that their Jacobian rows
 # take O(MASK_CHUNK x P) memory whatever their number.
 MASK_CHUNK = 2**14
-# The data are stored in float32 (as beamline files store c2): their rounding, ~6e-8 of
-# |c2 - mean|, is far below any measured noise; every sum is taken in float64.
-STORAGE = np.float32
 # Masked-pair arrays are padded to a power of two at least this long: datasets of one
 # shape with a different number of NaN pairs reuse the compiled code.
 MIN_MASK_PAD = 256
@@ -124,9 +121,11 @@ def blocks(pairs: objective.Pairs, block: int | None = None, dtype=None) -> Bloc
     fitted ones).
 
     Built once per fit; ``block`` (frames per block) defaults to :func:`block_size`, the
-    storage ``dtype`` of the data to ``STORAGE``. The sums ``sum d`` and ``sum d²`` are
-    taken from the stored values, so that ``(J^T J, J^T r, r^T r)`` are exact (float64
-    arithmetic) for the data as stored.
+    storage ``dtype`` of the centered data to that of ``pairs.c2``
+    (:data:`heterodyne.objective.STORAGE`). The center is a float32 number, so that
+    ``c2 - center`` of float32 data is exact in float32 wherever ``c2`` lies within a
+    factor 2 of it (Sterbenz), as two-time data (offset ~1) do: both paths fit the same
+    numbers. ``sum d`` and ``sum d²`` are taken from the stored values.
     """
     angle, i, j = (np.asarray(v) for v in (pairs.angle, pairs.i, pairs.j))
     c2, w = np.asarray(pairs.c2), np.asarray(pairs.weight)
@@ -143,7 +142,8 @@ def blocks(pairs: objective.Pairs, block: int | None = None, dtype=None) -> Bloc
     size = block_size(n) if block is None else int(block)
     n_blocks = -(-n // size)
     center = np.bincount(angle, c2, n_phi) / np.maximum(np.bincount(angle, minlength=n_phi), 1)
-    d = (c2 - center[angle]).astype(STORAGE if dtype is None else dtype)
+    center = center.astype(np.float32).astype(np.float64)
+    d = (c2 - center[angle]).astype(c2.dtype if dtype is None else dtype)
     panels = _layout(angle, i, j, d, n_phi, n_blocks, size)
     upper = np.triu(np.ones((size, size), dtype=bool), 1)
     diag = np.stack([panels[k, :, :, k * size : (k + 1) * size] * upper for k in range(n_blocks)])
