@@ -36,11 +36,11 @@ def gradient_ms(plan) -> float:
     import jax
     import jax.numpy as jnp
 
-    from heterodyne import cmc
+    from heterodyne import sampler
 
     job = plan.jobs()[0]
     data = type(job.data)(*(jnp.asarray(a) for a in job.data))
-    potential = cmc.potential(data, job.space.as_jax(), n_scale=job.n_scale, n_free=job.n_free)
+    potential = sampler.potential(data, job.space.as_jax(), n_scale=job.n_scale, n_free=job.n_free)
     step = jax.jit(jax.value_and_grad(potential))
     w = {"w": jnp.zeros(job.space.u0.shape)}
     jax.block_until_ready(step(w))
@@ -57,7 +57,7 @@ def shard_comparison(n_frames, n_angles, shards, warmup, samples, repeats) -> di
     import numpy as np
     import xarray as xr
 
-    from heterodyne import cmc, diagnostics
+    from heterodyne import cmc, diagnostics, sampler
 
     ds, init = problem(n_frames, n_angles)
     shards = shards if shards == "auto" else int(shards)
@@ -68,12 +68,12 @@ def shard_comparison(n_frames, n_angles, shards, warmup, samples, repeats) -> di
         for path in ("rows", "pairs")
     }
     for job in jobs.values():
-        cmc.run_shard(job)  # compile
+        sampler.run_shard(job)  # compile
     seconds, ess, steps = {p: [] for p in jobs}, {p: [] for p in jobs}, {p: [] for p in jobs}
     for _ in range(repeats):
         for path, job in jobs.items():
             start = time.perf_counter()
-            out = cmc.run_shard(job)
+            out = sampler.run_shard(job)
             seconds[path].append(time.perf_counter() - start)
             w = out["w"]
             draws = xr.Dataset(

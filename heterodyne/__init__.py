@@ -10,11 +10,11 @@ __version__ = "0.1.0"
 # HoloViews and Panel take seconds to import): ``import heterodyne`` itself is instant.
 # Float64 is enabled by heterodyne.compilation, which every module using JAX imports.
 _PUBLIC = {
-    "CMCResult": "heterodyne.results",
+    "CMCResult": "heterodyne.cmc_result",
     "DataError": "heterodyne.errors",
     "FileFormatError": "heterodyne.errors",
     "HeterodyneError": "heterodyne.errors",
-    "NLSQResult": "heterodyne.results",
+    "NLSQResult": "heterodyne.nlsq_result",
     "Objective": "heterodyne.objective",
     "OptionError": "heterodyne.errors",
     "OverwriteError": "heterodyne.errors",

@@ -40,13 +40,14 @@ from bokeh.server.auth_provider import AuthProvider
 
 from heterodyne import checks, diagnostics, plot
 from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
+from heterodyne.cmc_result import CMCResult
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
 from heterodyne.nlsq import fit_nlsq
+from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import SCALINGS
 from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
-from heterodyne.results import CMCResult, NLSQResult
 
 POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
 TABLE_COLUMNS = ("name", "value", "vary", "min", "max", "unit")

@@ -356,8 +356,8 @@ def check_fit_cmc(
     quantity (CMC samples inside them)."""
     from heterodyne.cmc import LIKELIHOODS
     from heterodyne.data import validate
+    from heterodyne.nlsq_result import NLSQResult
     from heterodyne.objective import SCALINGS
-    from heterodyne.results import NLSQResult
     from heterodyne.uncertainty import ERRORS
 
     validate(ds)

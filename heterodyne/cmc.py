@@ -6,49 +6,9 @@ posterior; the shard draws are then combined draw by draw, weighted by each shar
 posterior precision (Scott et al. 2016). Shards are independent, so they run in this
 process, in local worker processes, or on a cluster (:mod:`heterodyne.executors`).
 
-Sampled space
-    Each varied quantity ``x`` is sampled as ``y = log x`` for the positive scales
-    ``D0_ref``, ``D0_sample``, ``v0`` (and the per-angle noise level when the Dataset has
-    no ``sigma``), ``y = x`` for all others. ``y`` lives in an interval ``[low, high]``:
-    the parameter's bounds, where a log-space parameter's lower bound 0 is replaced by a
-    positive floor, the value whose effect over the whole record is ``FLOOR_EFFECT``
-    (``D0``: ``q² D0 ∫t^alpha dt = 1e-4``, a decay of 0.01 % from first to last frame;
-    ``v0``: a phase ``q v0 ∫t^beta dt = 1e-4`` rad; exponents at their start values).
-    Below the floor a component decays by less than 0.01 % over the whole record, far
-    below what two-time data resolve, so 0 is "reached" at the floor: a posterior piled
-    against it means "consistent with 0" and the result says so. To impose a static
-    reference, fix ``D0_ref = 0`` instead (fixed parameters are not sampled). A
-    log-space parameter whose bounds allow negative values is sampled linearly. NUTS
-    then moves in the unconstrained ``u = logit((y - low) / (high - low))``, whitened by
-    the Gauss-Newton curvature at the start (``u = u0 + A w``, ``A A^T`` the inverse
-    curvature of one shard): numpyro regularises its mass matrix towards a unit scale,
-    which would swamp posteriors as narrow as these (sd ~1e-3 in ``u``) and cut the
-    step size tenfold.
-
-Priors
-    Densities in the sampled space ``y``: uniform on ``[low, high]`` (uniform or
-    log-uniform on the parameter table's bounds), or, when ``init`` is an
-    ``NLSQResult``, a normal centred on its value with a standard deviation of
-    ``PRIOR_WIDTH`` (10) times its stderr (``10 stderr / value`` in log space), truncated
-    to ``[low, high]``; quantities without a finite stderr keep the uniform prior. Such
-    a prior keeps the sampler near the NLSQ solution (a wrong local minimum included)
-    while shrinking the posterior width by only ``1 - 1/sqrt(1 + 1/100)``, 0.5 %. The
-    noise level (no ``sigma``) is log-uniform on ``NOISE_BOUNDS``.
-
-Likelihood
-    The Gaussian of the residuals NLSQ minimises (:func:`heterodyne.objective.residuals`
-    on the shard's pairs): ``r ~ Normal(0, 1)`` with ``sigma`` from the Dataset
-    (``r = (model - c2) / sigma``), or ``r ~ Normal(0, noise[angle])`` with
-    ``r = model - c2`` otherwise. ``-2 log L`` differs from NLSQ's ``chi2`` by a constant.
-    A shard holds whole rows of the two-time matrices (``likelihood="rows"``, the
-    default): the model is evaluated on the ``R x N`` block of its rows by
-    :func:`heterodyne.model.c2_rows` (exponentials shared by the angles, the flow phase
-    as a rank-2 product, dense array operations whose gradients are matrix products),
-    the pairs outside the upper triangle weighted 0. ``likelihood="pairs"`` evaluates
-    the same pairs one by one (:func:`heterodyne.model.c2_pairs`, gathers and scatters
-    per pair): the reference the tests hold the fast path against (to 1e-10), about
-    four times slower per gradient. No shard forms an ``N x N`` array: a block has
-    ``R = N / S`` rows.
+The engine: options, shards, the run and the result. The sampled space and priors are in
+:mod:`heterodyne.priors`, the NUTS run of one shard and its checkpoints in
+:mod:`heterodyne.sampler`, the combination of the shards in :mod:`heterodyne.consensus`.
 
 Shards
     Shard ``s`` holds the rows (first frames ``t_i``) dealt to it in a snake order:
@@ -61,36 +21,6 @@ Shards
     millisecond and each shard's posterior close to Gaussian. Shards are padded to equal
     size with weight-0 rows, so NUTS compiles once for all of them.
 
-Checkpoints
-    With ``checkpoint=DIR`` each shard's draws and statistics are written to ``DIR`` (an
-    ``.npz`` file named by a hash of the shard's data, sampled space, PRNG key and run
-    lengths) by the process that sampled it, as soon as it ends. A run stopped by an
-    interrupt or a crashed worker keeps the finished shards; rerun with the same
-    arguments, it reads them back and samples only the others. Each shard's draws
-    depend on nothing else, so the combined result is the one an uninterrupted run
-    gives. On a cluster ``DIR`` must be a folder every worker can write.
-
-Sampler
-    NUTS (numpyro's functional ``hmc`` kernel, target acceptance 0.8), ``warmup``
-    adaptation steps and ``samples`` draws per chain, chains run one after the other
-    (chain method "sequential"; the package never sets ``jax_num_cpu_devices``). With
-    an NLSQ ``init`` the whitening is the posterior's curvature at its mode, so the mass
-    matrix stays the identity in ``w`` and warmup adapts the step size only: at N = 200,
-    4 angles, a dense mass matrix estimated in a 150-step warmup tripled the leapfrog
-    steps per draw (37 against 7) and cut the ESS per second fourfold, while the identity
-    needed 7 steps whatever the warmup. Without ``init`` the start can be far from the
-    posterior and a dense mass matrix is adapted. Chains start uniformly within ±1
-    (whitened) posterior standard deviation of the start values: ``init``'s values,
-    else ``params``'.
-    Shard ``s`` draws with key ``split(key(seed), S)[s]``, chain ``c`` with
-    ``split(that, chains)[c]``: the same seed gives bit-identical draws on any executor.
-
-Combination
-    In the unconstrained space ``u``, where posteriors are closest to Gaussian and any
-    combined draw maps back inside the bounds: ``u^(c,d) = (sum_s W_s)^-1 sum_s W_s
-    u_s^(c,d)``, ``W_s`` the inverse covariance of shard ``s``'s draws. With one shard
-    the draws are that shard's, unchanged.
-
 Diagnostics
     R-hat, bulk and tail ESS per shard and parameter, BFMI per chain, divergences per
     shard, judged by :data:`heterodyne.diagnostics.THRESHOLDS`. A failing shard is named
@@ -101,40 +31,19 @@ Diagnostics
     exceeds 1.01 in about 3 % of the figures, so a run of ten parameters on four shards
     is often flagged by chance; ``samples=1000`` (or more chains) makes that rare.
 
-Correlated noise (``errors="speckle"``)
-    Two-time pairs share frames, so their errors are correlated and the independent-pair
-    likelihood above gives a posterior too narrow (MODEL.md, "Noise"); NLSQ's
-    ``errors="speckle"`` estimates the covariance of the fit under the speckle error
-    model (:mod:`heterodyne.uncertainty`). CMC corrects the likelihood the way composite
-    likelihoods are corrected (Ribatet, Cooley, Davison 2012, curvature adjustment): the
-    combined draws are mapped ``u* = ubar + C (u - ubar)`` about their mean, with
-    ``C = Sigma_s^(1/2) Sigma_n^(-1/2)`` from the nominal (``Sigma_n``, independent
-    pairs, what the likelihood's curvature gives) and the speckle (``Sigma_s``)
-    covariances of the varied quantities at the posterior mean, carried into ``u`` by
-    the derivative of the map ``u -> x``. For a Gaussian posterior this is sampling the
-    likelihood whose curvature is ``Sigma_s^-1`` instead of ``Sigma_n^-1``: the draws
-    keep their shape and centre, and their covariance becomes ``Sigma_s``. Noise levels
-    are left as they are. It reduces to no change for independent noise. The draws
-    before the correction are kept (``uncorrected_posterior``).
-
 References
 ----------
-Ribatet, Cooley, Davison, "Bayesian inference from composite likelihoods, with an
-application to spatial extremes", Statistica Sinica 22 (2012).
 Scott, Blocker, Bonassi, Chipman, George, McCulloch, "Bayes and big data: the consensus
 Monte Carlo algorithm", Int. J. Management Science and Engineering Management 11 (2016).
-Hoffman, Gelman, "The No-U-Turn sampler", JMLR 15 (2014).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,23 +52,28 @@ import numpyro
 import numpyro.distributions as dist
 import xarray as xr
 from numpyro.distributions import constraints
-from numpyro.infer.hmc import hmc
-from numpyro.infer.util import potential_energy
 
-from heterodyne import checks, diagnostics, executors, identity, model, objective, uncertainty
+from heterodyne import checks, diagnostics, executors, objective, priors, uncertainty
+from heterodyne.cmc_result import CMCResult
+from heterodyne.consensus import adjustment, consensus
 from heterodyne.data import validate
-from heterodyne.errors import FileFormatError, OptionError, ParameterError
-from heterodyne.files import atomic_write
+from heterodyne.errors import OptionError
 from heterodyne.memory import FIT_MEMORY, check_memory
+from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective
-from heterodyne.parameters import (
-    LOG_SCALE,
-    PHYSICS_INDEX,
-    UNITS,
-    make_label,
-    parse_label,
+from heterodyne.parameters import UNITS, make_label, parse_label
+from heterodyne.results import params_layout, settings_dataset
+from heterodyne.sampler import (
+    CHAIN_METHOD,
+    STATS,
+    ShardJob,
+    Space,
+    checkpoint_name,
+    interval,
+    physical,
+    run_shard,
+    shard_model,
 )
-from heterodyne.results import CMCResult, NLSQResult, params_layout, settings_dataset
 
 PAIRS_PER_SHARD = 20_000  # shards="auto": S = ceil(n_pairs / PAIRS_PER_SHARD)
 # Default run lengths per chain: with 2 chains of 2000 draws the worst R-hat over all
@@ -167,221 +81,7 @@ PAIRS_PER_SHARD = 20_000  # shards="auto": S = ceil(n_pairs / PAIRS_PER_SHARD)
 # draws leave it above 1.01 in most runs by chance alone.
 WARMUP = 500
 SAMPLES = 2000
-PRIOR_WIDTH = 10.0  # NLSQ-centred priors: standard deviation = PRIOR_WIDTH x NLSQ stderr
-FLOOR_EFFECT = 1e-4  # a log-space parameter's floor: q² ∫J (or q ∫v) over the record
-NOISE_BOUNDS = (1e-6, 1.0)  # log-uniform prior of the per-angle noise level of c2
 LIKELIHOODS = ("rows", "pairs")  # fast whole-row blocks; the pairwise reference path
-CHAIN_METHOD = "sequential"
-# Whitening: curvature added to every unconstrained direction. A quantity the data do not
-# constrain has the logistic density of a uniform prior seen through the logit, whose
-# curvature is at most 1/2; this keeps such directions at unit scale.
-_RIDGE = 0.25
-_STATS = ("energy", "diverging", "n_steps", "acceptance_rate", "step_size", "lp")
-
-
-class Space(NamedTuple):
-    """The map from the sampler's vector ``w`` to the physical parameters, and the prior.
-
-    A pytree of arrays over the sampled entries (the varied quantities of NLSQ's order,
-    then the per-angle noise levels when the Dataset has no ``sigma``).
-    """
-
-    template: jax.Array  #: packed vector z with the fixed and start values, (14 + 2 n_scale,)
-    free: jax.Array  #: index in z of each varied quantity, (n_free,)
-    low: jax.Array  #: lower bound of y, (n,)
-    high: jax.Array  #: upper bound of y, (n,)
-    log: jax.Array  #: y = log x (else y = x), (n,)
-    normal: jax.Array  #: truncated-normal prior (else uniform), (n,)
-    loc: jax.Array  #: prior centre in y, (n,)
-    scale: jax.Array  #: prior standard deviation in y, (n,)
-    u0: jax.Array  #: start in the unconstrained space, (n,)
-    whiten: jax.Array  #: u = u0 + whiten @ w, (n, n)
-    power: jax.Array  #: the prior is raised to this power, 1 / S, ()
-
-    def as_jax(self) -> Space:
-        """The same space with every field a JAX array (what the compiled chain takes)."""
-        return Space(*(jnp.asarray(a) for a in self))
-
-
-class ShardJob(NamedTuple):
-    """Everything one shard's NUTS run needs, as numpy arrays and builtins (picklable)."""
-
-    data: objective.Rows | objective.Pairs
-    space: Space
-    key: np.ndarray  #: raw key data of the shard's PRNG key
-    chains: int
-    warmup: int
-    samples: int
-    n_scale: int
-    n_free: int
-    adapt_mass: bool = True  #: adapt a dense mass matrix during warmup
-    checkpoint: str | None = None  #: file where the finished shard is kept
-
-
-def interval(space: Space):
-    """The transform ``u -> y = low + (high - low) sigmoid(u)`` (numpyro's bijection onto
-    the interval, the one NUTS would use)."""
-    return dist.transforms.biject_to(constraints.interval(space.low, space.high))
-
-
-def physical(y, log):
-    """The physical value of a sampled-space ``y``: ``exp(y)`` where ``log``, else ``y``."""
-    # exp is taken of 0 where the entry is linear: exp(1e5) would overflow and its
-    # infinite gradient, multiplied by the unselected branch's 0, would give NaN.
-    return jnp.where(log, jnp.exp(jnp.where(log, y, 0.0)), y)
-
-
-def shard_model(data, space: Space, *, n_scale: int, n_free: int):
-    """NumPyro model of one shard: tempered prior times the Gaussian of the residuals.
-
-    ``log p(w) = log|dy/du| + power * log prior(y) + sum_k log N(r_k | 0, s_k)``
-
-    with ``u = u0 + A w``, ``r`` the residuals of :func:`heterodyne.objective.residuals`
-    on the shard's pairs (``data``: :class:`~heterodyne.objective.Rows`, or the
-    reference pairwise path's :class:`~heterodyne.objective.Pairs`) and ``s_k = 1``
-    (``sigma`` in the data) or the noise level of the pair's angle; weight-0 entries
-    (padding, ``t_j <= t_i``, masked pairs) are left out. The prior is tempered by a
-    factor, not by ``numpyro.handlers.scale`` on the sample sites: that would also
-    temper the Jacobian of the support transform, which is not part of the prior.
-    """
-    n = space.u0.shape[0]
-    w = numpyro.sample("w", dist.ImproperUniform(constraints.real_vector, (), (n,)))
-    u = space.u0 + space.whiten @ w
-    transform = interval(space)
-    y = transform(u)
-    numpyro.factor("log_det_jacobian", jnp.sum(transform.log_abs_det_jacobian(u, y)))
-    uniform = -jnp.log(space.high - space.low)
-    normal = dist.TruncatedNormal(space.loc, space.scale, low=space.low, high=space.high)
-    numpyro.factor(
-        "prior", space.power * jnp.sum(jnp.where(space.normal, normal.log_prob(y), uniform))
-    )
-    x = physical(y, space.log)
-    z = space.template.at[space.free].set(x[:n_free])
-    r = objective.residuals(z, data, n_scale)
-    noise = x[n_free:]
-    if not noise.shape[0]:
-        scale = 1.0
-    elif isinstance(data, objective.Rows):
-        scale = noise[:, None, None]
-    else:
-        scale = noise[data.angle]
-    log_density = -0.5 * (r / scale) ** 2 - jnp.log(scale) - 0.5 * jnp.log(2.0 * jnp.pi)
-    numpyro.factor("residuals", jnp.sum(jnp.where(data.weight > 0, log_density, 0.0)))
-
-
-def potential(data, space: Space, *, n_scale: int, n_free: int):
-    """The potential energy (negative log density) of one shard as NUTS sees it: a
-    function of ``{"w": w}``, the whitened coordinates of :class:`Space`."""
-    shard = partial(shard_model, n_scale=n_scale, n_free=n_free)
-    return lambda params: potential_energy(shard, (data, space), {}, params)
-
-
-@partial(jax.jit, static_argnames=("warmup", "samples", "n_scale", "n_free", "adapt_mass"))
-def nuts_chain(key, data, space, *, warmup, samples, n_scale, n_free, adapt_mass):
-    """One NUTS chain, warmup and draws, as one compiled program.
-
-    Data and settings are arguments, not constants: every shard (same padded size) and
-    every chain reuse the code compiled for the first.
-    """
-    init_kernel, sample_kernel = hmc(
-        potential_fn_gen=partial(potential, n_scale=n_scale, n_free=n_free), algo="NUTS"
-    )
-    key_start, key_nuts = jax.random.split(key)
-    w0 = jax.random.uniform(key_start, space.u0.shape, minval=-1.0, maxval=1.0)
-    args = (data, space)
-    state = init_kernel(
-        {"w": w0},
-        warmup,
-        dense_mass=True,
-        adapt_mass_matrix=adapt_mass,
-        model_args=args,
-        rng_key=key_nuts,
-    )
-
-    def step(state, _):
-        state = sample_kernel(state, model_args=args)
-        return state, {
-            "w": state.z["w"],
-            "energy": state.energy,
-            "diverging": state.diverging,
-            "n_steps": state.num_steps,
-            "acceptance_rate": state.accept_prob,
-            "step_size": state.adapt_state.step_size,
-            "lp": -state.potential_energy,
-        }
-
-    # One scan over warmup and draws (the kernel adapts while state.i < warmup): one copy
-    # of the NUTS step to compile instead of two. The warmup part of the trace is dropped.
-    trace = jax.lax.scan(step, state, None, length=warmup + samples)[1]
-    return jax.tree.map(lambda a: a[warmup:], trace)
-
-
-def run_shard(job: ShardJob) -> dict[str, np.ndarray]:
-    """Run the chains of one shard; numpy arrays ``(chain, draw, ...)`` by name, and the
-    wall time in ``seconds``. A module-level function of picklable input: it runs the
-    same in this process, a spawned worker or a dask worker.
-
-    With ``job.checkpoint`` the outcome is written there as soon as it exists (in the
-    process that ran it), and read back instead of sampling when the file is there.
-    """
-    if job.checkpoint is not None and Path(job.checkpoint).exists():
-        return _load_shard(Path(job.checkpoint))
-    start = time.perf_counter()
-    data = type(job.data)(*(jnp.asarray(a) for a in job.data))
-    space = Space(*(jnp.asarray(a) for a in job.space))
-    keys = jax.random.split(jax.random.wrap_key_data(jnp.asarray(job.key)), job.chains)
-    chains = [
-        jax.device_get(
-            nuts_chain(
-                key,
-                data,
-                space,
-                warmup=job.warmup,
-                samples=job.samples,
-                n_scale=job.n_scale,
-                n_free=job.n_free,
-                adapt_mass=job.adapt_mass,
-            )
-        )
-        for key in keys
-    ]
-    out = {name: np.stack([c[name] for c in chains]) for name in chains[0]}
-    out["seconds"] = np.float64(time.perf_counter() - start)
-    if job.checkpoint is not None:
-        atomic_write(lambda tmp: _save(tmp, out), Path(job.checkpoint), overwrite=True)
-    return out
-
-
-def _load_shard(path: Path) -> dict[str, np.ndarray]:
-    """A shard's outcome from its checkpoint file; ``FileFormatError`` when the file is
-    damaged (atomic writes never leave one half written: something else changed it)."""
-    try:
-        with np.load(path) as stored:
-            out = {name: stored[name] for name in stored.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise FileFormatError(
-            f"{path}: a damaged CMC checkpoint ({err}); delete it to sample that shard again"
-        ) from err
-    missing = sorted({"w", "seconds", *_STATS} - set(out))
-    if missing:
-        raise FileFormatError(
-            f"{path}: a CMC checkpoint without {', '.join(missing)}; delete it to sample "
-            "that shard again"
-        )
-    return out
-
-
-def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def checkpoint_name(job: ShardJob, shard: int) -> str:
-    """A file name unique to the shard's data, sampled space, key, run lengths and the
-    package version (:func:`heterodyne.identity.digest`)."""
-    settings = (type(job.data).__name__, job.chains, job.warmup, job.samples, job.adapt_mass)
-    digest = identity.digest(tuple(job.data), tuple(job.space), job.key, settings)
-    return f"shard{shard:04d}_{digest[:16]}.npz"
 
 
 def split_rows(n_frames: int, n_shards: int) -> list[np.ndarray]:
@@ -410,23 +110,6 @@ def pad_shard(pairs: objective.Pairs, index: np.ndarray, size: int) -> objective
     return objective.Pairs(
         t=np.asarray(pairs.t), phi=np.asarray(pairs.phi), q=np.asarray(pairs.q), **per_pair
     )
-
-
-def consensus(draws: np.ndarray) -> np.ndarray:
-    """Precision-weighted consensus of shard draws ``(S, chain, draw, n)`` -> ``(chain,
-    draw, n)``: ``(sum_s W_s)^-1 sum_s W_s u_s`` draw by draw, ``W_s`` the inverse
-    covariance of shard ``s``'s draws."""
-    if draws.shape[0] == 1:
-        return draws[0]
-    n = draws.shape[-1]
-    flat = draws.reshape(draws.shape[0], -1, n)
-    # Pseudo-inverses: a shard whose draws do not move along some direction (a stuck
-    # chain, which fails its diagnostics) gets no weight there rather than infinite weight.
-    precisions = np.stack(
-        [np.linalg.pinv(np.atleast_2d(np.cov(f, rowvar=False)), hermitian=True) for f in flat]
-    )
-    weighted = np.einsum("sij,scdj->cdi", precisions, draws)
-    return weighted @ np.linalg.pinv(precisions.sum(axis=0), hermitian=True).T
 
 
 @dataclass(frozen=True)
@@ -586,22 +269,22 @@ def prepare(
             "quantities; use fewer shards"
         )
     labels = problem.labels + tuple(make_label("noise", k) for k in range(n_phi) if noise)
-    floors = _log_floors(problem)
-    low, high, log = _sampled_bounds(problem, floors, n_phi if noise else 0)
+    floors = priors.log_floors(problem)
+    low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0)
     x0 = problem.x0
     if noise:
         residuals, angle = problem.residuals(x0), np.asarray(pairs.angle)
         counts = np.bincount(angle, minlength=n_phi)
         rms = np.sqrt(np.bincount(angle, residuals**2, minlength=n_phi) / counts)
-        x0 = np.concatenate([x0, np.clip(rms, *NOISE_BOUNDS)])
+        x0 = np.concatenate([x0, np.clip(rms, *priors.NOISE_BOUNDS)])
     # Start inside the open interval: a start at a bound (D0_ref = 0) is at u = -inf.
     y0 = np.where(log, np.log(np.where(log, np.maximum(x0, np.exp(low)), 1.0)), x0)
     margin = 1e-6 * (high - low)
     y0 = np.clip(y0, low + margin, high - margin)
-    normal, loc, width = _prior(init, problem.labels, low, high, log)
+    normal, loc, width = priors.prior(init, problem.labels, low, high, log)
     transform = dist.transforms.biject_to(constraints.interval(low, high))
     u0 = np.asarray(transform.inv(jnp.asarray(y0)))
-    whiten = _whitening(problem, u0, low, high, log, x0, n_shards, noise)
+    whiten = priors.whitening(problem, u0, low, high, log, x0, n_shards, noise)
     keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n_shards)))
     if likelihood == "rows":
         size = max(r.size for r in rows)
@@ -641,84 +324,6 @@ def prepare(
             [floors.get(label, np.nan) if log[k] else np.nan for k, label in enumerate(labels)]
         ),
     )
-
-
-def _sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int):
-    """``(low, high, log)`` of the sampled space ``y`` for the varied quantities, then
-    ``n_noise`` noise levels."""
-    n = len(problem.labels)
-    low, high = np.empty(n + n_noise), np.empty(n + n_noise)
-    log = np.zeros(n + n_noise, dtype=bool)
-    for k, label in enumerate(problem.labels):
-        lo, hi = problem.lower[k], problem.upper[k]
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-            raise ParameterError(
-                f"{label}: CMC samples inside finite bounds with min < max; got "
-                f"[{lo:g}, {hi:g}] (set finite bounds, or fix the parameter)"
-            )
-        if label in floors and lo >= 0 and hi > floors[label]:
-            log[k], low[k], high[k] = True, np.log(max(lo, floors[label])), np.log(hi)
-        else:
-            low[k], high[k] = lo, hi
-    log[n:] = True
-    low[n:], high[n:] = np.log(NOISE_BOUNDS[0]), np.log(NOISE_BOUNDS[1])
-    return low, high, log
-
-
-def _prior(init, labels, low, high, log):
-    """``(normal, loc, scale)`` of the prior in the sampled space: uniform on ``[low,
-    high]`` (loc and scale then only keep the truncated normal finite), or centred on
-    ``init`` with ``PRIOR_WIDTH`` x its stderr where it has a finite one."""
-    normal = np.zeros(low.size, dtype=bool)
-    loc, scale = 0.5 * (low + high), high - low
-    if init is None:
-        return normal, loc, scale
-    for k, label in enumerate(labels):
-        value, error = init.value(label), init.error(label)
-        if not (np.isfinite(error) and error > 0):
-            continue
-        if log[k]:
-            value = max(value, np.exp(low[k]))
-            value, error = np.log(value), error / value
-        normal[k], loc[k], scale[k] = True, np.clip(value, low[k], high[k]), PRIOR_WIDTH * error
-    return normal, loc, scale
-
-
-def _log_floors(problem: Objective) -> dict[str, float]:
-    """The floor of each log-space parameter: the value whose effect over the record is
-    ``FLOOR_EFFECT`` (``q² D0 ∫t^alpha dt``, ``q v0 ∫t^beta dt``)."""
-    template = np.asarray(problem.template)
-    t, q = problem.pairs.t, float(problem.pairs.q)
-    exponents = {"D0_ref": "alpha_ref", "D0_sample": "alpha_sample", "v0": "beta"}
-    out = {}
-    for name in LOG_SCALE:
-        exponent = template[PHYSICS_INDEX[exponents[name]]]
-        integral = float(model.cumulative_trapezoid(model.power_law(t, 1.0, exponent, 0.0), t)[-1])
-        out[name] = FLOOR_EFFECT / ((q * q if name.startswith("D0") else q) * integral)
-    return out
-
-
-def _whitening(problem, u0, low, high, log, x0, n_shards, noise) -> np.ndarray:
-    """``A`` with ``A A^T`` the inverse Gauss-Newton curvature of one shard's log density
-    in ``u`` at the start, plus ``_RIDGE``: NUTS then samples ``w`` of about unit scale."""
-    n_free = len(problem.labels)
-    jtj = problem.normal_equations(problem.x0)[0]
-    sigmoid = 1.0 / (1.0 + np.exp(-u0))
-    dy_du = (high - low) * sigmoid * (1.0 - sigmoid)
-    dx_du = np.where(log, x0, 1.0) * dy_du
-    curvature = np.zeros((u0.size, u0.size))
-    scale = 1.0
-    if noise:
-        # Unweighted residuals: the likelihood's curvature is J^T J / noise²; and for
-        # y = log(noise) of angle a, -log L = sum r² / (2 e^{2y}) + n_a y has curvature 2 n_a.
-        scale = 1.0 / np.mean(x0[n_free:] ** 2)
-        counts = np.bincount(np.asarray(problem.pairs.angle), minlength=u0.size - n_free)
-        k = np.arange(n_free, u0.size)
-        curvature[k, k] = 2.0 * counts * dy_du[n_free:] ** 2
-    curvature[:n_free, :n_free] = scale * dx_du[:n_free, None] * jtj * dx_du[None, :n_free]
-    curvature = np.where(np.isfinite(curvature), curvature, 0.0) / n_shards
-    curvature += _RIDGE * np.eye(u0.size)
-    return np.linalg.inv(np.linalg.cholesky(curvature)).T
 
 
 def fit_cmc(
@@ -791,7 +396,8 @@ def fit_cmc(
     Gaussian shard posteriors the precision-weighted average of one draw from each shard
     is a draw from the full posterior (Scott et al. 2016). The sampled space, priors,
     the floor of log-space parameters at a bound 0, the sharding rule and the
-    diagnostics are described in :mod:`heterodyne.cmc`. Two-time pairs share frames, so
+    diagnostics are described in :mod:`heterodyne.priors`, :mod:`heterodyne.sampler` and
+    :mod:`heterodyne.cmc`. Two-time pairs share frames, so
     real data have correlated errors that the independent-pair likelihood ignores (as
     NLSQ's nominal errors do): the posterior is then too narrow (MODEL.md, "Noise");
     ``errors="speckle"`` corrects its widths.
@@ -851,42 +457,6 @@ def _executor_name(executor) -> str:
     return type(executor).__name__
 
 
-def adjustment(plan: Plan, u: np.ndarray, errors: str) -> tuple[np.ndarray, dict]:
-    """The combined draws ``u`` (chain, draw, n) corrected for ``errors`` (module doc,
-    "Correlated noise"), and the scales of the error model."""
-    if errors == "nominal":
-        return u, {}
-    n_free, flat = plan.n_free, u.reshape(-1, u.shape[-1])
-    centre = flat.mean(axis=0)
-    x = plan.physical(centre)[:n_free]
-    found = plan.problem.errors_at(x, plan.problem.normal_equations(x)[0], errors)
-    # dx/du at the centre: dx/dy (x in log space, else 1) times dy/du of the logistic map
-    space = plan.space
-    sigmoid = 1.0 / (1.0 + np.exp(-centre[:n_free]))
-    dy_du = (space.high - space.low)[:n_free] * sigmoid * (1.0 - sigmoid)
-    dx_du = np.where(space.log[:n_free], x, 1.0) * dy_du
-    nominal = found.nominal / np.outer(dx_du, dx_du)
-    target = found.covariance / np.outer(dx_du, dx_du)
-    # C = Sigma_s^(1/2) Sigma_n^(-1/2), on the matrices scaled to unit nominal diagonal
-    scale = np.sqrt(np.diag(nominal))
-    scale = np.where(scale > 0, scale, 1.0)
-    ratio = _matrix_power(target / np.outer(scale, scale), 0.5) @ _matrix_power(
-        nominal / np.outer(scale, scale), -0.5
-    )
-    matrix = scale[:, None] * ratio / scale[None, :]
-    out = u.copy()
-    out[..., :n_free] = centre[:n_free] + (u[..., :n_free] - centre[:n_free]) @ matrix.T
-    return out, found.scales
-
-
-def _matrix_power(m: np.ndarray, power: float) -> np.ndarray:
-    """``m^power`` of a symmetric positive semi-definite matrix; directions with no
-    variance (eigenvalue below 1e-12 of the largest) map to 0."""
-    w, v = np.linalg.eigh(0.5 * (m + m.T))
-    keep = w > 1e-12 * max(w.max(), 0.0)
-    return (v * np.where(keep, np.where(keep, w, 1.0) ** power, 0.0)) @ v.T
-
-
 def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -> CMCResult:
     space, problem, ds = plan.space, plan.problem, plan.ds
     w = np.stack([run["w"] for run in runs])
@@ -906,7 +476,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         "draw": np.arange(plan.samples),
     }
     sample_stats = xr.Dataset(
-        {name: (("shard", "chain", "draw"), np.stack([r[name] for r in runs])) for name in _STATS},
+        {name: (("shard", "chain", "draw"), np.stack([r[name] for r in runs])) for name in STATS},
         coords=coords,
     )
     figures = diagnostics.shard_diagnostics(shard_posterior, sample_stats)
@@ -945,7 +515,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         "scaling": problem.scaling,
         "weighted": int("sigma" in ds.data_vars),
         "prior": plan.prior_kind,
-        "prior_width": PRIOR_WIDTH,
+        "prior_width": priors.PRIOR_WIDTH,
         "combination": "precision-weighted, in the unconstrained space",
         "errors": errors,
         **scales,

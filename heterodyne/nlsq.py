@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from heterodyne import checks, starts
 from heterodyne.memory import FIT_MEMORY, check_memory
+from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective, normalised_eigh, safe_inverse
-from heterodyne.results import NLSQResult
 
 
 def fit_nlsq(

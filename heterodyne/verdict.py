@@ -64,7 +64,7 @@ class Verdict:
 
 
 def of_fit(result) -> Verdict:
-    """The verdict on an :class:`~heterodyne.results.NLSQResult` (the rules above)."""
+    """The verdict on an :class:`~heterodyne.nlsq_result.NLSQResult` (the rules above)."""
     fail, check, notes = [], [], []
     info = result.info
     physics = np.array([float(result.params[n]) for n in PHYSICS_NAMES])

@@ -126,17 +126,17 @@ def test_fit_cmc_refuses_before_compiling(tiny_ds, kwargs, error, match):
 
 
 def test_a_garbled_shard_checkpoint_is_a_file_format_error(tiny_ds, tmp_path):
-    from heterodyne import cmc
+    from heterodyne import cmc, sampler
 
     plan = cmc.prepare(tiny_ds, shards=2, chains=1, warmup=5, samples=4)
     job = plan.jobs(tmp_path)[0]
     with open(job.checkpoint, "wb") as f:
         f.write(b"PK\x03\x04 not a zip archive")
     with pytest.raises(FileFormatError, match="a damaged CMC checkpoint.*delete it"):
-        cmc.run_shard(job)
+        sampler.run_shard(job)
     np.savez(job.checkpoint, w=np.zeros((1, 4, 3)))
     with pytest.raises(FileFormatError, match="a CMC checkpoint without acceptance_rate"):
-        cmc.run_shard(job)
+        sampler.run_shard(job)
 
 
 @pytest.mark.parametrize(

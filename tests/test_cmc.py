@@ -14,7 +14,7 @@ from _interrupt import ctrl_c_once
 from _work import Compiles
 
 import heterodyne as hd
-from heterodyne import cmc, model
+from heterodyne import cmc, consensus, model, priors, sampler
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 NOT_IN_TRUTH = ("alpha_ref", "alpha_sample", "beta", "f1")
@@ -76,7 +76,7 @@ def test_bad_options_raise_before_any_compile(small, options):
     arguments = {"init": init, **options}
     with Compiles() as compiles, pytest.raises(hd.OptionError):
         hd.fit_cmc(ds, arguments.pop("init"), **arguments)
-    assert compiles.of(cmc.nuts_chain) == 0
+    assert compiles.of(sampler.nuts_chain) == 0
 
 
 def test_log_likelihood_is_the_gaussian_of_nlsq_residuals(small):
@@ -166,7 +166,7 @@ def test_whole_row_likelihood_equals_the_pairwise_one(sigma):
         values = []
         for job in (fast, slow):
             data = type(job.data)(*(jnp.asarray(a) for a in job.data))
-            potential = cmc.potential(
+            potential = sampler.potential(
                 data, job.space.as_jax(), n_scale=job.n_scale, n_free=job.n_free
             )
             value, grad = jax.value_and_grad(potential)({"w": jnp.asarray(w)})
@@ -181,7 +181,7 @@ def test_a_log_space_bound_of_zero_becomes_the_floor():
     ds = hd.simulate({**TRUTH, "D0_ref": 0.0}, n_frames=40, phi=[0, 60], noise=0.02)
     plan = cmc.prepare(ds, params=parameters({**TRUTH, "D0_ref": 0.0}), shards=1)
     t = ds["t1"].values
-    floor = cmc.FLOOR_EFFECT / (0.01**2 * (t[-1] - t[0]))  # alpha_ref = 0: J = D0
+    floor = priors.FLOOR_EFFECT / (0.01**2 * (t[-1] - t[0]))  # alpha_ref = 0: J = D0
     k = plan.labels.index("D0_ref")
     assert np.exp(plan.space.low[k]) == pytest.approx(floor, rel=1e-12)
     assert bool(plan.space.log[k]) and np.isfinite(plan.space.u0[k])
@@ -189,7 +189,7 @@ def test_a_log_space_bound_of_zero_becomes_the_floor():
     # the effect at the floor, computed with the model: c2 changes by ~contrast * 1e-4
     physics = hd.Parameters({**TRUTH, "D0_ref": floor, "f0": 0.0}).physics_values()
     c2 = np.asarray(model.c2_grid(physics, 1.0, 0.0, t, np.zeros(1), 0.01))[0]
-    assert 1.0 - c2[0, -1] == pytest.approx(cmc.FLOOR_EFFECT, rel=1e-3)
+    assert 1.0 - c2[0, -1] == pytest.approx(priors.FLOOR_EFFECT, rel=1e-3)
 
 
 def test_consensus_of_gaussian_shards_is_their_product():
@@ -203,14 +203,14 @@ def test_consensus_of_gaussian_shards_is_their_product():
     draws = np.stack(
         [rng.multivariate_normal(m, c, size=(2, 20000)) for m, c in zip(means, covs, strict=True)]
     )
-    combined = cmc.consensus(draws)
+    combined = consensus.consensus(draws)
     precision = sum(np.linalg.inv(c) for c in covs)
     covariance = np.linalg.inv(precision)
     mean = covariance @ sum(np.linalg.inv(c) @ m for m, c in zip(means, covs, strict=True))
     assert combined.shape == (2, 20000, 2)
     np.testing.assert_allclose(combined.reshape(-1, 2).mean(axis=0), mean, atol=0.01)
     np.testing.assert_allclose(np.cov(combined.reshape(-1, 2), rowvar=False), covariance, atol=0.01)
-    np.testing.assert_array_equal(cmc.consensus(draws[:1]), draws[0])
+    np.testing.assert_array_equal(consensus.consensus(draws[:1]), draws[0])
 
 
 def test_result_layout_and_posterior_summaries(small, short_result):
@@ -419,7 +419,7 @@ def test_a_checkpoint_that_is_a_file_is_refused_before_sampling(small, tmp_path)
     (tmp_path / "file").write_text("")
     with Compiles() as compiles, pytest.raises(hd.OptionError, match="must be a folder"):
         hd.fit_cmc(ds, init, checkpoint=tmp_path / "file", **SHORT)
-    assert compiles.of(cmc.nuts_chain) == 0
+    assert compiles.of(sampler.nuts_chain) == 0
 
 
 @pytest.mark.slow

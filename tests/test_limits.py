@@ -18,7 +18,7 @@ from _files import APS_U_C2, aps_u, write_h5
 from _work import NoWork
 
 import heterodyne as hd
-from heterodyne import cmc
+from heterodyne import cmc, sampler
 from heterodyne.errors import DataError, OptionError
 from heterodyne.memory import MEMORY_LIMIT_VARIABLE, available_memory, cgroup_headroom
 
@@ -95,8 +95,8 @@ def test_a_cmc_shard_log_density_and_gradient_never_build_the_grid(likelihood):
     plan = cmc.prepare(ds, shards=4, warmup=1, samples=4, likelihood=likelihood)
     job = plan.jobs()[0]
     data = type(job.data)(*(jnp.asarray(a) for a in job.data))
-    space = cmc.Space(*(jnp.asarray(a) for a in job.space))
-    potential = cmc.potential(data, space, n_scale=job.n_scale, n_free=job.n_free)
+    space = sampler.Space(*(jnp.asarray(a) for a in job.space))
+    potential = sampler.potential(data, space, n_scale=job.n_scale, n_free=job.n_free)
     closed = jax.make_jaxpr(jax.value_and_grad(potential))({"w": jnp.zeros(space.u0.shape)})
     shapes = list(_shapes(closed.jaxpr))
     sizes = [math.prod(shape) for shape in shapes]

@@ -1,0 +1,347 @@
+"""``CMCResult``: the outcome of a consensus Monte Carlo run, saved and reopened without
+loss. Its posterior is ArviZ data; the diagnostics, prior, start values and settings sit
+beside it as Datasets.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+from heterodyne.data import time_origin
+from heterodyne.parameters import PHYSICS_NAMES, UNITS, parse_label
+from heterodyne.results import (
+    RESULT_TYPES,
+    FitResult,
+    by_label,
+    identifiability_warnings,
+    params_layout,
+    write_tree,
+)
+
+# The groups of CMCResult.posterior (an arviz.InferenceData), in the order they are written.
+CMC_POSTERIOR_GROUPS = ("posterior", "sample_stats", "observed_data", "shard_posterior")
+_LIKELIHOOD_WORDS = {"rows": "whole rows", "pairs": "pair by pair"}
+# Written when present: the combined draws before the errors="speckle" correction.
+CMC_OPTIONAL_GROUPS = ("uncorrected_posterior",)
+# A log-space parameter whose 94 % HDI starts below this multiple of its floor is
+# reported as consistent with 0.
+FLOOR_NOTE = 10.0
+
+
+@dataclass(frozen=True, repr=False)
+class CMCResult(FitResult):
+    """The outcome of :func:`heterodyne.fit_cmc`.
+
+    Attributes
+    ----------
+    posterior : arviz.InferenceData
+        ``posterior``: the combined draws ``(chain, draw)``, one variable per varied
+        parameter (``contrast``, ``offset`` and a sampled ``noise`` along ``phi``);
+        ``sample_stats``: NUTS statistics of every shard ``(shard, chain, draw)``
+        (``energy``, ``diverging``, ``n_steps``, ``acceptance_rate``, ``step_size``,
+        ``lp``; the combined draws come from no sampler of their own);
+        ``observed_data``: the fitted Dataset; ``shard_posterior``: each shard's draws
+        ``(shard, chain, draw)``; with ``errors="speckle"``, ``uncorrected_posterior``:
+        the combined draws before the correction for correlated errors.
+    diagnostics : xarray.Dataset
+        ``rhat``, ``ess_bulk``, ``ess_tail`` by ``(shard, parameter)``, ``bfmi`` by
+        ``(shard, chain)``, ``divergences``, ``divergent_fraction``, ``n_pairs`` and
+        ``seconds`` by shard; the thresholds in attrs
+        (:mod:`heterodyne.diagnostics`).
+    prior : xarray.Dataset
+        Each sampled quantity's space (log or linear), prior kind, bounds (physical
+        units), centre and width (sampled space) and log-space floor; ``attrs["power"]``
+        is the ``1/S`` of the shard priors.
+    start : xarray.Dataset
+        Start values, and the values of the fixed parameters (``params`` layout).
+    settings : xarray.Dataset
+        ``vary``, ``min``, ``max`` of every parameter as fitted.
+    info : dict
+        Shards, chains, warmup, samples, seed, chain method, executor, pair counts,
+        prior and likelihood choices, wall time, versions.
+    """
+
+    posterior: object
+    diagnostics: xr.Dataset
+    prior: xr.Dataset
+    start: xr.Dataset
+    settings: xr.Dataset
+    info: dict = field(default_factory=dict)
+
+    @property
+    def data(self) -> xr.Dataset:
+        """The fitted Dataset."""
+        return self.posterior.observed_data
+
+    @property
+    def params(self) -> xr.Dataset:
+        """Posterior means, fixed parameters at their values (``NLSQResult.params``
+        layout)."""
+        return self._layout(self.posterior.posterior.mean(("chain", "draw")), fixed=True)
+
+    @property
+    def stderr(self) -> xr.Dataset:
+        """Posterior standard deviations (NaN for fixed parameters)."""
+        draws = self.posterior.posterior
+        return self._layout(draws.std(("chain", "draw"), ddof=1), fixed=False)
+
+    def _layout(self, stat: xr.Dataset, *, fixed: bool) -> xr.Dataset:
+        start = self.start
+
+        def pick(name):
+            if name in stat:
+                return stat[name].values
+            return start[name].values if fixed else np.full(start[name].shape, np.nan)
+
+        physics = np.array([float(pick(n)) for n in PHYSICS_NAMES])
+        out = params_layout(
+            physics, pick("contrast"), pick("offset"), start["phi"].values, float(start["q"])
+        )
+        if "noise" in stat:
+            out["noise"] = ("phi", stat["noise"].values, {"units": ""})
+        return out
+
+    def hdi(self, prob: float = 0.94) -> xr.Dataset:
+        """Highest-density interval of each sampled quantity, along ``hdi`` = (lower,
+        higher)."""
+        from heterodyne import diagnostics
+
+        return diagnostics.hdi(self.posterior.posterior, prob)
+
+    @property
+    def converged(self) -> bool:
+        """True when every shard passes every diagnostic threshold."""
+        from heterodyne import diagnostics
+
+        return not diagnostics.failures(self.diagnostics)
+
+    def failures(self) -> dict[int, list[str]]:
+        """The failed diagnostic figures by shard (empty when converged)."""
+        from heterodyne import diagnostics
+
+        return diagnostics.failures(self.diagnostics)
+
+    def warnings(self) -> list[str]:
+        """Everything the user should know before trusting the numbers."""
+        out = [
+            f"shard {s} failed {len(found)} diagnostic figure(s): {'; '.join(found[:3])}"
+            + (f"; and {len(found) - 3} more (result.failures())" if len(found) > 3 else "")
+            + "; it is combined with the others, so the combined posterior is not to be "
+            "trusted: rerun with more warmup/samples or better start values "
+            "(init=hd.fit_nlsq(...))"
+            for s, found in self.failures().items()
+        ]
+        floors = self.prior["floor"]
+        if np.any(np.isfinite(floors.values)):
+            lower = self.hdi().sel(hdi="lower")
+            for label, floor in zip(floors["parameter"].values, floors.values, strict=True):
+                name, _ = parse_label(label)
+                if (
+                    np.isfinite(floor)
+                    and name in lower
+                    and by_label(lower, label) < FLOOR_NOTE * floor
+                ):
+                    out.append(
+                        f"{label}'s posterior reaches its log-space floor {floor:.3g} "
+                        f"{UNITS.get(name, '')}: the data are consistent with {name} = 0; "
+                        f"fix {name} = 0 if that is the physics"
+                    )
+        out += identifiability_warnings(self.parameters())
+        if self.info.get("errors", "nominal") == "nominal":
+            out.append(
+                "the likelihood treats the pairs as independent; two-time pairs share frames, "
+                "so on real data the posterior is narrower than the truth warrants "
+                '(fit_cmc(..., errors="speckle") corrects it)'
+            )
+        return out
+
+    def _rows(self):
+        """``(label, mean, sd, hdi lower, hdi higher, worst R-hat, least ESS bulk, least
+        ESS tail, unit)`` for every sampled quantity."""
+        params, stderr, hdi = self.params, self.stderr, self.hdi()
+        figures = self.diagnostics
+        for label in figures["parameter"].values:
+            label = str(label)
+            name, _ = parse_label(label)
+            by = figures.sel(parameter=label)
+            yield (
+                label,
+                by_label(params, label),
+                by_label(stderr, label),
+                by_label(hdi.sel(hdi="lower"), label),
+                by_label(hdi.sel(hdi="higher"), label),
+                float(by["rhat"].max()),
+                float(by["ess_bulk"].min()),
+                float(by["ess_tail"].min()),
+                UNITS.get(name, ""),
+            )
+
+    def _verdict(self) -> str:
+        failed = self.failures()
+        d = self.diagnostics.attrs
+        limits = (
+            f"R-hat < {d['threshold_rhat_max']:g}, ESS >= {d['threshold_ess_per_chain_min']:g}"
+            f"/chain, BFMI >= {d['threshold_bfmi_min']:g}, divergences <= "
+            f"{100 * d['threshold_divergence_max']:g} %"
+        )
+        if not failed:
+            return f"converged: all {self.info['shards']} shards pass {limits}"
+        return (
+            f"NOT converged: shard(s) {', '.join(map(str, failed))} of {self.info['shards']} "
+            f"fail {limits}"
+        )
+
+    def _errors_line(self) -> str:
+        if self.info.get("errors", "nominal") == "nominal":
+            return "nominal: pairs taken as independent"
+        return (
+            "speckle: draws corrected to the speckle covariance of the pairs "
+            f"(kappa {self.info['speckle_kappa']:.3g}, white variance "
+            f"{self.info['white_variance']:.3g}); uncorrected draws in "
+            "posterior.uncorrected_posterior"
+        )
+
+    def report(self) -> str:
+        """Text report: settings, per-parameter mean, sd, 94 % HDI, R-hat and ESS, the
+        per-shard figures, the verdict and the warnings."""
+        info = self.info
+        likelihood = (
+            "Gaussian on the NLSQ residuals, sigma from the data"
+            if info["weighted"]
+            else "Gaussian on the NLSQ residuals, noise level per angle sampled"
+        )
+        prior = (
+            f"NLSQ-centred truncated normal, {info['prior_width']:g} x stderr wide"
+            if info["prior"] == "nlsq"
+            else "uniform on the parameter table's bounds"
+        )
+        logs = [
+            str(p)
+            for p, s in zip(self.prior["parameter"].values, self.prior["space"].values, strict=True)
+            if s == "log"
+        ]
+        lines = [
+            "[[CMC fit]]",
+            "    method            consensus Monte Carlo: NUTS (numpyro) per shard, "
+            f"{info['combination']}",
+            f"    shards            {info['shards']} ({info['shards_rule']}); {info['n_pairs']} "
+            f"pairs; {info['shard_size']} entries evaluated per shard "
+            f"({_LIKELIHOOD_WORDS[info.get('likelihood', 'pairs')]}, padded)",
+            f"    masked            {info.get('nan_pairs', 0)} non-finite pairs; dropped frames: "
+            f"{info.get('dropped_frames', 0)}",
+            f"    times             {time_origin(self.data)}",
+            f"    chains            {info['chains']} per shard ({info['chain_method']}, "
+            f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws; "
+            f"mass matrix {info.get('mass_matrix', 'dense, adapted')}",
+            f"    executor          {info['executor']}",
+            f"    seed              {info['seed']}",
+            f"    scaling           {info['scaling']}",
+            f"    likelihood        {likelihood}",
+            f"    errors            {self._errors_line()}",
+            f"    priors            {prior}; tempered to the power {self.prior.attrs['power']:.4g} "
+            "per shard",
+            f"    log space         {', '.join(logs) or '-'}",
+            f"    wall time         {info['wall_seconds']:.1f} s",
+            f"    verdict           {self._verdict()}",
+            "[[Parameters]] (mean, sd, 94 % HDI; R-hat worst and ESS least over shards)",
+            f"    {'name':<14}{'mean':>12}{'sd':>11}{'hdi 3%':>12}{'hdi 97%':>12}"
+            f"{'R-hat':>8}{'ESS bulk':>10}{'ESS tail':>10}  unit",
+        ]
+        for label, mean, sd, lo, hi, rhat, bulk, tail, unit in self._rows():
+            lines.append(
+                f"    {label:<14}{mean:>12.6g}{sd:>11.4g}{lo:>12.6g}{hi:>12.6g}"
+                f"{rhat:>8.4f}{bulk:>10.0f}{tail:>10.0f}  {unit}"
+            )
+        lines.append("[[Shards]]")
+        lines.append(
+            f"    {'shard':>5}{'pairs':>9}{'seconds':>9}{'divergent':>10}{'min BFMI':>10}"
+            f"{'max R-hat':>10}{'min ESS':>9}"
+        )
+        for s in self.diagnostics["shard"].values:
+            d = self.diagnostics.sel(shard=s)
+            lines.append(
+                f"    {int(s):>5}{int(d['n_pairs']):>9}{float(d['seconds']):>9.1f}"
+                f"{int(d['divergences']):>10}{float(d['bfmi'].min()):>10.3f}"
+                f"{float(d['rhat'].max()):>10.4f}{float(d['ess_bulk'].min()):>9.0f}"
+            )
+        warns = self.warnings()
+        if warns:
+            lines.append("[[Warnings]]")
+            lines += [f"    - {w}" for w in warns]
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return (
+            f"<CMCResult converged={self.converged} shards={self.info['shards']} "
+            f"chains={self.info['chains']} draws={self.info['samples']}>"
+        )
+
+    def _repr_html_(self):
+        rows = "".join(
+            f"<tr><td>{html.escape(label)}</td><td>{mean:.6g}</td><td>{sd:.4g}</td>"
+            f"<td>{lo:.6g}</td><td>{hi:.6g}</td><td>{rhat:.4f}</td><td>{bulk:.0f}</td>"
+            f"<td>{tail:.0f}</td><td>{html.escape(unit)}</td></tr>"
+            for label, mean, sd, lo, hi, rhat, bulk, tail, unit in self._rows()
+        )
+        warns = "".join(f"<li>{html.escape(w)}</li>" for w in self.warnings())
+        return (
+            f"<b>CMC fit</b>: {html.escape(self._verdict())}; {self.info['shards']} shards x "
+            f"{self.info['chains']} chains x {self.info['samples']} draws, "
+            f"{self.info['n_pairs']} pairs<table><tr><th>name</th><th>mean</th><th>sd</th>"
+            "<th>hdi 3%</th><th>hdi 97%</th><th>R-hat</th><th>ESS bulk</th>"
+            f"<th>ESS tail</th><th>unit</th></tr>{rows}</table>"
+            + (f"<ul>{warns}</ul>" if warns else "")
+        )
+
+    def plot(self):
+        """Posterior views (:func:`heterodyne.plot.posterior`)."""
+        from heterodyne import plot
+
+        return plot.posterior(self)
+
+    def to_netcdf(self, path, *, overwrite: bool = False):
+        """Write the whole result to one netCDF-4 file (the InferenceData groups and the
+        diagnostics, prior, start and settings as groups); ``hd.open_result`` reads it
+        back."""
+        from heterodyne import diagnostics
+
+        present = diagnostics.groups(self.posterior)
+        groups = {
+            f"/{g}": self.posterior[g]
+            for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS
+            if g in present
+        }
+        tree = xr.DataTree.from_dict(
+            {
+                "/": xr.Dataset(attrs={"result_type": "CMCResult", **self.info}),
+                **groups,
+                "/diagnostics": self.diagnostics,
+                "/prior": self.prior,
+                "/start": self.start,
+                "/settings": self.settings,
+            }
+        )
+        return write_tree(tree, path, overwrite=overwrite)
+
+    @classmethod
+    def _from_tree(cls, tree):
+        from heterodyne import diagnostics
+
+        group = {name: tree[name].to_dataset() for name in tree.children}
+        return cls(
+            posterior=diagnostics.inference_data(
+                **{g: group[g] for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS if g in group}
+            ),
+            diagnostics=group["diagnostics"],
+            prior=group["prior"],
+            start=group["start"],
+            settings=group["settings"],
+            info={k: v for k, v in tree.attrs.items() if k != "result_type"},
+        )
+
+
+RESULT_TYPES["CMCResult"] = CMCResult
