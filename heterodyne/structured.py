@@ -186,7 +186,15 @@ def _layout(angle, i, j, d, n_phi: int, n_blocks: int, size: int) -> np.ndarray:
     n_pad = n_blocks * size
     panels = np.zeros((n_blocks, n_phi, size, n_pad), dtype=d.dtype)
     for row, col in ((i, j), (j, i)):
-        panels[row // size, angle, row % size, col] = d
+        # one flat index, built in place: numpy would convert each of four index arrays
+        flat = (row // size).astype(np.int64)
+        flat *= n_phi
+        flat += angle
+        flat *= size
+        flat += row % size
+        flat *= n_pad
+        flat += col
+        panels.reshape(-1)[flat] = d
     return panels
 
 
