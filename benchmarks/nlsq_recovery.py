@@ -11,14 +11,16 @@ import argparse
 import numpy as np
 
 import heterodyne as hd
+from heterodyne.results import at_entries, entry_label, index_of
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 
 
-def truth_of(ds, label):
-    name, _, index = label.partition("[")
-    value = np.atleast_1d(ds.attrs[f"true_{name}"])
-    return float(value[int(index[:-1])] if index else value[0])
+def truth_of(ds, layout):
+    """The simulated truth of ``ds`` in the ``params`` layout ``layout``."""
+    return layout.copy(
+        data={n: np.broadcast_to(ds.attrs[f"true_{n}"], v.shape) for n, v in layout.items()}
+    )
 
 
 def main():
@@ -31,10 +33,10 @@ def main():
     for seed in range(args.seeds):
         ds = hd.simulate(TRUTH, n_frames=args.frames, phi=[-45, 0, 45], noise=0.01, seed=seed)
         r = hd.fit_nlsq(ds, guess, progress=False)
-        labels = list(r.covariance["name"].values)
-        values.append([r.value(x) for x in labels])
-        errors.append([r.error(x) for x in labels])
-        truths.append([truth_of(ds, x) for x in labels])
+        index = index_of(r.covariance)
+        values.append(at_entries(r.params, index))
+        errors.append(at_entries(r.stderr, index))
+        truths.append(at_entries(truth_of(ds, r.params), index))
     values, errors, truths = map(np.asarray, (values, errors, truths))
     z = (values - truths) / errors
     ratio = errors.mean(axis=0) / values.std(axis=0, ddof=1)
@@ -42,9 +44,9 @@ def main():
         f"{'quantity':<16}{'truth':>11}{'mean fit':>12}{'max |z|':>9}{'rms z':>7}"
         f"{'stderr/scatter':>16}"
     )
-    for k, label in enumerate(labels):
+    for k, entry in enumerate(index):
         print(
-            f"{label:<16}{truths[0, k]:>11.5g}{values[:, k].mean():>12.5g}"
+            f"{entry_label(*entry):<16}{truths[0, k]:>11.5g}{values[:, k].mean():>12.5g}"
             f"{np.abs(z[:, k]).max():>9.2f}{np.sqrt(np.mean(z[:, k] ** 2)):>7.2f}"
             f"{ratio[k]:>16.2f}"
         )

@@ -48,6 +48,7 @@ from heterodyne.nlsq import fit_nlsq
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import SCALINGS
 from heterodyne.parameters import PHYSICS, PHYSICS_NAMES, SCALING, SCALING_NAMES, Parameters
+from heterodyne.results import entry_label, index_of
 
 POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
 TABLE_COLUMNS = ("name", "value", "vary", "min", "max", "unit")
@@ -753,42 +754,26 @@ def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, .
     """The CMC diagnostics as two styled tables, each figure green where it passes its
     threshold and red where it fails (:data:`heterodyne.diagnostics.THRESHOLDS`).
 
-    By shard: pairs, seconds, divergences, least BFMI over chains, worst R-hat and least
-    ESS over parameters, and the shard's verdict (``result.failures()``). By parameter:
-    the worst R-hat and least ESS over shards. A figure passes by the comparisons of
-    :func:`heterodyne.diagnostics.failures` (a NaN fails).
+    By shard: the verdict table of :func:`heterodyne.diagnostics.verdict` (pairs,
+    seconds, worst R-hat and least ESS over the quantities, least BFMI over chains,
+    divergences, the shard's verdict), coloured by its pass columns. By quantity: the
+    worst R-hat and least ESS over shards, by :func:`heterodyne.diagnostics.pass_rules`
+    (a NaN fails).
     """
     figures = result.diagnostics
     passes = diagnostics.pass_rules(figures)
-    failed = result.failures()
-
-    shards = pd.DataFrame(
-        {
-            "shard": figures["shard"].values,
-            "pairs": figures["n_pairs"].values,
-            "seconds": figures["seconds"].values,
-            "divergent %": 100 * figures["divergent_fraction"].values,
-            "min BFMI": figures["bfmi"].min("chain").values,
-            "max R-hat": figures["rhat"].max("parameter", skipna=False).values,
-            "min ESS bulk": figures["ess_bulk"].min("parameter", skipna=False).values,
-            "min ESS tail": figures["ess_tail"].min("parameter", skipna=False).values,
-            "verdict": ["fail" if int(s) in failed else "pass" for s in figures["shard"].values],
-        }
-    )
+    verdict = diagnostics.verdict(figures)
+    judged = [column for column, _, _ in diagnostics.VERDICT_FIGURES]
+    shards = verdict[["shard", "pairs", "seconds", *judged, "verdict"]]
     by_parameter = pd.DataFrame(
         {
-            "parameter": figures["parameter"].values,
+            "parameter": [entry_label(*entry) for entry in index_of(figures)],
             "R-hat": figures["rhat"].max("shard", skipna=False).values,
             "ESS bulk": figures["ess_bulk"].min("shard", skipna=False).values,
             "ESS tail": figures["ess_tail"].min("shard", skipna=False).values,
         }
     )
     checks = {
-        "divergent %": lambda v: passes["divergent_fraction"](v / 100),
-        "min BFMI": passes["bfmi"],
-        "max R-hat": passes["rhat"],
-        "min ESS bulk": passes["ess_bulk"],
-        "min ESS tail": passes["ess_tail"],
         "verdict": lambda v: v == "pass",
         "R-hat": passes["rhat"],
         "ESS bulk": passes["ess_bulk"],
@@ -804,18 +789,21 @@ def diagnostics_tables(result: CMCResult) -> tuple[pd.io.formats.style.Styler, .
         **{c: "{:.0f}" for c in ("min ESS bulk", "min ESS tail", "ESS bulk", "ESS tail")},
     }
 
-    def styled(frame):
+    def styled(frame, judged=None):
         shown = {c: f for c, f in formats.items() if c in frame.columns}
         style = frame.style.hide(axis="index").format(shown, na_rep="nan")
         for column in frame.columns:
-            if column in checks:
+            if judged is not None and f"{column} ok" in judged.columns:
+                colours = np.where(judged[f"{column} ok"], PASS_STYLE, FAIL_STYLE)
+                style = style.apply(lambda _, c=colours: c, subset=[column])
+            elif column in checks:
                 ok = checks[column]
                 style = style.map(
                     lambda v, ok=ok: PASS_STYLE if ok(v) else FAIL_STYLE, subset=[column]
                 )
         return style
 
-    return styled(shards), styled(by_parameter)
+    return styled(shards, verdict), styled(by_parameter)
 
 
 def _summary_html(ds: xr.Dataset) -> str:

@@ -17,19 +17,20 @@ Shards
     record (all ages; all lags beyond its rows; every angle) and, as row ``i`` holds
     ``N - 1 - i`` pairs, the same number of pairs to within one row. ``shards="auto"``
     takes ``S = ceil(n_pairs / PAIRS_PER_SHARD)`` (at most ``N / 2``: a shard holds two
-    rows or more): shards of about 20 000 pairs keep a gradient evaluation well under a
-    millisecond and each shard's posterior close to Gaussian. Shards are padded to equal
-    size with weight-0 rows, so NUTS compiles once for all of them.
+    rows or more): shards of that size keep a gradient evaluation short and each shard's
+    posterior close to Gaussian. Shards are padded to equal size with weight-0 rows, so
+    NUTS compiles once for all of them.
 
 Diagnostics
-    R-hat, bulk and tail ESS per shard and parameter, BFMI per chain, divergences per
-    shard, judged by :data:`heterodyne.diagnostics.THRESHOLDS`. A failing shard is named
-    in a warning with its failing figures and ``converged`` is False; it is still
-    combined (dropping it would silently change both the data and the prior), so the
-    combined posterior of an unconverged run must not be used as is. R-hat needs draws:
-    with 2 chains of 500, a well-mixed chain whose tail ESS is half its draws still
-    exceeds 1.01 in about 3 % of the figures, so a run of ten parameters on four shards
-    is often flagged by chance; ``samples=1000`` (or more chains) makes that rare.
+    R-hat, bulk and tail ESS per shard and quantity (one ArviZ call over ``(shard, phi)``),
+    BFMI per chain, divergences per shard, judged by
+    :data:`heterodyne.diagnostics.THRESHOLDS`. A failing shard is named in a warning with
+    its failing figures and ``converged`` is False; it is still combined (dropping it would
+    silently change both the data and the prior), so the combined posterior of an
+    unconverged run must not be used as is. R-hat needs draws: with short chains, well-mixed
+    chains still exceed 1.01 by chance in a share of the figures, so a run of many
+    quantities on several shards can be flagged by chance; the default ``SAMPLES`` makes
+    that rare (``benchmarks/cmc_defaults.py`` measures it).
 
 References
 ----------
@@ -50,10 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import pandas as pd
 import xarray as xr
 from numpyro.distributions import constraints
 
-from heterodyne import checks, diagnostics, executors, objective, priors, uncertainty
+from heterodyne import checks, diagnostics, executors, priors, uncertainty
 from heterodyne.cmc_result import CMCResult
 from heterodyne.consensus import adjustment, consensus
 from heterodyne.data import validate
@@ -61,8 +63,9 @@ from heterodyne.errors import OptionError
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective
-from heterodyne.parameters import UNITS, make_label, parse_label
-from heterodyne.results import params_layout, settings_dataset
+from heterodyne.pairs import Pairs, Rows, row_block, unpack
+from heterodyne.parameters import UNITS
+from heterodyne.results import entries, entry_coords, params_layout, settings_dataset
 from heterodyne.sampler import (
     CHAIN_METHOD,
     STATS,
@@ -99,7 +102,7 @@ def split_rows(n_frames: int, n_shards: int) -> list[np.ndarray]:
     return [frame[shard == s] for s in range(n_shards)]
 
 
-def pad_shard(pairs: objective.Pairs, index: np.ndarray, size: int) -> objective.Pairs:
+def pad_shard(pairs: Pairs, index: np.ndarray, size: int) -> Pairs:
     """The pairs at ``index`` padded to ``size`` with weight-0 pairs (numpy arrays)."""
     pad = size - index.size
     fill = {"angle": 0, "i": 0, "j": 1, "c2": 0.0, "weight": 0.0}
@@ -107,7 +110,7 @@ def pad_shard(pairs: objective.Pairs, index: np.ndarray, size: int) -> objective
     for name, value in fill.items():
         source = np.asarray(getattr(pairs, name))
         per_pair[name] = np.concatenate([source[index], np.full(pad, value, source.dtype)])
-    return objective.Pairs(
+    return Pairs(
         t=np.asarray(pairs.t), phi=np.asarray(pairs.phi), q=np.asarray(pairs.q), **per_pair
     )
 
@@ -119,9 +122,9 @@ class Plan:
 
     ds: xr.Dataset
     problem: Objective
-    labels: tuple[str, ...]
+    entries: pd.MultiIndex  #: ``(name, phi)`` of each sampled quantity
     space: Space
-    shards: tuple[objective.Rows | objective.Pairs, ...]
+    shards: tuple[Rows | Pairs, ...]
     shard_pairs: tuple[int, ...]
     keys: np.ndarray
     chains: int
@@ -135,7 +138,7 @@ class Plan:
 
     @property
     def n_free(self) -> int:
-        return len(self.problem.labels)
+        return len(self.problem.entries)
 
     def jobs(self, checkpoint: Path | None = None) -> list[ShardJob]:
         """One job per shard; with ``checkpoint`` (a folder) each keeps its outcome there
@@ -261,14 +264,15 @@ def prepare(
     index = [np.flatnonzero(np.isin(first, r)) for r in rows]
     noise = "sigma" not in ds.data_vars
     n_phi = ds.sizes["phi"]
-    entries = len(problem.labels) + (n_phi if noise else 0)
+    n_sampled = len(problem.entries) + (n_phi if noise else 0)
     fewest = min(ix.size for ix in index)
-    if fewest <= entries:
+    if fewest <= n_sampled:
         raise OptionError(
-            f"shards={n_shards} leaves {fewest} pairs in a shard for {entries} sampled "
+            f"shards={n_shards} leaves {fewest} pairs in a shard for {n_sampled} sampled "
             "quantities; use fewer shards"
         )
-    labels = problem.labels + tuple(make_label("noise", k) for k in range(n_phi) if noise)
+    phi = ds["phi"].values if noise else np.empty(0)
+    sampled = problem.entries.append(entries(["noise"] * phi.size, phi))
     floors = priors.log_floors(problem)
     low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0)
     x0 = problem.x0
@@ -281,14 +285,14 @@ def prepare(
     y0 = np.where(log, np.log(np.where(log, np.maximum(x0, np.exp(low)), 1.0)), x0)
     margin = 1e-6 * (high - low)
     y0 = np.clip(y0, low + margin, high - margin)
-    normal, loc, width = priors.prior(init, problem.labels, low, high, log)
+    normal, loc, width = priors.prior(init, problem.entries, low, high, log)
     transform = dist.transforms.biject_to(constraints.interval(low, high))
     u0 = np.asarray(transform.inv(jnp.asarray(y0)))
     whiten = priors.whitening(problem, u0, low, high, log, x0, n_shards, noise)
     keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n_shards)))
     if likelihood == "rows":
         size = max(r.size for r in rows)
-        data = tuple(objective.row_block(pairs, r, size) for r in rows)
+        data = tuple(row_block(pairs, r, size) for r in rows)
     else:
         size = max(ix.size for ix in index)
         data = tuple(pad_shard(pairs, ix, size) for ix in index)
@@ -308,7 +312,7 @@ def prepare(
     return Plan(
         ds=ds,
         problem=problem,
-        labels=labels,
+        entries=sampled,
         space=space,
         shards=data,
         shard_pairs=tuple(int(ix.size) for ix in index),
@@ -321,7 +325,10 @@ def prepare(
         prior_kind="nlsq" if init is not None else "table",
         adapt_mass=init is None,
         floors=np.array(
-            [floors.get(label, np.nan) if log[k] else np.nan for k, label in enumerate(labels)]
+            [
+                floors.get(name, np.nan) if log[k] else np.nan
+                for k, name in enumerate(sampled.get_level_values("name"))
+            ]
         ),
     )
 
@@ -490,7 +497,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         )
     n_phi = ds.sizes["phi"]
     template = np.asarray(space.template)
-    physics, contrast, offset = objective.unpack(template, problem.n_scale)
+    physics, contrast, offset = unpack(template, problem.n_scale)
     start = params_layout(physics, contrast, offset, ds["phi"].values, float(ds["q"]))
     n_free = plan.n_free
     if space.u0.size > n_free:
@@ -510,7 +517,7 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
         "nan_pairs": int(ds.attrs.get("nan_pairs", 0)),
         "dropped_frames": int(ds.attrs.get("dropped_frames", 0)),
         "shard_size": int(plan.shards[0].c2.size),
-        "likelihood": "rows" if isinstance(plan.shards[0], objective.Rows) else "pairs",
+        "likelihood": "rows" if isinstance(plan.shards[0], Rows) else "pairs",
         "n_phi": n_phi,
         "scaling": problem.scaling,
         "weighted": int("sigma" in ds.data_vars),
@@ -543,14 +550,13 @@ def _draws_dataset(plan: Plan, x: np.ndarray, dims: tuple[str, ...]) -> xr.Datas
     """Draws ``(..., n)`` as one variable per parameter; per-angle quantities along
     ``phi``."""
     variables = {}
-    entries = [parse_label(label) for label in plan.labels]
-    for k, (name, angle) in enumerate(entries):
-        if name in variables:
-            continue
-        if angle is None:
-            variables[name] = (dims, x[..., k], _attrs(name))
+    names = plan.entries.get_level_values("name")
+    for name in dict.fromkeys(names):
+        columns = np.flatnonzero(names == name)
+        if np.isnan(plan.entries[columns[0]][1]):
+            variables[name] = (dims, x[..., columns[0]], _attrs(name))
         else:
-            columns = [m for m, (other, _) in enumerate(entries) if other == name]
+            # per-angle entries are laid out in the order of the data's phi
             variables[name] = (dims + ("phi",), x[..., columns], _attrs(name))
     ds = plan.ds
     coords = {dim: np.arange(size) for dim, size in zip(dims, x.shape, strict=False)}
@@ -573,16 +579,16 @@ def _prior_dataset(plan: Plan) -> xr.Dataset:
     }
     return xr.Dataset(
         {
-            "space": ("parameter", np.where(space.log, "log", "linear")),
-            "kind": ("parameter", np.where(space.normal, "truncated normal", "uniform")),
+            "space": ("entry", np.where(space.log, "log", "linear")),
+            "kind": ("entry", np.where(space.normal, "truncated normal", "uniform")),
             **{
-                k: ("parameter", v, {"long_name": f"{k} bound (physical units)"})
+                k: ("entry", v, {"long_name": f"{k} bound (physical units)"})
                 for k, v in physical_bounds.items()
             },
-            "loc": ("parameter", space.loc, {"long_name": "prior centre, sampled space"}),
-            "scale": ("parameter", space.scale, {"long_name": "prior sd, sampled space"}),
-            "floor": ("parameter", plan.floors, {"long_name": "log-space floor of a bound 0"}),
+            "loc": ("entry", space.loc, {"long_name": "prior centre, sampled space"}),
+            "scale": ("entry", space.scale, {"long_name": "prior sd, sampled space"}),
+            "floor": ("entry", plan.floors, {"long_name": "log-space floor of a bound 0"}),
         },
-        coords={"parameter": list(plan.labels)},
+        coords=entry_coords(plan.entries),
         attrs={"power": float(space.power)},
     )

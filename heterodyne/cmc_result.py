@@ -11,15 +11,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
+from heterodyne import diagnostics
 from heterodyne.data import time_origin
-from heterodyne.parameters import PHYSICS_NAMES, UNITS, parse_label
+from heterodyne.parameters import PHYSICS_NAMES, UNITS
 from heterodyne.results import (
     RESULT_TYPES,
     FitResult,
-    by_label,
+    at_entries,
+    entries,
+    entry_label,
     identifiability_warnings,
+    index_of,
     params_layout,
-    write_tree,
+    read_groups,
+    write_result,
 )
 
 # The groups of CMCResult.posterior (an arviz.InferenceData), in the order they are written.
@@ -48,7 +53,8 @@ class CMCResult(FitResult):
         ``(shard, chain, draw)``; with ``errors="speckle"``, ``uncorrected_posterior``:
         the combined draws before the correction for correlated errors.
     diagnostics : xarray.Dataset
-        ``rhat``, ``ess_bulk``, ``ess_tail`` by ``(shard, parameter)``, ``bfmi`` by
+        ``rhat``, ``ess_bulk``, ``ess_tail`` by ``(shard, entry)`` (``entry`` the stacked
+        ``(name, phi)`` index), ``bfmi`` by
         ``(shard, chain)``, ``divergences``, ``divergent_fraction``, ``n_pairs`` and
         ``seconds`` by shard; the thresholds in attrs
         (:mod:`heterodyne.diagnostics`).
@@ -108,21 +114,15 @@ class CMCResult(FitResult):
     def hdi(self, prob: float = 0.94) -> xr.Dataset:
         """Highest-density interval of each sampled quantity, along ``hdi`` = (lower,
         higher)."""
-        from heterodyne import diagnostics
-
         return diagnostics.hdi(self.posterior.posterior, prob)
 
     @property
     def converged(self) -> bool:
         """True when every shard passes every diagnostic threshold."""
-        from heterodyne import diagnostics
-
         return not diagnostics.failures(self.diagnostics)
 
     def failures(self) -> dict[int, list[str]]:
         """The failed diagnostic figures by shard (empty when converged)."""
-        from heterodyne import diagnostics
-
         return diagnostics.failures(self.diagnostics)
 
     def warnings(self) -> list[str]:
@@ -138,15 +138,16 @@ class CMCResult(FitResult):
         floors = self.prior["floor"]
         if np.any(np.isfinite(floors.values)):
             lower = self.hdi().sel(hdi="lower")
-            for label, floor in zip(floors["parameter"].values, floors.values, strict=True):
-                name, _ = parse_label(label)
+            index = index_of(floors)
+            for (name, phi), floor in zip(index, floors.values, strict=True):
                 if (
                     np.isfinite(floor)
                     and name in lower
-                    and by_label(lower, label) < FLOOR_NOTE * floor
+                    and at_entries(lower, entries([name], [phi]))[0] < FLOOR_NOTE * floor
                 ):
                     out.append(
-                        f"{label}'s posterior reaches its log-space floor {floor:.3g} "
+                        f"{entry_label(name, phi)}'s posterior reaches its log-space floor "
+                        f"{floor:.3g} "
                         f"{UNITS.get(name, '')}: the data are consistent with {name} = 0; "
                         f"fix {name} = 0 if that is the physics"
                     )
@@ -162,21 +163,22 @@ class CMCResult(FitResult):
     def _rows(self):
         """``(label, mean, sd, hdi lower, hdi higher, worst R-hat, least ESS bulk, least
         ESS tail, unit)`` for every sampled quantity."""
-        params, stderr, hdi = self.params, self.stderr, self.hdi()
-        figures = self.diagnostics
-        for label in figures["parameter"].values:
-            label = str(label)
-            name, _ = parse_label(label)
-            by = figures.sel(parameter=label)
+        hdi, figures = self.hdi(), self.diagnostics
+        index = index_of(figures)
+        columns = [
+            at_entries(ds, index)
+            for ds in (self.params, self.stderr, hdi.sel(hdi="lower"), hdi.sel(hdi="higher"))
+        ]
+        worst = (
+            figures["rhat"].max("shard").values,
+            figures["ess_bulk"].min("shard").values,
+            figures["ess_tail"].min("shard").values,
+        )
+        for k, (name, phi) in enumerate(index):
             yield (
-                label,
-                by_label(params, label),
-                by_label(stderr, label),
-                by_label(hdi.sel(hdi="lower"), label),
-                by_label(hdi.sel(hdi="higher"), label),
-                float(by["rhat"].max()),
-                float(by["ess_bulk"].min()),
-                float(by["ess_tail"].min()),
+                entry_label(name, phi),
+                *(float(c[k]) for c in columns),
+                *(float(w[k]) for w in worst),
                 UNITS.get(name, ""),
             )
 
@@ -220,8 +222,8 @@ class CMCResult(FitResult):
             else "uniform on the parameter table's bounds"
         )
         logs = [
-            str(p)
-            for p, s in zip(self.prior["parameter"].values, self.prior["space"].values, strict=True)
+            entry_label(name, phi)
+            for (name, phi), s in zip(index_of(self.prior), self.prior["space"].values, strict=True)
             if s == "log"
         ]
         lines = [
@@ -256,17 +258,23 @@ class CMCResult(FitResult):
                 f"    {label:<14}{mean:>12.6g}{sd:>11.4g}{lo:>12.6g}{hi:>12.6g}"
                 f"{rhat:>8.4f}{bulk:>10.0f}{tail:>10.0f}  {unit}"
             )
-        lines.append("[[Shards]]")
+        lines.append("[[Shards]] (the verdict table; * marks a failed figure)")
+        table = diagnostics.verdict(self.diagnostics)
+        judged = [column for column, _, _ in diagnostics.VERDICT_FIGURES]
         lines.append(
-            f"    {'shard':>5}{'pairs':>9}{'seconds':>9}{'divergent':>10}{'min BFMI':>10}"
-            f"{'max R-hat':>10}{'min ESS':>9}"
+            f"    {'shard':>5}{'pairs':>9}{'seconds':>9}"
+            + "".join(f"{column:>14}" for column in judged)
+            + "  verdict"
         )
-        for s in self.diagnostics["shard"].values:
-            d = self.diagnostics.sel(shard=s)
+        formats = {"max R-hat": ".4f", "min BFMI": ".3f", "divergent %": ".3g"}
+        for _, row in table.iterrows():
+            cells = "".join(
+                f"{format(row[c], formats.get(c, '.0f')) + ('' if row[f'{c} ok'] else '*'):>14}"
+                for c in judged
+            )
             lines.append(
-                f"    {int(s):>5}{int(d['n_pairs']):>9}{float(d['seconds']):>9.1f}"
-                f"{int(d['divergences']):>10}{float(d['bfmi'].min()):>10.3f}"
-                f"{float(d['rhat'].max()):>10.4f}{float(d['ess_bulk'].min()):>9.0f}"
+                f"    {int(row['shard']):>5}{int(row['pairs']):>9}{row['seconds']:>9.1f}{cells}"
+                f"  {row['verdict']}"
             )
         warns = self.warnings()
         if warns:
@@ -307,31 +315,20 @@ class CMCResult(FitResult):
         """Write the whole result to one netCDF-4 file (the InferenceData groups and the
         diagnostics, prior, start and settings as groups); ``hd.open_result`` reads it
         back."""
-        from heterodyne import diagnostics
-
         present = diagnostics.groups(self.posterior)
         groups = {
-            f"/{g}": self.posterior[g]
-            for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS
-            if g in present
+            **{
+                g: self.posterior[g]
+                for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS
+                if g in present
+            },
+            **{name: getattr(self, name) for name in ("diagnostics", "prior", "start", "settings")},
         }
-        tree = xr.DataTree.from_dict(
-            {
-                "/": xr.Dataset(attrs={"result_type": "CMCResult", **self.info}),
-                **groups,
-                "/diagnostics": self.diagnostics,
-                "/prior": self.prior,
-                "/start": self.start,
-                "/settings": self.settings,
-            }
-        )
-        return write_tree(tree, path, overwrite=overwrite)
+        return write_result("CMCResult", self.info, groups, path, overwrite=overwrite)
 
     @classmethod
     def _from_tree(cls, tree):
-        from heterodyne import diagnostics
-
-        group = {name: tree[name].to_dataset() for name in tree.children}
+        group, info = read_groups(tree)
         return cls(
             posterior=diagnostics.inference_data(
                 **{g: group[g] for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS if g in group}
@@ -340,7 +337,7 @@ class CMCResult(FitResult):
             prior=group["prior"],
             start=group["start"],
             settings=group["settings"],
-            info={k: v for k, v in tree.attrs.items() if k != "result_type"},
+            info=info,
         )
 
 

@@ -32,12 +32,7 @@ Monte Carlo algorithm", Int. J. Management Science and Engineering Management 11
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from heterodyne.cmc import Plan
 
 
 def consensus(draws: np.ndarray) -> np.ndarray:
@@ -57,9 +52,10 @@ def consensus(draws: np.ndarray) -> np.ndarray:
     return weighted @ np.linalg.pinv(precisions.sum(axis=0), hermitian=True).T
 
 
-def adjustment(plan: Plan, u: np.ndarray, errors: str) -> tuple[np.ndarray, dict]:
-    """The combined draws ``u`` (chain, draw, n) corrected for ``errors`` (module doc,
-    "Correlated noise"), and the scales of the error model."""
+def adjustment(plan, u: np.ndarray, errors: str) -> tuple[np.ndarray, dict]:
+    """The combined draws ``u`` (chain, draw, n) of the run ``plan``
+    (:class:`heterodyne.cmc.Plan`) corrected for ``errors`` (module doc, "Correlated
+    noise"), and the scales of the error model."""
     if errors == "nominal":
         return u, {}
     n_free, flat = plan.n_free, u.reshape(-1, u.shape[-1])

@@ -34,10 +34,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from heterodyne.errors import OptionError
-from heterodyne.parameters import make_label
+from heterodyne.results import entry_label, index_of
 
 
 @dataclass(frozen=True)
@@ -73,23 +74,16 @@ def groups(idata) -> list[str]:
     return list(idata.groups())
 
 
-def by_parameter(ds: xr.Dataset) -> xr.DataArray:
-    """Stack the variables of ``ds`` into one array along ``parameter``.
-
-    A variable with a ``phi`` dimension gives one entry per angle, labelled
-    ``name[k]`` as in ``NLSQResult``; a scalar variable gives one entry, ``name``.
-    """
-    labels, columns = [], []
+def by_entry(ds: xr.Dataset) -> xr.DataArray:
+    """Stack the variables of ``ds`` into one array along ``entry``, a ``(name, phi)``
+    index: a variable with a ``phi`` dimension gives one entry per angle, a scalar one
+    one entry with ``phi`` NaN (the covariance index of ``NLSQResult``)."""
+    columns = []
     for name, var in ds.data_vars.items():
-        if "phi" in var.dims:
-            for k in range(var.sizes["phi"]):
-                labels.append(make_label(name, k))
-                columns.append(var.isel(phi=k, drop=True))
-        else:
-            labels.append(str(name))
-            columns.append(var)
-    stacked = xr.concat(columns, dim="parameter", coords="minimal", compat="override")
-    return stacked.assign_coords(parameter=labels)
+        if "phi" not in var.dims:
+            var = var.expand_dims(phi=[np.nan])
+        columns.append(var.expand_dims(name=[str(name)]).stack(entry=("name", "phi")))
+    return xr.concat(columns, dim="entry").reset_index("entry").drop_vars("entry", errors="ignore")
 
 
 def shard_diagnostics(
@@ -112,7 +106,8 @@ def shard_diagnostics(
     Returns
     -------
     xarray.Dataset
-        ``rhat``, ``ess_bulk``, ``ess_tail`` (shard, parameter); ``bfmi`` (shard, chain);
+        ``rhat``, ``ess_bulk``, ``ess_tail`` (shard, entry), ``entry`` the stacked
+        ``(name, phi)`` index of :func:`by_entry`; ``bfmi`` (shard, chain);
         ``divergences`` (count) and ``divergent_fraction`` (shard).
 
     Notes
@@ -124,22 +119,18 @@ def shard_diagnostics(
     energies (variance with ``n - 1``).
     """
     az = _arviz()
-    rhat, bulk, tail, bfmi = [], [], [], []
-    for s in shard_posterior["shard"].values:
-        draws = shard_posterior.sel(shard=s, drop=True)
-        rhat.append(by_parameter(az.rhat(draws)))
-        bulk.append(by_parameter(az.ess(draws, method="bulk")))
-        tail.append(by_parameter(az.ess(draws, method="tail")))
-        bfmi.append(az.bfmi(sample_stats["energy"].sel(shard=s).values))
+    # draws (shard, chain, draw[, phi]): ArviZ reduces chain and draw and keeps the rest
+    energy = sample_stats["energy"]
+    n_shards, n_chains = energy.sizes["shard"], energy.sizes["chain"]
+    bfmi = az.bfmi(energy.values.reshape(n_shards * n_chains, -1)).reshape(n_shards, n_chains)
     diverging = sample_stats["diverging"]
     count = diverging.sum(("chain", "draw")).astype(np.int64)
-    shard = shard_posterior["shard"]
     return xr.Dataset(
         {
-            "rhat": xr.concat(rhat, dim=shard),
-            "ess_bulk": xr.concat(bulk, dim=shard),
-            "ess_tail": xr.concat(tail, dim=shard),
-            "bfmi": (("shard", "chain"), np.asarray(bfmi)),
+            "rhat": by_entry(az.rhat(shard_posterior)),
+            "ess_bulk": by_entry(az.ess(shard_posterior, method="bulk")),
+            "ess_tail": by_entry(az.ess(shard_posterior, method="tail")),
+            "bfmi": (("shard", "chain"), bfmi),
             "divergences": count,
             "divergent_fraction": count / (diverging.sizes["chain"] * diverging.sizes["draw"]),
         },
@@ -180,11 +171,12 @@ def failures(diagnostics: xr.Dataset) -> dict[int, list[str]]:
     for s in diagnostics["shard"].values:
         d = diagnostics.sel(shard=s)
         found = []
-        for label, value in zip(d["parameter"].values, d["rhat"].values, strict=True):
+        labels = [entry_label(name, phi) for name, phi in index_of(d)]
+        for label, value in zip(labels, d["rhat"].values, strict=True):
             if not passes["rhat"](value):
                 found.append(f"R-hat of {label} = {value:.4g} (needs < {limits.rhat_max:g})")
         for figure, name in (("ess_bulk", "ESS_bulk"), ("ess_tail", "ESS_tail")):
-            for label, value in zip(d["parameter"].values, d[figure].values, strict=True):
+            for label, value in zip(labels, d[figure].values, strict=True):
                 if not passes[figure](value):
                     found.append(
                         f"{name} of {label} = {value:.4g} (needs >= {ess_min:g}: "
@@ -202,6 +194,41 @@ def failures(diagnostics: xr.Dataset) -> dict[int, list[str]]:
         if found:
             out[int(s)] = found
     return out
+
+
+# The judged figures of a shard in the verdict table: column, figure, how it is reduced.
+VERDICT_FIGURES = (
+    ("max R-hat", "rhat", "max"),
+    ("min ESS bulk", "ess_bulk", "min"),
+    ("min ESS tail", "ess_tail", "min"),
+    ("min BFMI", "bfmi", "min"),
+    ("divergent %", "divergent_fraction", None),
+)
+
+
+def verdict(diagnostics: xr.Dataset) -> pd.DataFrame:
+    """The CMC verdict as one table, one row per shard: ``shard``, ``pairs`` and
+    ``seconds`` (of a CMC run), the worst value of each judged figure over the
+    quantities (or chains) of the shard (``max R-hat``, ``min ESS bulk``, ``min ESS
+    tail``, ``min BFMI``, ``divergent %``), whether it passes (``<column> ok``,
+    :func:`pass_rules`; a NaN fails) and ``verdict``, ``"pass"`` or ``"fail"``. The
+    report, the plots and the dashboard all render this table."""
+    passes = pass_rules(diagnostics)
+    table = {"shard": diagnostics["shard"].values}
+    for column, name in (("pairs", "n_pairs"), ("seconds", "seconds")):
+        if name in diagnostics:  # a CMC run's figures; not of bare draws
+            table[column] = diagnostics[name].values
+    for column, figure, reduce in VERDICT_FIGURES:
+        values = diagnostics[figure]
+        if reduce is not None:
+            other = [d for d in values.dims if d != "shard"]
+            values = getattr(values, reduce)(other, skipna=False)
+        table[column] = values.values * (100 if figure == "divergent_fraction" else 1)
+        table[f"{column} ok"] = [passes[figure](v) for v in values.values]
+    frame = pd.DataFrame(table)
+    ok = frame[[f"{column} ok" for column, _, _ in VERDICT_FIGURES]].all(axis=1)
+    frame["verdict"] = np.where(ok, "pass", "fail")
+    return frame
 
 
 def hdi(posterior: xr.Dataset, prob: float = 0.94) -> xr.Dataset:

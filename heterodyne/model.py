@@ -8,7 +8,9 @@ Every equation exists once here. Two evaluation paths share the same building bl
 
 Units: ``t`` in s, ``q`` in 1/Å, ``phi`` and ``phi0`` in degrees, transport rates in
 Å²/s, velocities in Å/s. ``physics`` is the vector of the 14 physics parameters in the
-canonical order of :data:`heterodyne.parameters.PHYSICS_NAMES`.
+canonical order of :data:`heterodyne.parameters.PHYSICS_NAMES`, the kernels' documented
+signature: each kernel unpacks it whole, by that order, and nothing outside this module
+reads it by position.
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ def correlation_factors(frames: FrameIntegrals, q, q_parallel):
 
 def parallel_wavevector(physics, phi, q):
     """``q cos(phi - phi0)`` [1/Å]: the wavevector component along the flow."""
-    return q * jnp.cos(jnp.deg2rad(phi - physics[13]))
+    *_, phi0 = physics
+    return q * jnp.cos(jnp.deg2rad(phi - phi0))
 
 
 @jax.jit
@@ -294,8 +297,8 @@ def g2(physics, contrast, offset, tau, phi, q):
 
     The exponents, offsets and ``f1`` of ``physics`` are ignored (taken as zero).
     """
-    D0_ref, D0_sample, v0 = physics[0], physics[3], physics[6]
-    s = sample_fraction(0.0, physics[9], 0.0, physics[11], physics[12])
+    D0_ref, _, _, D0_sample, _, _, v0, _, _, f0, _, f2, f3, _ = physics
+    s = sample_fraction(0.0, f0, 0.0, f2, f3)
     X = s * s / ((1.0 - s) ** 2 + s * s)
     q2 = q * q
     tau = jnp.abs(tau)[None, :]

@@ -22,6 +22,7 @@ from heterodyne import checks, starts
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective, normalised_eigh, safe_inverse
+from heterodyne.results import entry_coords
 
 
 def fit_nlsq(
@@ -193,39 +194,36 @@ def _result(objective: Objective, outcomes, options, *, errors="nominal") -> NLS
     # grids are made (a later Objective.normal_equations builds it again)
     vars(objective).pop("blocks", None)
     chi2 = float(2.0 * best.cost)
-    covariance, nominal, scales, z, model_c2, residuals = objective.errors_at(
+    covariance, nominal, scales, _, model_c2, residuals = objective.errors_at(
         best.x, best.jtj, errors
     )
     success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
     tried = xr.Dataset(
         {
-            "x": (("start", "name"), np.array([o.x for o in outcomes])),
+            "x": (("start", "entry"), np.array([o.x for o in outcomes])),
             "cost": ("start", costs),
             "nfev": ("start", np.array([o.nfev for o in outcomes])),
             "success": ("start", np.array([int(o.success) for o in outcomes])),
         },
-        coords={"start": np.arange(len(outcomes)), "name": list(objective.labels)},
+        coords={
+            "start": np.arange(len(outcomes)),
+            **entry_coords(objective.entries),
+        },
     )
     return NLSQResult.from_fit(
-        data=objective.ds,
-        params=objective.params,
-        z=z,
-        labels=objective.labels,
+        objective=objective,
+        x=best.x,
         covariance=covariance,
         nominal=nominal,
         errors=errors,
         error_scales=scales,
         model_c2=model_c2,
-        pairs=objective.pairs,
         residuals=residuals,
         chi2=chi2,
         nfev=int(best.nfev),
         success=success,
         message=str(best.message),
         starts=tried,
-        scaling=objective.scaling,
-        lower=objective.lower,
-        upper=objective.upper,
         notes={"exchanged": exchanged, "resolvable_v": starts.resolvable_velocity(objective.ds)},
     )
 

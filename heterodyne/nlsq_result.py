@@ -1,7 +1,7 @@
 """``NLSQResult``: the outcome of a least-squares fit, saved and reopened without loss.
 
 It holds xarray objects only: ``params`` and ``stderr`` (one scalar variable per physics
-parameter, ``contrast``/``offset`` along ``phi``), ``covariance`` over the varied names,
+parameter, ``contrast``/``offset`` along ``phi``), ``covariance`` over the varied ``(name, phi)``,
 the multistart outcomes, the model and residuals, the fitted data and the parameter
 settings. ``to_netcdf`` writes them as groups of one netCDF-4 file;
 :func:`heterodyne.results.open_result` reads it back.
@@ -17,21 +17,30 @@ import numpy as np
 import xarray as xr
 
 from heterodyne.data import time_origin
-from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, parse_label
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS
 from heterodyne.results import (
     AT_BOUND_RTOL,
     RESULT_TYPES,
     FitResult,
-    by_label,
+    at_entries,
+    entry_label,
     identifiability_warnings,
-    params_layout,
+    index_of,
+    pick,
+    read_groups,
     settings_dataset,
     verdict_html,
-    write_tree,
+    write_result,
 )
 
 CORRELATION_SHOW = 0.7  # the report lists correlations above this
-CORRELATION_LINES = 12  # ... the strongest this many of them
+CORRELATION_LINES = 12
+# The groups of a result file: the fields of NLSQResult but info; those that are DataArrays
+GROUPS = (
+    "params", "stderr", "stderr_nominal", "covariance", "starts", "model", "residuals", "data",
+    "settings",
+)  # fmt: skip
+ARRAY_GROUPS = ("covariance", "residuals")  # ... the strongest this many of them
 
 
 @dataclass(frozen=True, repr=False)
@@ -47,7 +56,9 @@ class NLSQResult(FitResult):
         The nominal least-squares standard errors, which treat the pairs as independent
         (the same as ``stderr`` when ``info["errors"] == "nominal"``).
     covariance : xarray.DataArray
-        Covariance of the varied quantities, dims ``(name, name_)``, of the same kind as
+        Covariance of the varied quantities, dims ``(entry, entry_)``, each a stacked
+        ``(name, phi)`` index (``phi`` NaN for a scalar or shared quantity;
+        ``covariance.set_xindex(["name", "phi"]).sel(name="contrast")``), of the same kind as
         ``stderr``.
     starts : xarray.Dataset
         Every multistart outcome (``x``, ``cost``, ``nfev``, ``success`` by ``start``).
@@ -82,45 +93,26 @@ class NLSQResult(FitResult):
     def from_fit(
         cls,
         *,
-        data,
-        params,
-        z,
-        labels,
+        objective,
+        x,
         covariance,
         nominal,
         errors,
         error_scales,
         model_c2,
-        pairs,
         residuals,
         chi2,
         nfev,
         success,
         message,
         starts,
-        scaling,
-        lower,
-        upper,
         notes=None,
     ):
-        n_scale = 1 if scaling == "shared" else data.sizes["phi"]
-        phi, q = data["phi"].values, float(data["q"].values)
-        physics = z[: len(PHYSICS_NAMES)]
-        contrast = z[len(PHYSICS_NAMES) : len(PHYSICS_NAMES) + n_scale]
-        offset = z[len(PHYSICS_NAMES) + n_scale :]
-
-        def stderr_layout(cov):
-            errors = dict(zip(labels, np.sqrt(np.clip(np.diag(cov), 0, None)), strict=True))
-
-            def err_scale(name):
-                if scaling == "shared":
-                    return errors.get(name, np.nan)
-                return np.array([errors.get(f"{name}[{k}]", np.nan) for k in range(n_scale)])
-
-            err_physics = np.array([errors.get(n, np.nan) for n in PHYSICS_NAMES])
-            return params_layout(err_physics, err_scale("contrast"), err_scale("offset"), phi, q)
-
-        n_pairs, n_free = pairs.n_pairs, len(labels)
+        """The result of :class:`~heterodyne.objective.Objective` ``objective`` at the
+        solver vector ``x``, with the covariance of ``x`` of the kind ``errors`` and the
+        nominal one."""
+        data, pairs, scaling = objective.ds, objective.pairs, objective.scaling
+        n_pairs, n_free = pairs.n_pairs, len(objective.entries)
         info = {
             "chi2": chi2,
             "nfev": nfev,
@@ -148,15 +140,10 @@ class NLSQResult(FitResult):
             fitted.reshape(-1)[flat] = residuals
         coords = {k: data.coords[k] for k in ("phi", "t1", "t2", "q")}
         return cls(
-            params=params_layout(physics, contrast, offset, phi, q),
-            stderr=stderr_layout(covariance),
-            stderr_nominal=stderr_layout(nominal),
-            covariance=xr.DataArray(
-                covariance,
-                dims=("name", "name_"),
-                coords={"name": list(labels), "name_": list(labels)},
-                name="covariance",
-            ),
+            params=objective.values(x),
+            stderr=objective.errors(covariance),
+            stderr_nominal=objective.errors(nominal),
+            covariance=objective.covariance_array(covariance),
             starts=starts,
             model=xr.Dataset(
                 {
@@ -176,7 +163,7 @@ class NLSQResult(FitResult):
                 attrs={"long_name": "weighted residual (model - data)"},
             ),
             data=data,
-            settings=settings_dataset(params),
+            settings=settings_dataset(objective.params),
             info=info,
         )
 
@@ -213,7 +200,7 @@ class NLSQResult(FitResult):
     def strong_correlations(self, threshold: float = CORRELATION_SHOW):
         """``(a, b, corr)`` for varied pairs with ``|corr| > threshold``, strongest first."""
         corr = self.correlation.values
-        names = list(self.covariance["name"].values)
+        names = [entry_label(name, phi) for name, phi in index_of(self.covariance)]
         rows = [
             (names[a], names[b], float(corr[a, b]))
             for a in range(len(names))
@@ -222,17 +209,21 @@ class NLSQResult(FitResult):
         ]
         return sorted(rows, key=lambda r: -abs(r[2]))
 
-    def at_bounds(self) -> list[str]:
-        """Varied quantities whose value sits on a bound."""
-        out = []
-        for label in self.covariance["name"].values:
-            name, _ = parse_label(label)
-            lo, hi = (float(self.settings[k].sel(name=name)) for k in ("min", "max"))
-            value = self.value(str(label))
+    def bound_mask(self) -> np.ndarray:
+        """Whether each varied quantity (the covariance's ``entry``) sits on a bound."""
+        index = index_of(self.covariance)
+        values = at_entries(self.params, index)
+        out = np.zeros(len(index), dtype=bool)
+        for k, ((name, _), value) in enumerate(zip(index, values, strict=True)):
+            lo, hi = (float(self.settings[b].sel(name=name)) for b in ("min", "max"))
             tol = AT_BOUND_RTOL * (hi - lo)
-            if value - lo <= tol or hi - value <= tol:
-                out.append(str(label))
+            out[k] = value - lo <= tol or hi - value <= tol
         return out
+
+    def at_bounds(self) -> list[str]:
+        """The display labels of the varied quantities that sit on a bound."""
+        index = index_of(self.covariance)
+        return [entry_label(*index[k]) for k in np.flatnonzero(self.bound_mask())]
 
     @cached_property
     def verdict(self):
@@ -255,20 +246,21 @@ class NLSQResult(FitResult):
         return out
 
     def _rows(self):
+        """``(label, value, stderr, nominal stderr, min, max, flags, unit)`` per quantity:
+        one row per angle of a per-angle quantity, one for a shared one."""
+        bound = self.at_bounds()
         for name in PHYSICS_NAMES + SCALING_NAMES:
-            values = np.atleast_1d(self.params[name].values)
-            errors = np.atleast_1d(self.stderr[name].values)
             vary = bool(self.settings["vary"].sel(name=name))
             lo, hi = (float(self.settings[k].sel(name=name)) for k in ("min", "max"))
             shared = self.info["scaling"] == "shared" and name in SCALING_NAMES
-            for k in range(1 if shared else values.size):
-                label = name if values.size == 1 or shared else f"{name}[{k}]"
-                flags = []
-                if not vary:
-                    flags.append("fixed")
-                elif label in self.at_bounds():
-                    flags.append("at bound")
-                yield label, values[k], errors[k], lo, hi, ", ".join(flags), SPECS[name].unit
+            angles = self.params["phi"].values if name in SCALING_NAMES and not shared else [None]
+            for phi in angles:
+                label = entry_label(name, np.nan if phi is None else phi)
+                flags = "fixed" if not vary else ("at bound" if label in bound else "")
+                figures = (
+                    pick(ds, name, phi) for ds in (self.params, self.stderr, self.stderr_nominal)
+                )
+                yield label, *figures, lo, hi, flags, SPECS[name].unit
 
     def report(self) -> str:
         """An lmfit-style text report: statistics, parameters, correlations, warnings."""
@@ -312,14 +304,13 @@ class NLSQResult(FitResult):
             + ("" if nominal else f"{'nominal':>12}")
             + f"{'min':>11}{'max':>11}  {'flags':<9} unit",
         ]
-        for label, value, error, lo, hi, flags, unit in self._rows():
+        for label, value, error, least, lo, hi, flags, unit in self._rows():
             rel = ""
             if np.isfinite(error) and value:
                 rel = f"{100 * error / abs(value):.2f}%" if error < 1e3 * abs(value) else ">1e5%"
             err = f"{error:.4g}" if np.isfinite(error) else "-"
             row = f"    {label:<16}{value:>13.6g}{err:>12}{rel:>9}"
             if not nominal:
-                least = by_label(self.stderr_nominal, label)
                 row += f"{least:>12.4g}" if np.isfinite(least) else f"{'-':>12}"
             lines.append(f"{row}{lo:>11.4g}{hi:>11.4g}  {flags:<9} {unit}")
         correlations = self.strong_correlations()
@@ -348,10 +339,10 @@ class NLSQResult(FitResult):
 
         rows = "".join(
             f"<tr><td>{html.escape(label)}</td><td>{value:.6g}</td><td>{number(error)}</td>"
-            + ("" if nominal else f"<td>{number(by_label(self.stderr_nominal, label))}</td>")
+            + ("" if nominal else f"<td>{number(least)}</td>")
             + f"<td>{lo:.4g}</td><td>{hi:.4g}</td>"
             f"<td>{flags}</td><td>{html.escape(unit)}</td></tr>"
-            for label, value, error, lo, hi, flags, unit in self._rows()
+            for label, value, error, least, lo, hi, flags, unit in self._rows()
         )
         warns = "".join(f"<li>{html.escape(w)}</li>" for w in self.warnings())
         return (
@@ -374,37 +365,21 @@ class NLSQResult(FitResult):
     def to_netcdf(self, path, *, overwrite: bool = False):
         """Write the whole result to one netCDF-4 file (groups); ``hd.open_result``
         reads it back."""
-        tree = xr.DataTree.from_dict(
-            {
-                "/": xr.Dataset(attrs={"result_type": "NLSQResult", **self.info}),
-                "/params": self.params,
-                "/stderr": self.stderr,
-                "/stderr_nominal": self.stderr_nominal,
-                "/covariance": self.covariance.to_dataset(),
-                "/starts": self.starts,
-                "/model": self.model,
-                "/residuals": self.residuals.to_dataset(),
-                "/data": self.data,
-                "/settings": self.settings,
-            }
-        )
-        return write_tree(tree, path, overwrite=overwrite)
+        groups = {
+            name: getattr(self, name).to_dataset() if name in ARRAY_GROUPS else getattr(self, name)
+            for name in GROUPS
+        }
+        return write_result("NLSQResult", self.info, groups, path, overwrite=overwrite)
 
     @classmethod
     def _from_tree(cls, tree):
-        group = {name: tree[name].to_dataset() for name in tree.children}
+        groups, info = read_groups(tree)
         return cls(
-            params=group["params"],
-            stderr=group["stderr"],
-            # files written before errors= existed hold nominal errors only
-            stderr_nominal=group.get("stderr_nominal", group["stderr"]),
-            covariance=group["covariance"]["covariance"],
-            starts=group["starts"],
-            model=group["model"],
-            residuals=group["residuals"]["residuals"],
-            data=group["data"],
-            settings=group["settings"],
-            info={k: v for k, v in tree.attrs.items() if k != "result_type"},
+            **{
+                name: groups[name][name] if name in ARRAY_GROUPS else groups[name]
+                for name in GROUPS
+            },
+            info=info,
         )
 
 

@@ -28,7 +28,8 @@ from scipy.stats import qmc
 
 from heterodyne import model, starts, structured, uncertainty
 from heterodyne.data import validate
-from heterodyne.errors import DataError, OptionError, ParameterError
+from heterodyne.errors import OptionError, ParameterError
+from heterodyne.pairs import Pairs, fitted_pairs, residuals, unpack
 from heterodyne.parameters import (
     LOG_DECADES,
     LOG_SCALE,
@@ -36,139 +37,16 @@ from heterodyne.parameters import (
     PHYSICS_NAMES,
     SCALING_NAMES,
     Parameters,
-    make_label,
 )
-from heterodyne.results import identifiability_warnings
-
-
-class Pairs(NamedTuple):
-    """The fitted pairs of a Dataset, flattened over angles (a JAX pytree)."""
-
-    t: jax.Array  #: frame times [s], (N,)
-    phi: jax.Array  #: angles [deg], (n_phi,)
-    q: jax.Array  #: wavevector [1/Å], ()
-    angle: jax.Array  #: angle index of each pair, (n_pairs,)
-    i: jax.Array  #: first frame index (i < j), (n_pairs,)
-    j: jax.Array  #: second frame index, (n_pairs,)
-    c2: jax.Array  #: measured c2, (n_pairs,), in float32 (``STORAGE``)
-    weight: jax.Array  #: 1 / sigma, or 1 without sigma, (n_pairs,)
-
-    @property
-    def n_pairs(self) -> int:
-        return int(self.c2.shape[0])
-
-
-# The data of a fit are stored in float32, as beamline files store c2: the rounding,
-# ~6e-8 of |c2|, is far below any measured noise, and every sum is taken in float64.
-STORAGE = np.float32
-
-
-def fitted_pairs(ds: xr.Dataset, dtype=STORAGE) -> Pairs:
-    """The pairs ``t_i < t_j`` of every angle with finite ``c2`` (and ``sigma``) of a
-    Dataset its caller has validated (:meth:`Objective.build` does); ``c2`` stored as
-    ``dtype``.
-
-    Built one angle and one array at a time, each array handed to JAX as soon as it is
-    filled: beyond the result, memory holds one angle's pairs and one per-pair array.
-    """
-    n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
-    i, j = (v.astype(np.int32) for v in np.triu_indices(n, 1))
-    c2_values = ds["c2"].values
-    sigma_values = ds["sigma"].values if "sigma" in ds.data_vars else None
-
-    def finite(a):
-        keep = np.isfinite(c2_values[a][i, j])
-        if sigma_values is not None:
-            keep &= np.isfinite(sigma_values[a][i, j])
-        return keep
-
-    keep = np.stack([finite(a) for a in range(n_phi)])
-    counts = keep.sum(axis=1)
-    if not counts.any():
-        raise DataError("no finite c2 pairs to fit")
-
-    def per_pair(values_of, dtype):
-        out = np.empty(int(counts.sum()), dtype=dtype)
-        ends = np.cumsum(counts)
-        for a in range(n_phi):
-            out[ends[a] - counts[a] : ends[a]] = values_of(a)[keep[a]]
-        return jax.device_put(out)
-
-    return Pairs(
-        t=jnp.asarray(ds["t1"].values, dtype=jnp.float64),
-        phi=jnp.asarray(ds["phi"].values, dtype=jnp.float64),
-        q=jnp.asarray(float(ds["q"].values)),
-        angle=jax.device_put(np.repeat(np.arange(n_phi, dtype=np.int32), counts)),
-        i=per_pair(lambda a: i, np.int32),
-        j=per_pair(lambda a: j, np.int32),
-        c2=per_pair(lambda a: c2_values[a][i, j], dtype),
-        weight=(
-            jnp.ones(int(counts.sum()))
-            if sigma_values is None
-            else per_pair(lambda a: 1.0 / sigma_values[a][i, j], np.float64)
-        ),
-    )
-
-
-class Rows(NamedTuple):
-    """Whole rows of the two-time matrices of every angle: the pairs ``(t_i, t_j)`` of
-    the frames ``i`` in ``rows`` with every frame ``j`` (a JAX pytree). Only the fitted
-    pairs carry weight; the others (``j <= i``, masked, padding rows) have weight 0."""
-
-    t: jax.Array  #: frame times [s], (N,)
-    phi: jax.Array  #: angles [deg], (n_phi,)
-    q: jax.Array  #: wavevector [1/Å], ()
-    rows: jax.Array  #: frame index of each row, (R,)
-    c2: jax.Array  #: measured c2, 0 where not fitted, (n_phi, R, N)
-    weight: jax.Array  #: 1 / sigma (or 1) on the fitted pairs, else 0, (n_phi, R, N)
-
-
-def row_block(pairs: Pairs, rows: np.ndarray, size: int) -> Rows:
-    """The fitted pairs whose first frame is in ``rows`` as a :class:`Rows` block of
-    ``size`` rows (numpy arrays), padded with weight-0 rows."""
-    n_phi, n = int(pairs.phi.shape[0]), int(pairs.t.shape[0])
-    angle, i, j = (np.asarray(a) for a in (pairs.angle, pairs.i, pairs.j))
-    position = np.full(n, -1)
-    position[rows] = np.arange(rows.size)
-    keep = position[i] >= 0
-    c2, weight = np.zeros((2, n_phi, size, n))
-    c2[angle[keep], position[i[keep]], j[keep]] = np.asarray(pairs.c2)[keep]
-    weight[angle[keep], position[i[keep]], j[keep]] = np.asarray(pairs.weight)[keep]
-    padded = np.concatenate([rows, np.zeros(size - rows.size, dtype=rows.dtype)])
-    return Rows(
-        t=np.asarray(pairs.t),
-        phi=np.asarray(pairs.phi),
-        q=np.asarray(pairs.q),
-        rows=padded.astype(np.int32),
-        c2=c2,
-        weight=weight,
-    )
-
-
-def unpack(z, n_scale: int):
-    """Split the packed vector into ``(physics (14,), contrast, offset)``."""
-    n = len(PHYSICS_NAMES)
-    return z[:n], z[n : n + n_scale], z[n + n_scale : n + 2 * n_scale]
-
-
-def model_at_pairs(z, pairs: Pairs, n_scale: int):
-    """Model ``c2`` at the fitted pairs from the packed vector ``z``."""
-    # With shared scaling contrast and offset have shape (1,) and broadcast to all angles.
-    physics, contrast, offset = unpack(z, n_scale)
-    return model.c2_pairs(
-        physics, contrast, offset, pairs.t, pairs.phi, pairs.q, pairs.angle, pairs.i, pairs.j
-    )
-
-
-def residuals(z, pairs: Pairs | Rows, n_scale: int):
-    """Weighted residuals ``(model - data) * weight`` at the fitted pairs: (n_pairs,)
-    for :class:`Pairs`, (n_phi, R, N) for :class:`Rows` (0 where the weight is 0)."""
-    if isinstance(pairs, Rows):
-        physics, contrast, offset = unpack(z, n_scale)
-        c2 = model.c2_rows(physics, contrast, offset, pairs.t, pairs.phi, pairs.q, pairs.rows)
-        return (c2 - pairs.c2) * pairs.weight
-    return (model_at_pairs(z, pairs, n_scale) - pairs.c2) * pairs.weight
-
+from heterodyne.results import (
+    assign_entries,
+    at_entries,
+    entries,
+    entry_label,
+    identifiability_warnings,
+    params_layout,
+    stacked,
+)
 
 SCALINGS = ("per_angle", "shared")
 # Starts of multistart="auto": the best estimate from the data and the next distinct ones.
@@ -258,7 +136,10 @@ class Objective:
     ``z``), the bounds and starts, the weighted residuals, the cost ``0.5 |r|²``, its
     gradient, the normal equations and the covariance. :func:`heterodyne.fit_nlsq`
     minimises :meth:`cost`; :func:`heterodyne.fit_cmc` samples the Gaussian likelihood
-    of the same residuals. Build one with :meth:`build`.
+    of the same residuals. Build one with :meth:`build`. Between the solver vector and
+    the parameters: :meth:`values` (``x`` to a ``params`` Dataset, contrast and offset
+    along ``phi``) and :meth:`from_values` (back); :meth:`errors` and
+    :meth:`covariance_array` give a result's ``stderr`` and ``covariance``.
 
     Attributes
     ----------
@@ -268,9 +149,9 @@ class Objective:
         The parameters after starts, bounds and fixes were settled.
     pairs : Pairs
         The fitted pairs.
-    labels : tuple of str
-        Name of each entry of ``x`` (``"contrast[k]"`` for angle ``k`` with per-angle
-        scaling).
+    entries : pandas.MultiIndex
+        ``(name, phi)`` of each entry of ``x``: ``phi`` [deg] for one angle's contrast or
+        offset with per-angle scaling, NaN for a physics parameter or a shared one.
     lower, upper : numpy.ndarray
         Bounds of ``x``.
     x0 : numpy.ndarray
@@ -287,9 +168,9 @@ class Objective:
     ...                  bounds=list(zip(objective.lower, objective.upper)))
     """
 
-    def __init__(self, ds, params, pairs, template, free, labels, lower, upper, n_scale, scaling):
+    def __init__(self, ds, params, pairs, template, free, index, lower, upper, n_scale, scaling):
         self.ds, self.params, self.pairs = ds, params, pairs
-        self.template, self.free, self.labels = template, free, labels
+        self.template, self.free, self.entries = template, free, index
         self.lower, self.upper, self.n_scale, self.scaling = lower, upper, n_scale, scaling
         self.x0 = np.asarray(template)[np.asarray(free)]
         self.n_physics = int(np.sum(np.asarray(free) < len(PHYSICS_NAMES)))  #: varied physics
@@ -348,12 +229,13 @@ class Objective:
                 p[name].value = float(np.clip(value, p[name].min, p[name].max))
                 p[name].given = False
         estimates = starts.estimate_scaling(ds, p.physics_values())
-        values, lower, upper, labels, free = [], [], [], [], []
+        values, lower, upper, names, phis, free = [], [], [], [], [], []
         for name in PHYSICS_NAMES:
             par = p[name]
             if par.vary:
                 free.append(len(values))
-                labels.append(name)
+                names.append(name)
+                phis.append(np.nan)
                 lower.append(par.min)
                 upper.append(par.max)
             values.append(float(par.value))
@@ -370,7 +252,8 @@ class Objective:
             for k in range(n_scale):
                 if par.vary:
                     free.append(len(values))
-                    labels.append(make_label(name, k if scaling == "per_angle" else None))
+                    names.append(name)
+                    phis.append(ds["phi"].values[k] if scaling == "per_angle" else np.nan)
                     lower.append(par.min)
                     upper.append(par.max)
                 values.append(float(start[k]))
@@ -386,7 +269,7 @@ class Objective:
             pairs,
             jnp.asarray(values),
             jnp.asarray(free, dtype=jnp.int32),
-            tuple(labels),
+            entries(names, phis),
             np.asarray(lower),
             np.asarray(upper),
             n_scale,
@@ -402,16 +285,56 @@ class Objective:
         """``base`` (default ``x0``) with its varied physics entries taken from
         ``physics`` (14,), clipped to the bounds."""
         x = (self.x0 if base is None else np.asarray(base, dtype=float)).copy()
-        for k, label in enumerate(self.labels):
-            if label in PHYSICS_NAMES:
-                x[k] = physics[PHYSICS_INDEX[label]]
+        for k, name in enumerate(self.names):
+            if name in PHYSICS_INDEX:
+                x[k] = physics[PHYSICS_INDEX[name]]
         return np.clip(x, self.lower, self.upper)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The parameter name of each entry of ``x``."""
+        return tuple(self.entries.get_level_values("name"))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Display text of each entry of ``x`` (``"v0"``, ``"contrast[60°]"``)."""
+        return tuple(entry_label(name, phi) for name, phi in self.entries)
 
     def physics(self, x) -> np.ndarray:
         """The 14 physics values at the solver vector ``x``."""
+        return self.unpack(x)[0]
+
+    def unpack(self, x):
+        """``(physics (14,), contrast (n_scale,), offset (n_scale,))`` at the solver
+        vector ``x``, the fixed values included."""
         z = np.asarray(self.template).copy()
         z[np.asarray(self.free)] = x
-        return z[: len(PHYSICS_NAMES)]
+        return unpack(z, self.n_scale)
+
+    def values(self, x) -> xr.Dataset:
+        """Every parameter at ``x`` as a ``params`` Dataset: a scalar per physics
+        parameter, ``contrast`` and ``offset`` along ``phi``."""
+        physics, contrast, offset = self.unpack(x)
+        return params_layout(physics, contrast, offset, self.ds["phi"].values, float(self.ds["q"]))
+
+    def from_values(self, values: xr.Dataset) -> np.ndarray:
+        """The solver vector ``x`` of a ``params`` Dataset (the inverse of
+        :meth:`values`): each varied entry read by name and, per angle, by ``phi``."""
+        return at_entries(values, self.entries)
+
+    def errors(self, covariance) -> xr.Dataset:
+        """Standard errors ``sqrt(diag covariance)`` in the ``params`` layout, NaN for
+        the fixed parameters."""
+        blank = params_layout(
+            np.full(len(PHYSICS_NAMES), np.nan), np.nan, np.nan, self.ds["phi"].values,
+            float(self.ds["q"]),
+        )  # fmt: skip
+        return assign_entries(blank, self.entries, np.sqrt(np.clip(np.diag(covariance), 0, None)))
+
+    def covariance_array(self, covariance, name: str = "covariance") -> xr.DataArray:
+        """A covariance of ``x`` over the stacked ``(name, phi)`` index of its entries,
+        dims ``(entry, entry_)``."""
+        return stacked(np.asarray(covariance), self.entries, name=name)
 
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
@@ -462,12 +385,12 @@ class Objective:
         parameters (log-uniform for ``LOG_SCALE``); contrast and offset keep ``x0``."""
         if n == 0:
             return np.empty((0, self.x0.size))
-        physics = [k for k, label in enumerate(self.labels) if label in PHYSICS_NAMES]
+        physics = [k for k, name in enumerate(self.names) if name in PHYSICS_INDEX]
         unit = qmc.LatinHypercube(len(physics), seed=seed).random(n)
         points = np.tile(self.x0, (n, 1))
         for column, k in enumerate(physics):
             lo, hi = self.lower[k], self.upper[k]
-            if self.labels[k] in LOG_SCALE and hi > 0:
+            if self.names[k] in LOG_SCALE and hi > 0:
                 lo_log = np.log10(max(lo, hi * 10.0**-LOG_DECADES))
                 points[:, k] = 10.0 ** (lo_log + unit[:, column] * (np.log10(hi) - lo_log))
             else:

@@ -95,26 +95,6 @@ def physics_by_name(physics) -> dict[str, float]:
     return {name: float(physics[k]) for name, k in PHYSICS_INDEX.items()}
 
 
-def make_label(name: str, angle: int | None = None) -> str:
-    """The label of a fitted quantity in reports and result files: ``name``, or
-    ``"name[k]"`` for the entry of angle ``k`` of a per-angle quantity."""
-    return name if angle is None else f"{name}[{angle}]"
-
-
-def parse_label(text: str) -> tuple[str, int | None]:
-    """``(name, angle)`` of a label made by :func:`make_label`; ``angle`` is ``None`` for a
-    quantity without a ``phi`` dimension.
-
-    The one place where labels are read back: result files store the varied quantities
-    by label (the ``name`` coordinate of the covariance), and users may ask for
-    ``result.value("contrast[1]")``.
-    """
-    name, bracket, rest = str(text).partition("[")
-    if not bracket:
-        return name, None
-    return name, int(rest.removesuffix("]"))
-
-
 # Positive scales spanning decades: drawn log-uniformly by multistart, sampled in log10 by
 # CMC, shown on log sliders by the explorer.
 LOG_SCALE = ("D0_ref", "D0_sample", "v0")

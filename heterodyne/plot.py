@@ -26,8 +26,8 @@ import numpy as np
 import xarray as xr
 from bokeh.resources import INLINE
 
+from heterodyne import diagnostics
 from heterodyne.data import validate
-from heterodyne.diagnostics import pass_rules
 from heterodyne.errors import OptionError
 from heterodyne.files import atomic_write
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, SPECS, UNITS
@@ -415,24 +415,14 @@ def posterior(result) -> hv.Layout:
 
 
 def _diagnostics_table(result) -> hv.Overlay:
-    """Pass/fail of each shard's worst R-hat, ESS bulk/tail, BFMI and divergences."""
-    d = result.diagnostics
-    passes = pass_rules(d)
-    cells = []
-    for s in d["shard"].values:
-        row = d.sel(shard=s)
-        worst = {
-            "R-hat (max)": ("rhat", float(row["rhat"].max())),
-            "ESS bulk (min)": ("ess_bulk", float(row["ess_bulk"].min())),
-            "ESS tail (min)": ("ess_tail", float(row["ess_tail"].min())),
-            "BFMI (min)": ("bfmi", float(row["bfmi"].min())),
-            "divergent %": ("divergent_fraction", float(row["divergent_fraction"])),
-        }
-        figures = [
-            (label, 100 * value if key == "divergent_fraction" else value, passes[key](value))
-            for label, (key, value) in worst.items()
-        ]
-        cells += [(figure, f"shard {s}", int(ok), f"{value:.4g}") for figure, value, ok in figures]
+    """The CMC verdict table (:func:`heterodyne.diagnostics.verdict`) as a heat map:
+    pass/fail of each shard's worst R-hat, ESS bulk/tail, BFMI and divergences."""
+    table = diagnostics.verdict(result.diagnostics)
+    cells = [
+        (column, f"shard {row['shard']}", int(row[f"{column} ok"]), f"{row[column]:.4g}")
+        for _, row in table.iterrows()
+        for column, _, _ in diagnostics.VERDICT_FIGURES
+    ]
     kdims, vdims = ["figure", "shard"], ["pass", "value"]
     table = hv.HeatMap(cells, kdims, vdims).opts(
         cmap=["#d62728", "#2ca02c"],

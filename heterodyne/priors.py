@@ -38,6 +38,7 @@ from heterodyne import model
 from heterodyne.errors import ParameterError
 from heterodyne.objective import Objective
 from heterodyne.parameters import LOG_SCALE, PHYSICS_INDEX
+from heterodyne.results import at_entries
 
 PRIOR_WIDTH = 10.0  # NLSQ-centred priors: standard deviation = PRIOR_WIDTH x NLSQ stderr
 FLOOR_EFFECT = 1e-4  # a log-space parameter's floor: q² ∫J (or q ∫v) over the record
@@ -51,18 +52,18 @@ _RIDGE = 0.25
 def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int):
     """``(low, high, log)`` of the sampled space ``y`` for the varied quantities, then
     ``n_noise`` noise levels."""
-    n = len(problem.labels)
+    n = len(problem.entries)
     low, high = np.empty(n + n_noise), np.empty(n + n_noise)
     log = np.zeros(n + n_noise, dtype=bool)
-    for k, label in enumerate(problem.labels):
+    for k, (name, label) in enumerate(zip(problem.names, problem.labels, strict=True)):
         lo, hi = problem.lower[k], problem.upper[k]
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
             raise ParameterError(
                 f"{label}: CMC samples inside finite bounds with min < max; got "
                 f"[{lo:g}, {hi:g}] (set finite bounds, or fix the parameter)"
             )
-        if label in floors and lo >= 0 and hi > floors[label]:
-            log[k], low[k], high[k] = True, np.log(max(lo, floors[label])), np.log(hi)
+        if name in floors and lo >= 0 and hi > floors[name]:
+            log[k], low[k], high[k] = True, np.log(max(lo, floors[name])), np.log(hi)
         else:
             low[k], high[k] = lo, hi
     log[n:] = True
@@ -70,16 +71,17 @@ def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int):
     return low, high, log
 
 
-def prior(init, labels, low, high, log):
+def prior(init, index, low, high, log):
     """``(normal, loc, scale)`` of the prior in the sampled space: uniform on ``[low,
     high]`` (loc and scale then only keep the truncated normal finite), or centred on
-    ``init`` with ``PRIOR_WIDTH`` x its stderr where it has a finite one."""
+    ``init`` with ``PRIOR_WIDTH`` x its stderr where it has a finite one; ``index`` is the
+    ``(name, phi)`` of each varied quantity (:attr:`Objective.entries`)."""
     normal = np.zeros(low.size, dtype=bool)
     loc, scale = 0.5 * (low + high), high - low
     if init is None:
         return normal, loc, scale
-    for k, label in enumerate(labels):
-        value, error = init.value(label), init.error(label)
+    values, errors = at_entries(init.params, index), at_entries(init.stderr, index)
+    for k, (value, error) in enumerate(zip(values, errors, strict=True)):
         if not (np.isfinite(error) and error > 0):
             continue
         if log[k]:
@@ -106,7 +108,7 @@ def log_floors(problem: Objective) -> dict[str, float]:
 def whitening(problem, u0, low, high, log, x0, n_shards, noise) -> np.ndarray:
     """``A`` with ``A A^T`` the inverse Gauss-Newton curvature of one shard's log density
     in ``u`` at the start, plus ``_RIDGE``: NUTS then samples ``w`` of about unit scale."""
-    n_free = len(problem.labels)
+    n_free = len(problem.entries)
     jtj = problem.normal_equations(problem.x0)[0]
     sigmoid = 1.0 / (1.0 + np.exp(-u0))
     dy_du = (high - low) * sigmoid * (1.0 - sigmoid)

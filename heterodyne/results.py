@@ -12,24 +12,41 @@ import html
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from heterodyne import checks
-from heterodyne.errors import FileFormatError
+from heterodyne.errors import FileFormatError, OptionError
 from heterodyne.files import atomic_write
-from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, UNITS, Parameters, parse_label
+from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, UNITS, Parameters
 
 AT_BOUND_RTOL = 1e-6  # a value this close to a bound (relative to the range) is "at bound"
 # The result types by the ``result_type`` attribute of their files; each result module
 # adds its own.
 RESULT_TYPES: dict[str, type] = {}
+# The layout of result files, in their ``format`` attribute: 2 keeps per-angle quantities
+# on a ``phi`` dimension and the varied ones on a ``(name, phi)`` index; files without
+# it (format 1) stored them by label (``contrast[1]``).
+RESULT_FORMAT = 2
 
 
-def write_tree(tree: xr.DataTree, path, *, overwrite: bool) -> Path:
-    """Write a result's groups to one netCDF-4 file, atomically."""
+def write_result(kind: str, info: dict, groups: dict, path, *, overwrite: bool) -> Path:
+    """Write a result to one netCDF-4 file, atomically: ``info`` as the root attributes
+    (with ``result_type = kind`` and ``format = RESULT_FORMAT``), each Dataset of
+    ``groups`` as the group of its name."""
+    root = xr.Dataset(attrs={"result_type": kind, "format": RESULT_FORMAT, **info})
+    tree = xr.DataTree.from_dict({"/": root, **{f"/{k}": v for k, v in groups.items()}})
     return atomic_write(
         lambda tmp: tree.to_netcdf(tmp, engine="h5netcdf"), path, overwrite=overwrite
     )
+
+
+def read_groups(tree: xr.DataTree) -> tuple[dict[str, xr.Dataset], dict]:
+    """The groups of a result file by name, and its ``info`` (the root attributes less
+    those :func:`write_result` adds)."""
+    groups = {name: tree[name].to_dataset() for name in tree.children}
+    info = {k: v for k, v in tree.attrs.items() if k not in ("result_type", "format")}
+    return groups, info
 
 
 def identifiability_warnings(p: Parameters) -> list[str]:
@@ -97,15 +114,15 @@ class FitResult:
     """What both result types share: reading values, errors and parameter settings
     back from ``params``, ``stderr`` and ``settings``."""
 
-    def value(self, label: str) -> float:
-        """Best-fit value (NLSQ) or posterior mean (CMC) of a quantity by label
-        (``"v0"``, ``"contrast[1]"``)."""
-        return by_label(self.params, label)
+    def value(self, name: str, phi: float | None = None) -> float:
+        """Best-fit value (NLSQ) or posterior mean (CMC) of ``name``; ``phi`` [deg] picks
+        the angle of a per-angle quantity (``result.value("contrast", phi=60)``)."""
+        return pick(self.params, name, phi)
 
-    def error(self, label: str) -> float:
-        """Standard error (NLSQ) or posterior standard deviation (CMC) of a quantity by
-        label."""
-        return by_label(self.stderr, label)
+    def error(self, name: str, phi: float | None = None) -> float:
+        """Standard error (NLSQ) or posterior standard deviation (CMC) of ``name`` (at
+        angle ``phi`` of a per-angle quantity)."""
+        return pick(self.stderr, name, phi)
 
     def parameters(self) -> Parameters:
         """The fitted values (NLSQ) or posterior means (CMC) as a ``Parameters``, with
@@ -121,6 +138,32 @@ class FitResult:
         return p
 
 
+def pick(ds: xr.Dataset, name: str, phi: float | None = None) -> float:
+    """One value of a ``params``-layout Dataset: ``ds[name]``, at angle ``phi`` [deg]
+    where it has a ``phi`` dimension (a quantity equal at every angle needs none)."""
+    if name not in ds.data_vars:
+        raise OptionError(f"no quantity {name!r}; the result holds {', '.join(ds.data_vars)}")
+    var = ds[name]
+    if "phi" not in var.dims:
+        if phi is not None:
+            raise OptionError(f"{name} is one value for all angles; call without phi")
+        return float(var)
+    if phi is None:
+        values = var.values
+        if values.size and np.all((values == values[0]) | (np.isnan(values) & np.isnan(values[0]))):
+            return float(values[0])
+        raise OptionError(
+            f"{name} has one value per angle: give phi, one of "
+            f"{', '.join(f'{v:g}' for v in var['phi'].values)} deg"
+        )
+    if not np.any(np.isclose(var["phi"].values, phi)):
+        raise OptionError(
+            f"phi={phi!r} is not an angle of this result; its angles are "
+            f"{', '.join(f'{v:g}' for v in var['phi'].values)} deg"
+        )
+    return float(var.sel(phi=phi, method="nearest"))
+
+
 def open_result(path):
     """Read a result written by ``.to_netcdf`` (``NLSQResult`` or ``CMCResult``)."""
     path = checks.readable_file(path)
@@ -133,6 +176,14 @@ def open_result(path):
         raise FileFormatError(
             f"{path}: attribute result_type is {kind!r}; expected one of "
             f"{sorted(RESULT_TYPES)} (is this a data file? use hd.load)"
+        )
+    if int(tree.attrs.get("format", 1)) < RESULT_FORMAT:
+        group = "data" if kind == "NLSQResult" else "observed_data"
+        raise FileFormatError(
+            f"{path}: a {kind} file of an earlier heterodyne, which stored per-angle "
+            "quantities by label (contrast[1]); this version keeps them on a phi dimension "
+            "and does not read those files. Fit the data again: they are in the file, "
+            f"xr.open_dataset(path, group={group!r}, engine='h5netcdf')"
         )
     try:
         return RESULT_TYPES[kind]._from_tree(tree)
@@ -158,9 +209,61 @@ def verdict_html(verdict) -> str:
     )
 
 
-def by_label(ds: xr.Dataset, label: str) -> float:
-    """The value of ``ds`` at a label (:func:`~heterodyne.parameters.parse_label`): the
-    entry of angle ``k`` of a per-angle variable, or a scalar."""
-    name, angle = parse_label(label)
-    values = np.atleast_1d(ds[name].values)
-    return float(values[0 if angle is None else angle])
+def entries(names, phis) -> pd.MultiIndex:
+    """The stacked ``(name, phi)`` index of fitted quantities: ``phi`` in degrees for the
+    entry of one angle of a per-angle quantity, NaN for a scalar (or shared) one."""
+    return pd.MultiIndex.from_arrays(
+        [np.asarray(names, dtype=str), np.asarray(phis, dtype=float)], names=("name", "phi")
+    )
+
+
+def entry_label(name: str, phi: float) -> str:
+    """Display text of an entry: ``"v0"``, ``"contrast[60°]"`` (reports and tables only)."""
+    return str(name) if np.isnan(phi) else f"{name}[{phi:g}°]"
+
+
+def at_entries(ds: xr.Dataset, index: pd.MultiIndex) -> np.ndarray:
+    """The values of ``ds`` (``params`` layout) at each ``(name, phi)`` of ``index``."""
+    out = np.empty(len(index))
+    for k, (name, phi) in enumerate(index):
+        var = ds[name]
+        if "phi" in var.dims:
+            # a shared (NaN-phi) quantity is the same at every angle
+            var = var.isel(phi=0) if np.isnan(phi) else var.sel(phi=phi)
+        out[k] = float(var)
+    return out
+
+
+def assign_entries(ds: xr.Dataset, index: pd.MultiIndex, values) -> xr.Dataset:
+    """A copy of ``ds`` (``params`` layout) with each ``(name, phi)`` of ``index`` set to
+    its value; a NaN-phi entry of a per-angle variable sets every angle."""
+    out = ds.copy(deep=True)
+    for (name, phi), value in zip(index, np.asarray(values, float), strict=True):
+        if "phi" in out[name].dims and not np.isnan(phi):
+            out[name].loc[{"phi": phi}] = value
+        else:
+            out[name][...] = value
+    return out
+
+
+def entry_coords(index: pd.MultiIndex, dim: str = "entry", suffix: str = "") -> dict:
+    """The ``(name, phi)`` of ``index`` as coordinates ``name`` and ``phi`` along ``dim``
+    (plain coordinates, so that files round-trip exactly; ``phi`` NaN for a scalar)."""
+    return {
+        f"name{suffix}": (dim, np.asarray(index.get_level_values("name"), dtype=str)),
+        f"phi{suffix}": (dim, np.asarray(index.get_level_values("phi"), float), {"units": "deg"}),
+    }
+
+
+def index_of(obj, dim: str = "entry") -> pd.MultiIndex:
+    """The ``(name, phi)`` index of ``obj`` along ``dim`` (from :func:`entry_coords`)."""
+    suffix = "_" if dim.endswith("_") else ""
+    return entries(obj[f"name{suffix}"].values, obj[f"phi{suffix}"].values)
+
+
+def stacked(values, index: pd.MultiIndex, *, name: str) -> xr.DataArray:
+    """A square matrix over the entries of ``index`` as a DataArray with dims
+    ``(entry, entry_)``, coordinates ``name``, ``phi`` on the first and ``name_``,
+    ``phi_`` on the second."""
+    coords = {**entry_coords(index), **entry_coords(index, "entry_", "_")}
+    return xr.DataArray(values, dims=("entry", "entry_"), coords=coords, name=name)

@@ -1,7 +1,7 @@
 """The NUTS run of one CMC shard, and its checkpoint.
 
 Likelihood
-    The Gaussian of the residuals NLSQ minimises (:func:`heterodyne.objective.residuals`
+    The Gaussian of the residuals NLSQ minimises (:func:`heterodyne.pairs.residuals`
     on the shard's pairs): ``r ~ Normal(0, 1)`` with ``sigma`` from the Dataset
     (``r = (model - c2) / sigma``), or ``r ~ Normal(0, noise[angle])`` with
     ``r = model - c2`` otherwise. ``-2 log L`` differs from NLSQ's ``chi2`` by a constant.
@@ -11,8 +11,8 @@ Likelihood
     as a rank-2 product, dense array operations whose gradients are matrix products),
     the pairs outside the upper triangle weighted 0. ``likelihood="pairs"`` evaluates
     the same pairs one by one (:func:`heterodyne.model.c2_pairs`, gathers and scatters
-    per pair): the reference the tests hold the fast path against (to 1e-10), about
-    four times slower per gradient. No shard forms an ``N x N`` array: a block has
+    per pair): the reference the tests hold the fast path against (to 1e-10), slower
+    per gradient (``benchmarks/cmc.py`` times both). No shard forms an ``N x N`` array: a block has
     ``R = N / S`` rows.
 
 Checkpoints
@@ -25,17 +25,16 @@ Checkpoints
     gives. On a cluster ``DIR`` must be a folder every worker can write.
 
 Sampler
-    NUTS (numpyro's functional ``hmc`` kernel, target acceptance 0.8), ``warmup``
-    adaptation steps and ``samples`` draws per chain, chains run one after the other
-    (chain method "sequential"; the package never sets ``jax_num_cpu_devices``). With
-    an NLSQ ``init`` the whitening is the posterior's curvature at its mode, so the mass
-    matrix stays the identity in ``w`` and warmup adapts the step size only: at N = 200,
-    4 angles, a dense mass matrix estimated in a 150-step warmup tripled the leapfrog
-    steps per draw (37 against 7) and cut the ESS per second fourfold, while the identity
-    needed 7 steps whatever the warmup. Without ``init`` the start can be far from the
+    NUTS (numpyro's functional ``hmc`` kernel, target acceptance 0.8), ``warmup`` adaptation
+    steps and ``samples`` draws per chain, chains run one after the other (chain method
+    "sequential"; the package never sets ``jax_num_cpu_devices``). With an NLSQ ``init`` the
+    whitening is the posterior's curvature at its mode, so the mass matrix stays the
+    identity in ``w`` and warmup adapts the step size only: there the posterior has unit
+    scale already, and a dense mass matrix estimated from a short warmup only adds noise to
+    it, which lengthens the trajectories. Without ``init`` the start can be far from the
     posterior and a dense mass matrix is adapted. Chains start uniformly within ±1
-    (whitened) posterior standard deviation of the start values: ``init``'s values,
-    else ``params``'.
+    (whitened) posterior standard deviation of the start values: ``init``'s values, else
+    ``params``'.
     Shard ``s`` draws with key ``split(key(seed), S)[s]``, chain ``c`` with
     ``split(that, chains)[c]``: the same seed gives bit-identical draws on any executor.
 
@@ -61,9 +60,10 @@ from numpyro.distributions import constraints
 from numpyro.infer.hmc import hmc
 from numpyro.infer.util import potential_energy
 
-from heterodyne import identity, objective
+from heterodyne import identity
 from heterodyne.errors import FileFormatError
 from heterodyne.files import atomic_write
+from heterodyne.pairs import Pairs, Rows, residuals
 
 CHAIN_METHOD = "sequential"
 STATS = ("energy", "diverging", "n_steps", "acceptance_rate", "step_size", "lp")
@@ -96,7 +96,7 @@ class Space(NamedTuple):
 class ShardJob(NamedTuple):
     """Everything one shard's NUTS run needs, as numpy arrays and builtins (picklable)."""
 
-    data: objective.Rows | objective.Pairs
+    data: Rows | Pairs
     space: Space
     key: np.ndarray  #: raw key data of the shard's PRNG key
     chains: int
@@ -126,9 +126,9 @@ def shard_model(data, space: Space, *, n_scale: int, n_free: int):
 
     ``log p(w) = log|dy/du| + power * log prior(y) + sum_k log N(r_k | 0, s_k)``
 
-    with ``u = u0 + A w``, ``r`` the residuals of :func:`heterodyne.objective.residuals`
-    on the shard's pairs (``data``: :class:`~heterodyne.objective.Rows`, or the
-    reference pairwise path's :class:`~heterodyne.objective.Pairs`) and ``s_k = 1``
+    with ``u = u0 + A w``, ``r`` the residuals of :func:`heterodyne.pairs.residuals`
+    on the shard's pairs (``data``: :class:`~heterodyne.pairs.Rows`, or the
+    reference pairwise path's :class:`~heterodyne.pairs.Pairs`) and ``s_k = 1``
     (``sigma`` in the data) or the noise level of the pair's angle; weight-0 entries
     (padding, ``t_j <= t_i``, masked pairs) are left out. The prior is tempered by a
     factor, not by ``numpyro.handlers.scale`` on the sample sites: that would also
@@ -147,11 +147,11 @@ def shard_model(data, space: Space, *, n_scale: int, n_free: int):
     )
     x = physical(y, space.log)
     z = space.template.at[space.free].set(x[:n_free])
-    r = objective.residuals(z, data, n_scale)
+    r = residuals(z, data, n_scale)
     noise = x[n_free:]
     if not noise.shape[0]:
         scale = 1.0
-    elif isinstance(data, objective.Rows):
+    elif isinstance(data, Rows):
         scale = noise[:, None, None]
     else:
         scale = noise[data.angle]

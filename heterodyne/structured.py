@@ -60,7 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heterodyne import model, objective
+from heterodyne import model
+from heterodyne.pairs import Pairs, unpack
 from heterodyne.parameters import PHYSICS_NAMES
 
 # A diagonal block whose exponents span at most this much is split at its first frame
@@ -115,14 +116,14 @@ def block_size(n_frames: int) -> int:
     return int(np.clip(2 ** np.round(np.log2(4.0 * np.sqrt(n_frames))), 16, 128))
 
 
-def blocks(pairs: objective.Pairs, block: int | None = None, dtype=None) -> Blocks | None:
+def blocks(pairs: Pairs, block: int | None = None, dtype=None) -> Blocks | None:
     """The data of ``pairs`` in the block layout of the fast path, or ``None`` where the
     fast path does not apply (weights not constant per angle, or more masked pairs than
     fitted ones).
 
     Built once per fit; ``block`` (frames per block) defaults to :func:`block_size`, the
     storage ``dtype`` of the centered data to that of ``pairs.c2``
-    (:data:`heterodyne.objective.STORAGE`). The center is a float32 number, so that
+    (:data:`heterodyne.pairs.STORAGE`). The center is a float32 number, so that
     ``c2 - center`` of float32 data is exact in float32 wherever ``c2`` lies within a
     factor 2 of it (Sterbenz), as two-time data (offset ~1) do: both paths fit the same
     numbers. ``sum d`` and ``sum d²`` are taken from the stored values.
@@ -259,7 +260,7 @@ def _factor_stage(x, template, free, t, phi, q, center, n_scale: int, n_physics:
     """Factors ``(a, b, e)``, ``Da``, ``Db`` of the module docstring, the contrast and
     the offset less the data's center, per angle."""
     z = template.at[free].set(x)
-    _, contrast, offset = objective.unpack(z, n_scale)
+    _, contrast, offset = unpack(z, n_scale)
     n_phi = phi.shape[0]
     (a, b, e), (da, db, de) = _factor_derivatives(
         x[:n_physics], template, free[:n_physics], t, phi, q

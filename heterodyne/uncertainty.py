@@ -12,13 +12,11 @@ where ``C_ik = Cov(I_i, I_k) / (<I_i> <I_k>) = c2_ik - offset`` is the normalise
 covariance of frames ``i`` and ``k``: the fitted model off the diagonal and the measured
 ``c2_ii - offset`` on it (the pixel variance of each frame, shot noise included). The
 form is exact when frames ``i, k`` are independent of frames ``j, l`` (most pairs); where
-all four frames lie within a correlation time the variance is larger (speckle
-simulations: up to 1.5 times at lag 1). The errors of a pair are correlated with those
-of every pair whose two frames both lie within a correlation time of its own two, so a
-slowly decorrelating reference makes the matrix a few large correlated blocks: resampling
-frame blocks, or cluster-robust sandwiches over them, has too few independent blocks to
-estimate this covariance (at N = 200, blocks of 10 to 40 frames: the truth covered 42 to
-67 % of the time instead of 68 %, stderr scattering 7 to 30 % from fit to fit).
+all four frames lie within a correlation time the variance is larger. The errors of a pair
+are correlated with those of every pair whose two frames both lie within a correlation time
+of its own two, so a slowly decorrelating reference makes the matrix a few large correlated
+blocks: resampling frame blocks, or cluster-robust sandwiches over them, has too few
+independent blocks to estimate this covariance.
 
 ``errors="speckle"`` takes the covariance of the weighted residuals ``r_p`` to be::
 
@@ -52,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heterodyne import model, objective
+from heterodyne import model
+from heterodyne.pairs import Pairs, unpack
 from heterodyne.parameters import PHYSICS_NAMES
 
 ERRORS = ("nominal", "speckle")
@@ -101,7 +100,7 @@ def angle_columns(free, n_scale: int, angle: int) -> np.ndarray:
 
 
 def _angle_model(x, template, free, t, phi, q, n_scale, angle):
-    physics, contrast, offset = objective.unpack(template.at[free].set(x), n_scale)
+    physics, contrast, offset = unpack(template.at[free].set(x), n_scale)
     k = angle if n_scale > 1 else 0
     return model.c2_grid(physics, contrast[k], offset[k], t, phi[angle][None], q)[0]
 
@@ -180,7 +179,7 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, n
     ``G`` is the model's normalised correlation at ``x`` (:func:`correlation_apply`) and
     ``diagonal`` the diagonal of :func:`intensity_covariance` (``G_ii = 1``).
     """
-    physics, contrast, _ = objective.unpack(template.at[free].set(x), n_scale)
+    physics, contrast, _ = unpack(template.at[free].set(x), n_scale)
     scale = contrast[angle if n_scale > 1 else 0]
     frames = model.frame_integrals(physics, t)
     q_parallel = model.parallel_wavevector(physics, phi[angle], q)
@@ -232,7 +231,7 @@ def neighbour_moments(residual, weight, cov):
 
 
 def speckle_covariance(
-    jtj_inverse, x, template, free, pairs: objective.Pairs, n_scale: int, residuals, cov
+    jtj_inverse, x, template, free, pairs: Pairs, n_scale: int, residuals, cov
 ) -> SpeckleErrors:
     """Covariance of the varied quantities under the speckle error model (module doc).
 
@@ -243,7 +242,7 @@ def speckle_covariance(
     x : array, shape (p,)
         Best-fit varied quantities; ``template`` the packed vector they are set into at
         the indices ``free``.
-    pairs : objective.Pairs
+    pairs : Pairs
         The fitted pairs.
     n_scale : int
         Number of contrast/offset pairs (``n_phi`` or 1).

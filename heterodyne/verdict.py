@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from heterodyne import model, starts
-from heterodyne.parameters import FRACTION_NAMES, PHYSICS_INDEX, PHYSICS_NAMES, parse_label
-from heterodyne.results import AT_BOUND_RTOL
+from heterodyne.parameters import FRACTION_NAMES, PHYSICS_INDEX, PHYSICS_NAMES
+from heterodyne.results import AT_BOUND_RTOL, entry_label, index_of
 
 STATUSES = ("ok", "check", "fail")
 DEGENERATE = 0.99  # MODEL.md: report quantities more correlated than this, as groups
@@ -106,18 +106,20 @@ def of_fit(result) -> Verdict:
             "(reference = slower component), and could not be relabelled: the fraction "
             "law cannot express 1 - x_s here"
         )
+    index = index_of(result.covariance)
     check += [
-        f"{label} is at a bound: its value is limited by the bound, not the data"
-        for label in result.at_bounds()
-        if _counts_at_bound(result, label)
+        f"{entry_label(name, phi)} is at a bound: its value is limited by the bound, not the data"
+        for (name, phi), bound in zip(index, result.bound_mask(), strict=True)
+        if bound and _counts_at_bound(result, name)
     ]
     check += _distinct_minima(result)
-    for group in degenerate_groups(result):
+    for group in _components(result):
+        labels = [entry_label(*index[k]) for k in group]
         line = (
-            f"{', '.join(group)} are degenerate (|correlation| > {DEGENERATE}): only a "
+            f"{', '.join(labels)} are degenerate (|correlation| > {DEGENERATE}): only a "
             "combination is determined"
         )
-        if any(parse_label(label)[0] in PHYSICS_NAMES for label in group):
+        if any(index[k][0] in PHYSICS_NAMES for k in group):
             check.append(line + "; fix all but one or give more data")
         else:  # contrast and offset alone: the physics are not affected
             notes.append(line + " (the physics parameters are not affected)")
@@ -140,7 +142,7 @@ def of_fit(result) -> Verdict:
 def _within_errors(result, a: str, b: str | None, target: float) -> bool:
     """Whether ``a - b`` (or ``a`` alone) is within 2 standard errors of ``target``, by
     the fit's covariance; False when a quantity is not varied."""
-    names = [str(n) for n in result.covariance["name"].values]
+    names = [str(n) for n in result.covariance["name"].values]  # a and b are physics: unique
     if a not in names or (b is not None and b not in names):
         return False
     weights = np.zeros(len(names))
@@ -169,8 +171,7 @@ def _aliasing(physics: np.ndarray, ds) -> list[str]:
     ]
 
 
-def _counts_at_bound(result, label: str) -> bool:
-    name, _ = parse_label(label)
+def _counts_at_bound(result, name: str) -> bool:
     if name == "phi0":  # periodic: -90 and 90 are one direction
         return False
     if name not in PHYSICAL_ZERO:
@@ -180,14 +181,19 @@ def _counts_at_bound(result, label: str) -> bool:
 
 
 def degenerate_groups(result) -> list[list[str]]:
+    """The groups of :func:`_components` by their display labels."""
+    index = index_of(result.covariance)
+    return [[entry_label(*index[k]) for k in group] for group in _components(result)]
+
+
+def _components(result) -> list[list[int]]:
     """Groups of varied quantities linked by ``|correlation| > DEGENERATE`` (connected
     components of that graph), largest first."""
     corr = np.nan_to_num(result.correlation.values)
-    names = [str(n) for n in result.covariance["name"].values]
     linked = np.abs(corr) > DEGENERATE
     np.fill_diagonal(linked, False)
     seen, groups = set(), []
-    for start in range(len(names)):
+    for start in range(len(linked)):
         if start in seen or not linked[start].any():
             continue
         stack, group = [start], []
@@ -198,7 +204,7 @@ def degenerate_groups(result) -> list[list[str]]:
             seen.add(k)
             group.append(k)
             stack += list(np.flatnonzero(linked[k]))
-        groups.append([names[k] for k in sorted(group)])
+        groups.append(sorted(group))
     return sorted(groups, key=len, reverse=True)
 
 

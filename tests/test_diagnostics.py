@@ -49,8 +49,9 @@ def test_independent_draws_pass_every_threshold():
         posterior(iid(rng, 2), iid(rng, 2, 2)), stats(iid(rng, 2))
     )
     assert diagnostics.failures(figures) == {}
-    assert list(figures["parameter"].values) == ["a", "b[0]", "b[1]"]
-    assert figures["rhat"].dims == ("shard", "parameter")
+    assert list(figures["name"].values) == ["a", "b", "b"]
+    np.testing.assert_array_equal(figures["phi"].values, [np.nan, 0.0, 60.0])
+    assert figures["rhat"].dims == ("shard", "entry")
     assert figures["bfmi"].dims == ("shard", "chain")
     # iid draws: ESS close to the number of draws, R-hat close to 1
     np.testing.assert_allclose(figures["ess_bulk"], CHAINS * DRAWS, rtol=0.3)
@@ -82,7 +83,8 @@ def test_rhat_flags_chains_that_disagree():
     within = halves.var(axis=1, ddof=1).mean()
     between = n * halves.mean(axis=1).var(ddof=1)
     classic = np.sqrt(((n - 1) / n * within + between / n) / within)
-    assert float(figures["rhat"].sel(shard=1, parameter="a")) == pytest.approx(classic, abs=0.005)
+    a = figures["rhat"].sel(shard=1).where(figures["name"] == "a", drop=True)
+    assert float(a.squeeze()) == pytest.approx(classic, abs=0.005)
     failed = diagnostics.failures(figures)
     assert list(failed) == [1]
     assert failed[1][0].startswith(
@@ -157,3 +159,18 @@ def test_hdi_of_normal_draws():
     assert float(inside.mean()) == pytest.approx(0.94, abs=1e-3)
     with pytest.raises(OptionError, match="prob"):
         diagnostics.hdi(draws, 1.5)
+
+
+def test_the_verdict_table_holds_each_shards_worst_figure_and_agrees_with_failures():
+    rng = np.random.default_rng(4)
+    values = iid(rng, 2)
+    values[1, 1] += 0.5  # shard 1 fails its R-hat
+    figures = diagnostics.shard_diagnostics(posterior(values, iid(rng, 2, 2)), stats(iid(rng, 2)))
+    table = diagnostics.verdict(figures)
+    assert list(table["shard"]) == [0, 1]
+    np.testing.assert_array_equal(table["max R-hat"], figures["rhat"].max("entry").values)
+    np.testing.assert_array_equal(table["min ESS tail"], figures["ess_tail"].min("entry").values)
+    np.testing.assert_array_equal(table["min BFMI"], figures["bfmi"].min("chain").values)
+    assert list(table["max R-hat ok"]) == [True, False]
+    failed = diagnostics.failures(figures)
+    assert list(table["verdict"]) == ["fail" if s in failed else "pass" for s in (0, 1)]

@@ -8,7 +8,7 @@ from scipy.integrate import cumulative_trapezoid as scipy_cumtrapz
 
 import heterodyne as hd
 from heterodyne import model
-from heterodyne.parameters import PHYSICS, PHYSICS_NAMES
+from heterodyne.parameters import PHYSICS, PHYSICS_INDEX, PHYSICS_NAMES
 
 T = 0.05 + 0.05 * np.arange(60)
 PHI = np.array([-30.0, 0.0, 45.0, 90.0])
@@ -164,7 +164,7 @@ def test_jacobian_is_finite_everywhere_and_matches_finite_differences(static_ref
     rng = np.random.default_rng(3)
     physics = random_physics(rng)
     if static_reference:  # D0_ref = 0: a bound the optimiser must be able to leave
-        physics[0] = physics[2] = 0.0
+        physics[PHYSICS_INDEX["D0_ref"]] = physics[PHYSICS_INDEX["D_offset_ref"]] = 0.0
     t = np.concatenate([[0.0], T[:20]])  # t = 0 exercises the power-law guard
     contrast, offset = np.full(PHI.size, 0.4), np.full(PHI.size, 1.0)
 

@@ -8,7 +8,9 @@ from scipy.optimize import curve_fit
 
 import heterodyne as hd
 from heterodyne import model, nlsq, objective, starts, structured
-from heterodyne.parameters import LOG_DECADES, parse_label
+from heterodyne.pairs import fitted_pairs
+from heterodyne.parameters import LOG_DECADES
+from heterodyne.results import at_entries, index_of
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
@@ -86,13 +88,17 @@ def test_stderr_matches_the_scatter_over_noise_seeds():
     for seed in range(20):
         ds = hd.simulate(TRUTH, n_frames=200, phi=PHI, noise=0.01, seed=seed)
         fits.append(hd.fit_nlsq(ds, off_by_30_percent(), progress=False))
-    labels = list(fits[0].covariance["name"].values)
-    values = np.array([[f.value(label) for label in labels] for f in fits])
-    errors = np.array([[f.error(label) for label in labels] for f in fits])
-    entries = [parse_label(label) for label in labels]
-    truth = [
-        np.atleast_1d(fits[0].data.attrs[f"true_{name}"])[angle or 0] for name, angle in entries
-    ]
+    index = index_of(fits[0].covariance)
+    labels = list(index)
+    values = np.array([at_entries(f.params, index) for f in fits])
+    errors = np.array([at_entries(f.stderr, index) for f in fits])
+    attrs, layout = fits[0].data.attrs, fits[0].params
+    truth = at_entries(
+        layout.copy(
+            data={n: np.broadcast_to(attrs[f"true_{n}"], v.shape) for n, v in layout.items()}
+        ),
+        index,
+    )
     z = (values - np.asarray(truth)) / errors
     assert np.all(np.abs(z) < 3.5), dict(zip(labels, np.abs(z).max(axis=0), strict=True))
     ratio = errors.mean(axis=0) / values.std(axis=0, ddof=1)
@@ -134,8 +140,8 @@ def test_one_time_limit_matches_curve_fit_of_closed_form_g2():
 
     start = [p[n].value for n in TRUTH] + [0.35, 0.25, 1.0, 1.0]
     popt, _ = curve_fit(g2, None, y, p0=start, **tight, maxfev=100000)
-    ours = [result.value(n) for n in TRUTH] + [result.value(f"contrast[{k}]") for k in (0, 1)]
-    ours += [result.value(f"offset[{k}]") for k in (0, 1)]
+    ours = [result.value(n) for n in TRUTH]
+    ours += [result.value(name, phi=angle) for name in ("contrast", "offset") for angle in phi]
     np.testing.assert_allclose(ours, popt, rtol=1e-6)
 
 
@@ -188,7 +194,7 @@ def test_multistart_design_is_inside_bounds_and_log_uniform_for_scales(dataset):
     problem = hd.Objective.build(dataset, None, fix=(), scaling="per_angle")
     starts = problem.design(256, seed=0)
     assert np.all(starts >= problem.lower) and np.all(starts <= problem.upper)
-    k = problem.labels.index("D0_sample")
+    k = problem.names.index("D0_sample")
     decades = np.log10(starts[:, k])
     # log-uniform over LOG_DECADES decades below the upper bound: uniform in log10
     assert decades.min() >= 7 - LOG_DECADES and decades.max() <= 7
@@ -302,6 +308,6 @@ def test_bad_options(dataset):
 
 
 def test_pairs_exclude_diagonal_and_lower_triangle(dataset):
-    pairs = objective.fitted_pairs(dataset)
+    pairs = fitted_pairs(dataset)
     assert np.all(np.asarray(pairs.i) < np.asarray(pairs.j))
     assert pairs.n_pairs == 3 * 60 * 59 // 2

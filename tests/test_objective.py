@@ -22,8 +22,15 @@ def test_scipy_minimize_on_cost_and_gradient_reaches_the_nlsq_optimum(tiny_ds):
     )
     x = found.x * scale
     assert objective.cost(x) == pytest.approx(fit.chi2 / 2, rel=1e-6)
-    for k, label in enumerate(objective.labels):
-        assert abs(x[k] - fit.value(label)) < 0.01 * fit.error(label), label
+    found = objective.values(x)
+    np.testing.assert_array_equal(objective.from_values(found), x)
+    fitted, error = objective.from_values(fit.params), objective.from_values(fit.stderr)
+    assert np.all(np.abs(x - fitted) < 0.01 * error), objective.labels
+    for name in ("contrast", "offset"):  # per angle, along phi
+        assert found[name].dims == ("phi",)
+        np.testing.assert_allclose(
+            found[name], fit.params[name], atol=0.01 * fit.stderr[name].max()
+        )
 
 
 def test_gradient_is_the_jacobian_times_the_residuals(tiny_ds):

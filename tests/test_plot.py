@@ -277,7 +277,7 @@ def test_posterior_shows_marginals_pairs_traces_and_the_verdict(cmc_result):
     failed = cmc_result.failures()
     for shard in (0, 1):
         cells = table.select(shard=f"shard {shard}")
-        rhat_ok = cells.select(figure="R-hat (max)").dimension_values("pass")[0]
+        rhat_ok = cells.select(figure="max R-hat").dimension_values("pass")[0]
         assert bool(rhat_ok) == (not any(f.startswith("R-hat") for f in failed.get(shard, [])))
     verdict = table.opts.get("plot").kwargs["title"]
     assert verdict == "diagnostics: NOT converged" and not cmc_result.converged

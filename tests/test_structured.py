@@ -6,7 +6,7 @@ import pytest
 from _work import Compiles
 
 import heterodyne as hd
-from heterodyne import model, nlsq, objective, structured
+from heterodyne import model, nlsq, objective, pairs, structured
 from heterodyne.parameters import PHYSICS_NAMES
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
@@ -275,7 +275,7 @@ def test_float32_storage_moves_the_fit_by_a_negligible_fraction_of_its_errors():
     assert_same_normal_equations(*single)
     fits = {}
     for dtype in (np.float32, np.float64):
-        problem.pairs = objective.fitted_pairs(ds, dtype=dtype)
+        problem.pairs = pairs.fitted_pairs(ds, dtype=dtype)
         problem.blocks = structured.blocks(problem.pairs)
         assert problem.blocks.panels.dtype == dtype
         fits[dtype] = (

@@ -8,7 +8,7 @@ from _work import Compiles
 
 import heterodyne as hd
 from heterodyne import model, objective, speckle, structured, uncertainty
-from heterodyne.parameters import parse_label
+from heterodyne.results import at_entries, entry_label, index_of
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
@@ -30,16 +30,10 @@ def guess():
 
 
 def ratios(result):
-    """stderr / nominal stderr of every varied quantity."""
-    labels = [str(label) for label in result.covariance["name"].values]
-    nominal = np.array([by_label(result.stderr_nominal, label) for label in labels])
-    return dict(zip(labels, np.array([result.error(x) for x in labels]) / nominal, strict=True))
-
-
-def by_label(stderr, label):
-    name, angle = parse_label(label)
-    values = np.atleast_1d(stderr[name].values)
-    return float(values[0 if angle is None else angle])
+    """stderr / nominal stderr of every varied quantity, by display label."""
+    index = index_of(result.covariance)
+    ratio = at_entries(result.stderr, index) / at_entries(result.stderr_nominal, index)
+    return {entry_label(*entry): r for entry, r in zip(index, ratio, strict=True)}
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import heterodyne as hd
 from heterodyne import verdict
 from heterodyne.parameters import PHYSICS_NAMES
+from heterodyne.results import entry_label, index_of
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
@@ -104,7 +105,7 @@ def test_degenerate_groups_are_connected_components():
     groups = verdict.degenerate_groups(result)
     assert ["D0_sample", "D_offset_sample"] in groups
     corr = np.abs(result.correlation.values)
-    names = list(result.covariance["name"].values)
+    names = [entry_label(*entry) for entry in index_of(result.covariance)]
     for group in groups:  # every member linked to another one of its group
         for a in group:
             others = [names.index(b) for b in group if b != a]
