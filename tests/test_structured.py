@@ -265,7 +265,7 @@ def test_compiled_once_per_shape():
 
 def test_float32_storage_moves_the_fit_by_a_negligible_fraction_of_its_errors():
     """The data stored in float32 (half the memory) against float64: the normal equations
-    agree to 1e-4, the fitted values to 1e-4 of their stderr; in float32 the fast path's
+    agree to 1e-4, the fitted physics to 1e-4 of their stderr; in float32 the fast path's
     centered data are exact, so both paths see the same numbers."""
     ds = hd.simulate(TRUTH, n_frames=60, phi=[-30.0, 30.0], noise=0.01, seed=9)
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()})
@@ -285,6 +285,7 @@ def test_float32_storage_moves_the_fit_by_a_negligible_fraction_of_its_errors():
     (single, fit32), (double, fit64) = fits[np.float32], fits[np.float64]
     assert_same_normal_equations(double, single, rtol=1e-4)
     result = hd.fit_nlsq(ds, guess, progress=False)
-    stderr = np.array([result.error(label) for label in problem.labels])
-    assert np.all(np.abs(fit32.x - fit64.x) < 1e-4 * stderr)
+    physics = [k for k, label in enumerate(problem.labels) if label in PHYSICS_NAMES]
+    stderr = np.array([result.error(problem.labels[k]) for k in physics])
+    assert np.all(np.abs(fit32.x - fit64.x)[physics] < 1e-4 * stderr)
     assert fit32.cost == pytest.approx(fit64.cost, rel=1e-6)
