@@ -1,30 +1,41 @@
-"""NLSQ performance, separable (fast) against blocked-Jacobian (plain) normal equations.
+"""NLSQ performance: cold, cache-warm and warm fits, peak memory, and an evaluation
+against the floors of any evaluation.
 
-For each configuration and path, in a fresh process (so that "cold" includes JIT
-compilation and the peak resident memory is that run's own): cold and warm ``fit_nlsq``
-time (their difference is mostly compilation), cost evaluations, the time of one
-evaluation of ``(J^T J, J^T r, r^T r)`` and the evaluations per second, the bytes of data
-one evaluation reads, and that time against one streaming read of the data
-(``n_pairs x 8`` bytes) at the memory bandwidth measured in the same process right after
-(a numpy copy of 256 MB: bytes read + written per second), so that both see the same
-load. Two floors put that ratio in scale: a compiled call with the same arguments that does
-nothing, and a compiled call of the model's per-frame factors without derivatives
-(``O(N)``: what any evaluation computes first); ``least x`` is the second against the
-streaming read: no evaluation through the model's JAX code gets below it.
+For each configuration (frames x angles, and path):
 
-    .venv/bin/python benchmarks/performance.py [--frames 200 500 1000 2000]
-        [--angles 1 4] [--path fast plain]
+- ``cold``: a fresh process with an empty compilation cache: ``import heterodyne``, the
+  libraries a fit needs (JAX, SciPy, xarray), then the first ``fit_nlsq`` (it compiles
+  everything);
+- ``cache``: a fresh process reading the cache the cold one wrote: the same two times
+  (what a user sees in a new notebook, a command-line run or a survey worker);
+- ``warm``: the second fit in that process (compiled programs in memory).
 
-The machine load (``os.getloadavg``) is printed before and after: other processes on the
-same cores slow every number down.
+``--repeats R`` runs R cold and R cache-warm processes and prints the medians. Each
+process also prints its peak resident memory (``ru_maxrss``, which includes
+``hd.simulate`` making the data) against the stored matrices ``c2`` (float64,
+``n_phi x N x N``), and for the fast path the time of one evaluation of
+``(J^T J, J^T r, r^T r)`` against two floors: one streaming read of the data the
+evaluation reads at the memory bandwidth measured in the same process (a numpy copy of
+256 MB), and a compiled call of the model's per-frame factors without derivatives
+(``O(N)``: what any evaluation computes first). ``x floor`` is the evaluation against the
+larger of the two.
+
+    .venv/bin/python benchmarks/performance.py [--frames 150 1000 2000 5000]
+        [--angles 3 4 4 2] [--path fast plain] [--repeats 5]
+
+``--frames`` and ``--angles`` are paired (one configuration each). The machine load
+(``os.getloadavg``) is printed before and after: other processes on the same cores slow
+every time down (memory figures do not change).
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -45,7 +56,7 @@ def bandwidth(n_bytes: int = 2**28, repeats: int = 5) -> float:
     return 2 * source.nbytes / best
 
 
-def best_of(call, repeats: int = 20) -> float:
+def best_of(call, repeats: int = 10) -> float:
     """The shortest of ``repeats`` wall times [s] of ``call()``, after one call to warm up."""
     call()
     best = np.inf
@@ -56,111 +67,139 @@ def best_of(call, repeats: int = 20) -> float:
     return best
 
 
-def one(n_frames: int, n_angles: int, path: str) -> dict:
-    import jax
-    import jax.numpy as jnp
-
+def one(n_frames: int, n_angles: int, path: str, measure: bool) -> dict:
+    """One fresh process: import, first fit, and with ``measure`` the warm fit and the
+    evaluation's figures."""
+    start = time.perf_counter()
     import heterodyne as hd
-    from heterodyne import structured
-    from heterodyne.parameters import PHYSICS_NAMES
+
+    imported = time.perf_counter() - start
+    # what the first call loads (JAX, SciPy, xarray), timed apart from the fit
+    from heterodyne import nlsq, simulate, structured  # noqa: F401
+
+    libraries = time.perf_counter() - start - imported
 
     if path == "plain":
         # the switch of this benchmark: the fast path's rule says "does not apply"
-        structured.blocks = lambda pairs, block=None: None
+        structured.blocks = lambda pairs, block=None, dtype=None: None
     phi = np.linspace(-60, 60, n_angles) if n_angles > 1 else [0.0]
     ds = hd.simulate(TRUTH, n_frames=n_frames, phi=phi, noise=0.01, seed=0)
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()})
     t0 = time.perf_counter()
-    cold = hd.fit_nlsq(ds, guess, progress=False)
+    hd.fit_nlsq(ds, guess, progress=False)
     t1 = time.perf_counter()
+    out = {"import_s": imported, "libs_s": libraries, "first_s": t1 - t0}
+    if not measure:
+        return out
     warm = hd.fit_nlsq(ds, guess, progress=False)
-    t2 = time.perf_counter()
-    assert cold.success and warm.success
+    out["warm_s"] = time.perf_counter() - t1
+    out["peak_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.update(
+        data_MB=ds["c2"].nbytes / 1e6,
+        pairs=warm.info["n_pairs"],
+        nfev=warm.nfev,
+        v0=warm.value("v0"),
+    )
+    if path == "fast":
+        out.update(evaluation(hd, structured, ds, guess))
+    return out
+
+
+def evaluation(hd, structured, ds, guess) -> dict:
+    import jax
+
+    from heterodyne.parameters import PHYSICS_NAMES
 
     problem = hd.Objective.build(ds, guess, fix=(), scaling="per_angle")
-    evaluation = best_of(lambda: problem.normal_equations(problem.x0))
-    pairs = problem.pairs
-    if problem.blocks is None:
-        read = [pairs.c2, pairs.weight, pairs.angle, pairs.i, pairs.j]
-        data = pairs
-    else:
-        read = [problem.blocks.panels, problem.blocks.diag]
-        data = problem.blocks
-    # the floor of any evaluation: a compiled call with the same arguments doing nothing
-    nothing = jax.jit(lambda x, template, free, data: (x[:, None] * x, x, x[0]))
-    args = (jnp.asarray(problem.x0), problem.template, problem.free, data)
-    floor = best_of(lambda: [np.asarray(v) for v in nothing(*args)])
-    # the least work of any evaluation: the model's per-frame factors, no derivatives
-    physics = problem.template.at[problem.free].set(args[0])[: len(PHYSICS_NAMES)]
+    x = problem.x0
+    data = problem.blocks
     factors = jax.jit(structured.frame_factors)
-    model = best_of(lambda: [np.asarray(v) for v in factors(physics, pairs.t, pairs.phi, pairs.q)])
-    n_pairs = warm.info["n_pairs"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    physics = jax.numpy.asarray(problem.physics(x)[: len(PHYSICS_NAMES)])
     return {
-        "frames": n_frames,
-        "angles": n_angles,
-        "path": path,
-        "pairs": n_pairs,
-        "varied": warm.info["n_varied"],
-        "cold_s": t1 - t0,
-        "warm_s": t2 - t1,
-        "nfev": warm.nfev,
-        "eval_s": evaluation,
-        "floor_s": floor,
-        "model_s": model,
-        "read_MB": sum(int(a.nbytes) for a in read) / 1e6,
-        "data_MB": n_pairs * 8 / 1e6,
-        "v0": warm.value("v0"),
-        "peak_MB": peak,
+        "eval_s": best_of(lambda: problem.normal_equations(x)),
+        "model_s": best_of(
+            lambda: [np.asarray(v) for v in factors(physics, data.t, data.phi, data.q)]
+        ),
+        "read_MB": sum(int(a.nbytes) for a in (data.panels, data.diag)) / 1e6,
         "bandwidth": bandwidth(),
     }
 
 
+def run(args: list[str], cache: str) -> dict:
+    env = {**os.environ, "HETERODYNE_CACHE": cache}
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, nargs="+", default=[200, 500, 1000, 2000])
-    parser.add_argument("--angles", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--path", nargs="+", choices=PATHS, default=list(PATHS))
-    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--frames", type=int, nargs="+", default=[150, 1000, 2000, 5000])
+    parser.add_argument("--angles", type=int, nargs="+", default=[3, 4, 4, 2])
+    parser.add_argument("--path", nargs="+", choices=PATHS, default=["fast"])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(int(args.one[0]), int(args.one[1]), args.one[2])))
+        n, a, path, measure = args.one
+        print(json.dumps(one(int(n), int(a), path, measure == "1")))
         return
+    if len(args.angles) != len(args.frames):
+        parser.error("--angles needs one value per --frames value")
     print("load average before: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
-        f"{'frames':>6} {'angles':>6} {'path':>5} {'pairs':>9} {'varied':>6} {'cold s':>7} "
-        f"{'warm s':>7} {'nfev':>4} {'eval ms':>8} {'floor ms':>8} {'model ms':>8} {'eval/s':>7} "
-        f"{'read MB':>8} {'GB/s':>5} {'x stream':>8} {'least x':>7} {'peak MB':>8} {'v0':>9}"
+        f"{'frames':>6} {'angles':>6} {'path':>5} {'import':>6} {'libs':>5} {'cold s':>7} "
+        f"{'libs':>5} {'cache s':>7} {'warm s':>7} {'nfev':>4} {'peak MB':>8} "
+        f"{'data MB':>8} {'x data':>6} {'eval ms':>8} {'model ms':>8} {'stream ms':>9} "
+        f"{'x floor':>7} {'v0':>9}"
     )
-    for n in args.frames:
-        for a in args.angles:
-            for path in args.path:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--one", str(n), str(a), path],
-                    capture_output=True,
-                    text=True,
-                    check=True,
+    for n, a in zip(args.frames, args.angles, strict=True):
+        for path in args.path:
+            cold, cached = [], []
+            for _ in range(args.repeats):
+                with tempfile.TemporaryDirectory() as cache:
+                    config = [str(n), str(a), path]
+                    cold.append(run([*config, "0"], cache))
+                    cached.append(run([*config, "1"], cache))
+
+            def median(runs, key):
+                return statistics.median(r[key] for r in runs)
+
+            r = cached[-1]
+            line = (
+                f"{n:>6} {a:>6} {path:>5} {median(cold, 'import_s'):>6.2f} "
+                f"{median(cold, 'libs_s'):>5.2f} {median(cold, 'first_s'):>7.2f} "
+                f"{median(cached, 'libs_s'):>5.2f} {median(cached, 'first_s'):>7.2f} "
+                f"{median(cached, 'warm_s'):>7.2f} "
+                f"{r['nfev']:>4} {median(cached, 'peak_MB'):>8.0f} {r['data_MB']:>8.0f} "
+                f"{median(cached, 'peak_MB') / r['data_MB']:>6.1f}"
+            )
+            if "eval_s" in r:
+                stream = r["read_MB"] * 1e6 / r["bandwidth"]
+                floor = max(stream, r["model_s"])
+                line += (
+                    f" {r['eval_s'] * 1e3:>8.2f} {r['model_s'] * 1e3:>8.3f} "
+                    f"{stream * 1e3:>9.3f} {r['eval_s'] / floor:>7.1f}"
                 )
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                stream = r["data_MB"] * 1e6 / r["bandwidth"]
-                print(
-                    f"{r['frames']:>6} {r['angles']:>6} {r['path']:>5} {r['pairs']:>9} "
-                    f"{r['varied']:>6} {r['cold_s']:>7.2f} {r['warm_s']:>7.2f} "
-                    f"{r['nfev']:>4} {r['eval_s'] * 1e3:>8.2f} {r['floor_s'] * 1e3:>8.3f} "
-                    f"{r['model_s'] * 1e3:>8.3f} {1 / r['eval_s']:>7.1f} "
-                    f"{r['read_MB']:>8.1f} {r['bandwidth'] / 1e9:>5.1f} "
-                    f"{r['eval_s'] / stream:>8.1f} {r['model_s'] / stream:>7.1f} "
-                    f"{r['peak_MB']:>8.0f} {r['v0']:>9.3f}",
-                    flush=True,
-                )
+            else:
+                line += f" {'':>8} {'':>8} {'':>9} {'':>7}"
+            print(line + f" {r['v0']:>9.3f}", flush=True)
     print("load average after: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
-        "eval ms: one evaluation of (J^T J, J^T r, r^T r); floor ms: a compiled call with the "
-        "same arguments that does nothing (dispatch and transfers); model ms: a compiled call "
-        "of the model's per-frame factors, no derivatives; read MB: data arrays it reads; GB/s: "
-        "numpy copy bandwidth in that process; x stream: eval time / time to stream n_pairs x 8 "
-        "bytes at that bandwidth; least x: model ms / that time; peak MB: before the bandwidth "
-        "test"
+        "import: `import heterodyne` in a fresh process; libs: then loading what a fit needs "
+        "(JAX, SciPy, xarray); cold s: its first fit_nlsq with an empty compilation cache; "
+        "cache s: the same in a fresh process reading that cache; "
+        "warm s: the second fit in that process; peak MB: its peak resident memory (with "
+        "hd.simulate); data MB: the c2 matrices in float64; x data: peak / data; eval ms: "
+        "one evaluation of (J^T J, J^T r, r^T r); model ms: a compiled call of the model's "
+        "per-frame factors, no derivatives; stream ms: one read of the data the evaluation "
+        "reads at this process's numpy copy bandwidth; x floor: eval / the larger of the "
+        "two floors. Times are medians over --repeats fresh processes."
     )
 
 

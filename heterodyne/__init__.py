@@ -1,76 +1,75 @@
 """heterodyne: fit XPCS two-time correlation matrices with the heterodyne model."""
 
 import importlib
+import os
+import sys
+import types
 
-import jax
-
-# The model's rates span many decades (q² D t ~ 1e-4 .. 1e3): float64 everywhere.
-jax.config.update("jax_enable_x64", True)
-
-from heterodyne import model  # noqa: E402
-from heterodyne.cmc import fit_cmc  # noqa: E402
-from heterodyne.cmc_result import CMCResult  # noqa: E402
-from heterodyne.data import from_arrays, select, to_netcdf, validate  # noqa: E402
-from heterodyne.errors import (  # noqa: E402
-    Cancelled,
-    DataError,
-    FileFormatError,
-    HeterodyneError,
-    OptionError,
-    OverwriteError,
-    ParameterError,
-)
-from heterodyne.io import load, q_values  # noqa: E402
-from heterodyne.nlsq import fit_nlsq  # noqa: E402
-from heterodyne.nlsq_result import NLSQResult  # noqa: E402
-from heterodyne.objective import Objective  # noqa: E402
-from heterodyne.parameters import Parameters  # noqa: E402
-from heterodyne.results import open_result  # noqa: E402
-from heterodyne.simulate import simulate  # noqa: E402
-from heterodyne.survey import survey  # noqa: E402
+# Float64 everywhere (MODEL.md): for the user's own JAX arrays too, as when the package
+# enabled it on import; heterodyne.compilation enables it again if JAX is already loaded.
+os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CMCResult",
-    "Cancelled",
-    "DataError",
-    "FileFormatError",
-    "HeterodyneError",
-    "NLSQResult",
-    "Objective",
-    "OptionError",
-    "OverwriteError",
-    "ParameterError",
-    "Parameters",
-    "dashboard",
-    "explore",
-    "fit_cmc",
-    "fit_nlsq",
-    "from_arrays",
-    "load",
-    "model",
-    "open_result",
-    "plot",
-    "q_values",
-    "select",
-    "simulate",
-    "survey",
-    "to_netcdf",
-    "validate",
-]
-
-# The plotting layer imports holoviews' bokeh backend (~1.2 s): load it on first use.
-_LAZY = {
-    "dashboard": ("heterodyne.app", "dashboard"),
-    "explore": ("heterodyne.explorer", "explore"),
-    "plot": ("heterodyne.plot", None),
+# Each public name is loaded on first use, with only what it needs (JAX, NumPyro, ArviZ,
+# HoloViews and Panel take seconds to import): ``import heterodyne`` itself is instant.
+_PUBLIC = {
+    "CMCResult": "heterodyne.cmc_result",
+    "Cancelled": "heterodyne.errors",
+    "DataError": "heterodyne.errors",
+    "FileFormatError": "heterodyne.errors",
+    "HeterodyneError": "heterodyne.errors",
+    "NLSQResult": "heterodyne.nlsq_result",
+    "Objective": "heterodyne.objective",
+    "OptionError": "heterodyne.errors",
+    "OverwriteError": "heterodyne.errors",
+    "ParameterError": "heterodyne.errors",
+    "Parameters": "heterodyne.parameters",
+    "dashboard": "heterodyne.app",
+    "explore": "heterodyne.explorer",
+    "fit_cmc": "heterodyne.cmc",
+    "fit_nlsq": "heterodyne.nlsq",
+    "from_arrays": "heterodyne.data",
+    "load": "heterodyne.io",
+    "model": None,
+    "open_result": "heterodyne.results",
+    "plot": None,
+    "q_values": "heterodyne.io",
+    "select": "heterodyne.data",
+    "set_compilation_cache": "heterodyne.compilation",
+    "simulate": "heterodyne.simulate",
+    "survey": "heterodyne.survey",
+    "to_netcdf": "heterodyne.data",
+    "validate": "heterodyne.data",
 }
+
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
-    if name not in _LAZY:
+    if name not in _PUBLIC:
         raise AttributeError(f"module 'heterodyne' has no attribute {name!r}")
-    module_name, attribute = _LAZY[name]
-    module = importlib.import_module(module_name)
-    return module if attribute is None else getattr(module, attribute)
+    module = _PUBLIC[name]
+    if module is None:  # a module of the package: heterodyne.model, heterodyne.plot
+        value = importlib.import_module(f"heterodyne.{name}")
+    else:
+        value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
+
+
+class _Package(types.ModuleType):
+    """The package's module: ``hd.simulate`` and ``hd.survey`` stay the functions when
+    the import system binds their modules of the same name onto the package."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

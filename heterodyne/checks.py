@@ -18,15 +18,18 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 
 from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.tracker import Tracker
 
 SEED_MAX = 2**32 - 1  # numpy and JAX both take seeds in [0, 2**32)
 NAME_MAX = 255  # bytes of one path component on common file systems (ext4, xfs, apfs)
+
+if TYPE_CHECKING:  # xarray is imported where a Dataset is checked: the command line's
+    import xarray as xr  # argument parsing (and --help) does without it
 
 # The options of scipy.optimize.least_squares that fit_nlsq passes through, with what each
 # accepts; jac and bounds are fit_nlsq's own. method="lm" takes no bounds. loss: fit_nlsq
@@ -429,6 +432,8 @@ def check_survey(sources, *, method, q, phi, frames, params, checkpoint, executo
     listed = list(sources) if isinstance(sources, list | tuple) else [sources]
     if not listed:
         raise OptionError("sources is empty: give a file, a Dataset or a list of them")
+    import xarray as xr
+
     for source in listed:
         if not isinstance(source, xr.Dataset):
             readable_file(source, "sources (a file path or a Dataset)")

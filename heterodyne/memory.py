@@ -23,18 +23,17 @@ WINDOW_REMEDY = (
     "frames=slice(a, b)) (memory grows as frames²: half the frames need a quarter of the "
     "memory), or bin frames upstream"
 )
-# Peak memory of fit_nlsq beyond its Dataset, in bytes per value of the c2 grid
-# (n_phi x N x N; a fitted pair is two values), from peak RSS at 1000 to 3000 frames and 1
-# to 4 angles: the work grows by ~35 bytes per value (taken as 50), on top of ~0.5 GB that
-# does not grow (compiled code; left out, it matters only for data too small to meet the
-# check). errors="speckle" adds ~56 bytes per value and ~240 per value of one N x N matrix
-# (its Jacobian grids are built one angle at a time), taken as 70 and 290. At 2000 frames
-# x 4 angles (8.0 M pairs): 0.89 GB added, 1.39 GB peak (111 bytes per pair; 130 with
-# multistart=3), errors="speckle" 2.9 GB peak; at 3000 x 4: 1.56 GB added (estimate
-# 1.8 GB), errors="speckle" 4.7 GB added (estimate 5.1 GB).
+# Peak memory of fit_nlsq beyond its Dataset: a part that does not grow with the data
+# (compiled code, libraries) and bytes per value of the c2 grid (n_phi x N x N; a fitted
+# pair is two values), from the peak RSS of fresh processes: the fit added 1.10 GB at
+# 2000 frames x 4 angles (16 M values) and 1.97 GB at 5000 x 2 (50 M values), ~0.70 GB +
+# 25 bytes per value (the fitted pairs with c2 in float32, the fast path's float32 copy of
+# the data, the result's model and residual grids), taken as 0.8 GB + 30. errors="speckle"
+# adds ~56 bytes per value and ~240 per value of one N x N matrix (its Jacobian grids are
+# built one angle at a time), taken as 70 and 290 (measured before the float32 storage).
 FIT_MEMORY = {
-    "nominal": {"per_value": 50.0},
-    "speckle": {"per_value": 70.0, "per_angle": 290.0},
+    "nominal": {"per_value": 30.0, "fixed": 0.8e9},
+    "speckle": {"per_value": 70.0, "per_angle": 290.0, "fixed": 0.8e9},
 }
 
 
@@ -43,6 +42,7 @@ def check_memory(
     *,
     per_value: float,
     per_angle: float = 0.0,
+    fixed: float = 0.0,
     what: str,
     remedy: str = WINDOW_REMEDY,
 ) -> None:
@@ -60,6 +60,8 @@ def check_memory(
     per_angle : float
         Further peak bytes per value of one angle's ``N x N`` matrix, for work done one
         angle at a time.
+    fixed : float
+        Peak bytes that do not grow with the grid (compiled code).
     what : str
         The work, named in the message (with the file for a load).
     remedy : str
@@ -67,11 +69,11 @@ def check_memory(
 
     Notes
     -----
-    ``needed = N² (n_phi per_value + per_angle)`` is compared with
+    ``needed = fixed + N² (n_phi per_value + per_angle)`` is compared with
     :func:`available_memory`; the check is skipped where that is unknown.
     """
     n_phi, n_frames = int(shape[0]), int(shape[-1])
-    needed = n_frames**2 * (n_phi * per_value + per_angle)
+    needed = fixed + n_frames**2 * (n_phi * per_value + per_angle)
     available = available_memory()
     if available is None or needed <= available[0]:
         return

@@ -19,6 +19,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from heterodyne import compilation  # noqa: F401 (float64 and the compilation cache first)
 
 # Largest exponent fed to exp in the fraction law: exp(700) ~ 1e304 is still finite, so
 # neither the value nor its gradient (value * (t - f2)) becomes inf * 0 = NaN.
@@ -305,6 +308,26 @@ def c2_rows(physics, contrast, offset, t, phi, q, rows):
     scale = jnp.broadcast_to(contrast, jnp.shape(phi))[:, None, None]
     base = jnp.broadcast_to(offset, jnp.shape(phi))[:, None, None]
     return base + scale * g
+
+
+# Rows of the grid per call of c2_rows in c2_grid_rows: the work of a call is
+# O(ROW_BLOCK x N x n_phi), small next to the grid beyond a few hundred frames.
+ROW_BLOCK = 128
+
+
+def c2_grid_rows(physics, contrast, offset, t, phi, q, dtype=np.float64) -> np.ndarray:
+    """:func:`c2_grid` as a numpy array of ``dtype``, computed ``ROW_BLOCK`` rows at a
+    time by :func:`c2_rows`: memory the grid plus ``O(ROW_BLOCK N n_phi)``, not the
+    grid's several ``N x N`` intermediates. The last block ends at the last frame (it
+    overlaps the one before; the overlap gets the same values twice)."""
+    n = int(np.shape(t)[0])
+    size = min(ROW_BLOCK, n)
+    grid = np.empty((int(np.shape(phi)[0]), n, n), dtype=dtype)
+    for start in range(0, n, size):
+        start = min(start, n - size)
+        rows = np.arange(start, start + size, dtype=np.int32)
+        grid[:, start : start + size] = c2_rows(physics, contrast, offset, t, phi, q, rows)
+    return grid
 
 
 @jax.jit

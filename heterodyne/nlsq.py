@@ -190,6 +190,9 @@ def _result(objective: Objective, outcomes, options, *, errors="nominal") -> NLS
     """The best of ``outcomes``, in the labelling convention, as an :class:`NLSQResult`."""
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
     best, exchanged = _in_convention(objective, outcomes[int(np.argmin(costs))], options)
+    # the fast path's copy of the data serves no error or result: released before their
+    # grids are made (a later Objective.normal_equations builds it again)
+    vars(objective).pop("blocks", None)
     chi2 = float(2.0 * best.cost)
     covariance, nominal, scales, _, model_c2, residuals = objective.errors_at(
         best.x, best.jtj, errors

@@ -130,8 +130,15 @@ class NLSQResult(FitResult):
             **(notes or {}),
         }
         fitted = np.full(data["c2"].shape, np.nan)
-        fitted[np.asarray(pairs.angle), np.asarray(pairs.i), np.asarray(pairs.j)] = residuals
-        fitted[np.asarray(pairs.angle), np.asarray(pairs.j), np.asarray(pairs.i)] = residuals
+        n = fitted.shape[-1]
+        for row, col in ((pairs.i, pairs.j), (pairs.j, pairs.i)):
+            # one flat index, built in place (not three converted index arrays)
+            flat = np.asarray(pairs.angle).astype(np.int64)
+            flat *= n
+            flat += np.asarray(row)
+            flat *= n
+            flat += np.asarray(col)
+            fitted.reshape(-1)[flat] = residuals
         coords = {k: data.coords[k] for k in ("phi", "t1", "t2", "q")}
         return cls(
             params=objective.values(x),

@@ -83,12 +83,35 @@ def _blocked_normal_equations(x, template, free, pairs, n_scale):
     return jax.lax.scan(accumulate, zeros, blocks)[0]
 
 
+def _blocked_residuals(x, template, free, pairs, n_scale):
+    """:func:`free_residuals` computed ``BLOCK`` pairs at a time, so that the model's
+    per-pair intermediates never exist for all pairs at once: memory ``O(n_pairs)`` for
+    the result, ``O(BLOCK)`` for the work. The last block starts ``BLOCK`` pairs before
+    the end (it overlaps the one before; the overlap is written twice, the same values),
+    so no per-pair array is padded or copied."""
+    n_pairs = pairs.n_pairs
+    size = min(BLOCK, n_pairs)
+
+    def block(k, out):
+        start = jnp.minimum(k * size, n_pairs - size)
+        part = pairs._replace(
+            **{
+                key: jax.lax.dynamic_slice(getattr(pairs, key), (start,), (size,))
+                for key in ("angle", "i", "j", "c2", "weight")
+            }
+        )
+        r = free_residuals(x, template, free, part, n_scale)
+        return jax.lax.dynamic_update_slice(out, r, (start,))
+
+    return jax.lax.fori_loop(0, -(-n_pairs // size), block, jnp.zeros(n_pairs))
+
+
 def _half_sum_of_squares(x, template, free, pairs, n_scale):
     r = free_residuals(x, template, free, pairs, n_scale)
     return 0.5 * r @ r
 
 
-_free_residuals_jit = jax.jit(free_residuals, static_argnums=4)
+_free_residuals_jit = jax.jit(_blocked_residuals, static_argnums=4)
 _cost_and_gradient = jax.jit(jax.value_and_grad(_half_sum_of_squares), static_argnums=4)
 #: ``(J^T J, J^T r, r^T r)`` at ``x`` from the blocked Jacobian, compiled once per shape.
 blocked_normal_equations = jax.jit(_blocked_normal_equations, static_argnums=4)
@@ -392,8 +415,8 @@ class Objective:
         if "sigma" not in self.ds.data_vars:
             nominal *= chi2 / max(self.pairs.n_pairs - x.size, 1)
         physics, contrast, offset = unpack(z, self.n_scale)
-        model_c2 = np.asarray(
-            model.c2_grid(physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q)
+        model_c2 = model.c2_grid_rows(
+            physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q
         )
         covariance, scales = nominal, {}
         if errors == "speckle":

@@ -35,7 +35,7 @@ class Pairs(NamedTuple):
     angle: jax.Array  #: angle index of each pair, (n_pairs,)
     i: jax.Array  #: first frame index (i < j), (n_pairs,)
     j: jax.Array  #: second frame index, (n_pairs,)
-    c2: jax.Array  #: measured c2, (n_pairs,)
+    c2: jax.Array  #: measured c2, (n_pairs,), in float32 (``STORAGE``)
     weight: jax.Array  #: 1 / sigma, or 1 without sigma, (n_pairs,)
 
     @property
@@ -43,26 +43,55 @@ class Pairs(NamedTuple):
         return int(self.c2.shape[0])
 
 
-def fitted_pairs(ds: xr.Dataset) -> Pairs:
+# The data of a fit are stored in float32, as beamline files store c2: the rounding,
+# ~6e-8 of |c2|, is far below any measured noise, and every sum is taken in float64.
+STORAGE = np.float32
+
+
+def fitted_pairs(ds: xr.Dataset, dtype=STORAGE) -> Pairs:
     """The pairs ``t_i < t_j`` of every angle with finite ``c2`` (and ``sigma``) of a
-    Dataset its caller has validated (:meth:`Objective.build` does)."""
+    Dataset its caller has validated (:meth:`Objective.build` does); ``c2`` stored as
+    ``dtype``.
+
+    Built one angle and one array at a time, each array handed to JAX as soon as it is
+    filled: beyond the result, memory holds one angle's pairs and one per-pair array.
+    """
     n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
-    i, j = np.triu_indices(n, 1)
-    c2 = ds["c2"].values[:, i, j]
-    sigma = ds["sigma"].values[:, i, j] if "sigma" in ds.data_vars else np.ones_like(c2)
-    keep = np.isfinite(c2) & np.isfinite(sigma)
-    if not keep.any():
+    i, j = (v.astype(np.int32) for v in np.triu_indices(n, 1))
+    c2_values = ds["c2"].values
+    sigma_values = ds["sigma"].values if "sigma" in ds.data_vars else None
+
+    def finite(a):
+        keep = np.isfinite(c2_values[a][i, j])
+        if sigma_values is not None:
+            keep &= np.isfinite(sigma_values[a][i, j])
+        return keep
+
+    keep = np.stack([finite(a) for a in range(n_phi)])
+    counts = keep.sum(axis=1)
+    if not counts.any():
         raise DataError("no finite c2 pairs to fit")
-    angle = np.broadcast_to(np.arange(n_phi)[:, None], c2.shape)[keep]
+
+    def per_pair(values_of, dtype):
+        out = np.empty(int(counts.sum()), dtype=dtype)
+        ends = np.cumsum(counts)
+        for a in range(n_phi):
+            out[ends[a] - counts[a] : ends[a]] = values_of(a)[keep[a]]
+        return jax.device_put(out)
+
     return Pairs(
         t=jnp.asarray(ds["t1"].values, dtype=jnp.float64),
         phi=jnp.asarray(ds["phi"].values, dtype=jnp.float64),
         q=jnp.asarray(float(ds["q"].values)),
-        angle=jnp.asarray(angle, dtype=jnp.int32),
-        i=jnp.asarray(np.broadcast_to(i, c2.shape)[keep], dtype=jnp.int32),
-        j=jnp.asarray(np.broadcast_to(j, c2.shape)[keep], dtype=jnp.int32),
-        c2=jnp.asarray(c2[keep]),
-        weight=jnp.asarray(1.0 / sigma[keep]),
+        angle=jax.device_put(np.repeat(np.arange(n_phi, dtype=np.int32), counts)),
+        i=per_pair(lambda a: i, np.int32),
+        j=per_pair(lambda a: j, np.int32),
+        c2=per_pair(lambda a: c2_values[a][i, j], dtype),
+        weight=(
+            jnp.ones(int(counts.sum()))
+            if sigma_values is None
+            else per_pair(lambda a: 1.0 / sigma_values[a][i, j], np.float64)
+        ),
     )
 
 

@@ -407,17 +407,18 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
     """
     c2 = ds["c2"].values
     n = c2.shape[-1]
-    i, j = np.triu_indices(n, 1)
-    g = np.asarray(
-        model.c2_grid(physics, 1.0, 0.0, ds["t1"].values, ds["phi"].values, float(ds["q"]))
-    )[:, i, j]
+    i, j = (v.astype(np.int32) for v in np.triu_indices(n, 1))
+    t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
     lag = j - i
     far, near = lag >= max(1, int(0.9 * (n - 1))), lag == 1
     contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
-    for k, data in enumerate(c2[:, i, j]):
+    for k in range(c2.shape[0]):
+        # one angle at a time: memory one N x N grid, whatever the number of angles
+        g = model.c2_grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q)[0][i, j]
+        data = c2[k][i, j]
         ok = np.isfinite(data)
         # the least-squares line through (g, c2), centered: slope cov / var
-        g_ok, d_ok = g[k, ok], data[ok]
+        g_ok, d_ok = g[ok], data[ok]
         g_dev = g_ok - g_ok.mean()
         with np.errstate(invalid="ignore", divide="ignore"):
             scale = (g_dev @ (d_ok - d_ok.mean())) / (g_dev @ g_dev)

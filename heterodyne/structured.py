@@ -85,7 +85,7 @@ MIN_MASK_PAD = 256
 class Blocks(NamedTuple):
     """The fitted pairs of a Dataset laid out in row panels of frames (a JAX pytree).
 
-    The ``N`` frames are padded to ``n_blocks * B``. ``panels[a, K]`` holds rows
+    The ``N`` frames are padded to ``n_blocks * B``. ``panels[K, a]`` holds rows
     ``K B .. K B + B - 1`` of angle ``a``'s symmetric matrix (both triangles, all
     columns); ``diag[K, a]`` the upper triangle of block ``K`` with itself. Both hold
     ``d = c2 - center`` (centering makes the expanded ``r^T r`` a difference of smaller
@@ -95,7 +95,7 @@ class Blocks(NamedTuple):
     t: jax.Array  #: frame times [s], (N,)
     phi: jax.Array  #: angles [deg], (n_phi,)
     q: jax.Array  #: wavevector [1/Å], ()
-    panels: jax.Array  #: (n_phi, n_blocks, B, n_blocks * B) rows of the symmetric data
+    panels: jax.Array  #: (n_blocks, n_phi, B, n_blocks * B) rows of the symmetric data
     diag: jax.Array  #: (n_blocks, n_phi, B, B) upper triangles of the diagonal blocks
     weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
     center: jax.Array  #: (n_phi,) mean c2 of each angle's fitted pairs, subtracted
@@ -116,13 +116,17 @@ def block_size(n_frames: int) -> int:
     return int(np.clip(2 ** np.round(np.log2(4.0 * np.sqrt(n_frames))), 16, 128))
 
 
-def blocks(pairs: Pairs, block: int | None = None) -> Blocks | None:
+def blocks(pairs: Pairs, block: int | None = None, dtype=None) -> Blocks | None:
     """The data of ``pairs`` in the block layout of the fast path, or ``None`` where the
     fast path does not apply (weights not constant per angle, or more masked pairs than
     fitted ones).
 
-    Built once per fit; ``block`` (frames per block) defaults to
-    :func:`block_size`.
+    Built once per fit; ``block`` (frames per block) defaults to :func:`block_size`, the
+    storage ``dtype`` of the centered data to that of ``pairs.c2``
+    (:data:`heterodyne.pairs.STORAGE`). The center is a float32 number, so that
+    ``c2 - center`` of float32 data is exact in float32 wherever ``c2`` lies within a
+    factor 2 of it (Sterbenz), as two-time data (offset ~1) do: both paths fit the same
+    numbers. ``sum d`` and ``sum d²`` are taken from the stored values.
     """
     angle, i, j = (np.asarray(v) for v in (pairs.angle, pairs.i, pairs.j))
     c2, w = np.asarray(pairs.c2), np.asarray(pairs.weight)
@@ -139,8 +143,11 @@ def blocks(pairs: Pairs, block: int | None = None) -> Blocks | None:
     size = block_size(n) if block is None else int(block)
     n_blocks = -(-n // size)
     center = np.bincount(angle, c2, n_phi) / np.maximum(np.bincount(angle, minlength=n_phi), 1)
-    d = c2 - center[angle]
-    panels, diag = _layout(pairs.angle, pairs.i, pairs.j, jnp.asarray(d), n_phi, n_blocks, size)
+    center = center.astype(np.float32).astype(np.float64)
+    d = (c2 - center[angle]).astype(c2.dtype if dtype is None else dtype)
+    panels = _layout(angle, i, j, d, n_phi, n_blocks, size)
+    upper = np.triu(np.ones((size, size), dtype=bool), 1)
+    diag = np.stack([panels[k, :, :, k * size : (k + 1) * size] * upper for k in range(n_blocks)])
 
     if n_masked:
         fitted = np.zeros((n_phi, n, n), dtype=bool)
@@ -161,12 +168,12 @@ def blocks(pairs: Pairs, block: int | None = None) -> Blocks | None:
         t=pairs.t,
         phi=pairs.phi,
         q=pairs.q,
-        panels=panels,
-        diag=diag,
+        panels=jax.device_put(panels),
+        diag=jnp.asarray(diag),
         weight=jnp.asarray(weight),
         center=jnp.asarray(center),
         sum_d=jnp.asarray(np.bincount(angle, d, n_phi)),
-        sum_d2=jnp.asarray(np.bincount(angle, d * d, n_phi)),
+        sum_d2=jnp.asarray(np.bincount(angle, np.square(d, dtype=np.float64), n_phi)),
         masked_angle=padded(m_angle),
         masked_i=padded(m_i),
         masked_j=padded(m_j),
@@ -174,16 +181,22 @@ def blocks(pairs: Pairs, block: int | None = None) -> Blocks | None:
     )
 
 
-@partial(jax.jit, static_argnums=(4, 5, 6))
-def _layout(angle, i, j, d, n_phi: int, n_blocks: int, size: int):
-    """``panels`` and ``diag`` of :class:`Blocks` from the centered values ``d`` of the
-    pairs ``(angle, i, j)``, built in place (no host copy of the ``N²`` arrays)."""
+def _layout(angle, i, j, d, n_phi: int, n_blocks: int, size: int) -> np.ndarray:
+    """``panels`` of :class:`Blocks` from the stored values ``d`` of the pairs
+    ``(angle, i, j)``: both triangles of each angle's matrix, rows cut in blocks."""
     n_pad = n_blocks * size
-    square = jnp.zeros((n_phi, n_pad, n_pad)).at[angle, i, j].set(d).at[angle, j, i].set(d)
-    by_block = square.reshape(n_phi, n_blocks, size, n_blocks, size)
-    diag = jnp.diagonal(by_block, axis1=1, axis2=3).transpose(3, 0, 1, 2)
-    upper = jnp.triu(jnp.ones((size, size), dtype=bool), 1)
-    return square.reshape(n_phi, n_blocks, size, n_pad), jnp.where(upper, diag, 0.0)
+    panels = np.zeros((n_blocks, n_phi, size, n_pad), dtype=d.dtype)
+    for row, col in ((i, j), (j, i)):
+        # one flat index, built in place: numpy would convert each of four index arrays
+        flat = (row // size).astype(np.int64)
+        flat *= n_phi
+        flat += angle
+        flat *= size
+        flat += row % size
+        flat *= n_pad
+        flat += col
+        panels.reshape(-1)[flat] = d
+    return panels
 
 
 def frame_factors(physics, t, phi, q):
@@ -350,7 +363,14 @@ def _data_pass(a, b, e, panels, diag):
         ],
         -1,
     ).reshape(n_phi, n_blocks, n_pad, 2 * m)
-    products = panels @ weights  # (n_phi, K, B, 2M)
+
+    def panel_product(_, panel):
+        # one block of rows at a time, in float64: the stored data are never converted whole
+        rows, columns = panel
+        return None, jnp.matmul(rows.astype(columns.dtype), columns)
+
+    _, products = jax.lax.scan(panel_product, None, (panels, weights.transpose(1, 0, 2, 3)))
+    products = products.transpose(1, 0, 2, 3)  # (n_phi, K, B, 2M)
     x_off = to_after * products[..., :m]
     y_off = to_start * products[..., m:]
 
@@ -381,7 +401,9 @@ def _data_pass(a, b, e, panels, diag):
     def by_block(v):
         return v.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
 
-    _, (x_diag, y_diag) = jax.lax.scan(diag_block, None, (by_block(a), by_block(b), e_blocks, diag))
+    _, (x_diag, y_diag) = jax.lax.scan(
+        diag_block, None, (by_block(a), by_block(b), e_blocks, diag.astype(a.dtype))
+    )
 
     def by_frame(off, diag):
         return (off + diag.transpose(1, 0, 2, 3)).reshape(n_phi, n_pad, m)[:, :n]

@@ -18,9 +18,16 @@ from _files import APS_U_C2, aps_u, write_h5
 from _work import NoWork
 
 import heterodyne as hd
+import heterodyne.io  # noqa: F401 (loaded on first use: here, so that the refusals below
+import heterodyne.nlsq  # noqa: F401 measure the memory of their own work, not an import)
 from heterodyne import cmc, sampler
 from heterodyne.errors import DataError, OptionError
-from heterodyne.memory import MEMORY_LIMIT_VARIABLE, available_memory, cgroup_headroom
+from heterodyne.memory import (
+    FIT_MEMORY,
+    MEMORY_LIMIT_VARIABLE,
+    available_memory,
+    cgroup_headroom,
+)
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 REMEDY = "frames=slice(a, b)"
@@ -28,9 +35,19 @@ linux = pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB, /p
 
 
 BIG_FIT = """
-import json, resource
+import json, os, resource, threading, time
 import numpy as np
 import heterodyne as hd
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+highest = [0]
+def sample():  # the fit's own peak: ru_maxrss may be simulate's
+    while True:
+        highest[0] = max(highest[0], resident())
+        time.sleep(0.005)
 
 truth = {truth}
 ds = hd.simulate(truth, n_frames=2000, phi=[-45.0, 0.0, 45.0, 90.0], noise=0.01, seed=1)
@@ -38,8 +55,11 @@ simulated = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = hd.Parameters(truth)
 for name, value in truth.items():
     start[name].value = 1.05 * value
+before = resident()
+threading.Thread(target=sample, daemon=True).start()
 result = hd.fit_nlsq(ds, start, progress=False)
 print(json.dumps({{
+    "added_bytes": highest[0] - before,
     "simulate_kib": simulated,
     "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     "success": result.success,
@@ -66,6 +86,9 @@ def test_a_fit_of_2000_frames_x_4_angles_peaks_below_4_gb():
     report = json.loads(child.stdout.strip().splitlines()[-1])
     print(report)
     assert report["peak_kib"] * 1024 < 4e9  # ru_maxrss is in KiB on Linux
+    # the memory check's figure bounds what the fit adds to its Dataset
+    figure = FIT_MEMORY["nominal"]
+    assert 0 < report["added_bytes"] < figure["fixed"] + 4 * 2000**2 * figure["per_value"]
     assert report["success"]
     for name, truth in TRUTH.items():
         value, error = report["value"][name], report["error"][name]
@@ -206,16 +229,16 @@ def test_simulate_refuses_a_million_frames_on_this_machine(monkeypatch):
 
 
 def test_fit_nlsq_refuses_before_any_compile(memory_limit):
-    # 40² x 2 angles x 50 bytes (memory.FIT_MEMORY, errors="nominal") = 160 kB;
-    # errors="speckle": 40² x (2 x 70 + 290) = 688 kB.
+    # 0.8 GB + 40² x 2 angles x 30 bytes (memory.FIT_MEMORY, errors="nominal") = 800.096 MB;
+    # errors="speckle": 0.8 GB + 40² x (2 x 70 + 290) = 800.688 MB.
     ds = hd.simulate(TRUTH, n_frames=40, phi=[0.0, 90.0], noise=0.01, seed=4)
-    memory_limit("159k")
+    memory_limit("800.09M")
     with NoWork() as work, pytest.raises(DataError) as info:
         hd.fit_nlsq(ds, progress=False)
-    assert "fit_nlsq needs about 160 kB for 2 angle(s) x 40² frame pairs" in str(info.value)
-    assert "159 kB is available" in str(info.value) and REMEDY in str(info.value)
-    memory_limit("687k")
-    with pytest.raises(DataError, match="needs about 688 kB"):
+    assert "fit_nlsq needs about 800 MB for 2 angle(s) x 40² frame pairs" in str(info.value)
+    assert "800 MB is available" in str(info.value) and REMEDY in str(info.value)
+    memory_limit("800.6M")
+    with pytest.raises(DataError, match="needs about 801 MB"):
         hd.fit_nlsq(ds, errors="speckle", progress=False)
     assert not work.events and work.peak < 1e5
 

@@ -50,6 +50,17 @@ def test_pairwise_equals_grid_on_random_parameters():
         np.testing.assert_allclose(pairs, grid[angle, ii, jj], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rows", [7, 60, 128])
+def test_grid_by_blocks_of_rows_equals_the_grid(rows, monkeypatch):
+    """Blocks of 7 rows (the last one overlapping), exactly the frames, more than them."""
+    monkeypatch.setattr(model, "ROW_BLOCK", rows)
+    physics = random_physics(np.random.default_rng(3))
+    contrast, offset = np.array([0.2, 0.3, 0.4, 0.5]), 1.02
+    grid = np.asarray(model.c2_grid(physics, contrast, offset, T, PHI, Q))
+    by_rows = model.c2_grid_rows(physics, contrast, offset, T, PHI, Q)
+    np.testing.assert_allclose(by_rows, grid, rtol=0, atol=1e-12)
+
+
 def test_whole_rows_equal_the_grid_on_random_parameters():
     """c2_rows (shared exponentials, the phase as a rank-2 product) against the meshgrid
     path, rows in both triangles and in any order, value and Jacobian."""
