@@ -12,7 +12,7 @@ import heterodyne as hd
 from heterodyne import model, nlsq, objective, starts, structured
 from heterodyne.pairs import fitted_pairs
 from heterodyne.parameters import LOG_DECADES
-from heterodyne.results import at_entries, index_of
+from heterodyne.results import at_entries, entry_label, index_of
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 PHI = [-45.0, 0.0, 45.0]
@@ -277,13 +277,16 @@ def test_report_columns_stay_apart_at_every_width(dataset):
     result = hd.fit_nlsq(dataset, off_by_30_percent(), progress=False)
     wide = dataclasses.replace(result, stderr=result.stderr.map(lambda e: 355.7129 * e))
     rows = wide.report().split("[[Parameters]]")[1].split("[[")[0].splitlines()[2:]
+    entries = {}  # display label -> (name, phi) of every quantity, per angle where it is
+    for name, values in wide.params.data_vars.items():
+        for phi in values["phi"].values if "phi" in values.dims else [None]:
+            entries[entry_label(name, np.nan if phi is None else phi)] = (name, phi)
     shown = 0
     for row in rows:
         label, value, error, rel, *_ = row.split()
         if error == "-":
             continue
-        name, _, angle = label.partition("[")  # per-angle rows: contrast[-45°]
-        phi = float(angle.rstrip("°]")) if angle else None
+        name, phi = entries[label]
         assert float(error) == pytest.approx(wide.error(name, phi), rel=1e-3), row
         relative = 100 * float(error) / abs(float(value))
         if rel == ">1e5%":
