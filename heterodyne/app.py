@@ -639,7 +639,12 @@ class Dashboard(pn.viewable.Viewer):
                 f"NLSQ verdict {verdict.status.upper()}: {'; '.join(verdict.reasons)}",
                 self.nlsq_alert,
             )
-        self.nlsq = result
+        panes = (self.nlsq_report, self.nlsq_text, self.nlsq_view, self.nlsq_cuts)
+        await self._rebuilding(panes)
+        try:
+            self.nlsq = result
+        finally:
+            self._rebuilt(panes)
 
     def _on_start_from_fit(self, _event=None):
         frame = self.table.value.copy()

@@ -165,6 +165,9 @@ def test_the_first_click_fits_from_the_data_with_the_default_table(ds):
 
 def test_the_event_loop_stays_live_while_a_fit_runs(ds):
     dash = hd.dashboard(ds)
+    panes = (dash.nlsq_report, dash.nlsq_text, dash.nlsq_view, dash.nlsq_cuts)
+    busy_while_drawn = []  # the result panes are busy while the new result is drawn
+    dash.param.watch(lambda _: busy_while_drawn.append([p.loading for p in panes]), "nlsq")
 
     async def press_and_watch():
         dash.nlsq_button.clicks += 1  # with a running loop, panel schedules the callback
@@ -181,6 +184,7 @@ def test_the_event_loop_stays_live_while_a_fit_runs(ds):
     # The loop ran this coroutine between the start and the end of the fit, which had
     # disabled the button and shown its progress.
     assert any(status.startswith("fitting...") and disabled for status, disabled in shown)
+    assert busy_while_drawn == [[True] * 4] and not any(p.loading for p in panes)
 
 
 def test_a_fixed_parameter_and_shared_scaling_reach_the_fit(ds):
