@@ -495,10 +495,10 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
     figures = diagnostics.shard_diagnostics(shard_posterior, sample_stats)
     figures["n_pairs"] = ("shard", np.array(plan.shard_pairs))
     figures["seconds"] = ("shard", np.array([r["seconds"] for r in runs]))
-    for s, found in diagnostics.failures(figures).items():
+    for s, line in diagnostics.brief(figures).items():
         warnings.warn(
-            f"CMC shard {s} of {len(runs)} failed its diagnostics: {'; '.join(found)}. It is "
-            "combined with the others; result.converged is False.",
+            f"CMC shard {s} of {len(runs)} failed its diagnostics: {line}. It is combined "
+            "with the others; result.converged is False (result.failures() lists every figure).",
             stacklevel=3,
         )
     n_phi = ds.sizes["phi"]

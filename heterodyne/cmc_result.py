@@ -133,12 +133,11 @@ class CMCResult(FitResult):
     def warnings(self) -> list[str]:
         """Everything the user should know before trusting the numbers."""
         out = [
-            f"shard {s} failed {len(found)} diagnostic figure(s): {'; '.join(found[:3])}"
-            + (f"; and {len(found) - 3} more (result.failures())" if len(found) > 3 else "")
-            + "; it is combined with the others, so the combined posterior is not to be "
+            f"shard {s} failed its diagnostics: {line} (result.failures() lists every "
+            "figure); it is combined with the others, so the combined posterior is not to be "
             "trusted: rerun with more warmup/samples or better start values "
             "(init=hd.fit_nlsq(...))"
-            for s, found in self.failures().items()
+            for s, line in diagnostics.brief(self.diagnostics).items()
         ]
         floors = self.prior["floor"]
         if np.any(np.isfinite(floors.values)):

@@ -196,6 +196,49 @@ def failures(diagnostics: xr.Dataset) -> dict[int, list[str]]:
     return out
 
 
+def brief(diagnostics: xr.Dataset) -> dict[int, str]:
+    """One line per failing shard (:func:`failures` in full): for each failed figure, the
+    threshold, how many quantities (chains for BFMI) fail it and the worst of them, e.g.
+    ``"R-hat >= 1.01 for 7 of 19 quantities, worst v0 = 1.106"``."""
+    limits = thresholds_of(diagnostics)
+    passes = pass_rules(diagnostics)
+    n_chains = diagnostics.sizes["chain"]
+    ess_min = limits.ess_per_chain_min * n_chains
+    ess_rule = f"< {ess_min:g} ({limits.ess_per_chain_min:g} per chain x {n_chains} chains)"
+    figures = (  # figure, name, failing rule, what is counted, worst first (NaN worst)
+        ("rhat", "R-hat", f">= {limits.rhat_max:g}", "quantities", -1),
+        ("ess_bulk", "ESS_bulk", ess_rule, "quantities", 1),
+        ("ess_tail", "ESS_tail", ess_rule, "quantities", 1),
+        ("bfmi", "BFMI", f"< {limits.bfmi_min:g}", "chains", 1),
+    )
+    out = {}
+    for s in diagnostics["shard"].values:
+        d = diagnostics.sel(shard=s)
+        labels = {
+            "quantities": [entry_label(name, phi) for name, phi in index_of(d)],
+            "chains": [f"chain {c}" for c in d["chain"].values],
+        }
+        parts = []
+        for figure, name, rule, counted, sign in figures:
+            values = d[figure].values
+            bad = [k for k, value in enumerate(values) if not passes[figure](value)]
+            if bad:
+                k = min(bad, key=lambda k: (not np.isnan(values[k]), sign * values[k]))
+                parts.append(
+                    f"{name} {rule} for {len(bad)} of {len(values)} {counted}, worst "
+                    f"{labels[counted][k]} = {values[k]:.4g}"
+                )
+        fraction = float(d["divergent_fraction"])
+        if not passes["divergent_fraction"](fraction):
+            parts.append(
+                f"{int(d['divergences'])} divergent transitions = {100 * fraction:.3g} % of "
+                f"the draws (needs <= {100 * limits.divergence_max:g} %)"
+            )
+        if parts:
+            out[int(s)] = "; ".join(parts)
+    return out
+
+
 # The judged figures of a shard in the verdict table: column, figure, how it is reduced.
 VERDICT_FIGURES = (
     ("max R-hat", "rhat", "max"),

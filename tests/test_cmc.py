@@ -269,7 +269,8 @@ def test_a_run_too_short_to_converge_names_the_shard_and_the_figure(small):
     with pytest.warns(
         UserWarning,
         match=r"CMC shard \d of 2 failed its diagnostics: .*"
-        r"ESS_bulk of \w+ = [\d.]+ \(needs >= 200",
+        r"ESS_bulk < 200 \(100 per chain x 2 chains\) for \d+ of \d+ quantities, "
+        r"worst \S+ = [\d.]+",
     ):
         result = hd.fit_cmc(ds, init, shards=2, warmup=5, samples=20, progress=False)
     assert not result.converged

@@ -90,6 +90,13 @@ def test_rhat_flags_chains_that_disagree():
     assert failed[1][0].startswith(
         f"R-hat of a = {float(figures['rhat'][1, 0]):.4g} (needs < 1.01)"
     )
+    n_failed = sum(f.startswith("R-hat of ") for f in failed[1])
+    worst = int(np.nanargmax(figures["rhat"].values[1]))  # the line names the worst one
+    label = figures["name"].values[worst]
+    assert diagnostics.brief(figures)[1].startswith(
+        f"R-hat >= 1.01 for {n_failed} of {figures.sizes['entry']} quantities, worst "
+        f"{label} = {float(figures['rhat'][1, worst]):.4g}"
+    )
 
 
 def test_ess_of_an_autocorrelated_chain_is_that_of_ar1():
@@ -121,6 +128,9 @@ def test_divergences_above_one_percent_fail():
     assert figures["divergences"].values.tolist() == [20, 21]
     assert diagnostics.failures(figures) == {
         1: ["21 divergent transitions = 1.05 % of the draws (needs <= 1 %)"]
+    }
+    assert diagnostics.brief(figures) == {
+        1: "21 divergent transitions = 1.05 % of the draws (needs <= 1 %)"
     }
 
 
