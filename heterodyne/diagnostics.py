@@ -160,6 +160,18 @@ def pass_rules(diagnostics: xr.Dataset) -> dict[str, Callable[[float], bool]]:
     }
 
 
+def divergence_failure(shard: xr.Dataset, limits: Thresholds) -> list[str]:
+    """``["21 divergent transitions = 1.05 % of the draws (needs <= 1 %)"]`` when the
+    divergences of one shard's figures fail ``limits``, else ``[]``."""
+    fraction = float(shard["divergent_fraction"])
+    if pass_rules(shard)["divergent_fraction"](fraction):
+        return []
+    return [
+        f"{int(shard['divergences'])} divergent transitions = {100 * fraction:.3g} % of "
+        f"the draws (needs <= {100 * limits.divergence_max:g} %)"
+    ]
+
+
 def failures(diagnostics: xr.Dataset) -> dict[int, list[str]]:
     """Every failed figure, by shard: ``{shard: ["R-hat of v0 = 1.034 (needs < 1.01)",
     ...]}``; empty when all shards pass. NaN figures fail (:func:`pass_rules`)."""
@@ -185,12 +197,7 @@ def failures(diagnostics: xr.Dataset) -> dict[int, list[str]]:
         for chain, value in zip(d["chain"].values, d["bfmi"].values, strict=True):
             if not passes["bfmi"](value):
                 found.append(f"BFMI of chain {chain} = {value:.3g} (needs >= {limits.bfmi_min:g})")
-        fraction = float(d["divergent_fraction"])
-        if not passes["divergent_fraction"](fraction):
-            found.append(
-                f"{int(d['divergences'])} divergent transitions = {100 * fraction:.3g} % of "
-                f"the draws (needs <= {100 * limits.divergence_max:g} %)"
-            )
+        found += divergence_failure(d, limits)
         if found:
             out[int(s)] = found
     return out
@@ -228,12 +235,7 @@ def brief(diagnostics: xr.Dataset) -> dict[int, str]:
                     f"{name} {rule} for {len(bad)} of {len(values)} {counted}, worst "
                     f"{labels[counted][k]} = {values[k]:.4g}"
                 )
-        fraction = float(d["divergent_fraction"])
-        if not passes["divergent_fraction"](fraction):
-            parts.append(
-                f"{int(d['divergences'])} divergent transitions = {100 * fraction:.3g} % of "
-                f"the draws (needs <= {100 * limits.divergence_max:g} %)"
-            )
+        parts += divergence_failure(d, limits)
         if parts:
             out[int(s)] = "; ".join(parts)
     return out
