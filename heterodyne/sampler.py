@@ -262,7 +262,15 @@ def _unless_cancelled(job: ShardJob, chain):
     """``chain()`` as numpy arrays; ``Cancelled`` when the run's tracker asked to stop,
     before it starts or while it ran (its draws are then incomplete)."""
     if not tracker.cancelled(job.token):
-        out = jax.device_get(chain())
+        try:
+            out = jax.device_get(chain())
+        except jax.errors.JaxRuntimeError as err:
+            # Ctrl-C that lands while the chain's progress callback runs in Python reaches
+            # here wrapped in JAX's error, with the interrupt's traceback as its text:
+            # it is still the user's Ctrl-C (finished shards are kept; a rerun resumes)
+            if "KeyboardInterrupt" in str(err):
+                raise KeyboardInterrupt from err
+            raise
         if not tracker.cancelled(job.token):
             return out
     raise Cancelled("the CMC run was cancelled")

@@ -303,6 +303,27 @@ def test_a_tracker_counts_every_draw_and_its_cancel_stops_the_run(small, short_r
     assert asked[0] <= long.steps <= asked[0] + tracker.REPORT_EVERY
 
 
+class InterruptedInsideTheChain(tracker.Tracker):
+    """A tracker whose first report from a running chain meets Ctrl-C: the interrupt is
+    raised in the chain's host callback, where a real Ctrl-C lands most of the time."""
+
+    @property
+    def cancelled(self):
+        if self.steps > 0:
+            raise KeyboardInterrupt
+        return False
+
+
+def test_ctrl_c_inside_a_compiled_chain_is_a_keyboard_interrupt(small):
+    """JAX wraps an exception raised in a host callback in its own runtime error; a
+    Ctrl-C must still reach the user (and the checkpoint logic) as KeyboardInterrupt."""
+    ds, init = small
+    interrupted = InterruptedInsideTheChain(2 * (20 + 20))
+    with pytest.raises(KeyboardInterrupt):
+        run_quietly(ds, init, shards=1, warmup=20, samples=20, progress=interrupted)
+    assert 0 < interrupted.steps < 2 * (20 + 20)
+
+
 @pytest.mark.slow
 def test_same_seed_same_draws_in_this_process_and_in_worker_processes(small, short_result):
     ds, init = small
