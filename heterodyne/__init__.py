@@ -25,6 +25,8 @@ _PUBLIC = {
     "OverwriteError": "heterodyne.errors",
     "ParameterError": "heterodyne.errors",
     "Parameters": "heterodyne.parameters",
+    "age_scan": "heterodyne.ageing",
+    "ageing": None,
     "dashboard": "heterodyne.app",
     "explore": "heterodyne.explorer",
     "fit_cmc": "heterodyne.cmc",

@@ -422,9 +422,7 @@ def check_survey(sources, *, method, q, phi, frames, params, checkpoint, executo
     """The arguments of :func:`heterodyne.survey`, before any file is read; returns the
     sources as a list."""
     from heterodyne import executors
-    from heterodyne.objective import SCALINGS
     from heterodyne.survey import METHODS
-    from heterodyne.uncertainty import ERRORS
 
     choice(method, "method", METHODS)
     executors.check(executor)
@@ -442,16 +440,31 @@ def check_survey(sources, *, method, q, phi, frames, params, checkpoint, executo
     if phi is not None:
         numbers(phi, "phi [deg]")
     frame_window(frames)
+    checkpoint_folder(checkpoint)
+    for key in ("progress", "params", "ds"):
+        if key in options:
+            raise OptionError(f"{key} is set by survey; it cannot be passed to the fit")
+    fit = fit_options(options, ("fix", "multistart", "seed", "scaling", "errors"))
+    parameters(params, fix=fit.get("fix", ()))
+    return listed
+
+
+def checkpoint_folder(checkpoint) -> None:
+    """``None`` or a folder path (created when missing), not a file."""
     if checkpoint is not None:
         folder = file_path(checkpoint, "checkpoint", kind="folder")
         if folder.exists() and not folder.is_dir():
             raise OptionError(
                 f"checkpoint={str(folder)!r} is a file; give a folder (created if missing)"
             )
-    for key in ("progress", "params", "ds"):
-        if key in options:
-            raise OptionError(f"{key} is set by survey; it cannot be passed to the fit")
-    known = ("fix", "multistart", "seed", "scaling", "errors")
+
+
+def fit_options(options: Mapping, known: tuple) -> dict:
+    """The :func:`heterodyne.fit_nlsq` options among ``known`` in ``options``, checked,
+    the rest checked as ``least_squares`` options; returns the ``known`` ones."""
+    from heterodyne.objective import SCALINGS
+    from heterodyne.uncertainty import ERRORS
+
     fit = {key: value for key, value in options.items() if key in known}
     least_squares_options({k: v for k, v in options.items() if k not in known})
     choice(fit.get("scaling", "per_angle"), "scaling", SCALINGS)
@@ -460,5 +473,46 @@ def check_survey(sources, *, method, q, phi, frames, params, checkpoint, executo
         integer(multistart, "multistart", minimum=0)
     seed_value(fit.get("seed", 0))
     choice(fit.get("errors", "nominal"), "errors", ERRORS)
-    parameters(params, fix=fit.get("fix", ()))
-    return listed
+    return fit
+
+
+def check_age_scan(ds, *, window, step, law, params, errors, checkpoint, executor, progress,
+                 options) -> tuple[int, int]:  # fmt: skip
+    """The arguments of :func:`heterodyne.age_scan`, before any fit; returns
+    ``(window, step)`` as integers (``step`` defaults to half the window)."""
+    from heterodyne import executors
+    from heterodyne.data import validate
+    from heterodyne.nlsq_result import NLSQResult
+    from heterodyne.parameters import Parameters
+    from heterodyne.uncertainty import ERRORS
+
+    validate(ds)
+    n = ds.sizes["t1"]
+    window = integer(window, "window (frames per window)", minimum=3, maximum=n)
+    step = max(window // 2, 1) if step is None else integer(step, "step (frames)", minimum=1)
+    choice(errors, "errors", ERRORS)
+    executors.check(executor)
+    flag(progress, "progress")
+    checkpoint_folder(checkpoint)
+    if isinstance(law, NLSQResult):
+        same = law.data.sizes["t1"] == n and np.array_equal(law.data["t1"].values, ds["t1"].values)
+        if not same:
+            raise OptionError(
+                "law is a fit of other frames than ds (its times differ): fit this "
+                "Dataset (hd.fit_nlsq(ds)), give Parameters or pass law=None"
+            )
+    elif law is not None and not isinstance(law, Parameters):
+        raise OptionError(
+            f"law must be an NLSQResult of the whole matrix, Parameters or None; got "
+            f"{_describe(law)}"
+        )
+    elif law is not None:
+        law.validate()
+    for key in ("progress", "ds", "fix"):
+        if key in options:
+            raise OptionError(
+                f"{key} is set by age_scan for each window; it cannot be passed to the fits"
+            )
+    fit_options(options, ("multistart", "seed", "scaling"))
+    parameters(params)
+    return window, step

@@ -75,42 +75,69 @@ def survey(
         checkpoint=checkpoint, executor=executor, progress=progress, options=fit_options,
     )  # fmt: skip
     p = Parameters.coerce(params)
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-    tasks = []
-    for k, source in enumerate(sources):
-        for q_bin in _q_bins(source, q):
-            task = {
-                "source": source,
-                "q": q_bin,
-                "phi": phi,
-                "frames": frames,
-                "t_start": t_start,
-                "params": p,
-                "options": fit_options,
-                "name": _name(source, k),
-            }
-            task["checkpoint"] = None if checkpoint is None else checkpoint / _checkpoint_name(task)
-            tasks.append(task)
-    summaries = [None] * len(tasks)
-    pending = []
-    for index, task in enumerate(tasks):
-        if task["checkpoint"] is not None and task["checkpoint"].exists():
-            from heterodyne.results import open_result
-
-            summaries[index] = summarize(open_result(task["checkpoint"]), task["name"])
-        else:
-            pending.append(index)
-    for k, summary in executors.run(
-        _fit_task, [tasks[i] for i in pending], executor, progress=progress, desc="survey"
-    ):
-        summaries[pending[k]] = summary
+    tasks = [
+        task(
+            source,
+            _name(source, k),
+            params=p,
+            options=fit_options,
+            checkpoint=checkpoint,
+            q=q_bin,
+            phi=phi,
+            frames=frames,
+            t_start=t_start,
+        )  # fmt: skip
+        for k, source in enumerate(sources)
+        for q_bin in _q_bins(source, q)
+    ]
+    summaries, fitted = run_tasks(tasks, executor, progress=progress, desc="survey")
     out = xr.concat(summaries, dim="fit", join="outer", combine_attrs="drop")
     if len(sources) == 1:
         out = out.swap_dims(fit="q").drop_vars("fit", errors="ignore")
     out["q"].attrs.update(units="1/Å", long_name="q")
-    out.attrs.update(method=method, fitted=len(pending), from_checkpoint=len(tasks) - len(pending))
+    out.attrs.update(method=method, fitted=fitted, from_checkpoint=len(tasks) - fitted)
     return out
+
+
+def task(source, name: str, *, params, options, checkpoint=None, q=None, phi=None, frames=None,
+         t_start=None) -> dict:  # fmt: skip
+    """One fit for :func:`run_tasks`: ``source`` (a file's q-bin ``q``, read with ``phi``,
+    ``frames`` and ``t_start``, or a Dataset fitted as it is) fitted with ``params`` and
+    the :func:`heterodyne.fit_nlsq` ``options``, saved in the folder ``checkpoint`` (or
+    not saved when ``None``) under a name unique to that work (:func:`checkpoint_name`)."""
+    out = {
+        "source": source,
+        "q": q,
+        "phi": phi,
+        "frames": frames,
+        "t_start": t_start,
+        "params": params,
+        "options": options,
+        "name": name,
+    }
+    out["checkpoint"] = None if checkpoint is None else Path(checkpoint) / checkpoint_name(out)
+    return out
+
+
+def run_tasks(tasks, executor=None, *, progress: bool = True, desc: str = "survey"):
+    """``(summaries, fitted)``: the :func:`summarize` row of each task of :func:`task`, in
+    order, and how many were fitted now. A task whose checkpoint file exists is read back
+    from it; the others are fitted on ``executor`` (:mod:`heterodyne.executors`), each
+    saved to its checkpoint as soon as it ends."""
+    summaries = [None] * len(tasks)
+    pending = []
+    for index, one in enumerate(tasks):
+        if one["checkpoint"] is not None and one["checkpoint"].exists():
+            from heterodyne.results import open_result
+
+            summaries[index] = summarize(open_result(one["checkpoint"]), one["name"])
+        else:
+            pending.append(index)
+    for k, summary in executors.run(
+        _fit_task, [tasks[i] for i in pending], executor, progress=progress, desc=desc
+    ):
+        summaries[pending[k]] = summary
+    return summaries, len(pending)
 
 
 def table(out: xr.Dataset) -> pd.DataFrame:
@@ -159,7 +186,7 @@ def _name(source, k):
     return f"dataset{k}" if isinstance(source, xr.Dataset) else os.fspath(source)
 
 
-def _checkpoint_name(task) -> str:
+def checkpoint_name(task) -> str:
     """A file name unique to the work: the source (a Dataset's every variable, coordinate
     and attribute; a file's path, size and modification time), the q-bin, ``phi``,
     ``frames``, ``t_start``, every parameter field and fit option at full precision, and the package
