@@ -18,9 +18,9 @@ does not return the law's mean over its window: a velocity that changes within t
 spreads the phase of the cross term, which a constant-rate fit reads as a faster decay
 (``J_s`` 26 % above its window mean in a 200-frame window of ``v = 50 t^0.5`` Å/s at
 ``t = 190`` s, q = 0.01 1/Å, noiseless). So each window is fitted twice, to the data and
-to the law's model on
-the same pairs, and the points are compared with the latter (``<name>_law``): both
-carry the same window effects, and their difference is the departure from the law.
+to the law's model on the same pairs, and the points are compared with the latter
+(``<name>_law``): both carry the same window effects, and their difference is the
+departure from the law.
 
 :func:`law_check` measures it: ``chi2 = sum ((point - law) / stderr)²`` over the windows
 of each quantity, against its distribution with one degree of freedom per window (the law
