@@ -276,6 +276,25 @@ def law_dataset(part: xr.Dataset, physics) -> xr.Dataset:
     return out
 
 
+def law_curves(scan: xr.Dataset, t) -> dict[str, np.ndarray]:
+    """The law of an :func:`age_scan` (attrs ``law_<name>``) at times ``t`` [s]: ``J_r``,
+    ``J_s`` (:func:`heterodyne.model.transport_rate`, Å²/s), ``v``
+    (:func:`heterodyne.model.velocity`, Å/s) and ``x_s``
+    (:func:`heterodyne.model.sample_fraction`), under the names of :data:`QUANTITIES`."""
+    p = {n: scan.attrs[f"law_{n}"] for n in PHYSICS_NAMES}
+    t = np.asarray(t, dtype=float)
+    return {
+        "rate_ref": np.asarray(
+            model.transport_rate(t, p["D0_ref"], p["alpha_ref"], p["D_offset_ref"])
+        ),
+        "rate_sample": np.asarray(
+            model.transport_rate(t, p["D0_sample"], p["alpha_sample"], p["D_offset_sample"])
+        ),
+        "velocity": np.asarray(model.velocity(t, p["v0"], p["beta"], p["v_offset"])),
+        "fraction": np.asarray(model.sample_fraction(t, *(p[n] for n in FRACTION_NAMES))),
+    }
+
+
 def law_check(scan: xr.Dataset, *, p_value: float = LAW_P) -> pd.DataFrame:
     """The points of an :func:`age_scan` against the whole fit's law, one row per quantity.
 

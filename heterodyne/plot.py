@@ -8,6 +8,7 @@ and that :func:`save` writes to a standalone HTML file.
 - :func:`cuts`: ``c2(t1, t1 + tau)`` against the lag at a few ages ``t1``;
 - :func:`fit`: data | model | residual per angle and the one-time projection ``g2(tau)``;
 - :func:`params`: fitted parameters with error bars across a survey;
+- :func:`age`: the effective rates of an age scan against age, with the law drawn over;
 - :func:`posterior`: CMC marginals, pairs, traces by shard and the diagnostics verdict.
 
 The diagonal ``t1 = t2`` is masked (NaN) in every heatmap: it is excluded from the fits
@@ -346,6 +347,77 @@ def params(results, x: str = "q") -> hv.Layout:
     if not panels:
         raise OptionError(f"no parameter varies along {along!r}: nothing to plot")
     return _layout(panels, min(len(panels), COLUMNS))
+
+
+def age(scan: xr.Dataset, *, n_curve: int = 200) -> hv.Layout:
+    """An age scan (:func:`heterodyne.age_scan`): each effective quantity against age.
+
+    Panels: the transport rates ``J_r`` and ``J_s`` (log axis when positive), the velocity
+    ``v`` and the fraction ``x_s``. In each, the windows' values with their error bars
+    (points; a window whose fit failed is a cross), the law as the window fit reads it
+    (open circles, what :func:`heterodyne.ageing.law_check` compares with) and the law
+    itself (``D0 t^alpha + D_offset``, ``v0 t^beta + v_offset``, the fraction law), a
+    line over ``n_curve`` times. The title of each panel gives its verdict.
+
+    Returns
+    -------
+    holoviews.Layout
+        Three ``hv.Overlay`` panels, kdim ``age`` [s].
+    """
+    from heterodyne.ageing import QUANTITIES, law_check, law_curves
+
+    if not isinstance(scan, xr.Dataset) or "age" not in scan.dims:
+        raise OptionError(f"expected the Dataset of hd.age_scan; got {type(scan).__name__}")
+    ages = scan["age"].values
+    times = np.linspace(scan["t_first"].values.min(), scan["t_last"].values.max(), n_curve)
+    curves = law_curves(scan, times)
+    status = dict(zip(*law_check(scan)[["quantity", "status"]].values.T, strict=True))
+    failed = scan["verdict"].values == "fail"
+    age_dim = hv.Dimension("age", label="age t_a", unit="s")
+    groups = (  # title, the vertical axis (name, label, unit), the quantities drawn
+        ("transport rates", ("rate", "J", "Å²/s"), ("rate_ref", "rate_sample")),
+        ("velocity", ("velocity", "v", "Å/s"), ("velocity",)),
+        ("fraction", ("fraction", "x_s", None), ("fraction",)),
+    )
+    panels = []
+    for title, (dim, label, unit), names in groups:
+        y_dim = hv.Dimension(dim, label=label, unit=unit)
+        layers, verdicts = [], []
+        log = all(bool(np.all(scan[n].values > 0)) for n in names) and len(names) > 1
+        for k, name in enumerate(names):
+            color = PALETTE[k % len(PALETTE)]
+            symbol = QUANTITIES[name][3]
+            ys = scan[name].values
+            es = np.nan_to_num(scan[f"{name}_stderr"].values)
+            low = np.maximum(ys - es, 1e-3 * ys) if log else ys - es
+            layers += [
+                hv.Curve((times, curves[name]), age_dim, y_dim, label=f"{symbol} law").opts(
+                    color=color, line_width=1.5, alpha=0.6, backend="bokeh"
+                ),
+                hv.Scatter(
+                    (ages, scan[f"{name}_law"].values),
+                    age_dim,
+                    y_dim,
+                    label=f"{symbol} law, read by a window",
+                ).opts(color=color, marker="circle", fill_alpha=0, size=9, backend="bokeh"),
+                hv.ErrorBars((ages, ys, ys - low, es), age_dim, [y_dim, "low", "high"]).opts(
+                    color=color, backend="bokeh"
+                ),
+                hv.Scatter((ages[~failed], ys[~failed]), age_dim, y_dim, label=symbol).opts(
+                    color=color, size=6, tools=["hover"], backend="bokeh"
+                ),
+            ]
+            if failed.any():
+                layers.append(
+                    hv.Scatter(
+                        (ages[failed], ys[failed]), age_dim, y_dim, label=f"{symbol}, fit failed"
+                    ).opts(color=color, marker="x", size=9, backend="bokeh")
+                )
+            if name in status:
+                verdicts.append(f"{symbol} {status[name]}")
+        full = f"{title}: {'; '.join(verdicts)}" if verdicts else title
+        panels.append(_line_panel(layers, full, logy=log, legend_position="top_left"))
+    return _layout(panels, COLUMNS)
 
 
 def posterior(result) -> hv.Layout:

@@ -96,9 +96,13 @@ def step_change_data(seed=0):
     return hd.from_arrays(c2, t, phi, q)
 
 
-def test_a_step_change_of_the_sample_rate_is_flagged_as_violating_the_law():
-    ds = step_change_data()
-    scan = hd.age_scan(ds, window=50, step=50, progress=False)
+@pytest.fixture(scope="module")
+def step_scan():
+    return hd.age_scan(step_change_data(), window=50, step=50, progress=False)
+
+
+def test_a_step_change_of_the_sample_rate_is_flagged_as_violating_the_law(step_scan):
+    scan = step_scan
     check = law_check(scan).set_index("quantity")
     # no power law in time follows a step: the whole fit's law misses the windows
     assert check.loc["rate_sample", "status"] == "violated", check
@@ -110,6 +114,30 @@ def test_a_step_change_of_the_sample_rate_is_flagged_as_violating_the_law():
         values = scan["rate_sample"].values[where.values]
         errors = scan["rate_sample_stderr"].values[where.values]
         assert np.all(np.abs(values - truth) < 4 * errors), (values, errors)
+
+
+def test_the_age_plot_draws_the_points_the_law_read_by_the_windows_and_the_law(step_scan):
+    layout = hd.plot.age(step_scan)
+    rates, velocity, fraction = layout
+    assert "J_s violated" in rates.opts.get().kwargs["title"]
+    assert "v follows the law" in velocity.opts.get().kwargs["title"]
+    by_label = {element.label: element for element in rates}
+    np.testing.assert_array_equal(by_label["J_s"].dimension_values(1), step_scan["rate_sample"])
+    np.testing.assert_array_equal(
+        by_label["J_s law, read by a window"].dimension_values(1), step_scan["rate_sample_law"]
+    )
+    # the law itself, D0 t^alpha + D_offset, from the whole fit's parameters
+    curve = by_label["J_s law"]
+    t = curve.dimension_values(0)
+    a = step_scan.attrs
+    np.testing.assert_allclose(
+        curve.dimension_values(1),
+        a["law_D0_sample"] * t ** a["law_alpha_sample"] + a["law_D_offset_sample"],
+        rtol=1e-12,
+    )
+    assert t.min() == step_scan["t_first"].min() and t.max() == step_scan["t_last"].max()
+    with pytest.raises(hd.OptionError, match="age_scan"):
+        hd.plot.age(step_scan.isel(age=0).drop_dims("phi"))
 
 
 def test_windows_share_one_compilation_and_a_rerun_resumes_from_the_checkpoint(tmp_path):
