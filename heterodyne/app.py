@@ -3,14 +3,17 @@
 ``hd.dashboard(path_or_ds)`` returns a :class:`Dashboard`, one object for JupyterLab
 (after ``pn.extension("tabulator", inline=True)`` in the notebook) and for a server
 (:func:`serve`, ``heterodyne dashboard FILE``, or ``panel serve`` of a script that calls
-``hd.dashboard(path).servable()``). Three tabs:
+``hd.dashboard(path).servable()``). Four tabs:
 
 - Data: file, q-bin, angles and frame window, the time of stored frame 0 and frames to
   exclude; the file's intensity trace, ``c2`` heatmaps, one-time cuts, a summary;
 - NLSQ: the parameter table (value, vary, min, max, editable), scaling, multistart, Fit;
   the report, the fit plots and the result as netCDF;
 - CMC: shards, chains, warmup, samples, warm start from the NLSQ fit, Run; the report,
-  the diagnostics coloured by their thresholds and the posterior as netCDF.
+  the diagnostics coloured by their thresholds and the posterior as netCDF;
+- Ageing: window and step in frames, Scan (:func:`heterodyne.age_scan`, against the
+  laws of the NLSQ fit when there is one); the check against the law and the effective
+  rates against age (:func:`heterodyne.plot.age`).
 
 A fit runs in a worker thread while the page stays live, with its elapsed time (and,
 for CMC, the finished shards) shown. Errors (a bad file, bad parameters, a failed fit)
@@ -53,6 +56,7 @@ from heterodyne.results import entry_label, index_of
 from heterodyne.tracker import Tracker
 from heterodyne.uncertainty import ERRORS
 
+AGE_WINDOW = 100  # frames per window of the Ageing tab's first scan
 POLL_S = 0.25  # how often the page's progress is refreshed while a fit runs [s]
 # A closed page's session (and its CMC run) ends within CLOSED_S + CHECK_S; a page has
 # CLOSED_S from its request to open its websocket on a busy machine.
@@ -254,11 +258,13 @@ export function render({ el }) {
 
 
 class Dashboard(pn.viewable.Viewer):
-    """Data, NLSQ and CMC tabs over one file or Dataset; build it with :func:`dashboard`.
+    """Data, NLSQ, CMC and Ageing tabs over one file or Dataset; build it with
+    :func:`dashboard`.
 
     The settings are ``param`` parameters, shared by the widgets and by code
     (``dash.multistart = 4``); the results are ``dash.data`` (the selected Dataset),
-    ``dash.nlsq`` and ``dash.cmc``. ``dash.nlsq_button.clicks += 1`` presses Fit.
+    ``dash.nlsq``, ``dash.cmc`` and ``dash.ageing``. ``dash.nlsq_button.clicks += 1``
+    presses Fit (``ageing_button``: Scan).
     """
 
     path = param.String(default="", doc="File on the server; empty for an in-memory Dataset.")
@@ -298,6 +304,11 @@ class Dashboard(pn.viewable.Viewer):
     data = param.ClassSelector(class_=xr.Dataset, allow_None=True, doc="The selected Dataset.")
     nlsq = param.ClassSelector(class_=NLSQResult, allow_None=True, doc="The last NLSQ fit.")
     cmc = param.ClassSelector(class_=CMCResult, allow_None=True, doc="The last CMC run.")
+    window = param.Integer(default=AGE_WINDOW, doc="Frames per window of the age scan.")
+    step = param.Integer(default=AGE_WINDOW, doc="Frames between the age scan's windows.")
+    ageing = param.ClassSelector(
+        class_=xr.Dataset, allow_None=True, doc="The last age scan (hd.age_scan)."
+    )
 
     def __init__(self, source=None, params=None, *, root=None, **kwargs):
         super().__init__(**kwargs)
@@ -306,7 +317,7 @@ class Dashboard(pn.viewable.Viewer):
         self._full = None  # the loaded q-bin, all angles and frames
         self._resetting = False  # True while the selectors are reset to a new q-bin
         # one alert per tab, at its top: a CMC warning stays on the CMC tab
-        self.data_alert, self.nlsq_alert, self.cmc_alert = (
+        self.data_alert, self.nlsq_alert, self.cmc_alert, self.ageing_alert = (
             pn.pane.Alert(
                 "",
                 alert_type="danger",
@@ -314,11 +325,12 @@ class Dashboard(pn.viewable.Viewer):
                 css_classes=["hd-alert", f"hd-{tab}-alert"],
                 sizing_mode="stretch_width",
             )
-            for tab in ("data", "nlsq", "cmc")
+            for tab in ("data", "nlsq", "cmc", "ageing")
         )
         self._build_data_tab()
         self._build_nlsq_tab(Parameters.coerce(params))
         self._build_cmc_tab()
+        self._build_ageing_tab()
         self._layout = pn.Column(
             pn.pane.Markdown("## heterodyne", margin=(0, 10)),
             TabRoles(),
@@ -326,6 +338,7 @@ class Dashboard(pn.viewable.Viewer):
                 ("Data", self._data_tab),
                 ("NLSQ", self._nlsq_tab),
                 ("CMC", self._cmc_tab),
+                ("Ageing", self._ageing_tab),
                 sizing_mode="stretch_width",
             ),
             sizing_mode="stretch_width",
@@ -473,14 +486,18 @@ class Dashboard(pn.viewable.Viewer):
     def _show_data(self):
         self.nlsq = None
         self.cmc = None
+        self.ageing = None
         ds = self.data
         ready = ds is not None
         self.nlsq_button.disabled = not ready or bool(self._problems)
-        self.cmc_button.disabled = not ready
+        self.cmc_button.disabled = self.ageing_button.disabled = not ready
         self._check_cmc_settings()
         if not ready:
             self.summary.object, self.c2_view.object, self.cuts_view.object = "", None, None
             return
+        n = ds.sizes["t1"]
+        if self.window > n:  # a window of at most a fifth of the frames: five ages or more
+            self.window = self.step = max(n // 5, 3)
         fitted = _pairs(ds) - int(ds.attrs.get("nan_pairs", 0))
         self.shards = max(1, -(-fitted // PAIRS_PER_SHARD))  # fit_cmc's shards="auto"
         self.summary.object = _summary_html(ds)
@@ -872,6 +889,79 @@ class Dashboard(pn.viewable.Viewer):
 
     # ---- running and reporting -------------------------------------------------------
 
+    # ---- Ageing ----------------------------------------------------------------------
+
+    def _build_ageing_tab(self):
+        self.ageing_button = pn.widgets.Button(
+            name="Scan", button_type="primary", disabled=True, width=120
+        )
+        self.ageing_button.on_click(self._on_scan)
+        self.ageing_status = pn.pane.Markdown("", css_classes=["hd-ageing-status"])
+        self.ageing_text = pn.pane.Str(
+            "", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width"
+        )
+        self.ageing_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-ageing"])
+        controls = pn.Row(
+            pn.widgets.IntInput.from_param(self.param.window, name="window [frames]", width=140),
+            pn.widgets.IntInput.from_param(self.param.step, name="step [frames]", width=140),
+            pn.Column(pn.layout.Spacer(height=18), self.ageing_button),
+        )
+        self._ageing_tab = pn.Column(
+            self.ageing_alert,
+            pn.pane.Markdown(
+                "Windows of frames along the diagonal, each fitted with constant rates "
+                "(the laws frozen): the effective rates against age, checked against the "
+                "laws of the NLSQ fit (or of a fit of the whole selection when there is "
+                "none). Errors as chosen on the NLSQ tab.",
+                max_width=REPORT_WIDTH,
+            ),
+            controls,
+            self.ageing_status,
+            self.ageing_view,
+            _text_card(self.ageing_text),
+            sizing_mode="stretch_width",
+        )
+
+    async def _on_scan(self, _event=None):
+        from heterodyne.ageing import age_scan
+
+        ds, law = self.data, self.nlsq
+        options = {"window": self.window, "step": self.step, "law": law, "errors": self.errors}
+        try:
+            self._busy(True)
+
+            def report(seconds):
+                self.ageing_status.object = f"scanning... {seconds:.0f} s"
+
+            scan, seconds = await self._in_thread(
+                lambda: age_scan(ds, progress=False, **options), report
+            )
+        except Exception as err:
+            self._fail("the age scan failed", err, self.ageing_alert)
+            self.ageing_status.object = ""
+            return
+        finally:
+            self._busy(False)
+        self.ageing_status.object = (
+            f"{scan.sizes['age']} windows in {seconds:.1f} s, against the laws of "
+            f"{'the NLSQ fit' if law is not None else 'a fit of the whole selection'}"
+        )
+        self.ageing_alert.visible = False
+        panes = (self.ageing_text, self.ageing_view)
+        await self._rebuilding(panes)
+        try:
+            self.ageing = scan
+        finally:
+            self._rebuilt(panes)
+
+    @param.depends("ageing", watch=True)
+    def _show_ageing(self):
+        from heterodyne.ageing import report
+
+        scan = self.ageing
+        self.ageing_text.object = "" if scan is None else report(scan)
+        self.ageing_view.object = None if scan is None else plot.age(scan)
+
     async def _in_thread(self, work, report):
         """Run ``work()`` in a worker thread; call ``report(seconds)`` every ``POLL_S``
         on the event loop (where the page's widgets may be changed) until it ends.
@@ -896,7 +986,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _busy(self, busy: bool):
         ready = not busy and self.data is not None
-        self.cmc_button.disabled = not ready
+        self.cmc_button.disabled = self.ageing_button.disabled = not ready
         if ready:
             self._check_cmc_settings()
         self.nlsq_button.disabled = not ready or bool(self._problems)

@@ -255,6 +255,28 @@ def test_a_new_selection_drops_the_fits_of_the_old_one(fitted, ds):
     assert dash.nlsq_download.disabled and dash.from_fit_button.disabled
 
 
+def test_scan_pressed_from_code_scans_ages_against_the_laws_of_the_fit(fitted, ds):
+    dash = hd.dashboard(ds)
+    assert dash.window == dash.step == 8  # a fifth of the 40 frames: five ages
+    dash.nlsq = fitted.nlsq
+    dash.param.update(window=20, step=10)
+    dash.ageing_button.clicks += 1
+    scan = dash.ageing
+    assert not dash.ageing_alert.visible, dash.ageing_alert.object
+    np.testing.assert_array_equal(scan["first_frame"], [0, 10, 20])
+    assert scan.attrs["law_D0_sample"] == fitted.nlsq.value("D0_sample")
+    assert scan.attrs["errors"] == dash.errors
+    assert "3 windows" in dash.ageing_status.object and "the NLSQ fit" in dash.ageing_status.object
+    assert dash.ageing_text.object.startswith("[[Law]]")
+    assert len(dash.ageing_view.object) == 3  # rates, velocity, fraction
+    dash.window = 50  # longer than the data: refused, with the reason, on the tab
+    dash.ageing_button.clicks += 1
+    assert dash.ageing_alert.visible and "window" in shown(dash.ageing_alert)
+    assert dash.ageing is scan
+    dash.frames = (0, 30)  # a new selection drops the scan of the old one
+    assert dash.ageing is None and dash.ageing_view.object is None
+
+
 @pytest.mark.slow
 def test_run_pressed_from_code_samples_and_judges_the_shards(fitted, tmp_path):
     fitted.param.update(shards=2, chains=2, warmup=60, samples=40)
