@@ -28,16 +28,6 @@ import time
 import numpy as np
 from performance import bandwidth, best_of
 
-TRUTH = {
-    "D0_ref": 300.0,
-    "D0_sample": 500.0,
-    "alpha_sample": 0.5,
-    "v0": 50.0,
-    "beta": 0.5,
-    "f0": 0.4,
-    "phi0": 20.0,
-}
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,6 +40,7 @@ def main():
     print(f"load average before: {os.getloadavg()[0]:.2f}")
 
     import heterodyne as hd
+    from heterodyne.examples import AGEING_TRUTH as TRUTH
 
     phi = np.linspace(0.0, 180.0, args.angles, endpoint=False)
     ds = hd.simulate(TRUTH, n_frames=args.frames, dt=0.1, t_start=10.0, phi=phi, noise=0.02, seed=0)

@@ -15,6 +15,18 @@ from heterodyne.simulate import simulate
 LAYOUTS = ("aps_u", "aps_legacy")
 # A flowing sample against a slowly diffusing reference (the README's demo sample).
 EXAMPLE_TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
+# An ageing sample (simulate it from t_start = 10 s at q = 0.01 1/Å, dt = 0.1 s): its rate
+# and velocity grow as t^0.5, J_s = 500 t^0.5 Å²/s and v = 50 t^0.5 Å/s, against a
+# reference that does not age; the age scans of the tests, notebook and benchmark.
+AGEING_TRUTH = {
+    "D0_ref": 300.0,
+    "D0_sample": 500.0,
+    "alpha_sample": 0.5,
+    "v0": 50.0,
+    "beta": 0.5,
+    "f0": 0.4,
+    "phi0": 20.0,
+}
 
 
 def write_beamline(path, datasets, *, layout: str = "aps_u", overwrite: bool = False) -> Path:

@@ -11,20 +11,13 @@ from scipy.stats import chi2 as chi2_distribution
 import heterodyne as hd
 from heterodyne import model
 from heterodyne.ageing import QUANTITIES, law_check
+from heterodyne.examples import AGEING_TRUTH
 from tests._work import Compiles
 
-# Rates and velocity that grow as t^0.5 from 10 s to 70 s (a reference that does not
-# age), at speckle noise with photon counting: the errors the scan reports are then the
-# speckle errors that the honest-error benchmark validates.
-POWER_LAW = {
-    "D0_ref": 300.0,
-    "D0_sample": 500.0,
-    "alpha_sample": 0.5,
-    "v0": 50.0,
-    "beta": 0.5,
-    "f0": 0.4,
-    "phi0": 20.0,
-}
+# Rates and velocity that grow as t^0.5 from 10 s to 70 s, at speckle noise with photon
+# counting: the errors the scan reports are then the speckle errors that the honest-error
+# benchmark validates.
+POWER_LAW = AGEING_TRUTH
 
 
 def power_law_data(seed):
