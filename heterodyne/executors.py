@@ -1,4 +1,4 @@
-"""Where independent tasks (CMC shards, survey fits) run.
+"""Where independent tasks (CMC shards, survey fits, age-scan windows) run.
 
 ``executor`` is accepted in one of four forms everywhere in the package:
 
