@@ -129,7 +129,10 @@ def age_scan(
     -----
     In each window ``J(t) = D0 t^alpha + D_offset`` is replaced by a constant ``J(t_a)``,
     ``v`` by ``v(t_a)`` and ``x_s`` by ``x_s(t_a)`` (see the module's notes for what the
-    window reads and how the law is compared).
+    window reads and how the law is compared). Each window follows the labelling
+    convention on its own (the reference is the slower component over the window): where
+    the two rates cross in time, ``rate_ref`` and ``rate_sample`` (and ``fraction`` with
+    ``1 - x_s``) change places, as the law read by the window does.
 
     Examples
     --------
