@@ -348,7 +348,8 @@ def _law_text(scan: xr.Dataset) -> str:
 
 def report(scan: xr.Dataset) -> str:
     """An age scan for a person: the check against the law first (:func:`law_check`),
-    then one line per window: age, verdict and ``value ± stderr`` of each quantity."""
+    then one line per window: age, verdict and ``value ± stderr`` of each quantity; last
+    the reasons of the windows whose verdict is not ok."""
     check = law_check(scan)
     violated = check.loc[check["status"] == "violated", "quantity"].tolist()
     statuses = pd.Series(scan["verdict"].values).value_counts()
@@ -374,4 +375,17 @@ def report(scan: xr.Dataset) -> str:
         ]
         table[f"{name} law"] = [f"{v:.4g}" for v in scan[f"{name}_law"].values]
     lines.append(pd.DataFrame(table).to_string(index=False))
+    judged = [
+        f"    t_a = {age:.5g} s, {verdict}: {reasons}"
+        for age, verdict, reasons in zip(
+            scan["age"].values, scan["verdict"].values, scan["reasons"].values, strict=True
+        )
+        if verdict != "ok"
+    ]
+    if judged:
+        lines += [
+            "",
+            "[[Verdicts]] (windows that are not ok; a failed one is left out of the check)",
+        ]
+        lines += judged
     return "\n".join(lines)

@@ -100,7 +100,12 @@ def test_a_step_change_of_the_sample_rate_is_flagged_as_violating_the_law(step_s
     # no power law in time follows a step: the whole fit's law misses the windows
     assert check.loc["rate_sample", "status"] == "violated", check
     assert check.loc["rate_sample", "p"] < 1e-6
-    assert "VIOLATED by" in hd.ageing.report(scan) and "rate_sample" in hd.ageing.report(scan)
+    text = hd.ageing.report(scan)
+    assert "VIOLATED by rate_sample" in text
+    # each window that is not ok is listed with its reasons
+    not_ok = scan["reasons"].values[scan["verdict"].values != "ok"]
+    assert not_ok.size
+    assert all(reasons in text for reasons in not_ok)
     # while the windows themselves read the two rates, each within its errors
     early, late = scan["t_last"] < 30.0, scan["t_first"] >= 30.0
     for where, truth in ((early, 2e3), (late, 6e3)):
