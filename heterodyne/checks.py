@@ -407,9 +407,16 @@ def check_fit_cmc(
 
 def check_load(path, *, q, phi, frames) -> Path:
     """The arguments of :func:`heterodyne.load`: a readable path, ``q`` one finite
-    number > 0, ``phi`` finite angles, ``frames`` a window."""
+    number > 0, a list of them or ``"all"``, ``phi`` finite angles, ``frames`` a window."""
     path = readable_file(path, "path")
-    if q is not None:
+    if isinstance(q, str):
+        if q != "all":
+            raise OptionError(f"q must be a number, a list of numbers or 'all'; got {q!r}")
+    elif q is not None and np.ndim(q) > 0:
+        values = numbers(q, "q [1/Å]")
+        if values.size == 0 or np.any(values <= 0):
+            raise OptionError(f"q must list positive wavevectors [1/Å]; got {values.tolist()}")
+    elif q is not None:
         number(q, "q [1/Å]", positive=True)
     if phi is not None:
         numbers(phi, "phi [deg]")
