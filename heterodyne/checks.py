@@ -331,12 +331,18 @@ def least_squares_options(options: Mapping) -> dict:
 
 
 def check_fit_nlsq(ds, params, *, fix, multistart, seed, scaling, errors, progress, options):
-    """All the arguments of :func:`heterodyne.fit_nlsq`, before any compilation."""
+    """All the arguments of :func:`heterodyne.fit_nlsq`, before any compilation (of a
+    multi-q Dataset: against each of its q-bins)."""
+    from heterodyne import qbins
     from heterodyne.data import validate
     from heterodyne.objective import SCALINGS
     from heterodyne.uncertainty import ERRORS
 
-    validate(ds)
+    if qbins.is_multi_q(ds):
+        qbins.validate_multi(ds)
+        parts = qbins.bins(ds)
+    else:
+        parts = [validate(ds)]
     choice(scaling, "scaling", SCALINGS)
     choice(errors, "errors", ERRORS)
     if not (isinstance(multistart, str) and multistart == "auto"):
@@ -344,8 +350,9 @@ def check_fit_nlsq(ds, params, *, fix, multistart, seed, scaling, errors, progre
     seed_value(seed)
     flag(progress, "progress")
     least_squares_options(options)
-    p = parameters(params, fix=fix, n_phi=ds.sizes["phi"])
-    check_problem(ds, p, scaling)
+    for one in parts:
+        p = parameters(params, fix=fix, n_phi=one.sizes["phi"])
+        check_problem(one, p, scaling)
 
 
 def check_fit_cmc(

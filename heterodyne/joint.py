@@ -1,0 +1,259 @@
+"""Joint least squares over the q-bins of a multi-q Dataset: shared physics, per-bin scaling.
+
+The 14 physics parameters are q-independent (rates in Å²/s, velocities in Å/s; ``q``
+enters the model explicitly, MODEL.md), so every q-bin constrains the same numbers. The
+joint fit minimises the sum over bins of each bin's cost (:class:`Objective` of that bin,
+with its own ``q``, angles, contrasts and offsets)::
+
+    chi2(theta, {c_k, o_k}) = sum_k | r_k(theta, c_k, o_k) |²
+
+in the solver vector ``x = [varied physics (P), scaling of bin 0 (S_0), bin 1 ...]``.
+A bin's residuals depend on the physics and its own scaling only, so the normal
+equations are the sums of the bins' (each from the fast structured path,
+:mod:`heterodyne.structured`), embedded at the bin's columns::
+
+    J^T J = sum_k E_k (J_k^T J_k) E_k^T,   J^T r = sum_k E_k J_k^T r_k,   r^T r = sum_k r_k^T r_k
+
+``E_k`` the embedding of bin ``k``'s columns (physics, then its own scaling): cost linear in
+the number of bins, one compiled program per bin shape.
+
+Errors (sandwich): a bin's covariance ``C_k`` of its own kind (nominal, scaled by its own
+residual variance where the data carry no ``sigma``; or speckle, :mod:`heterodyne.uncertainty`)
+gives its score covariance ``M_k = H_k C_k H_k`` (``H_k = J_k^T J_k``; exact with the
+pseudo-inverse, since ``M_k`` lies in the range of ``H_k``). The bins' noise is independent
+(different pixels), so ``Cov = H^+ (sum_k E_k M_k E_k^T) H^+`` with ``H = J^T J``. With
+``sigma`` given, ``M_k = H_k`` and ``Cov = H^+``: the joint information is the sum of the
+bins' informations. The bins are weighted alike (as the angles of one bin are); where their
+noise levels differ the fit is still unbiased and its sandwich errors honest, though not
+the smallest the data allow (give ``sigma`` to weight them).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from heterodyne import qbins, starts
+from heterodyne.objective import AUTO_STARTS, Objective, pseudo_inverse
+from heterodyne.parameters import PHYSICS_INDEX, PHYSICS_NAMES, SCALING_NAMES
+
+
+def entries(names, qs, phis) -> pd.MultiIndex:
+    """The ``(name, q, phi)`` index of jointly fitted quantities: ``q`` [1/Å] and ``phi``
+    [deg] of one bin's contrast or offset, NaN for a physics parameter (shared by all
+    bins) and ``phi`` NaN for a bin's shared scaling."""
+    return pd.MultiIndex.from_arrays(
+        [np.asarray(names, dtype=str), np.asarray(qs, float), np.asarray(phis, float)],
+        names=("name", "q", "phi"),
+    )
+
+
+class JointObjective:
+    """The least-squares objective of all q-bins of a multi-q Dataset together.
+
+    Holds one :class:`~heterodyne.objective.Objective` per bin (``bins``) and the index of
+    each bin's solver entries in the joint vector (``columns``); :meth:`normal_equations`
+    sums the bins'. It offers what :func:`heterodyne.nlsq.solve` reads of an objective
+    (``normal_equations``, ``lower``, ``upper``) and the packing helpers of
+    :class:`~heterodyne.objective.Objective` (``pack``, ``design``, ``names``).
+
+    Attributes
+    ----------
+    ds : xarray.Dataset
+        The multi-q data.
+    bins : list of Objective
+        One per q-bin, in order of ``q``.
+    columns : list of numpy.ndarray
+        For bin ``k``, the joint entries of its solver vector (physics first).
+    entries : pandas.MultiIndex
+        ``(name, q, phi)`` of each joint entry.
+    """
+
+    pack = Objective.pack
+    design = Objective.design
+    names = Objective.names
+
+    def __init__(self, ds, bins, columns, index, lower, upper, x0, scaling):
+        self.ds, self.bins, self.columns, self.entries = ds, bins, columns, index
+        self.lower, self.upper, self.x0, self.scaling = lower, upper, x0, scaling
+        self.params = bins[0].params
+        self.n_physics = bins[0].n_physics
+        self.alternatives = []
+
+    @classmethod
+    def build(cls, ds, params=None, *, fix=(), scaling="per_angle", multistart=0):
+        """The joint objective of the multi-q Dataset ``ds`` (validated here).
+
+        Each bin is built as :meth:`Objective.build` would; the joint start takes, per
+        varied physics parameter, the median of the bins' starts read off their data, and
+        each bin's contrast and offset are solved for given that physics
+        (:func:`heterodyne.starts.estimate_scaling`). The joint bounds of a physics
+        parameter are the tightest of the bins' (``v0``'s default upper bound, the speed
+        the frame rate resolves, ``pi / (q dt)``, is set by the largest ``q``). With
+        ``multistart="auto"`` the distinct starts of the middle bin are kept as
+        ``alternatives``.
+        """
+        qbins.validate_multi(ds)
+        parts = qbins.bins(ds)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            objectives = [
+                Objective.build(one, params, fix=fix, scaling=scaling, multistart=multistart)
+                for one in parts
+            ]
+        # the bins share the parameters, hence their degeneracy warnings: each once
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            warnings.warn(message, stacklevel=3)
+        first = objectives[0]
+        n_physics = first.n_physics
+        physics_names = list(first.names[:n_physics])
+        lower = np.max([o.lower[:n_physics] for o in objectives], axis=0)
+        upper = np.min([o.upper[:n_physics] for o in objectives], axis=0)
+        start = np.median([o.x0[:n_physics] for o in objectives], axis=0)
+        physics = first.physics(first.x0).copy()
+        for k, name in enumerate(physics_names):
+            physics[PHYSICS_INDEX[name]] = np.clip(start[k], lower[k], upper[k])
+
+        names, qs, phis = physics_names, [np.nan] * n_physics, [np.nan] * n_physics
+        columns, x0, lo, hi = (
+            [],
+            [physics[[PHYSICS_INDEX[n] for n in physics_names]]],
+            [lower],
+            [upper],
+        )
+        size = n_physics
+        for one, objective in zip(parts, objectives, strict=True):
+            own = len(objective.entries) - n_physics
+            columns.append(np.concatenate([np.arange(n_physics), size + np.arange(own)]))
+            size += own
+            x0.append(_scaling_start(objective, one, physics))
+            lo.append(objective.lower[n_physics:])
+            hi.append(objective.upper[n_physics:])
+            for name, phi in list(objective.entries)[n_physics:]:
+                names.append(name)
+                qs.append(float(one["q"]))
+                phis.append(phi)
+        made = cls(
+            ds,
+            objectives,
+            columns,
+            entries(names, qs, phis),
+            np.concatenate(lo),
+            np.concatenate(hi),
+            np.concatenate(x0),
+            scaling,
+        )
+        middle = objectives[len(objectives) // 2]
+        alternatives = [made.pack(middle.physics(x)) for x in [middle.x0, *middle.alternatives]]
+        made.alternatives = [x for x in alternatives if not np.allclose(x, made.x0)][
+            : AUTO_STARTS - 1
+        ]
+        return made
+
+    def split(self, x) -> list[np.ndarray]:
+        """Each bin's solver vector at the joint vector ``x``."""
+        x = np.asarray(x, float)
+        return [x[c] for c in self.columns]
+
+    def physics(self, x) -> np.ndarray:
+        """The 14 physics values at ``x``."""
+        return self.bins[0].physics(self.split(x)[0])
+
+    @property
+    def t(self) -> np.ndarray:
+        """The frame times [s], shared by the bins."""
+        return self.bins[0].t
+
+    def normal_equations(self, x):
+        """``(J^T J, J^T r, r^T r)`` at ``x``: the bins' sums, embedded (module docstring)."""
+        size = len(self.entries)
+        jtj, jtr, rtr = np.zeros((size, size)), np.zeros(size), 0.0
+        for objective, column, part in zip(self.bins, self.columns, self.split(x), strict=True):
+            a, b, c = objective.normal_equations(part)
+            jtj[np.ix_(column, column)] += a
+            jtr[column] += b
+            rtr += float(c)
+        return jtj, jtr, rtr
+
+    def errors_at(self, x, jtj, errors: str):
+        """``(covariance, nominal, per_bin)`` at ``x`` with ``J^T J = jtj``: the sandwich of
+        the module docstring for the kind ``errors`` and for the nominal one, and each
+        bin's :class:`~heterodyne.objective.Errors` (its model, residuals and scales)."""
+        inverse = pseudo_inverse(jtj)
+        size = len(self.entries)
+        meat = {"chosen": np.zeros((size, size)), "nominal": np.zeros((size, size))}
+        per_bin = []
+        for objective, column, part in zip(self.bins, self.columns, self.split(x), strict=True):
+            own = objective.normal_equations(part)[0]
+            found = objective.errors_at(part, own, errors)
+            per_bin.append(found)
+            block = np.ix_(column, column)
+            meat["chosen"][block] += own @ found.covariance @ own
+            meat["nominal"][block] += own @ found.nominal @ own
+        covariance, nominal = (inverse @ meat[k] @ inverse for k in ("chosen", "nominal"))
+        return 0.5 * (covariance + covariance.T), 0.5 * (nominal + nominal.T), per_bin
+
+    def params_layout(self, x=None, values=None) -> xr.Dataset:
+        """The joint ``params`` layout: a scalar per physics parameter, ``contrast`` and
+        ``offset`` along ``(q, phi)`` (NaN where a bin lacks the angle). From the solver
+        vector ``x`` (fixed values included), or ``values`` per entry (NaN elsewhere)."""
+        q, phi = self.ds["q"].values, self.ds["phi"].values
+        if x is not None:
+            physics = self.physics(x)
+            grids = {n: np.full((q.size, phi.size), np.nan) for n in SCALING_NAMES}
+            for k, (objective, part) in enumerate(zip(self.bins, self.split(x), strict=True)):
+                _, contrast, offset = objective.unpack(part)
+                at = np.searchsorted(phi, objective.ds["phi"].values)
+                for name, value in zip(SCALING_NAMES, (contrast, offset), strict=True):
+                    grids[name][k, at] = value
+        else:
+            physics = np.full(len(PHYSICS_NAMES), np.nan)
+            grids = {n: np.full((q.size, phi.size), np.nan) for n in SCALING_NAMES}
+            for (name, qk, ph), value in zip(self.entries, values, strict=True):
+                if np.isnan(qk):
+                    physics[PHYSICS_INDEX[name]] = value
+                    continue
+                k = int(np.argmin(np.abs(q - qk)))
+                if np.isnan(ph):
+                    grids[name][k, np.isin(phi, self.bins[k].ds["phi"].values)] = value
+                else:
+                    grids[name][k, int(np.argmin(np.abs(phi - ph)))] = value
+        return layout(physics, grids["contrast"], grids["offset"], q, phi)
+
+
+def layout(physics, contrast, offset, q, phi) -> xr.Dataset:
+    """The joint ``params``/``stderr`` layout (:meth:`JointObjective.params_layout`)."""
+    from heterodyne.parameters import UNITS
+
+    variables = {
+        name: ((), float(physics[k]), {"units": UNITS[name]})
+        for k, name in enumerate(PHYSICS_NAMES)
+    }
+    for name, value in (("contrast", contrast), ("offset", offset)):
+        variables[name] = (("q", "phi"), np.asarray(value, float), {"units": UNITS[name]})
+    coords = {
+        "q": ("q", np.asarray(q, float), {"units": "1/Å"}),
+        "phi": ("phi", np.asarray(phi, float), {"units": "deg"}),
+    }
+    return xr.Dataset(variables, coords=coords)
+
+
+def _scaling_start(objective: Objective, ds: xr.Dataset, physics: np.ndarray) -> np.ndarray:
+    """A bin's varied contrast and offset entries solved for given the joint starting
+    ``physics`` (:func:`heterodyne.starts.estimate_scaling`), clipped to their bounds;
+    given values are kept."""
+    n_physics = objective.n_physics
+    estimates = starts.estimate_scaling(ds, physics)
+    out = objective.x0[n_physics:].copy()
+    for k, (name, phi) in enumerate(list(objective.entries)[n_physics:]):
+        if objective.params[name].value is not None:
+            continue
+        values = estimates[name]
+        value = (
+            np.mean(values) if np.isnan(phi) else values[np.flatnonzero(ds["phi"].values == phi)[0]]
+        )
+        out[k] = value
+    return np.clip(out, objective.lower[n_physics:], objective.upper[n_physics:])
