@@ -339,8 +339,7 @@ def check_fit_nlsq(ds, params, *, fix, multistart, seed, scaling, errors, progre
     from heterodyne.uncertainty import ERRORS
 
     if qbins.is_multi_q(ds):
-        qbins.validate_multi(ds)
-        parts = qbins.bins(ds)
+        parts = qbins.checked_bins(ds)
     else:
         parts = [validate(ds)]
     choice(scaling, "scaling", SCALINGS)

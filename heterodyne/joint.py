@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from heterodyne import qbins, starts
-from heterodyne.objective import AUTO_STARTS, Objective, pseudo_inverse
-from heterodyne.parameters import PHYSICS_INDEX, PHYSICS_NAMES, SCALING_NAMES
+from heterodyne import qbins
+from heterodyne.objective import Objective, pseudo_inverse
+from heterodyne.parameters import PHYSICS_INDEX, PHYSICS_NAMES, SCALING_NAMES, Parameters
 
 
 def entries(names, qs, phis) -> pd.MultiIndex:
@@ -87,49 +87,49 @@ class JointObjective:
     def build(cls, ds, params=None, *, fix=(), scaling="per_angle", multistart=0):
         """The joint objective of the multi-q Dataset ``ds`` (validated here).
 
-        Each bin is built as :meth:`Objective.build` would; the joint start takes, per
-        varied physics parameter, the median of the bins' starts read off their data, and
-        each bin's contrast and offset are solved for given that physics
+        The starting physics is read off the data of the middle q-bin (as
+        :meth:`Objective.build` reads it off one bin: its rates are the most typical of the
+        file's, and reading every bin would cost as much as the fit); every bin is then
+        built from that physics, its contrast and offset solved for given it
         (:func:`heterodyne.starts.estimate_scaling`). The joint bounds of a physics
         parameter are the tightest of the bins' (``v0``'s default upper bound, the speed
         the frame rate resolves, ``pi / (q dt)``, is set by the largest ``q``). With
-        ``multistart="auto"`` the distinct starts of the middle bin are kept as
+        ``multistart="auto"`` the middle bin's further distinct starts are kept as
         ``alternatives``.
         """
-        qbins.validate_multi(ds)
-        parts = qbins.bins(ds)
+        parts = qbins.checked_bins(ds)
+        middle_index = len(parts) // 2
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            middle = Objective.build(
+                parts[middle_index], params, fix=fix, scaling=scaling, multistart=multistart
+            )
+            n_physics = middle.n_physics
+            physics_names = list(middle.names[:n_physics])
+            start = middle.physics(middle.x0)
+            shared = Parameters.coerce(params)
+            shared.fix(*((fix,) if isinstance(fix, str) else fix))
+            for name in physics_names:
+                shared[name].value = float(start[PHYSICS_INDEX[name]])
             objectives = [
-                Objective.build(one, params, fix=fix, scaling=scaling, multistart=multistart)
-                for one in parts
+                middle if k == middle_index else Objective.build(one, shared, scaling=scaling)
+                for k, one in enumerate(parts)
             ]
         # the bins share the parameters, hence their degeneracy warnings: each once
         for message in dict.fromkeys(str(w.message) for w in caught):
             warnings.warn(message, stacklevel=3)
-        first = objectives[0]
-        n_physics = first.n_physics
-        physics_names = list(first.names[:n_physics])
         lower = np.max([o.lower[:n_physics] for o in objectives], axis=0)
         upper = np.min([o.upper[:n_physics] for o in objectives], axis=0)
-        start = np.median([o.x0[:n_physics] for o in objectives], axis=0)
-        physics = first.physics(first.x0).copy()
-        for k, name in enumerate(physics_names):
-            physics[PHYSICS_INDEX[name]] = np.clip(start[k], lower[k], upper[k])
 
-        names, qs, phis = physics_names, [np.nan] * n_physics, [np.nan] * n_physics
-        columns, x0, lo, hi = (
-            [],
-            [physics[[PHYSICS_INDEX[n] for n in physics_names]]],
-            [lower],
-            [upper],
-        )
+        names, qs, phis = list(physics_names), [np.nan] * n_physics, [np.nan] * n_physics
+        columns, lo, hi = [], [lower], [upper]
+        x0 = [np.clip(middle.x0[:n_physics], lower, upper)]
         size = n_physics
         for one, objective in zip(parts, objectives, strict=True):
             own = len(objective.entries) - n_physics
             columns.append(np.concatenate([np.arange(n_physics), size + np.arange(own)]))
             size += own
-            x0.append(_scaling_start(objective, one, physics))
+            x0.append(objective.x0[n_physics:])
             lo.append(objective.lower[n_physics:])
             hi.append(objective.upper[n_physics:])
             for name, phi in list(objective.entries)[n_physics:]:
@@ -146,11 +146,8 @@ class JointObjective:
             np.concatenate(x0),
             scaling,
         )
-        middle = objectives[len(objectives) // 2]
-        alternatives = [made.pack(middle.physics(x)) for x in [middle.x0, *middle.alternatives]]
-        made.alternatives = [x for x in alternatives if not np.allclose(x, made.x0)][
-            : AUTO_STARTS - 1
-        ]
+        alternatives = [made.pack(middle.physics(x)) for x in middle.alternatives]
+        made.alternatives = [x for x in alternatives if not np.allclose(x, made.x0)]
         return made
 
     def split(self, x) -> list[np.ndarray]:
@@ -239,21 +236,3 @@ def layout(physics, contrast, offset, q, phi) -> xr.Dataset:
         "phi": ("phi", np.asarray(phi, float), {"units": "deg"}),
     }
     return xr.Dataset(variables, coords=coords)
-
-
-def _scaling_start(objective: Objective, ds: xr.Dataset, physics: np.ndarray) -> np.ndarray:
-    """A bin's varied contrast and offset entries solved for given the joint starting
-    ``physics`` (:func:`heterodyne.starts.estimate_scaling`), clipped to their bounds;
-    given values are kept."""
-    n_physics = objective.n_physics
-    estimates = starts.estimate_scaling(ds, physics)
-    out = objective.x0[n_physics:].copy()
-    for k, (name, phi) in enumerate(list(objective.entries)[n_physics:]):
-        if objective.params[name].value is not None:
-            continue
-        values = estimates[name]
-        value = (
-            np.mean(values) if np.isnan(phi) else values[np.flatnonzero(ds["phi"].values == phi)[0]]
-        )
-        out[k] = value
-    return np.clip(out, objective.lower[n_physics:], objective.upper[n_physics:])

@@ -155,8 +155,9 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
     """The joint fit of a multi-q Dataset (:mod:`heterodyne.joint`) as a
     :class:`~heterodyne.joint_result.JointResult`; with ``separate`` each bin is also
     fitted alone, from the joint solution, for the consistency check."""
-    for one in qbins.bins(ds):
-        check_memory(one["c2"].shape, what="fit_nlsq (one q-bin)", **FIT_MEMORY[errors])
+    # the bins are fitted one at a time: memory that of the largest
+    shape = (int(qbins.present(ds).sum("phi").max()), ds.sizes["t1"], ds.sizes["t2"])
+    check_memory(shape, what="fit_nlsq (one q-bin at a time)", **FIT_MEMORY[errors])
     problem = JointObjective.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
     outcomes = run_starts(problem, multistart, seed, options, progress=progress)
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])

@@ -142,9 +142,16 @@ def bins(ds: xr.Dataset) -> list[xr.Dataset]:
 
 
 def validate_multi(ds: xr.Dataset) -> xr.Dataset:
-    """Check the multi-q layout: dims ``(q, phi, t1, t2)``, ``q`` increasing, positive and
-    distinct, and every bin a valid single-q Dataset with at least one angle. Returns
-    ``ds`` unchanged or raises ``DataError``."""
+    """Check the multi-q layout (:func:`checked_bins`); return ``ds`` unchanged or raise
+    ``DataError``."""
+    checked_bins(ds)
+    return ds
+
+
+def checked_bins(ds: xr.Dataset) -> list[xr.Dataset]:
+    """The q-bins of ``ds`` (:func:`bins`) after checking the multi-q layout: dims ``(q,
+    phi, t1, t2)``, ``q`` increasing, positive and distinct, and every bin a valid
+    single-q Dataset with at least one angle; else ``DataError``."""
     if ds["c2"].dims != DIMS:
         raise DataError(
             f"c2 has dims {ds['c2'].dims}; a multi-q Dataset has {DIMS}. "
@@ -159,12 +166,13 @@ def validate_multi(ds: xr.Dataset) -> xr.Dataset:
         raise DataError(
             f"the q-bins q = {empty.tolist()} 1/Å hold no data; drop them (ds.drop_sel(q=...))"
         )
+    parts = []
     for value in q:
         try:
-            select_bin(ds, value)
+            parts.append(select_bin(ds, value))
         except DataError as err:
             raise DataError(f"q-bin q = {value:g} 1/Å: {err}") from err
-    return ds
+    return parts
 
 
 def select(ds: xr.Dataset, *, q=None, phi=None, frames=None) -> xr.Dataset:
