@@ -23,9 +23,13 @@ gives its score covariance ``M_k = H_k C_k H_k`` (``H_k = J_k^T J_k``; exact wit
 pseudo-inverse, since ``M_k`` lies in the range of ``H_k``). The bins' noise is independent
 (different pixels), so ``Cov = H^+ (sum_k E_k M_k E_k^T) H^+`` with ``H = J^T J``. With
 ``sigma`` given, ``M_k = H_k`` and ``Cov = H^+``: the joint information is the sum of the
-bins' informations. The bins are weighted alike (as the angles of one bin are); where their
-noise levels differ the fit is still unbiased and its sandwich errors honest, though not
-the smallest the data allow (give ``sigma`` to weight them).
+bins' informations.
+
+Weights: :func:`heterodyne.fit_nlsq` fits once with the bins weighted alike, then (data
+without ``sigma``) weights each bin by its inverse residual variance there
+(:meth:`JointObjective.reweight`) and fits again from that solution: ``chi2 = sum_k w_k
+|r_k|²``, ``J^T J = sum_k w_k E_k H_k E_k^T``, and the sandwich's score covariance
+``sum_k w_k² E_k M_k E_k^T``.
 """
 
 from __future__ import annotations
@@ -82,6 +86,8 @@ class JointObjective:
         self.params = bins[0].params
         self.n_physics = bins[0].n_physics
         self.alternatives = []
+        #: the weight of each bin's squared residuals (1 until :meth:`reweight`)
+        self.weights = np.ones(len(bins))
 
     @classmethod
     def build(cls, ds, params=None, *, fix=(), scaling="per_angle", multistart=0):
@@ -165,15 +171,38 @@ class JointObjective:
         return self.bins[0].t
 
     def normal_equations(self, x):
-        """``(J^T J, J^T r, r^T r)`` at ``x``: the bins' sums, embedded (module docstring)."""
+        """``(J^T J, J^T r, r^T r)`` at ``x``: the bins' sums, embedded (module docstring),
+        each bin's weighted by its entry of ``weights``."""
         size = len(self.entries)
         jtj, jtr, rtr = np.zeros((size, size)), np.zeros(size), 0.0
-        for objective, column, part in zip(self.bins, self.columns, self.split(x), strict=True):
+        for objective, column, part, w in self._parts(x):
             a, b, c = objective.normal_equations(part)
-            jtj[np.ix_(column, column)] += a
-            jtr[column] += b
-            rtr += float(c)
+            jtj[np.ix_(column, column)] += w * a
+            jtr[column] += w * b
+            rtr += w * float(c)
         return jtj, jtr, rtr
+
+    def _parts(self, x):
+        return zip(self.bins, self.columns, self.split(x), self.weights, strict=True)
+
+    def reweight(self, x) -> np.ndarray:
+        """Set ``weights`` to each bin's inverse residual variance at ``x``, ``(n_k - p_k)
+        / chi2_k`` (normalised to mean 1), and return them.
+
+        Bins differ in noise (count rates, speckle contrast and the decay of ``c2`` all
+        change with ``q``); least squares weighted by the inverse variance of each bin's
+        residuals is the most precise of the fits that weight the pairs of one bin alike.
+        For data that carry ``sigma`` the weights stay 1: ``sigma`` already weights them.
+        """
+        if "sigma" in self.ds.data_vars:
+            return self.weights
+        variance = []
+        for objective, _, part, _ in self._parts(x):
+            rtr = float(objective.normal_equations(part)[2])
+            variance.append(rtr / max(objective.pairs.n_pairs - part.size, 1))
+        weights = 1.0 / np.asarray(variance)
+        self.weights = weights / weights.mean()
+        return self.weights
 
     def errors_at(self, x, jtj, errors: str):
         """``(covariance, nominal, per_bin)`` at ``x`` with ``J^T J = jtj``: the sandwich of
@@ -183,13 +212,13 @@ class JointObjective:
         size = len(self.entries)
         meat = {"chosen": np.zeros((size, size)), "nominal": np.zeros((size, size))}
         per_bin = []
-        for objective, column, part in zip(self.bins, self.columns, self.split(x), strict=True):
+        for objective, column, part, w in self._parts(x):
             own = objective.normal_equations(part)[0]
             found = objective.errors_at(part, own, errors)
             per_bin.append(found)
             block = np.ix_(column, column)
-            meat["chosen"][block] += own @ found.covariance @ own
-            meat["nominal"][block] += own @ found.nominal @ own
+            meat["chosen"][block] += w * w * own @ found.covariance @ own
+            meat["nominal"][block] += w * w * own @ found.nominal @ own
         covariance, nominal = (inverse @ meat[k] @ inverse for k in ("chosen", "nominal"))
         return 0.5 * (covariance + covariance.T), 0.5 * (nominal + nominal.T), per_bin
 

@@ -31,7 +31,10 @@ from heterodyne.results import RESULT_TYPES, FitResult, read_groups, write_resul
 # A bin whose own value differs from the joint one by more than this many standard
 # deviations of the difference is reported as inconsistent with the joint law.
 CONSISTENCY_Z = 3.0
-GROUPS = ("params", "stderr", "stderr_nominal", "covariance", "starts", "data", "settings")
+GROUPS = (
+    "params", "stderr", "stderr_nominal", "covariance", "weights", "starts", "data", "settings",
+)  # fmt: skip
+ARRAY_GROUPS = ("covariance", "weights")
 RATES = ("decay_ref", "decay_sample", "phase")
 RATE_UNITS = {"decay_ref": "1/s", "decay_sample": "1/s", "phase": "rad/s"}
 
@@ -89,6 +92,9 @@ class JointResult(FitResult):
         Every multistart outcome of the joint fit.
     data : xarray.Dataset
         The fitted multi-q Dataset.
+    weights : xarray.DataArray
+        The weight of each bin's squared residuals in the joint cost, along ``q``
+        (:meth:`heterodyne.joint.JointObjective.reweight`; 1 for data with ``sigma``).
     settings : xarray.Dataset
         ``vary``, ``min``, ``max`` of every parameter as fitted.
     bins : tuple of NLSQResult
@@ -105,6 +111,7 @@ class JointResult(FitResult):
     stderr: xr.Dataset
     stderr_nominal: xr.Dataset
     covariance: xr.DataArray
+    weights: xr.DataArray
     starts: xr.Dataset
     data: xr.Dataset
     settings: xr.Dataset
@@ -133,6 +140,13 @@ class JointResult(FitResult):
             ),
             covariance=xr.DataArray(
                 covariance, dims=("entry", "entry_"), coords=coords, name="covariance"
+            ),
+            weights=xr.DataArray(
+                objective.weights,
+                dims="q",
+                coords={"q": objective.ds["q"]},
+                name="weights",
+                attrs={"long_name": "weight of the bin's squared residuals in the joint cost"},
             ),
             starts=starts,
             data=objective.ds,
@@ -276,7 +290,9 @@ class JointResult(FitResult):
             f"    pairs fitted      {info['n_pairs']}",
             f"    times             {time_origin(self.data)}",
             f"    varied            {info['n_varied']}",
-            f"    chi2              {self.chi2:.6g}",
+            f"    bin weights       {', '.join(f'{w:.3g}' for w in self.weights.values)} "
+            "(inverse residual variance, mean 1)",
+            f"    chi2              {self.chi2:.6g} (unweighted sum over the bins)",
             f"    reduced chi2      {self.reduced_chi2:.6g}",
             f"    evaluations       {info['nfev']}",
             f"    success           {self.success}: {info['message']}",
@@ -361,7 +377,7 @@ class JointResult(FitResult):
         """Write the whole result (each bin's results in groups ``bin_<k>`` and
         ``separate_<k>``) to one netCDF-4 file; ``hd.open_result`` reads it back."""
         groups = {
-            name: self.covariance.to_dataset() if name == "covariance" else getattr(self, name)
+            name: getattr(self, name).to_dataset() if name in ARRAY_GROUPS else getattr(self, name)
             for name in GROUPS
         }
         for kind in ("bins", "separate"):
@@ -385,7 +401,7 @@ class JointResult(FitResult):
         }
         return cls(
             **{
-                name: groups[name]["covariance"] if name == "covariance" else groups[name]
+                name: groups[name][name] if name in ARRAY_GROUPS else groups[name]
                 for name in GROUPS
             },
             **parts,

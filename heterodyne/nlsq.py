@@ -161,7 +161,12 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
     problem = JointObjective.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
     outcomes = run_starts(problem, multistart, seed, options, progress=progress)
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
-    best, exchanged = in_convention(problem, outcomes[int(np.argmin(costs))], options)
+    best = outcomes[int(np.argmin(costs))]
+    if np.all(np.isfinite(best.x)) and "sigma" not in ds.data_vars:
+        # each bin weighted by its inverse residual variance (JointObjective.reweight)
+        problem.reweight(best.x)
+        best = solve(problem, best.x, options, progress=False)
+    best, exchanged = in_convention(problem, best, options)
     covariance, nominal, per_bin = problem.errors_at(best.x, best.jtj, errors)
     success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
     bins = []
@@ -210,7 +215,7 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
         separate=alone,
         starts=_starts_dataset(problem, outcomes, costs),
         info={
-            "chi2": float(2.0 * best.cost),
+            "chi2": float(sum(found.residuals @ found.residuals for found in per_bin)),
             "nfev": int(best.nfev),
             "success": int(success),
             "message": str(best.message),
