@@ -1,6 +1,7 @@
 """Joint fits across q-bins (issue 22): the errors the bins allow, and the speed.
 
-``--errors`` (default): speckle-level multi-q data (``hd.simulate(q=[...],
+``--errors`` (default): speckle-level multi-q data (or, with ``--noise 0.01``, independent
+Gaussian noise per pair) (``hd.simulate(q=[...],
 noise="speckle")``: ``c2`` averaged over the pixels of each q-sector, pairs that share
 frames correlated) with the truth varied from seed to seed (each of ``D0_ref``,
 ``D0_sample``, ``v0``, ``f0``, ``phi0`` drawn around the flow case of
@@ -22,7 +23,7 @@ pass over the data: one evaluation of the joint normal equations (the structured
 reads every pair once per evaluation) and one streaming read of the stored pairs.
 
     .venv/bin/python benchmarks/joint_q.py [--errors] [--seeds 20] [--frames 120]
-                                           [--pixels 2000] [--bins 4]
+                                           [--pixels 2000] [--bins 4] [--noise speckle]
     .venv/bin/python benchmarks/joint_q.py --speed [--repeats 3]
 """
 
@@ -66,8 +67,12 @@ def errors(args):
     for seed in range(args.seeds):
         rng = np.random.default_rng(1000 + seed)
         truth = varied_truth(rng)
-        ds = hd.simulate(truth, q=q, phi=PHI, n_frames=args.frames, noise="speckle",
-                         n_pixels=args.pixels, seed=seed)  # fmt: skip
+        if args.noise == "speckle":
+            ds = hd.simulate(truth, q=q, phi=PHI, n_frames=args.frames, noise="speckle",
+                             n_pixels=args.pixels, seed=seed)  # fmt: skip
+        else:
+            ds = hd.simulate(truth, q=q, phi=PHI, n_frames=args.frames,
+                             noise=float(args.noise), seed=seed)  # fmt: skip
         start = {k: v * 1.3 for k, v in truth.items() if k != "phi0"}
         start["phi0"] = truth["phi0"] + 5.0
         t0 = time.perf_counter()
@@ -100,9 +105,13 @@ def errors(args):
                           for s in SHOWN), flush=True)  # fmt: skip
     n_seeds = len(rows)
     spread = np.sqrt(0.68 * 0.32 / n_seeds)
+    kind = (
+        f"speckle ({args.pixels} pixels)"
+        if args.noise == "speckle"
+        else (f"independent Gaussian noise {args.noise}")
+    )
     print(f"\n{n_seeds} seeds, {args.bins} q-bins q = {q.min():g} .. {q.max():g} 1/Å x "
-          f"{len(PHI)} angles x {args.frames} frames, speckle ({args.pixels} pixels), "
-          "errors='speckle'")  # fmt: skip
+          f"{len(PHI)} angles x {args.frames} frames, {kind}, errors='speckle'")  # fmt: skip
     print(f"{'':10}{'expected':>10}{'measured':>10}{'scatter':>9}"
           f"{'coverage':>10}{'rms z':>8}{'best bin cov.':>15}{'rms z':>8}")  # fmt: skip
     for name in SHOWN:
@@ -178,6 +187,7 @@ def main():
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--pixels", type=int, default=2000)
     parser.add_argument("--bins", type=int, default=4)
+    parser.add_argument("--noise", default="speckle", help="'speckle' or a Gaussian level")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.speed:
