@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from heterodyne.errors import FileFormatError, OptionError, ParameterError
+from heterodyne.errors import DataError, FileFormatError, OptionError, ParameterError
 from heterodyne.tracker import Tracker
 
 SEED_MAX = 2**32 - 1  # numpy and JAX both take seeds in [0, 2**32)
@@ -367,6 +367,12 @@ def check_fit_cmc(
     from heterodyne.objective import SCALINGS
     from heterodyne.uncertainty import ERRORS
 
+    if "q" in getattr(ds, "dims", ()):
+        raise DataError(
+            f"fit_cmc samples one q-bin; this Dataset holds {ds.sizes['q']}. A joint CMC "
+            "over q-bins is not available: sample one bin (hd.select(ds, q=...), with "
+            "init=joint.bins[k] of a joint hd.fit_nlsq), or fit all bins jointly by hd.fit_nlsq"
+        )
     validate(ds)
     if init is not None and not isinstance(init, NLSQResult):
         raise OptionError(

@@ -31,6 +31,9 @@ from heterodyne.results import RESULT_TYPES, FitResult, read_groups, write_resul
 # A bin whose own value differs from the joint one by more than this many standard
 # deviations of the difference is reported as inconsistent with the joint law.
 CONSISTENCY_Z = 3.0
+# The consistency z-score's denominator is at least this fraction of the bin's own stderr
+# (JointResult.consistency).
+DIFFERENCE_FLOOR = 0.5
 GROUPS = (
     "params", "stderr", "stderr_nominal", "covariance", "weights", "starts", "data", "settings",
 )  # fmt: skip
@@ -197,8 +200,11 @@ class JointResult(FitResult):
         Dims ``(q, name)``: ``value`` and ``stderr`` of the bin's own fit, ``joint`` and
         ``joint_stderr``, and ``z = (value - joint) / sqrt(stderr² - joint_stderr²)``:
         the joint estimate uses the bin's data too, so the variance of the difference is
-        the difference of the variances (floored at the joint one's tenth). ``|z| >
-        CONSISTENCY_Z`` marks a bin the joint law does not describe. Needs ``separate``.
+        the difference of the variances, to first order. Where one bin dominates the joint
+        estimate that difference goes to 0 while the non-linearity of the model and the
+        uncertainty of the errors themselves do not: the denominator is kept at least
+        ``DIFFERENCE_FLOOR`` of the bin's own stderr. ``|z| > CONSISTENCY_Z`` marks a bin
+        the joint law does not describe. Needs ``separate``.
         """
         if not self.separate:
             raise OptionError(
@@ -210,7 +216,9 @@ class JointResult(FitResult):
         error = np.array([[r.error(n) for n in names] for r in self.separate])
         joint = np.array([self.value(n) for n in names])
         joint_error = np.array([self.error(n) for n in names])
-        spread = np.sqrt(np.maximum(error**2 - joint_error**2, 0.01 * joint_error**2))
+        spread = np.maximum(
+            np.sqrt(np.maximum(error**2 - joint_error**2, 0.0)), DIFFERENCE_FLOOR * error
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             z = (value - joint) / spread
         dims = ("q", "name")

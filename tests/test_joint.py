@@ -65,11 +65,20 @@ def test_multi_q_netcdf_round_trip_and_load_by_q(multi, tmp_path):
 
 
 def test_single_q_functions_refuse_a_multi_q_dataset_with_the_remedy(multi):
-    for call in (lambda: hd.fit_cmc(multi), lambda: hd.plot.c2(multi), lambda: hd.validate(multi)):
+    for call in (lambda: hd.explore(multi), lambda: hd.plot.c2(multi), lambda: hd.validate(multi)):
         with pytest.raises(hd.DataError, match=r"3 q-bins .*hd\.select\(ds, q=\.\.\.\)"):
             call()
+    with pytest.raises(hd.DataError, match=r"joint CMC over q-bins is not available"):
+        hd.fit_cmc(multi)
     with pytest.raises(hd.OptionError, match="pick it first"):
         hd.select(multi, phi=0.0)
+
+
+def test_survey_of_a_multi_q_dataset_fits_each_bin_alone(multi):
+    out = hd.survey(multi, params=_params(), progress=False)
+    np.testing.assert_array_equal(out["q"].values, Q)
+    alone = hd.fit_nlsq(hd.select(multi, q=0.01), _params(), progress=False)
+    assert float(out["D0_sample"].sel(q=0.01)) == pytest.approx(alone.value("D0_sample"))
 
 
 def _independent_covariance(ds, result, names):
