@@ -623,15 +623,15 @@ class Dashboard(pn.viewable.Viewer):
         p.validate(None if self.data is None else self.data.sizes["phi"])
         return p
 
+    def fit_options(self) -> dict:
+        """The NLSQ tab's options of ``fit_nlsq``: scaling, multistart, error bars."""
+        return {"scaling": self.scaling, "multistart": self.multistart, "errors": self.errors}
+
     async def _on_fit(self, _event=None):
         ds = self.data
         try:
             params = self.parameters()
-            options = {
-                "scaling": self.scaling,
-                "multistart": self.multistart,
-                "errors": self.errors,
-            }
+            options = self.fit_options()
             self._busy(True)
             self.nlsq_progress.param.update(visible=True, active=True, value=-1)
 
@@ -963,11 +963,7 @@ class Dashboard(pn.viewable.Viewer):
         try:
             params = self.parameters()
             ds = self.joint_data()
-            options = {
-                "scaling": self.scaling,
-                "multistart": self.multistart,
-                "errors": self.errors,
-            }
+            options = self.fit_options()
             self._busy(True)
             self.joint_button.disabled = True
 

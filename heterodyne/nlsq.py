@@ -202,7 +202,7 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
                     scaling=scaling,
                     errors=errors,
                     progress=False,
-                    **{k: v for k, v in options.items()},
+                    **options,
                 )  # fmt: skip
             )
     return JointResult.from_fit(
