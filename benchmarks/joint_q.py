@@ -82,8 +82,15 @@ def errors(args):
         elapsed = time.perf_counter() - t0
         names = result.varied_physics
         n = len(names)
-        information = sum(np.linalg.inv(r.covariance.values[:n, :n]) for r in result.separate)
-        allowed = np.sqrt(np.diag(np.linalg.inv(information)))
+        inverses = [np.linalg.inv(r.covariance.values[:n, :n]) for r in result.separate]
+        information = sum(inverses)
+        combined_cov = np.linalg.inv(information)
+        allowed = np.sqrt(np.diag(combined_cov))
+        # the inverse-variance combination of the bins' own estimates
+        combined = combined_cov @ sum(
+            w @ np.array([r.value(m) for m in names])
+            for w, r in zip(inverses, result.separate, strict=True)
+        )
         row = {"seed": seed, "time": elapsed, "success": result.success}
         for name in SHOWN:
             k = names.index(name)
@@ -94,6 +101,7 @@ def errors(args):
                 "joint": result.value(name),
                 "joint_se": result.error(name),
                 "allowed_se": allowed[k],
+                "combined": combined[k],
                 "best": result.separate[best].value(name),
                 "best_se": bin_errors[best],
                 "best_q": q[best],
@@ -114,6 +122,7 @@ def errors(args):
           f"{len(PHI)} angles x {args.frames} frames, {kind}, errors='speckle'")  # fmt: skip
     print(f"{'':10}{'expected':>10}{'measured':>10}{'scatter':>9}"
           f"{'coverage':>10}{'rms z':>8}{'best bin cov.':>15}{'rms z':>8}")  # fmt: skip
+    combined_rows = []
     for name in SHOWN:
         d = {k: np.array([r[name][k] for r in rows]) for k in rows[0][name]}
         expected = np.median(d["best_se"] / d["allowed_se"])
@@ -123,9 +132,19 @@ def errors(args):
         )
         z = (d["joint"] - d["truth"]) / d["joint_se"]
         zb = (d["best"] - d["truth"]) / d["best_se"]
+        zc = (d["combined"] - d["truth"]) / d["allowed_se"]
+        combined_rows.append(
+            f"{name:<10}{np.mean(np.abs(zc) < 1):>10.2f}{np.sqrt(np.mean(zc**2)):>8.2f}"
+        )
         print(f"{name:<10}{expected:>10.2f}{measured:>10.2f}{scatter:>9.2f}"
               f"{np.mean(np.abs(z) < 1):>10.2f}{np.sqrt(np.mean(z**2)):>8.2f}"
               f"{np.mean(np.abs(zb) < 1):>15.2f}{np.sqrt(np.mean(zb**2)):>8.2f}")  # fmt: skip
+    print(
+        "the bins' own estimates combined by their inverse covariances, "
+        "(sum_k C_k^-1)^-1 sum_k C_k^-1 theta_k, against its stderr:"
+    )
+    print(f"{'':10}{'coverage':>10}{'rms z':>8}")
+    print("\n".join(combined_rows))
     print(f"expected: median over seeds of the best bin's stderr / (sum_k C_k^-1)^-1/2; "
           f"measured: best bin's stderr / the joint stderr; scatter: std of the best bin's "
           f"relative errors / the joint fit's; coverage: fraction within -+1 stderr "

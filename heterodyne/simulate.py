@@ -224,6 +224,11 @@ def _simulate_bins(params, q, phi, *, seed, **options) -> xr.Dataset:
     if per_bin and len(phi) != q.size:
         raise OptionError(f"phi gives angles for {len(phi)} q-bins; q has {q.size}")
     angles = list(phi) if per_bin else [phi] * q.size
+    # every bin's q and angles checked before the first bin's model is compiled
+    if np.any(q <= 0) or np.unique(q).size != q.size:
+        raise OptionError(f"q [1/Å] must be distinct numbers > 0; got {q.tolist()}")
+    for a in angles:
+        checks.numbers(a, "phi [deg]")
     parts = [
         simulate(
             params,
