@@ -191,7 +191,12 @@ def test_a_bad_cell_is_marked_with_its_message_as_it_is_edited(page):
     assert page.get_by_role("button", name="Fit", exact=True).is_disabled()
     tabs = page.get_by_role("tab")
     assert tabs.all_inner_texts() == ["Data", "NLSQ", "CMC", "Joint q"]
-    assert [t.get_attribute("aria-selected") for t in tabs.all()] == ["false", "true", "false", "false"]
+    assert [t.get_attribute("aria-selected") for t in tabs.all()] == [
+        "false",
+        "true",
+        "false",
+        "false",
+    ]
 
 
 @pytest.mark.slow

@@ -183,3 +183,15 @@ def test_joint_result_round_trips(fitted, tmp_path):
     assert len(back.bins) == len(fitted.bins) == 3
     xr.testing.assert_identical(back.consistency, fitted.consistency)
     xr.testing.assert_identical(back.bins[1].model, fitted.bins[1].model)
+
+
+def test_speckle_errors_of_a_joint_fit_reduce_to_the_nominal_ones_for_independent_noise():
+    """Independent noise per pair has no shared-frame part: the speckle error model's
+    sandwich over the bins gives the nominal errors back (to its scale estimates)."""
+    ds = hd.simulate(TRUTH, q=[0.006, 0.012], phi=[0.0, 90.0], n_frames=40, noise=0.01, seed=5)
+    result = hd.fit_nlsq(ds, _params(), errors="speckle", separate=False, progress=False)
+    for name in ("D0_sample", "v0", "phi0"):
+        nominal = float(result.stderr_nominal[name])
+        assert result.error(name) == pytest.approx(nominal, rel=0.25), name
+    with pytest.raises(hd.OptionError, match="separate=True"):
+        _ = result.consistency
