@@ -26,6 +26,10 @@ from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective, normalised_eigh, safe_inverse
 from heterodyne.results import entry_coords
 
+# A joint fit is refitted with the bins' weights only where one differs from their mean by
+# more than this fraction.
+REWEIGHT_TOLERANCE = 0.05
+
 
 def fit_nlsq(
     ds: xr.Dataset,
@@ -163,9 +167,11 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
     best = outcomes[int(np.argmin(costs))]
     if np.all(np.isfinite(best.x)) and "sigma" not in ds.data_vars:
-        # each bin weighted by its inverse residual variance (JointObjective.reweight)
-        problem.reweight(best.x)
-        best = solve(problem, best.x, options, progress=False)
+        # each bin weighted by its inverse residual variance (JointObjective.reweight);
+        # weights that hardly differ would move the optimum by a fraction of its errors
+        weights = problem.reweight(best.x)
+        if np.max(np.abs(weights - 1.0)) > REWEIGHT_TOLERANCE:
+            best = solve(problem, best.x, options, progress=False)
     best, exchanged = in_convention(problem, best, options)
     covariance, nominal, per_bin = problem.errors_at(best.x, best.jtj, errors)
     success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
