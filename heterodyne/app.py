@@ -14,6 +14,10 @@
 - Ageing: window and step in frames, Scan (:func:`heterodyne.age_scan`, against the
   laws of the NLSQ fit when there is one); the check against the law and the effective
   rates against age (:func:`heterodyne.plot.age`).
+- Joint q: pick q-bins and fit them together (:mod:`heterodyne.joint`) with the NLSQ
+  tab's table and options, every angle of each bin and the Data tab's frames and times;
+  the report, the per-q consistency check and rates against q² and q, the result as
+  netCDF. The source may be a multi-q Dataset (the Data tab then shows one bin of it).
 
 A fit runs in a worker thread while the page stays live, with its elapsed time (and,
 for CMC, the finished shards) shown. Errors (a bad file, bad parameters, a failed fit)
@@ -42,12 +46,13 @@ from bokeh.models import StringFormatter
 from bokeh.server.auth_provider import AuthProvider
 from panel.custom import JSComponent
 
-from heterodyne import checks, diagnostics, plot
+from heterodyne import checks, diagnostics, plot, qbins
 from heterodyne.cmc import PAIRS_PER_SHARD, SAMPLES, WARMUP, fit_cmc
 from heterodyne.cmc_result import CMCResult
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import Cancelled, FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
+from heterodyne.joint_result import JointResult
 from heterodyne.nlsq import fit_nlsq
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import SCALINGS
@@ -309,15 +314,18 @@ class Dashboard(pn.viewable.Viewer):
     ageing = param.ClassSelector(
         class_=xr.Dataset, allow_None=True, doc="The last age scan (hd.age_scan)."
     )
+    joint_q = param.ListSelector(default=[], objects=[], doc="q-bins of the joint fit [1/Å].")
+    joint = param.ClassSelector(class_=JointResult, allow_None=True, doc="The last joint fit.")
 
     def __init__(self, source=None, params=None, *, root=None, **kwargs):
         super().__init__(**kwargs)
         #: the folder the file box may read under; None: anywhere
         self._root = None if root is None else Path(root).expanduser().resolve()
         self._full = None  # the loaded q-bin, all angles and frames
+        self._multi = None  # a multi-q Dataset given as the source
         self._resetting = False  # True while the selectors are reset to a new q-bin
         # one alert per tab, at its top: a CMC warning stays on the CMC tab
-        self.data_alert, self.nlsq_alert, self.cmc_alert, self.ageing_alert = (
+        alerts = (
             pn.pane.Alert(
                 "",
                 alert_type="danger",
@@ -325,12 +333,16 @@ class Dashboard(pn.viewable.Viewer):
                 css_classes=["hd-alert", f"hd-{tab}-alert"],
                 sizing_mode="stretch_width",
             )
-            for tab in ("data", "nlsq", "cmc", "ageing")
+            for tab in ("data", "nlsq", "cmc", "ageing", "joint")
+        )
+        (self.data_alert, self.nlsq_alert, self.cmc_alert, self.ageing_alert, self.joint_alert) = (
+            alerts
         )
         self._build_data_tab()
         self._build_nlsq_tab(Parameters.coerce(params))
         self._build_cmc_tab()
         self._build_ageing_tab()
+        self._build_joint_tab()
         self._layout = pn.Column(
             pn.pane.Markdown("## heterodyne", margin=(0, 10)),
             TabRoles(),
@@ -339,11 +351,18 @@ class Dashboard(pn.viewable.Viewer):
                 ("NLSQ", self._nlsq_tab),
                 ("CMC", self._cmc_tab),
                 ("Ageing", self._ageing_tab),
+                ("Joint q", self._joint_tab),
                 sizing_mode="stretch_width",
             ),
             sizing_mode="stretch_width",
         )
-        if isinstance(source, xr.Dataset):
+        if qbins.is_multi_q(source):
+            self._multi = qbins.validate_multi(source)
+            q = [float(v) for v in source["q"].values]
+            self.param.q.objects = {f"{v:.5g}": v for v in q}
+            self._set_joint_bins(q)
+            self._set_full(select(source, q=q[0]))
+        elif isinstance(source, xr.Dataset):
             self._set_full(validate(source))
         elif source is not None:
             self.path = str(source)
@@ -400,6 +419,7 @@ class Dashboard(pn.viewable.Viewer):
             except FileFormatError:
                 self._trace = None
             self.param.q.objects = {f"{q:.5g}": float(q) for q in qs}
+            self._set_joint_bins([float(q) for q in qs])
             self._resetting = True
             try:
                 self.q = float(qs[0])
@@ -434,6 +454,9 @@ class Dashboard(pn.viewable.Viewer):
 
     @param.depends("q", "t_start", "exclude", watch=True)
     def _load_q(self):
+        if not self._resetting and self._multi is not None and not self.path:
+            self._set_full(select(self._multi, q=self.q))
+            return
         if self._resetting or not self.path:
             return
         try:
@@ -455,7 +478,7 @@ class Dashboard(pn.viewable.Viewer):
         n = ds.sizes["t1"]
         self.param.phi.objects = {f"{v:g}": v for v in phi}
         self.param.frames.bounds = (0, n)
-        if not self.path:
+        if not self.path and self._multi is None:
             self.param.q.objects = {f"{float(ds['q']):.5g}": float(ds["q"])}
         self._resetting = True
         try:
@@ -619,15 +642,15 @@ class Dashboard(pn.viewable.Viewer):
         p.validate(None if self.data is None else self.data.sizes["phi"])
         return p
 
+    def fit_options(self) -> dict:
+        """The NLSQ tab's options of ``fit_nlsq``: scaling, multistart, error bars."""
+        return {"scaling": self.scaling, "multistart": self.multistart, "errors": self.errors}
+
     async def _on_fit(self, _event=None):
         ds = self.data
         try:
             params = self.parameters()
-            options = {
-                "scaling": self.scaling,
-                "multistart": self.multistart,
-                "errors": self.errors,
-            }
+            options = self.fit_options()
             self._busy(True)
             self.nlsq_progress.param.update(visible=True, active=True, value=-1)
 
@@ -887,8 +910,6 @@ class Dashboard(pn.viewable.Viewer):
     def _cmc_netcdf(self):
         return _netcdf_bytes(self.cmc)
 
-    # ---- running and reporting -------------------------------------------------------
-
     # ---- Ageing ----------------------------------------------------------------------
 
     def _build_ageing_tab(self):
@@ -961,6 +982,120 @@ class Dashboard(pn.viewable.Viewer):
         scan = self.ageing
         self.ageing_text.object = "" if scan is None else report(scan)
         self.ageing_view.object = None if scan is None else plot.age(scan)
+
+    # ---- Joint q ---------------------------------------------------------------------
+
+    def _build_joint_tab(self):
+        self.joint_select = pn.widgets.CheckButtonGroup.from_param(
+            self.param.joint_q, name="q-bins [1/Å]", button_type="primary", button_style="outline"
+        )
+        self.joint_button = pn.widgets.Button(
+            name="Fit jointly", button_type="primary", disabled=True, width=140
+        )
+        self.joint_button.on_click(self._on_joint_fit)
+        self.joint_status = pn.pane.Markdown("", css_classes=["hd-joint-status"])
+        self.joint_download = pn.widgets.FileDownload(
+            callback=lambda: _netcdf_bytes(self.joint),
+            filename="heterodyne_joint.nc",
+            label="Download the result (netCDF)",
+            disabled=True,
+            embed=False,
+            width=260,
+        )
+        self.joint_text = pn.pane.Str(
+            "", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width"
+        )
+        self.joint_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-joint-plots"])
+        self._joint_tab = pn.Column(
+            self.joint_alert,
+            pn.pane.Markdown(
+                "Fit the chosen q-bins together: the physics shared, contrast and offset per "
+                "bin and angle. The parameters, scaling, error bars and starts are the NLSQ "
+                "tab's; each bin keeps all its angles; frames and times are the Data tab's.",
+                margin=(0, 10),
+            ),
+            pn.Column(pn.pane.Markdown("q-bins [1/Å]", margin=(0, 10)), self.joint_select),
+            pn.Row(self.joint_button, self.joint_download),
+            self.joint_status,
+            _text_card(self.joint_text),
+            self.joint_view,
+            sizing_mode="stretch_width",
+        )
+
+    def _set_joint_bins(self, q: list[float]):
+        """Offer the q-bins ``q`` [1/Å] to the joint fit, all chosen."""
+        self.param.joint_q.objects = {f"{v:.5g}": v for v in q}
+        self.joint_q = list(q)
+
+    @param.depends("joint_q", "data", watch=True)
+    def _joint_ready(self):
+        self.joint_button.disabled = self.data is None or not self.joint_q
+        self.joint = None
+
+    def joint_data(self) -> xr.Dataset:
+        """The chosen q-bins (:attr:`joint_q`) as one multi-q Dataset, over the Data tab's
+        frame window (and, for a file, its time of frame 0 and excluded frames)."""
+        if not self.joint_q:
+            raise OptionError("choose at least one q-bin")
+        a, b = (int(v) for v in self.frames)
+        if self.path:
+            ds = load(
+                self.path,
+                q=sorted(self.joint_q),
+                t_start=self.t_start,
+                exclude_frames=frame_list(self.exclude),
+            )
+        else:
+            ds = self._multi
+        return select(ds, q=sorted(self.joint_q), frames=slice(a, b))
+
+    async def _on_joint_fit(self, _event=None):
+        try:
+            params = self.parameters()
+            ds = self.joint_data()
+            options = self.fit_options()
+            self._busy(True)
+            self.joint_button.disabled = True
+
+            def report(seconds):
+                self.joint_status.object = f"fitting {ds.sizes['q']} q-bins... {seconds:.0f} s"
+
+            result, seconds = await self._in_thread(
+                lambda: fit_nlsq(ds, params, progress=False, **options), report
+            )
+        except Exception as err:
+            self._fail("the joint fit failed", err, self.joint_alert)
+            self.joint_status.object = ""
+            return
+        finally:
+            self._busy(False)
+            self.joint_button.disabled = self.data is None or not self.joint_q
+        flagged = result.inconsistent()
+        self.joint_status.object = (
+            f"fitted {result.info['n_bins']} q-bins in {seconds:.1f} s: reduced χ² = "
+            f"{result.reduced_chi2:.4g}"
+        )
+        if flagged:
+            self._warn(
+                "bins inconsistent with the joint fit: " + "; ".join(flagged), self.joint_alert
+            )
+        else:
+            self.joint_alert.visible = False
+        panes = (self.joint_text, self.joint_view)
+        await self._rebuilding(panes)
+        try:
+            self.joint = result
+        finally:
+            self._rebuilt(panes)
+
+    @param.depends("joint", watch=True)
+    def _show_joint(self):
+        result = self.joint
+        self.joint_download.disabled = result is None
+        self.joint_text.object = "" if result is None else result.report()
+        self.joint_view.object = None if result is None else result.plot()
+
+    # ---- running and reporting -------------------------------------------------------
 
     async def _in_thread(self, work, report):
         """Run ``work()`` in a worker thread; call ``report(seconds)`` every ``POLL_S``

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from heterodyne.errors import FileFormatError, OptionError, ParameterError
+from heterodyne.errors import DataError, FileFormatError, OptionError, ParameterError
 from heterodyne.tracker import Tracker
 
 SEED_MAX = 2**32 - 1  # numpy and JAX both take seeds in [0, 2**32)
@@ -331,12 +331,17 @@ def least_squares_options(options: Mapping) -> dict:
 
 
 def check_fit_nlsq(ds, params, *, fix, multistart, seed, scaling, errors, progress, options):
-    """All the arguments of :func:`heterodyne.fit_nlsq`, before any compilation."""
+    """All the arguments of :func:`heterodyne.fit_nlsq`, before any compilation (of a
+    multi-q Dataset: against each of its q-bins)."""
+    from heterodyne import qbins
     from heterodyne.data import validate
     from heterodyne.objective import SCALINGS
     from heterodyne.uncertainty import ERRORS
 
-    validate(ds)
+    if qbins.is_multi_q(ds):
+        parts = qbins.checked_bins(ds)
+    else:
+        parts = [validate(ds)]
     choice(scaling, "scaling", SCALINGS)
     choice(errors, "errors", ERRORS)
     if not (isinstance(multistart, str) and multistart == "auto"):
@@ -344,8 +349,9 @@ def check_fit_nlsq(ds, params, *, fix, multistart, seed, scaling, errors, progre
     seed_value(seed)
     flag(progress, "progress")
     least_squares_options(options)
-    p = parameters(params, fix=fix, n_phi=ds.sizes["phi"])
-    check_problem(ds, p, scaling)
+    for one in parts:
+        p = parameters(params, fix=fix, n_phi=one.sizes["phi"])
+        check_problem(one, p, scaling)
 
 
 def check_fit_cmc(
@@ -361,6 +367,12 @@ def check_fit_cmc(
     from heterodyne.objective import SCALINGS
     from heterodyne.uncertainty import ERRORS
 
+    if "q" in getattr(ds, "dims", ()):
+        raise DataError(
+            f"fit_cmc samples one q-bin; this Dataset holds {ds.sizes['q']}. A joint CMC "
+            "over q-bins is not available: sample one bin (hd.select(ds, q=...), with "
+            "init=joint.bins[k] of a joint hd.fit_nlsq), or fit all bins jointly by hd.fit_nlsq"
+        )
     validate(ds)
     if init is not None and not isinstance(init, NLSQResult):
         raise OptionError(
@@ -407,9 +419,16 @@ def check_fit_cmc(
 
 def check_load(path, *, q, phi, frames) -> Path:
     """The arguments of :func:`heterodyne.load`: a readable path, ``q`` one finite
-    number > 0, ``phi`` finite angles, ``frames`` a window."""
+    number > 0, a list of them or ``"all"``, ``phi`` finite angles, ``frames`` a window."""
     path = readable_file(path, "path")
-    if q is not None:
+    if isinstance(q, str):
+        if q != "all":
+            raise OptionError(f"q must be a number, a list of numbers or 'all'; got {q!r}")
+    elif q is not None and np.ndim(q) > 0:
+        values = numbers(q, "q [1/Å]")
+        if values.size == 0 or np.any(values <= 0):
+            raise OptionError(f"q must list positive wavevectors [1/Å]; got {values.tolist()}")
+    elif q is not None:
         number(q, "q [1/Å]", positive=True)
     if phi is not None:
         numbers(phi, "phi [deg]")

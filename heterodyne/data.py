@@ -211,6 +211,12 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
         raise DataError(
             f"the Dataset has no variable 'c2'; its variables are {sorted(ds.data_vars)}"
         )
+    if "q" in ds.dims:
+        raise DataError(
+            f"this Dataset holds {ds.sizes['q']} q-bins (dims {tuple(ds['c2'].dims)}) and this "
+            "function takes one: pick it with hd.select(ds, q=...). hd.fit_nlsq fits all "
+            "the bins together"
+        )
     c2 = ds["c2"]
     if c2.dims != ("phi", "t1", "t2"):
         raise DataError(
@@ -378,13 +384,25 @@ def count_nan_pairs(ds: xr.Dataset) -> int:
     return count
 
 
-def select(ds: xr.Dataset, *, phi=None, frames=None) -> xr.Dataset:
-    """Cut a canonical Dataset to some angles and a frame window.
+def select(ds: xr.Dataset, *, q=None, phi=None, frames=None) -> xr.Dataset:
+    """Cut a canonical Dataset to some angles and a frame window, or a multi-q Dataset
+    (:mod:`heterodyne.qbins`) to some q-bins.
 
+    ``q``: of a multi-q Dataset, one number [1/Å] gives the nearest q-bin as a single-q
+    Dataset with its own angles, a list keeps the nearest bins (multi-q);
     ``phi``: one angle or a list [deg], matched to the nearest angle present;
     ``frames``: a ``slice(a, b)`` of frame indices. Times stay absolute.
     """
+    if isinstance(ds, xr.Dataset) and "q" in ds.dims:
+        from heterodyne import qbins
+
+        return qbins.select(ds, q=q, phi=phi, frames=frames)
     validate(ds)
+    if q is not None:
+        raise OptionError(
+            f"q={q!r}: this Dataset is one q-bin (q = {float(ds['q']):g} 1/Å); q selects "
+            "bins of a multi-q Dataset"
+        )
     checks.frame_window(frames)
     out = ds
     if phi is not None:
@@ -413,14 +431,19 @@ def to_netcdf(ds: xr.Dataset, path, *, overwrite: bool = False) -> Path:
 
     ``hd.load(path)`` reads it back identical.
     """
-    validate(ds)
+    if "q" in ds.dims:
+        from heterodyne import qbins
+
+        qbins.validate_multi(ds)
+    else:
+        validate(ds)
     nt = ds.sizes["t1"]
     encoding = {
         name: {
             "compression": "gzip",
             "compression_opts": 4,
             "shuffle": True,
-            "chunksizes": (1, nt, nt),
+            "chunksizes": (1,) * (ds[name].ndim - 2) + (nt, nt),
         }
         for name in ("c2", "sigma")
         if name in ds.data_vars

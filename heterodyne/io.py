@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 import xarray as xr
 
-from heterodyne import checks
+from heterodyne import checks, qbins
 from heterodyne.data import (
     TIME_CONVENTION,
     fill_triangle,
@@ -127,24 +127,26 @@ class _Bins(NamedTuple):
 def load(
     path: str | os.PathLike,
     *,
-    q: float | None = None,
+    q: float | Sequence[float] | str | None = None,
     phi: float | Sequence[float] | None = None,
     frames: slice | None = None,
     t_start: float | None = None,
     exclude_frames=None,
 ) -> xr.Dataset:
-    """Read one q-bin of a two-time correlation file as a canonical Dataset.
+    """Read one q-bin, or several, of a two-time correlation file as a canonical Dataset.
 
     Parameters
     ----------
     path : str or path-like
         An APS-U or APS legacy HDF5 file, or a netCDF file written by heterodyne.
-    q : float, optional
-        Wavevector [1/Å]; the nearest q-bin is read. Required when the file holds more
-        than one q-bin (:func:`q_values` lists them).
+    q : float, sequence of float or "all", optional
+        Wavevector [1/Å]; the nearest q-bin is read. A sequence reads the nearest bin to
+        each, ``"all"`` every bin, as one multi-q Dataset (dims ``(q, phi, t1, t2)``,
+        :mod:`heterodyne.qbins`), which ``hd.fit_nlsq`` fits jointly. Required when the
+        file holds more than one q-bin (:func:`q_values` lists them).
     phi : float or sequence of float, optional
-        Angles [deg] to keep, each matched to the nearest angle of the q-bin, in the
-        order given. Default: all angles, in increasing order.
+        Angles [deg] to keep, each matched to the nearest angle of the q-bin (of each
+        q-bin), in the order given. Default: all angles, in increasing order.
     frames : slice, optional
         Contiguous window ``slice(a, b)`` of frame indices (0-based, as stored); the
         frames keep their absolute times.
@@ -209,22 +211,54 @@ def load(
         if layout != "netcdf":
             bins = _READERS[layout](f, path)
             q_all, labels = _group_q(bins, path)
-            iq = _pick_q(q_all, q, path)
             excluded = _excluded(exclude_frames, bins.n_frames)
-            return _read_bins(
-                f,
-                path,
-                bins,
-                np.flatnonzero(labels == iq),
-                (iq, q_all[iq]),
-                phi,
-                frames,
-                start,
-                excluded,
-            )
+            chosen = _pick_bins(q_all, q, path)
+            parts = [
+                _read_bins(
+                    f,
+                    path,
+                    bins,
+                    np.flatnonzero(labels == iq),
+                    (iq, q_all[iq]),
+                    phi,
+                    frames,
+                    start,
+                    excluded,
+                )
+                for iq in chosen
+            ]
+            if isinstance(q, str) or np.ndim(q) > 0:
+                return qbins.combine(parts, source=f"{layout}:{path} q-bins {chosen.tolist()}")
+            return parts[0]
     ds = _read_netcdf(path, frames, start, exclude_frames)
+    if qbins.is_multi_q(ds):
+        if q is None or isinstance(q, str):
+            return ds if phi is None else select(ds, phi=phi)
+        return select(ds, q=q, phi=phi)
+    if isinstance(q, str) or np.ndim(q) > 0:
+        wanted = ds["q"].values if isinstance(q, str) else q
+        for value in np.atleast_1d(wanted):
+            _pick_q(np.atleast_1d(ds["q"].values), value, path)
+        return qbins.combine([ds if phi is None else select(ds, phi=phi)])
     _pick_q(np.atleast_1d(ds["q"].values), q, path)
     return ds if phi is None else select(ds, phi=phi)
+
+
+def _pick_bins(q_all: np.ndarray, q, path: Path) -> np.ndarray:
+    """The q-bin indices that ``q`` (one number, a sequence or ``"all"``) reads."""
+    if isinstance(q, str):
+        return np.arange(q_all.size)
+    chosen = np.array(
+        [_pick_q(q_all, value, path) for value in np.atleast_1d(q)]
+        if np.ndim(q)
+        else [_pick_q(q_all, q, path)]
+    )
+    if np.unique(chosen).size != chosen.size:
+        raise OptionError(
+            f"q={np.atleast_1d(q).tolist()} reads the same q-bin twice; the file's q-bins "
+            f"are {q_all.tolist()} 1/Å"
+        )
+    return np.sort(chosen)
 
 
 def q_values(path: str | os.PathLike) -> np.ndarray:
@@ -644,7 +678,8 @@ def _pick_q(q_all: np.ndarray, q, path: Path) -> int:
             listed = ", ".join(f"{value:.6g}" for value in q_all)
             raise FileFormatError(
                 f"{path} holds {q_all.size} q-bins, q = [{listed}] 1/Å; "
-                "choose one with load(path, q=...); q_values(path) lists them"
+                "choose one with load(path, q=...), or read all with load(path, q='all'); "
+                "q_values(path) lists them"
             )
         return 0
     try:
@@ -802,8 +837,9 @@ def _read_netcdf(path: Path, frames, t_start: float | None, exclude_frames) -> x
             ds = lazy.load()
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise _not_netcdf(path, err) from err
+    multi = qbins.is_multi_q(ds)
     try:
-        validate(ds)
+        qbins.validate_multi(ds) if multi else validate(ds)
     except DataError as err:
         raise FileFormatError(f"{path} (netcdf): {err}") from err
     excluded = _excluded(exclude_frames, n_frames)
@@ -821,10 +857,10 @@ def _read_netcdf(path: Path, frames, t_start: float | None, exclude_frames) -> x
             keep = ~(cut | cut.rename(t1="t2"))
             for name in ("c2", "sigma"):
                 if name in ds.data_vars:
-                    ds[name] = ds[name].where(keep).transpose("phi", "t1", "t2")
+                    ds[name] = ds[name].where(keep).transpose(*handle[name].dims)
             ds.attrs["excluded_frames"] = _ranges(excluded)
     # Counted again: a file written by another tool may lack or misstate the counts.
-    return tally_missing(ds)
+    return qbins.tally_bins(ds) if multi else tally_missing(ds)
 
 
 def _not_netcdf(path: Path, err: Exception) -> FileFormatError:

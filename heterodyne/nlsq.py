@@ -18,11 +18,17 @@ import xarray as xr
 from scipy.optimize import least_squares
 from tqdm.auto import tqdm
 
-from heterodyne import checks, starts
+from heterodyne import checks, qbins, starts
+from heterodyne.joint import JointObjective
+from heterodyne.joint_result import JointResult
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective, normalised_eigh, safe_inverse
 from heterodyne.results import entry_coords
+
+# A joint fit is refitted with the bins' weights only where one differs from their mean by
+# more than this fraction.
+REWEIGHT_TOLERANCE = 0.05
 
 
 def fit_nlsq(
@@ -35,8 +41,9 @@ def fit_nlsq(
     scaling: str = "per_angle",
     errors: str = "nominal",
     progress: bool = True,
+    separate: bool = True,
     **least_squares_options,
-) -> NLSQResult:
+) -> NLSQResult | JointResult:
     """Fit the heterodyne model to all angles of ``ds`` by least squares.
 
     Parameters
@@ -72,6 +79,9 @@ def fit_nlsq(
         in ``.stderr_nominal`` either way.
     progress : bool
         Show a progress bar (cost evaluations, or starts with ``multistart``).
+    separate : bool
+        A multi-q Dataset only: also fit each q-bin alone, from the joint solution, for
+        the per-q consistency check (``result.consistency``); ``False`` skips them.
     **least_squares_options
         Passed to ``scipy.optimize.least_squares``: ``ftol``, ``xtol``, ``gtol``,
         ``max_nfev``, ``x_scale``, ``method`` ("trf" or "dogbox"), ``f_scale``,
@@ -81,8 +91,13 @@ def fit_nlsq(
 
     Returns
     -------
-    NLSQResult
-        ``.params``, ``.stderr``, ``.report()``, ``.plot()``, ``.to_netcdf()``.
+    NLSQResult or JointResult
+        ``.params``, ``.stderr``, ``.report()``, ``.plot()``, ``.to_netcdf()``. A
+        multi-q Dataset (dims ``(q, phi, t1, t2)``, :mod:`heterodyne.qbins`) is fitted
+        jointly (:mod:`heterodyne.joint`): the physics shared by all q-bins, contrast and
+        offset per bin and angle, as a :class:`~heterodyne.joint_result.JointResult`
+        (``.bins``: each bin at the joint solution; ``.consistency``: each bin alone
+        against the joint parameters).
 
     Raises
     ------
@@ -111,24 +126,130 @@ def fit_nlsq(
         ds, params, fix=fix, multistart=multistart, seed=seed, scaling=scaling, errors=errors,
         progress=progress, options=least_squares_options,
     )  # fmt: skip
+    options = {"x_scale": "jac", "method": "trf", **least_squares_options}
+    if qbins.is_multi_q(ds):
+        return _fit_joint(
+            ds, params, fix=fix, multistart=multistart, seed=seed, scaling=scaling,
+            errors=errors, progress=progress, options=options, separate=separate,
+        )  # fmt: skip
     check_memory(ds["c2"].shape, what="fit_nlsq", **FIT_MEMORY[errors])
     problem = Objective.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
-    options = {"x_scale": "jac", "method": "trf", **least_squares_options}
+    outcomes = run_starts(problem, multistart, seed, options, progress=progress)
+    return _result(problem, outcomes, options, errors=errors)
+
+
+def run_starts(problem, multistart, seed: int, options, *, progress: bool) -> list:
+    """:func:`solve` from each start of ``problem`` (its own ``x0`` and, per
+    ``multistart``, its ``alternatives`` or a Latin-hypercube design), in threads."""
     if multistart == "auto":
         x_starts = [problem.x0] + problem.alternatives
     else:
         x_starts = [problem.x0] + list(problem.design(multistart, seed))
     if len(x_starts) == 1:
-        outcomes = [solve(problem, x_starts[0], options, progress=progress)]
-    else:
-        workers = min(len(x_starts), os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(solve, problem, x, options, progress=False) for x in x_starts]
-            outcomes = [
-                f.result()
-                for f in tqdm(futures, desc="multistart", unit="start", disable=not progress)
-            ]
-    return _result(problem, outcomes, options, errors=errors)
+        return [solve(problem, x_starts[0], options, progress=progress)]
+    workers = min(len(x_starts), os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(solve, problem, x, options, progress=False) for x in x_starts]
+        return [
+            f.result() for f in tqdm(futures, desc="multistart", unit="start", disable=not progress)
+        ]
+
+
+def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, options, separate):
+    """The joint fit of a multi-q Dataset (:mod:`heterodyne.joint`) as a
+    :class:`~heterodyne.joint_result.JointResult`; with ``separate`` each bin is also
+    fitted alone, from the joint solution, for the consistency check."""
+    # the bins are fitted one at a time: memory that of the largest
+    shape = (int(qbins.present(ds).sum("phi").max()), ds.sizes["t1"], ds.sizes["t2"])
+    check_memory(shape, what="fit_nlsq (one q-bin at a time)", **FIT_MEMORY[errors])
+    problem = JointObjective.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
+    outcomes = run_starts(problem, multistart, seed, options, progress=progress)
+    costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
+    best = outcomes[int(np.argmin(costs))]
+    if np.all(np.isfinite(best.x)) and "sigma" not in ds.data_vars:
+        # each bin weighted by its inverse residual variance (JointObjective.reweight);
+        # weights that hardly differ would move the optimum by a fraction of its errors
+        weights = problem.reweight(best.x)
+        if np.max(np.abs(weights - 1.0)) > REWEIGHT_TOLERANCE:
+            best = solve(problem, best.x, options, progress=False)
+    best, exchanged = in_convention(problem, best, options)
+    covariance, nominal, per_bin = problem.errors_at(best.x, best.jtj, errors)
+    success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
+    bins = []
+    for k, (objective, part) in enumerate(zip(problem.bins, problem.split(best.x), strict=True)):
+        block = np.ix_(problem.columns[k], problem.columns[k])
+        found = per_bin[k]
+        bins.append(
+            NLSQResult.from_fit(
+                objective=objective,
+                x=part,
+                covariance=covariance[block],
+                nominal=nominal[block],
+                errors=errors,
+                error_scales=found.scales,
+                model_c2=found.model_c2,
+                residuals=found.residuals,
+                chi2=float(found.residuals @ found.residuals),
+                nfev=int(best.nfev),
+                success=success,
+                message=f"joint fit of {len(problem.bins)} q-bins: {best.message}",
+                starts=_starts_dataset(objective, [_bin_outcome(best, part)]),
+                notes={"joint": 1},
+            )
+        )
+    alone = []
+    if separate:
+        for one, result in zip(qbins.bins(ds), bins, strict=True):
+            alone.append(
+                fit_nlsq(
+                    one,
+                    result.parameters(),
+                    multistart=0,
+                    scaling=scaling,
+                    errors=errors,
+                    progress=False,
+                    **options,
+                )  # fmt: skip
+            )
+    return JointResult.from_fit(
+        objective=problem,
+        x=best.x,
+        covariance=covariance,
+        nominal=nominal,
+        errors=errors,
+        bins=bins,
+        separate=alone,
+        starts=_starts_dataset(problem, outcomes, costs),
+        info={
+            "chi2": float(sum(found.residuals @ found.residuals for found in per_bin)),
+            "nfev": int(best.nfev),
+            "success": int(success),
+            "message": str(best.message),
+            "exchanged": exchanged,
+        },
+    )
+
+
+def _bin_outcome(best, part):
+    """``best`` with its solver vector replaced by one bin's ``part``."""
+    out = copy.copy(best)
+    out.x = part
+    return out
+
+
+def _starts_dataset(objective, outcomes, costs=None) -> xr.Dataset:
+    """The multistart outcomes (``x``, ``cost``, ``nfev``, ``success`` by ``start``)."""
+    if costs is None:
+        costs = np.array([o.cost for o in outcomes])
+    return xr.Dataset(
+        {
+            "x": (("start", "entry"), np.array([o.x for o in outcomes])),
+            "cost": ("start", costs),
+            "nfev": ("start", np.array([o.nfev for o in outcomes])),
+            "success": ("start", np.array([int(o.success) for o in outcomes])),
+        },
+        coords={"start": np.arange(len(outcomes)), **entry_coords(objective.entries)},
+    )
 
 
 def solve(objective: Objective, x0, options, *, progress):
@@ -157,12 +278,12 @@ def solve(objective: Objective, x0, options, *, progress):
     return outcome
 
 
-def _in_convention(objective: Objective, outcome, options):
+def in_convention(objective: Objective, outcome, options):
     """``(outcome, how)``: ``outcome`` with the reference the slower component
     (:func:`starts.exchange`); ``how`` is ``"exact"`` (relabelled, same cost),
     ``"refit"`` (refitted from the relabelled point), ``"failed"`` (a faster
     reference that could not be relabelled) or ``""`` (already in convention)."""
-    t = np.asarray(objective.pairs.t)
+    t = objective.t
     mapped = starts.exchange(objective.physics(outcome.x), objective.params, t)
     if mapped is None:
         ref, sample = starts.transport(objective.physics(outcome.x), t)
@@ -189,7 +310,7 @@ def _labels_free(params) -> bool:
 def _result(objective: Objective, outcomes, options, *, errors="nominal") -> NLSQResult:
     """The best of ``outcomes``, in the labelling convention, as an :class:`NLSQResult`."""
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
-    best, exchanged = _in_convention(objective, outcomes[int(np.argmin(costs))], options)
+    best, exchanged = in_convention(objective, outcomes[int(np.argmin(costs))], options)
     # the fast path's copy of the data serves no error or result: released before their
     # grids are made (a later Objective.normal_equations builds it again)
     vars(objective).pop("blocks", None)
@@ -198,18 +319,7 @@ def _result(objective: Objective, outcomes, options, *, errors="nominal") -> NLS
         best.x, best.jtj, errors
     )
     success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
-    tried = xr.Dataset(
-        {
-            "x": (("start", "entry"), np.array([o.x for o in outcomes])),
-            "cost": ("start", costs),
-            "nfev": ("start", np.array([o.nfev for o in outcomes])),
-            "success": ("start", np.array([int(o.success) for o in outcomes])),
-        },
-        coords={
-            "start": np.arange(len(outcomes)),
-            **entry_coords(objective.entries),
-        },
-    )
+    tried = _starts_dataset(objective, outcomes, costs)
     return NLSQResult.from_fit(
         objective=objective,
         x=best.x,

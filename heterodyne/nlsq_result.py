@@ -364,14 +364,17 @@ class NLSQResult(FitResult):
 
         return plot.fit(self)
 
-    def to_netcdf(self, path, *, overwrite: bool = False):
-        """Write the whole result to one netCDF-4 file (groups); ``hd.open_result``
-        reads it back."""
-        groups = {
+    def groups(self) -> dict[str, xr.Dataset]:
+        """The parts of the result as the Datasets of its file's groups, by name."""
+        return {
             name: getattr(self, name).to_dataset() if name in ARRAY_GROUPS else getattr(self, name)
             for name in GROUPS
         }
-        return write_result("NLSQResult", self.info, groups, path, overwrite=overwrite)
+
+    def to_netcdf(self, path, *, overwrite: bool = False):
+        """Write the whole result to one netCDF-4 file (groups); ``hd.open_result``
+        reads it back."""
+        return write_result("NLSQResult", self.info, self.groups(), path, overwrite=overwrite)
 
     @classmethod
     def _from_tree(cls, tree):

@@ -293,6 +293,11 @@ class Objective:
         return np.clip(x, self.lower, self.upper)
 
     @property
+    def t(self) -> np.ndarray:
+        """The frame times [s]."""
+        return np.asarray(self.pairs.t)
+
+    @property
     def names(self) -> tuple[str, ...]:
         """The parameter name of each entry of ``x``."""
         return tuple(self.entries.get_level_values("name"))

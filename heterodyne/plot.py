@@ -656,3 +656,64 @@ def _survey(results, x: str) -> tuple[xr.Dataset, xr.Dataset]:
         "results must be an xarray.Dataset with <name>_stderr variables, a pair "
         f"(params, stderr) of Datasets or a list of fit results; got {type(results).__name__}"
     )
+
+
+def joint(result) -> hv.Layout:
+    """The per-q consistency check of a joint fit (:class:`~heterodyne.joint_result.JointResult`).
+
+    One panel per varied physics parameter: each q-bin's own fit (points, ``-+ stderr``)
+    against ``q``, over the joint value (line) and its ``-+ stderr`` band; then the decay
+    rates ``q² J(t_mid)`` against ``q²`` and the phase rate ``q v(t_mid)`` against ``q``
+    (:attr:`~heterodyne.joint_result.JointResult.rates`): each bin's own (points) and the
+    joint law (line), straight lines through the origin where the model holds.
+    """
+    check = result.consistency
+    rates = result.rates
+    q = check["q"].values
+    q_dim = hv.Dimension("q", unit="1/Å")
+    panels = []
+    for name in check["name"].values:
+        row = check.sel(name=name)
+        y_dim = hv.Dimension(str(name), unit=UNITS.get(str(name)) or None)
+        value, error = row["value"].values, np.nan_to_num(row["stderr"].values)
+        joint, spread = float(row["joint"]), float(np.nan_to_num(row["joint_stderr"]))
+        panels.append(
+            _line_panel(
+                [
+                    hv.HSpan(joint - spread, joint + spread).opts(color="#999999", alpha=0.3),
+                    hv.HLine(joint, label="joint").opts(color="black"),
+                    hv.ErrorBars((q, value, error), q_dim, [y_dim, "error"]),
+                    hv.Scatter((q, value), q_dim, y_dim, label="bin alone").opts(
+                        color=PALETTE[0], size=6, tools=["hover"]
+                    ),
+                ],
+                str(name),
+            )
+        )
+    for name, x, x_dim in (
+        ("decay_ref", q**2, hv.Dimension("q²", unit="1/Å²")),
+        ("decay_sample", q**2, hv.Dimension("q²", unit="1/Å²")),
+        ("phase", q, q_dim),
+    ):
+        y_dim = hv.Dimension(name, unit=rates[name].attrs["units"])
+        own, error = rates[name].values, np.nan_to_num(rates[f"{name}_stderr"].values)
+        law = rates[f"{name}_joint"].values
+        order = np.argsort(x)
+        panels.append(
+            _line_panel(
+                [
+                    hv.Curve(
+                        (np.r_[0.0, x[order]], np.r_[0.0, law[order]]),
+                        x_dim,
+                        y_dim,
+                        label="joint law",
+                    ).opts(color="black"),
+                    hv.ErrorBars((x, own, error), x_dim, [y_dim, "error"]),
+                    hv.Scatter((x, own), x_dim, y_dim, label="bin alone").opts(
+                        color=PALETTE[0], size=6, tools=["hover"]
+                    ),
+                ],
+                f"{name} at t = {rates.attrs['t_mid']:.3g} s",
+            )
+        )
+    return _layout(panels, COLUMNS)

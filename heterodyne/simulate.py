@@ -31,7 +31,7 @@ def simulate(
     dt: float = 0.1,
     t_start: float | None = None,
     phi=0.0,
-    q: float = 0.01,
+    q=0.01,
     contrast=0.5,
     offset=1.0,
     noise: float | str = 0.0,
@@ -58,9 +58,12 @@ def simulate(
     t_start : float, optional
         Time of the first frame [s]; defaults to ``dt`` (frame 1 ends at ``dt``).
     phi : float or sequence
-        Detector azimuths [deg].
-    q : float
-        Wavevector [1/Å].
+        Detector azimuths [deg]; with several q-bins, one sequence for all or one
+        sequence per bin (real q-maps have different angles in different bins).
+    q : float or sequence
+        Wavevector [1/Å]; several give a multi-q Dataset (:mod:`heterodyne.qbins`) whose
+        bins share the physics and have independent noise (bin ``k`` seeded by
+        ``(seed, k)``).
     contrast, offset : float or sequence
         One value, or one per angle. With ``noise="speckle"`` the contrast is the speckle
         contrast ``beta`` in ``(0, 1]`` of a partially coherent beam, realised with
@@ -107,6 +110,12 @@ def simulate(
     >>> ds = simulate({"v0": 500.0}, n_frames=100, phi=[0, 45, 90], noise=0.01)
     >>> ds = simulate({"v0": 500.0}, n_frames=100, phi=[0, 45], noise="speckle", n_pixels=500)
     """
+    if np.ndim(q) > 0:
+        return _simulate_bins(
+            params, q, phi, seed=seed, n_frames=n_frames, dt=dt, t_start=t_start,
+            contrast=contrast, offset=offset, noise=noise, store_sigma=store_sigma,
+            n_pixels=n_pixels, counts=counts,
+        )  # fmt: skip
     p = Parameters.coerce(params)
     n_frames = checks.integer(n_frames, "n_frames", minimum=3)
     dt = checks.number(dt, "dt [s]", positive=True)
@@ -200,3 +209,36 @@ def _per_angle(name, value, n_phi):
     if values.size != n_phi:
         raise OptionError(f"{name} has {values.size} values; expected 1 or one per angle ({n_phi})")
     return values
+
+
+def _simulate_bins(params, q, phi, *, seed, **options) -> xr.Dataset:
+    """:func:`simulate` of several q-bins, combined (:func:`heterodyne.qbins.combine`);
+    ``phi`` one sequence for all bins or one per bin."""
+    from heterodyne import qbins
+
+    q = checks.numbers(q, "q [1/Å]")
+    seed = checks.seed_value(seed)
+    per_bin = isinstance(phi, list | tuple) and any(
+        isinstance(a, list | tuple | np.ndarray) for a in phi
+    )
+    if per_bin and len(phi) != q.size:
+        raise OptionError(f"phi gives angles for {len(phi)} q-bins; q has {q.size}")
+    angles = list(phi) if per_bin else [phi] * q.size
+    # every bin's q and angles checked before the first bin's model is compiled
+    if np.any(q <= 0) or np.unique(q).size != q.size:
+        raise OptionError(f"q [1/Å] must be distinct numbers > 0; got {q.tolist()}")
+    for a in angles:
+        checks.numbers(a, "phi [deg]")
+    parts = [
+        simulate(
+            params,
+            q=float(value),
+            phi=angles[k],
+            seed=int(np.random.SeedSequence([seed, k]).generate_state(1)[0]),
+            **options,
+        )
+        for k, value in enumerate(q)
+    ]
+    out = qbins.combine(parts, source=f"heterodyne.simulate(seed={seed})")
+    out.attrs["seed"] = int(seed)
+    return out

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from heterodyne import checks, executors, identity
+from heterodyne import checks, executors, identity, qbins
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, UNITS, Parameters
 
 METHODS = ("nlsq",)
@@ -34,8 +34,9 @@ def survey(
     Parameters
     ----------
     sources : path, Dataset, or a list of them
-        Files readable by :func:`heterodyne.load` (every q-bin is fitted, or those
-        nearest to ``q``), or canonical Datasets (fitted as they are).
+        Files readable by :func:`heterodyne.load` and multi-q Datasets
+        (:mod:`heterodyne.qbins`): every q-bin is fitted alone, or those nearest to
+        ``q``; or single-q Datasets (fitted as they are).
     method : {"nlsq"}
         The fitting method.
     q : float or sequence, optional
@@ -172,11 +173,14 @@ def table(out: xr.Dataset) -> pd.DataFrame:
 
 
 def _q_bins(source, q):
-    if isinstance(source, xr.Dataset):
+    if qbins.is_multi_q(source):
+        available = source["q"].values
+    elif isinstance(source, xr.Dataset):
         return [None]
-    from heterodyne.io import q_values
+    else:
+        from heterodyne.io import q_values
 
-    available = q_values(source)
+        available = q_values(source)
     if q is None:
         return [float(v) for v in available]
     return [float(available[np.argmin(np.abs(available - v))]) for v in np.atleast_1d(q)]
@@ -212,17 +216,19 @@ def checkpoint_name(task) -> str:
 def _fit_task(task) -> xr.Dataset:
     """Load one q-bin, fit it, save it to the checkpoint folder, return its summary (runs
     in workers)."""
+    from heterodyne.data import select
     from heterodyne.io import load
     from heterodyne.nlsq import fit_nlsq
 
     source = task["source"]
-    ds = (
-        source
-        if isinstance(source, xr.Dataset)
-        else load(
+    if qbins.is_multi_q(source):  # each q-bin fitted alone, cut as a file's would be
+        ds = select(source, q=task["q"], phi=task["phi"], frames=task["frames"])
+    elif isinstance(source, xr.Dataset):
+        ds = source
+    else:
+        ds = load(
             source, q=task["q"], phi=task["phi"], frames=task["frames"], t_start=task["t_start"]
         )
-    )
     result = fit_nlsq(ds, task["params"], progress=False, **task["options"])
     if task["checkpoint"] is not None:
         result.to_netcdf(task["checkpoint"], overwrite=True)

@@ -190,10 +190,11 @@ def test_a_bad_cell_is_marked_with_its_message_as_it_is_edited(page):
     assert cell.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(248, 215, 218)"
     assert page.get_by_role("button", name="Fit", exact=True).is_disabled()
     tabs = page.get_by_role("tab")
-    assert tabs.all_inner_texts() == ["Data", "NLSQ", "CMC", "Ageing"]
+    assert tabs.all_inner_texts() == ["Data", "NLSQ", "CMC", "Ageing", "Joint q"]
     assert [t.get_attribute("aria-selected") for t in tabs.all()] == [
         "false",
         "true",
+        "false",
         "false",
         "false",
     ]

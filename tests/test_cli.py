@@ -275,3 +275,17 @@ def test_a_read_only_out_or_unreadable_file_is_one_line_and_exit_1(tmp_path):
         path.chmod(0o644)
         if (tmp_path / "hidden").exists():
             (tmp_path / "hidden").chmod(0o755)
+
+
+def test_fit_of_a_multi_q_netcdf_file_is_a_joint_fit(tmp_path, capsys):
+    multi = hd.simulate(
+        DEMO_TRUTH, q=[0.008, 0.012], phi=[[0.0, 45.0], [0.0, 90.0]], n_frames=30,
+        noise=0.01, seed=2,
+    )  # fmt: skip
+    path = hd.to_netcdf(multi, tmp_path / "multi.nc")
+    assert main(["fit", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert "[[Joint NLSQ fit]]" in capsys.readouterr().out
+    result = hd.open_result(tmp_path / "out" / "nlsq.nc")
+    np.testing.assert_array_equal(result.params["q"].values, [0.008, 0.012])
+    page = (tmp_path / "out" / "nlsq_report.html").read_text()
+    assert "Joint NLSQ fit" in html.unescape(page)

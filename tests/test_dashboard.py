@@ -469,3 +469,28 @@ def test_plain_page_requests_do_not_read_the_file(tmp_path):
     finally:
         server.stop()
     assert [(dash.path, dash.data) for dash in built] == [("", None)] * 4
+
+
+def test_joint_q_tab_fits_the_chosen_bins_of_a_multi_q_dataset():
+    multi = hd.simulate(
+        EXAMPLE_TRUTH, q=[0.006, 0.01, 0.014], phi=[[0, 45], [0, 90], [45, 90]],
+        n_frames=40, noise=0.01, seed=4,
+    )  # fmt: skip
+    dash = hd.dashboard(multi)
+    assert float(dash.data["q"]) == 0.006  # the Data tab shows one bin, with its angles
+    np.testing.assert_array_equal(dash.data["phi"].values, [0.0, 45.0])
+    dash.q = 0.014
+    np.testing.assert_array_equal(dash.data["phi"].values, [45.0, 90.0])
+    assert dash.joint_q == [0.006, 0.01, 0.014]
+    dash.joint_q = [0.006, 0.014]
+    dash.frames = (0, 30)
+    dash.joint_button.clicks += 1
+    result = dash.joint
+    assert result is not None, shown(dash.joint_alert)
+    np.testing.assert_array_equal(result.params["q"].values, [0.006, 0.014])
+    assert result.data.sizes["t1"] == 30
+    assert abs(result.value("v0") - EXAMPLE_TRUTH["v0"]) < 4 * result.error("v0")
+    assert "[[Consistency]]" in dash.joint_text.object
+    assert dash.joint_view.object is not None and not dash.joint_download.disabled
+    dash.joint_q = []
+    assert dash.joint is None and dash.joint_button.disabled

@@ -577,3 +577,24 @@ def test_t_start_reaches_survey_and_the_command_line(tmp_path, capsys):
     (saved,) = (tmp_path / "fits").iterdir()
     t = hd.open_result(saved).data["t1"].values
     np.testing.assert_allclose(t, 5.0 + DT * np.arange(15), rtol=1e-14)
+
+
+@pytest.mark.parametrize("writer", [_aps_u, _legacy], ids=["aps_u", "legacy"])
+def test_load_reads_several_q_bins_as_one_multi_q_dataset(tmp_path, writer):
+    path = write_h5(tmp_path / "bins.h5", writer())
+    every = hd.load(path, q="all")
+    assert every["c2"].dims == ("q", "phi", "t1", "t2")
+    np.testing.assert_array_equal(every["q"].values, Q_LIST[:3])
+    np.testing.assert_array_equal(every["phi"].values, PHI_LIST)
+    for iq in range(3):
+        one = hd.select(every, q=Q_LIST[iq])
+        alone = hd.load(path, q=Q_LIST[iq])
+        np.testing.assert_array_equal(one["phi"].values, alone["phi"].values)
+        np.testing.assert_array_equal(one["c2"].values, alone["c2"].values)
+        np.testing.assert_array_equal(one["c2"].values, _expected(iq, alone["phi"].values))
+    # q-bin 2 has two of the four angles: the others are all NaN
+    assert np.isnan(every["c2"].sel(q=Q_LIST[2], phi=0.0)).all()
+    two = hd.load(path, q=[0.02, 0.005])
+    np.testing.assert_array_equal(two["q"].values, [0.005, 0.02])
+    with pytest.raises(hd.OptionError, match="same q-bin twice"):
+        hd.load(path, q=[0.005, 0.00502])

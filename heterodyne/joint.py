@@ -1,0 +1,267 @@
+"""Joint least squares over the q-bins of a multi-q Dataset: shared physics, per-bin scaling.
+
+The 14 physics parameters are q-independent (rates in Å²/s, velocities in Å/s; ``q``
+enters the model explicitly, MODEL.md), so every q-bin constrains the same numbers. The
+joint fit minimises the sum over bins of each bin's cost (:class:`Objective` of that bin,
+with its own ``q``, angles, contrasts and offsets)::
+
+    chi2(theta, {c_k, o_k}) = sum_k | r_k(theta, c_k, o_k) |²
+
+in the solver vector ``x = [varied physics (P), scaling of bin 0 (S_0), bin 1 ...]``.
+A bin's residuals depend on the physics and its own scaling only, so the normal
+equations are the sums of the bins' (each from the fast structured path,
+:mod:`heterodyne.structured`), embedded at the bin's columns::
+
+    J^T J = sum_k E_k (J_k^T J_k) E_k^T,   J^T r = sum_k E_k J_k^T r_k,   r^T r = sum_k r_k^T r_k
+
+``E_k`` the embedding of bin ``k``'s columns (physics, then its own scaling): cost linear in
+the number of bins, one compiled program per bin shape.
+
+Errors (sandwich): a bin's covariance ``C_k`` of its own kind (nominal, scaled by its own
+residual variance where the data carry no ``sigma``; or speckle, :mod:`heterodyne.uncertainty`)
+gives its score covariance ``M_k = H_k C_k H_k`` (``H_k = J_k^T J_k``; exact with the
+pseudo-inverse, since ``M_k`` lies in the range of ``H_k``). The bins' noise is independent
+(different pixels), so ``Cov = H^+ (sum_k E_k M_k E_k^T) H^+`` with ``H = J^T J``. With
+``sigma`` given, ``M_k = H_k`` and ``Cov = H^+``: the joint information is the sum of the
+bins' informations.
+
+Weights: :func:`heterodyne.fit_nlsq` fits once with the bins weighted alike, then (data
+without ``sigma``) weights each bin by its inverse residual variance there
+(:meth:`JointObjective.reweight`) and fits again from that solution: ``chi2 = sum_k w_k
+|r_k|²``, ``J^T J = sum_k w_k E_k H_k E_k^T``, and the sandwich's score covariance
+``sum_k w_k² E_k M_k E_k^T``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from heterodyne import qbins
+from heterodyne.objective import Objective, pseudo_inverse
+from heterodyne.parameters import PHYSICS_INDEX, PHYSICS_NAMES, SCALING_NAMES, Parameters
+
+
+def entries(names, qs, phis) -> pd.MultiIndex:
+    """The ``(name, q, phi)`` index of jointly fitted quantities: ``q`` [1/Å] and ``phi``
+    [deg] of one bin's contrast or offset, NaN for a physics parameter (shared by all
+    bins) and ``phi`` NaN for a bin's shared scaling."""
+    return pd.MultiIndex.from_arrays(
+        [np.asarray(names, dtype=str), np.asarray(qs, float), np.asarray(phis, float)],
+        names=("name", "q", "phi"),
+    )
+
+
+class JointObjective:
+    """The least-squares objective of all q-bins of a multi-q Dataset together.
+
+    Holds one :class:`~heterodyne.objective.Objective` per bin (``bins``) and the index of
+    each bin's solver entries in the joint vector (``columns``); :meth:`normal_equations`
+    sums the bins'. It offers what :func:`heterodyne.nlsq.solve` reads of an objective
+    (``normal_equations``, ``lower``, ``upper``) and the packing helpers of
+    :class:`~heterodyne.objective.Objective` (``pack``, ``design``, ``names``).
+
+    Attributes
+    ----------
+    ds : xarray.Dataset
+        The multi-q data.
+    bins : list of Objective
+        One per q-bin, in order of ``q``.
+    columns : list of numpy.ndarray
+        For bin ``k``, the joint entries of its solver vector (physics first).
+    entries : pandas.MultiIndex
+        ``(name, q, phi)`` of each joint entry.
+    """
+
+    pack = Objective.pack
+    design = Objective.design
+    names = Objective.names
+
+    def __init__(self, ds, bins, columns, index, lower, upper, x0, scaling):
+        self.ds, self.bins, self.columns, self.entries = ds, bins, columns, index
+        self.lower, self.upper, self.x0, self.scaling = lower, upper, x0, scaling
+        self.params = bins[0].params
+        self.n_physics = bins[0].n_physics
+        self.alternatives = []
+        #: the weight of each bin's squared residuals (1 until :meth:`reweight`)
+        self.weights = np.ones(len(bins))
+
+    @classmethod
+    def build(cls, ds, params=None, *, fix=(), scaling="per_angle", multistart=0):
+        """The joint objective of the multi-q Dataset ``ds`` (validated here).
+
+        The starting physics is read off the data of the middle q-bin (as
+        :meth:`Objective.build` reads it off one bin: its rates are the most typical of the
+        file's, and reading every bin would cost as much as the fit); every bin is then
+        built from that physics, its contrast and offset solved for given it
+        (:func:`heterodyne.starts.estimate_scaling`). The joint bounds of a physics
+        parameter are the tightest of the bins' (``v0``'s default upper bound, the speed
+        the frame rate resolves, ``pi / (q dt)``, is set by the largest ``q``). With
+        ``multistart="auto"`` the middle bin's further distinct starts are kept as
+        ``alternatives``.
+        """
+        parts = qbins.checked_bins(ds)
+        middle_index = len(parts) // 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            middle = Objective.build(
+                parts[middle_index], params, fix=fix, scaling=scaling, multistart=multistart
+            )
+            n_physics = middle.n_physics
+            physics_names = list(middle.names[:n_physics])
+            start = middle.physics(middle.x0)
+            shared = Parameters.coerce(params)
+            shared.fix(*((fix,) if isinstance(fix, str) else fix))
+            for name in physics_names:
+                shared[name].value = float(start[PHYSICS_INDEX[name]])
+            objectives = [
+                middle if k == middle_index else Objective.build(one, shared, scaling=scaling)
+                for k, one in enumerate(parts)
+            ]
+        # the bins share the parameters, hence their degeneracy warnings: each once
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            warnings.warn(message, stacklevel=3)
+        lower = np.max([o.lower[:n_physics] for o in objectives], axis=0)
+        upper = np.min([o.upper[:n_physics] for o in objectives], axis=0)
+
+        names, qs, phis = list(physics_names), [np.nan] * n_physics, [np.nan] * n_physics
+        columns, lo, hi = [], [lower], [upper]
+        x0 = [np.clip(middle.x0[:n_physics], lower, upper)]
+        size = n_physics
+        for one, objective in zip(parts, objectives, strict=True):
+            own = len(objective.entries) - n_physics
+            columns.append(np.concatenate([np.arange(n_physics), size + np.arange(own)]))
+            size += own
+            x0.append(objective.x0[n_physics:])
+            lo.append(objective.lower[n_physics:])
+            hi.append(objective.upper[n_physics:])
+            for name, phi in list(objective.entries)[n_physics:]:
+                names.append(name)
+                qs.append(float(one["q"]))
+                phis.append(phi)
+        made = cls(
+            ds,
+            objectives,
+            columns,
+            entries(names, qs, phis),
+            np.concatenate(lo),
+            np.concatenate(hi),
+            np.concatenate(x0),
+            scaling,
+        )
+        alternatives = [made.pack(middle.physics(x)) for x in middle.alternatives]
+        made.alternatives = [x for x in alternatives if not np.allclose(x, made.x0)]
+        return made
+
+    def split(self, x) -> list[np.ndarray]:
+        """Each bin's solver vector at the joint vector ``x``."""
+        x = np.asarray(x, float)
+        return [x[c] for c in self.columns]
+
+    def physics(self, x) -> np.ndarray:
+        """The 14 physics values at ``x``."""
+        return self.bins[0].physics(self.split(x)[0])
+
+    @property
+    def t(self) -> np.ndarray:
+        """The frame times [s], shared by the bins."""
+        return self.bins[0].t
+
+    def normal_equations(self, x):
+        """``(J^T J, J^T r, r^T r)`` at ``x``: the bins' sums, embedded (module docstring),
+        each bin's weighted by its entry of ``weights``."""
+        size = len(self.entries)
+        jtj, jtr, rtr = np.zeros((size, size)), np.zeros(size), 0.0
+        for objective, column, part, w in self._parts(x):
+            a, b, c = objective.normal_equations(part)
+            jtj[np.ix_(column, column)] += w * a
+            jtr[column] += w * b
+            rtr += w * float(c)
+        return jtj, jtr, rtr
+
+    def _parts(self, x):
+        return zip(self.bins, self.columns, self.split(x), self.weights, strict=True)
+
+    def reweight(self, x) -> np.ndarray:
+        """Set ``weights`` to each bin's inverse residual variance at ``x``, ``(n_k - p_k)
+        / chi2_k`` (normalised to mean 1), and return them.
+
+        Bins differ in noise (count rates, speckle contrast and the decay of ``c2`` all
+        change with ``q``); least squares weighted by the inverse variance of each bin's
+        residuals is the most precise of the fits that weight the pairs of one bin alike.
+        For data that carry ``sigma`` the weights stay 1: ``sigma`` already weights them.
+        """
+        if "sigma" in self.ds.data_vars:
+            return self.weights
+        variance = []
+        for objective, _, part, _ in self._parts(x):
+            rtr = float(objective.normal_equations(part)[2])
+            variance.append(rtr / max(objective.pairs.n_pairs - part.size, 1))
+        weights = 1.0 / np.asarray(variance)
+        self.weights = weights / weights.mean()
+        return self.weights
+
+    def errors_at(self, x, jtj, errors: str):
+        """``(covariance, nominal, per_bin)`` at ``x`` with ``J^T J = jtj``: the sandwich of
+        the module docstring for the kind ``errors`` and for the nominal one, and each
+        bin's :class:`~heterodyne.objective.Errors` (its model, residuals and scales)."""
+        inverse = pseudo_inverse(jtj)
+        size = len(self.entries)
+        meat = {"chosen": np.zeros((size, size)), "nominal": np.zeros((size, size))}
+        per_bin = []
+        for objective, column, part, w in self._parts(x):
+            own = objective.normal_equations(part)[0]
+            found = objective.errors_at(part, own, errors)
+            per_bin.append(found)
+            block = np.ix_(column, column)
+            meat["chosen"][block] += w * w * own @ found.covariance @ own
+            meat["nominal"][block] += w * w * own @ found.nominal @ own
+        covariance, nominal = (inverse @ meat[k] @ inverse for k in ("chosen", "nominal"))
+        return 0.5 * (covariance + covariance.T), 0.5 * (nominal + nominal.T), per_bin
+
+    def params_layout(self, x=None, values=None) -> xr.Dataset:
+        """The joint ``params`` layout: a scalar per physics parameter, ``contrast`` and
+        ``offset`` along ``(q, phi)`` (NaN where a bin lacks the angle). From the solver
+        vector ``x`` (fixed values included), or ``values`` per entry (NaN elsewhere)."""
+        q, phi = self.ds["q"].values, self.ds["phi"].values
+        if x is not None:
+            physics = self.physics(x)
+            grids = {n: np.full((q.size, phi.size), np.nan) for n in SCALING_NAMES}
+            for k, (objective, part) in enumerate(zip(self.bins, self.split(x), strict=True)):
+                _, contrast, offset = objective.unpack(part)
+                at = np.searchsorted(phi, objective.ds["phi"].values)
+                for name, value in zip(SCALING_NAMES, (contrast, offset), strict=True):
+                    grids[name][k, at] = value
+        else:
+            physics = np.full(len(PHYSICS_NAMES), np.nan)
+            grids = {n: np.full((q.size, phi.size), np.nan) for n in SCALING_NAMES}
+            for (name, qk, ph), value in zip(self.entries, values, strict=True):
+                if np.isnan(qk):
+                    physics[PHYSICS_INDEX[name]] = value
+                    continue
+                k = int(np.argmin(np.abs(q - qk)))
+                if np.isnan(ph):
+                    grids[name][k, np.isin(phi, self.bins[k].ds["phi"].values)] = value
+                else:
+                    grids[name][k, int(np.argmin(np.abs(phi - ph)))] = value
+        return layout(physics, grids["contrast"], grids["offset"], q, phi)
+
+
+def layout(physics, contrast, offset, q, phi) -> xr.Dataset:
+    """The joint ``params``/``stderr`` layout (:meth:`JointObjective.params_layout`)."""
+    from heterodyne.parameters import UNITS
+
+    variables = {
+        name: ((), float(physics[k]), {"units": UNITS[name]})
+        for k, name in enumerate(PHYSICS_NAMES)
+    }
+    for name, value in (("contrast", contrast), ("offset", offset)):
+        variables[name] = (("q", "phi"), np.asarray(value, float), {"units": UNITS[name]})
+    coords = {
+        "q": ("q", np.asarray(q, float), {"units": "1/Å"}),
+        "phi": ("phi", np.asarray(phi, float), {"units": "deg"}),
+    }
+    return xr.Dataset(variables, coords=coords)

@@ -1,0 +1,197 @@
+"""Multi-q Datasets and the joint fit across q-bins (heterodyne.qbins, heterodyne.joint)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import xarray as xr
+
+import heterodyne as hd
+from heterodyne import model, qbins
+from heterodyne.parameters import PHYSICS_INDEX
+
+TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
+FIXED = (
+    "alpha_ref", "alpha_sample", "beta", "f1", "f2", "f3",
+    "D_offset_ref", "D_offset_sample", "v_offset",
+)  # fmt: skip
+Q = [0.006, 0.01, 0.014]
+ANGLES = [[0.0, 90.0], [-45.0, 0.0, 45.0], [0.0, 45.0]]
+
+
+def _params():
+    p = hd.Parameters()
+    for name in FIXED:
+        p[name].vary = False
+    return p
+
+
+@pytest.fixture(scope="module")
+def multi():
+    return hd.simulate(TRUTH, q=Q, phi=ANGLES, n_frames=40, noise=0.01, store_sigma=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fitted(multi):
+    return hd.fit_nlsq(multi, _params(), progress=False)
+
+
+def test_layout_holds_each_bin_as_simulated_alone(multi):
+    assert multi["c2"].dims == ("q", "phi", "t1", "t2")
+    np.testing.assert_array_equal(multi["phi"].values, [-45.0, 0.0, 45.0, 90.0])
+    np.testing.assert_array_equal(
+        qbins.present(multi).values,
+        [[False, True, False, True], [True, True, True, False], [False, True, True, False]],
+    )
+    for k, (q, angles) in enumerate(zip(Q, ANGLES, strict=True)):
+        one = hd.select(multi, q=q)
+        seed = int(np.random.SeedSequence([3, k]).generate_state(1)[0])
+        alone = hd.simulate(
+            TRUTH, q=q, phi=angles, n_frames=40, noise=0.01, store_sigma=True, seed=seed
+        )
+        assert one["c2"].dims == ("phi", "t1", "t2") and float(one["q"]) == q
+        np.testing.assert_array_equal(one["phi"].values, angles)
+        np.testing.assert_array_equal(one["c2"].values, alone["c2"].values)
+        hd.validate(one)
+
+
+def test_multi_q_netcdf_round_trip_and_load_by_q(multi, tmp_path):
+    path = hd.to_netcdf(multi, tmp_path / "multi.nc")
+    xr.testing.assert_identical(hd.load(path), multi)
+    xr.testing.assert_identical(hd.load(path, q=0.01), hd.select(multi, q=0.01))
+    two = hd.load(path, q=[0.014, 0.006])
+    np.testing.assert_array_equal(two["q"].values, [0.006, 0.014])
+    xr.testing.assert_equal(hd.select(two, q=0.014)["c2"], hd.select(multi, q=0.014)["c2"])
+
+
+def test_single_q_functions_refuse_a_multi_q_dataset_with_the_remedy(multi):
+    for call in (lambda: hd.explore(multi), lambda: hd.plot.c2(multi), lambda: hd.validate(multi)):
+        with pytest.raises(hd.DataError, match=r"3 q-bins .*hd\.select\(ds, q=\.\.\.\)"):
+            call()
+    with pytest.raises(hd.DataError, match=r"joint CMC over q-bins is not available"):
+        hd.fit_cmc(multi)
+    with pytest.raises(hd.OptionError, match="pick it first"):
+        hd.select(multi, phi=0.0)
+
+
+def test_survey_of_a_multi_q_dataset_fits_each_bin_alone(multi):
+    out = hd.survey(multi, params=_params(), progress=False)
+    np.testing.assert_array_equal(out["q"].values, Q)
+    alone = hd.fit_nlsq(hd.select(multi, q=0.01), _params(), progress=False)
+    assert float(out["D0_sample"].sel(q=0.01)) == pytest.approx(alone.value("D0_sample"))
+
+
+def _independent_covariance(ds, result, names):
+    """``(sum_k J_k^T J_k / sigma²)^-1`` over the physics ``names`` and every bin's
+    contrast and offset, with ``J_k`` from ``jax.jacfwd`` of the meshgrid model of each
+    bin at the joint values: the Fisher information of the joint problem, built apart
+    from the structured normal equations."""
+    physics = np.array([result.value(n) for n in hd.parameters.PHYSICS_NAMES])
+    columns = [PHYSICS_INDEX[n] for n in names]
+    blocks, sizes = [], []
+    for one in qbins.bins(ds):
+        q, phi, t = float(one["q"]), one["phi"].values, one["t1"].values
+        contrast = np.array([result.value("contrast", q=q, phi=a) for a in phi])
+        offset = np.array([result.value("offset", q=q, phi=a) for a in phi])
+        i, j = np.triu_indices(t.size, 1)
+
+        def c2(y, phi=phi, t=t, q=q, i=i, j=j):
+            full = jnp.asarray(physics).at[jnp.asarray(columns)].set(y[: len(columns)])
+            n = phi.size
+            grid = model.c2_grid(full, y[len(columns) : len(columns) + n], y[-n:], t, phi, q)
+            return grid[:, i, j].ravel()
+
+        y = np.concatenate([physics[columns], contrast, offset])
+        jac = np.asarray(jax.jacfwd(c2)(jnp.asarray(y))) / float(one["sigma"].values[0, 0, 1])
+        blocks.append(jac.T @ jac)
+        sizes.append(2 * phi.size)
+    p = len(columns)
+    total = p + sum(sizes)
+    info = np.zeros((total, total))
+    start = p
+    for block, size in zip(blocks, sizes, strict=True):
+        index = np.r_[np.arange(p), start + np.arange(size)]
+        info[np.ix_(index, index)] += block
+        start += size
+    return np.linalg.inv(info)[:p, :p]
+
+
+def test_joint_errors_are_the_summed_fisher_information(multi, fitted):
+    names = ["D0_ref", "D0_sample", "v0", "f0", "phi0"]
+    expected = np.sqrt(np.diag(_independent_covariance(multi, fitted, names)))
+    np.testing.assert_allclose([fitted.error(n) for n in names], expected, rtol=1e-6)
+
+
+def test_error_reduction_is_what_the_bins_allow(fitted):
+    """The joint stderr equals the inverse-variance combination of the bins' own fits
+    (each bin's physics covariance, its scaling profiled out), ``(sum_k C_k^-1)^-1/2``,
+    and is below the best single bin's by that factor."""
+    names = fitted.varied_physics
+    information = sum(
+        np.linalg.inv(r.covariance.values[: len(names), : len(names)]) for r in fitted.separate
+    )
+    expected = np.sqrt(np.diag(np.linalg.inv(information)))
+    for k, name in enumerate(names):
+        best = min(r.error(name) for r in fitted.separate)
+        joint = fitted.error(name)
+        # the bins' own optima differ slightly from the joint one, and so their Jacobians
+        np.testing.assert_allclose(joint, expected[k], rtol=0.05)
+        assert best / joint == pytest.approx(best / expected[k], rel=0.05)
+        assert best / joint > 1.0
+
+
+def test_joint_fit_recovers_the_truth_and_each_bin_agrees(multi, fitted):
+    assert fitted.success
+    for name, value in TRUTH.items():
+        assert abs(fitted.value(name) - value) < 4 * fitted.error(name), name
+    assert not fitted.inconsistent()
+    assert np.all(np.abs(fitted.consistency["z"].values) < 4)
+    for q, angles in zip(Q, ANGLES, strict=True):
+        for phi in angles:
+            assert fitted.value("contrast", q=q, phi=phi) == pytest.approx(0.5, abs=0.02)
+    assert np.isnan(fitted.params["contrast"].sel(q=0.006, phi=-45.0))
+    # the decay rates scale as q² and the phase rate as q (the joint law)
+    rates = fitted.rates
+    q = rates["q"].values
+    np.testing.assert_allclose(rates["decay_sample_joint"] / q**2, TRUTH["D0_sample"], rtol=0.02)
+    np.testing.assert_allclose(rates["phase_joint"] / q, TRUTH["v0"], rtol=0.02)
+    for name in ("decay_sample", "phase"):
+        deviation = (rates[name] - rates[f"{name}_joint"]) / rates[f"{name}_stderr"]
+        assert np.all(np.abs(deviation) < 4), name
+    text = fitted.report()
+    assert "[[Consistency]]" in text and "q 0.014" in text
+
+
+def test_a_bin_that_breaks_the_q_independence_is_flagged():
+    parts = [
+        hd.simulate(TRUTH, q=0.006, phi=[0, 90], n_frames=40, noise=0.005, seed=1),
+        hd.simulate(TRUTH, q=0.01, phi=[0, 90], n_frames=40, noise=0.005, seed=2),
+        # diffusion that does not follow q²: twice as fast in the last bin
+        hd.simulate({**TRUTH, "D0_sample": 4e4}, q=0.014, phi=[0, 90], n_frames=40,
+                    noise=0.005, seed=3),
+    ]  # fmt: skip
+    result = hd.fit_nlsq(qbins.combine(parts), _params(), progress=False)
+    assert any(f.startswith("D0_sample at q = 0.014") for f in result.inconsistent())
+
+
+def test_joint_result_round_trips(fitted, tmp_path):
+    path = fitted.to_netcdf(tmp_path / "joint.nc")
+    back = hd.open_result(path)
+    for name in ("params", "stderr", "stderr_nominal", "covariance", "data", "settings"):
+        xr.testing.assert_identical(getattr(back, name), getattr(fitted, name))
+    assert back.info == fitted.info
+    assert len(back.bins) == len(fitted.bins) == 3
+    xr.testing.assert_identical(back.consistency, fitted.consistency)
+    xr.testing.assert_identical(back.bins[1].model, fitted.bins[1].model)
+
+
+def test_speckle_errors_of_a_joint_fit_reduce_to_the_nominal_ones_for_independent_noise():
+    """Independent noise per pair has no shared-frame part: the speckle error model's
+    sandwich over the bins gives the nominal errors back (to its scale estimates)."""
+    ds = hd.simulate(TRUTH, q=[0.006, 0.012], phi=[0.0, 90.0], n_frames=40, noise=0.01, seed=5)
+    result = hd.fit_nlsq(ds, _params(), errors="speckle", separate=False, progress=False)
+    for name in ("D0_sample", "v0", "phi0"):
+        nominal = float(result.stderr_nominal[name])
+        assert result.error(name) == pytest.approx(nominal, rel=0.25), name
+    with pytest.raises(hd.OptionError, match="separate=True"):
+        _ = result.consistency
