@@ -679,12 +679,9 @@ class Dashboard(pn.viewable.Viewer):
                 f"NLSQ verdict {verdict.status.upper()}: {'; '.join(verdict.reasons)}",
                 self.nlsq_alert,
             )
-        panes = (self.nlsq_report, self.nlsq_text, self.nlsq_view, self.nlsq_cuts)
-        await self._rebuilding(panes)
-        try:
-            self.nlsq = result
-        finally:
-            self._rebuilt(panes)
+        await self._publish(
+            (self.nlsq_report, self.nlsq_text, self.nlsq_view, self.nlsq_cuts), nlsq=result
+        )
 
     def _on_start_from_fit(self, _event=None):
         frame = self.table.value.copy()
@@ -863,10 +860,8 @@ class Dashboard(pn.viewable.Viewer):
         else:
             self.cmc_alert.visible = False
         self.cmc_status.object = f"sampled in {seconds:.1f} s; drawing the report and plots..."
-        await self._rebuilding((self.cmc_report, self.cmc_view, self.cmc_shards))
-        self.cmc = result
+        await self._publish((self.cmc_report, self.cmc_view, self.cmc_shards), cmc=result)
         self.cmc_status.object = f"sampled in {seconds:.1f} s; shards: {n_shards}"
-        self._rebuilt((self.cmc_report, self.cmc_view, self.cmc_shards))
 
     @param.depends("shards", "chains", "warmup", "samples", "seed", watch=True)
     def _check_cmc_settings(self):
@@ -968,12 +963,7 @@ class Dashboard(pn.viewable.Viewer):
             f"{'the NLSQ fit' if law is not None else 'a fit of the whole selection'}"
         )
         self.ageing_alert.visible = False
-        panes = (self.ageing_text, self.ageing_view)
-        await self._rebuilding(panes)
-        try:
-            self.ageing = scan
-        finally:
-            self._rebuilt(panes)
+        await self._publish((self.ageing_text, self.ageing_view), ageing=scan)
 
     @param.depends("ageing", watch=True)
     def _show_ageing(self):
@@ -1081,12 +1071,7 @@ class Dashboard(pn.viewable.Viewer):
             )
         else:
             self.joint_alert.visible = False
-        panes = (self.joint_text, self.joint_view)
-        await self._rebuilding(panes)
-        try:
-            self.joint = result
-        finally:
-            self._rebuilt(panes)
+        await self._publish((self.joint_text, self.joint_view), joint=result)
 
     @param.depends("joint", watch=True)
     def _show_joint(self):
@@ -1109,15 +1094,17 @@ class Dashboard(pn.viewable.Viewer):
                 return future.result(), time.perf_counter() - start
             await asyncio.wait([future], timeout=POLL_S)
 
-    async def _rebuilding(self, panes):
-        """Show ``panes`` busy, and let the page see it before they are rebuilt."""
+    async def _publish(self, panes, **values):
+        """Set the parameters ``values`` (a new result), with ``panes`` shown busy while the
+        watchers rebuild them; the page sees them busy first."""
         for pane in panes:
             pane.loading = True
         await asyncio.sleep(POLL_S)
-
-    def _rebuilt(self, panes):
-        for pane in panes:
-            pane.loading = False
+        try:
+            self.param.update(**values)
+        finally:
+            for pane in panes:
+                pane.loading = False
 
     def _busy(self, busy: bool):
         ready = not busy and self.data is not None
