@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heterodyne import compilation  # noqa: F401 (float64 and the compilation cache first)
+from heterodyne import (
+    compilation,  # noqa: F401 (float64 and the compilation cache first)
+    shapes,
+)
 
 # Largest exponent fed to exp in the fraction law: exp(700) ~ 1e304 is still finite, so
 # neither the value nor its gradient (value * (t - f2)) becomes inf * 0 = NaN.
@@ -318,15 +321,20 @@ ROW_BLOCK = 128
 def c2_grid_rows(physics, contrast, offset, t, phi, q, dtype=np.float64) -> np.ndarray:
     """:func:`c2_grid` as a numpy array of ``dtype``, computed ``ROW_BLOCK`` rows at a
     time by :func:`c2_rows`: memory the grid plus ``O(ROW_BLOCK N n_phi)``, not the
-    grid's several ``N x N`` intermediates. The last block ends at the last frame (it
-    overlaps the one before; the overlap gets the same values twice)."""
+    grid's several ``N x N`` intermediates. The frames are padded to their size class
+    (:mod:`heterodyne.shapes`), so that windows of similar length share the compiled
+    code; the last block ends at the last padded frame (it may overlap the one before;
+    the overlap gets the same values twice)."""
     n = int(np.shape(t)[0])
-    size = min(ROW_BLOCK, n)
+    t = shapes.pad_edge(t, shapes.size_class(n))
+    size = min(ROW_BLOCK, t.shape[0])
     grid = np.empty((int(np.shape(phi)[0]), n, n), dtype=dtype)
     for start in range(0, n, size):
-        start = min(start, n - size)
+        start = min(start, t.shape[0] - size)
+        stop = min(start + size, n)
         rows = np.arange(start, start + size, dtype=np.int32)
-        grid[:, start : start + size] = c2_rows(physics, contrast, offset, t, phi, q, rows)
+        block = c2_rows(physics, contrast, offset, t, phi, q, rows)
+        grid[:, start:stop] = np.asarray(block)[:, : stop - start, :n]
     return grid
 
 

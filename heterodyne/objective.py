@@ -17,7 +17,7 @@ of its residuals, and a user's own optimiser can take its :meth:`Objective.cost`
 from __future__ import annotations
 
 import warnings
-from functools import cached_property
+from functools import cached_property, partial
 from typing import NamedTuple
 
 import jax
@@ -26,7 +26,7 @@ import numpy as np
 import xarray as xr
 from scipy.stats import qmc
 
-from heterodyne import model, starts, structured, uncertainty
+from heterodyne import model, shapes, starts, structured, uncertainty
 from heterodyne.data import validate
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.pairs import Pairs, fitted_pairs, residuals, unpack
@@ -56,6 +56,7 @@ AUTO_STARTS = 3
 # Pairs are processed in blocks of this many, so that the Jacobian is never held for all
 # pairs at once: memory O(BLOCK x n_varied) whatever the size of the data.
 BLOCK = 2**16
+_PER_PAIR = ("angle", "i", "j", "c2", "weight")
 
 
 def free_residuals(x, template, free, pairs: Pairs, n_scale: int):
@@ -64,57 +65,53 @@ def free_residuals(x, template, free, pairs: Pairs, n_scale: int):
     return residuals(template.at[free].set(x), pairs, n_scale)
 
 
-def _blocked_normal_equations(x, template, free, pairs, n_scale):
-    """``(J^T J, J^T r, r^T r)`` at ``x``, accumulated over blocks of pairs."""
-    per_pair = {k: getattr(pairs, k) for k in ("angle", "i", "j", "c2", "weight")}
-    n_blocks = -(-pairs.n_pairs // BLOCK)
-    pad = n_blocks * BLOCK - pairs.n_pairs
-    # padded pairs have weight 0: their residual and Jacobian rows are exactly 0
-    blocks = {k: jnp.pad(v, (0, pad)).reshape(n_blocks, BLOCK) for k, v in per_pair.items()}
-
-    def accumulate(totals, block):
-        part = pairs._replace(**block)
-        r = free_residuals(x, template, free, part, n_scale)
-        jac = jax.jacfwd(free_residuals)(x, template, free, part, n_scale)
-        return (totals[0] + jac.T @ jac, totals[1] + jac.T @ r, totals[2] + r @ r), None
-
-    n = x.shape[0]
-    zeros = (jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(()))
-    return jax.lax.scan(accumulate, zeros, blocks)[0]
-
-
-def _blocked_residuals(x, template, free, pairs, n_scale):
-    """:func:`free_residuals` computed ``BLOCK`` pairs at a time, so that the model's
-    per-pair intermediates never exist for all pairs at once: memory ``O(n_pairs)`` for
-    the result, ``O(BLOCK)`` for the work. The last block starts ``BLOCK`` pairs before
-    the end (it overlaps the one before; the overlap is written twice, the same values),
-    so no per-pair array is padded or copied."""
-    n_pairs = pairs.n_pairs
-    size = min(BLOCK, n_pairs)
-
-    def block(k, out):
-        start = jnp.minimum(k * size, n_pairs - size)
-        part = pairs._replace(
-            **{
-                key: jax.lax.dynamic_slice(getattr(pairs, key), (start,), (size,))
-                for key in ("angle", "i", "j", "c2", "weight")
-            }
-        )
-        r = free_residuals(x, template, free, part, n_scale)
-        return jax.lax.dynamic_update_slice(out, r, (start,))
-
-    return jax.lax.fori_loop(0, -(-n_pairs // size), block, jnp.zeros(n_pairs))
+def pair_blocks(pairs: Pairs):
+    """The pairs as blocks of one length: ``BLOCK``, or where fewer would do, the size
+    class of the pairs that the frames' size class holds (:mod:`heterodyne.shapes`), the
+    frames padded to their size class. Yields ``(count, block)``: the block's first
+    ``count`` pairs are real, the rest weight-0 padding (the pair ``(0, 1)`` of angle 0:
+    finite, never fitted). Data of similar size make blocks of one shape, so the compiled
+    code is shared."""
+    n_pairs, n_frames = pairs.n_pairs, shapes.size_class(pairs.t.shape[0])
+    # as many as the frames' size class can hold: any window of that class fits
+    size = min(BLOCK, shapes.size_class(pairs.phi.shape[0] * n_frames * (n_frames - 1) // 2))
+    t = shapes.pad_edge(pairs.t, n_frames)
+    arrays = {k: np.asarray(getattr(pairs, k)) for k in _PER_PAIR}
+    for start in range(0, n_pairs, size):
+        part = {k: v[start : start + size] for k, v in arrays.items()}
+        count = part["c2"].shape[0]
+        if count < size:
+            part = {k: shapes.pad_zeros(v, size) for k, v in part.items()}
+            part["j"][count:] = 1
+        yield count, pairs._replace(t=t, **part)
 
 
-def _half_sum_of_squares(x, template, free, pairs, n_scale):
+@partial(jax.jit, static_argnums=4)
+def _block_residuals(x, template, free, pairs, n_scale):
+    return free_residuals(x, template, free, pairs, n_scale)
+
+
+@partial(jax.jit, static_argnums=4)
+def _block_cost_and_gradient(x, template, free, pairs, n_scale):
+    def half_sum_of_squares(y):
+        r = free_residuals(y, template, free, pairs, n_scale)
+        return 0.5 * r @ r
+
+    return jax.value_and_grad(half_sum_of_squares)(x)
+
+
+@partial(jax.jit, static_argnums=4)
+def block_normal_equations(x, template, free, pairs, n_scale):
+    """``(J^T J, J^T r, r^T r)`` of one block of pairs, from the Jacobian by ``jacfwd``."""
     r = free_residuals(x, template, free, pairs, n_scale)
-    return 0.5 * r @ r
+    jac = jax.jacfwd(free_residuals)(x, template, free, pairs, n_scale)
+    return jac.T @ jac, jac.T @ r, r @ r
 
 
-_free_residuals_jit = jax.jit(_blocked_residuals, static_argnums=4)
-_cost_and_gradient = jax.jit(jax.value_and_grad(_half_sum_of_squares), static_argnums=4)
-#: ``(J^T J, J^T r, r^T r)`` at ``x`` from the blocked Jacobian, compiled once per shape.
-blocked_normal_equations = jax.jit(_blocked_normal_equations, static_argnums=4)
+def blocked_normal_equations(x, template, free, pairs: Pairs, n_scale: int):
+    """``(J^T J, J^T r, r^T r)`` at ``x``, summed over :func:`pair_blocks`."""
+    parts = [block_normal_equations(x, template, free, b, n_scale) for _, b in pair_blocks(pairs)]
+    return tuple(sum(p[k] for p in parts) for k in range(3))
 
 
 class Errors(NamedTuple):
@@ -340,9 +337,13 @@ class Objective:
 
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
-        return np.asarray(
-            _free_residuals_jit(jnp.asarray(x), self.template, self.free, self.pairs, self.n_scale)
-        )
+        x, out = jnp.asarray(x), np.empty(self.pairs.n_pairs)
+        start = 0
+        for count, block in pair_blocks(self.pairs):
+            r = _block_residuals(x, self.template, self.free, block, self.n_scale)
+            out[start : start + count] = np.asarray(r)[:count]
+            start += count
+        return out
 
     def cost(self, x) -> float:
         """``0.5 * sum(residuals(x)²)``, the quantity least squares minimises."""
@@ -354,10 +355,12 @@ class Objective:
 
     def cost_and_gradient(self, x) -> tuple[float, np.ndarray]:
         """:meth:`cost` and :meth:`gradient` from one evaluation."""
-        value, grad = _cost_and_gradient(
-            jnp.asarray(x, dtype=jnp.float64), self.template, self.free, self.pairs, self.n_scale
-        )
-        return float(value), np.asarray(grad)
+        x = jnp.asarray(x, dtype=jnp.float64)
+        parts = [
+            _block_cost_and_gradient(x, self.template, self.free, block, self.n_scale)
+            for _, block in pair_blocks(self.pairs)
+        ]
+        return float(sum(p[0] for p in parts)), np.asarray(sum(p[1] for p in parts))
 
     def normal_equations(self, x):
         """``(J^T J, J^T r, r^T r)`` at ``x`` as numpy arrays.

@@ -88,7 +88,7 @@ def fitted_pairs(ds: xr.Dataset, dtype=STORAGE) -> Pairs:
         j=per_pair(lambda a: j, np.int32),
         c2=per_pair(lambda a: c2_values[a][i, j], dtype),
         weight=(
-            jnp.ones(int(counts.sum()))
+            jax.device_put(np.ones(int(counts.sum())))
             if sigma_values is None
             else per_pair(lambda a: 1.0 / sigma_values[a][i, j], np.float64)
         ),

@@ -38,7 +38,7 @@ import numpy as np
 import scipy.optimize
 import xarray as xr
 
-from heterodyne import model
+from heterodyne import model, shapes
 from heterodyne.parameters import (
     ESTIMATED,
     FRACTION_NAMES,
@@ -166,6 +166,10 @@ def candidates(ds: xr.Dataset, p: Parameters, n: int, v_max: float) -> list[np.n
     q = float(ds["q"])
     phi = ds["phi"].values.astype(float)
     tau, y, w = lag_profile(ds)
+    # lags padded with weight 0 to a length set by the frames' size class (there are at
+    # most N - 1 and LAGS + LAG_BINS): windows of similar length share the compiled code
+    size = min(shapes.size_class(ds.sizes["t1"]), shapes.size_class(LAGS + LAG_BINS))
+    tau, y, w = shapes.pad_edge(tau, size), shapes.pad_zeros(y, size), shapes.pad_zeros(w, size)
     dt = float(ds["t1"].values[1] - ds["t1"].values[0])
     span = tau.max()
     rates = np.geomspace(0.05 / span, 3.0 / dt, RATES)
@@ -331,8 +335,31 @@ PAIRS = (
 def transport(physics: np.ndarray, t: np.ndarray) -> tuple[float, float]:
     """``(A_r, A_s)``: each component's transport integral over the whole window [Å²],
     the measure by which the reference is the slower component."""
-    frames = model.frame_integrals(np.asarray(physics, float), np.asarray(t, float))
+    frames = integrals(physics, t)
     return float(frames.P_ref[-1]), float(frames.P_sample[-1])
+
+
+def integrals(physics: np.ndarray, t: np.ndarray) -> model.FrameIntegrals:
+    """:func:`heterodyne.model.frame_integrals` at the frame times ``t`` as numpy arrays,
+    compiled once per size class of ``len(t)``."""
+    t = np.asarray(t, float)
+    padded = shapes.pad_edge(t, shapes.size_class(t.size))
+    frames = _integrals(np.asarray(physics, float), padded)
+    return model.FrameIntegrals(*(np.asarray(v)[: t.size] for v in frames))
+
+
+_integrals = jax.jit(model.frame_integrals)
+
+
+def fraction(t: np.ndarray, f0, f1, f2, f3) -> np.ndarray:
+    """:func:`heterodyne.model.sample_fraction` at the frame times ``t``, compiled once
+    per size class of ``len(t)``."""
+    t = np.asarray(t, float)
+    law = np.asarray([f0, f1, f2, f3], float)
+    return np.asarray(_fraction(shapes.pad_edge(t, shapes.size_class(t.size)), *law))[: t.size]
+
+
+_fraction = jax.jit(model.sample_fraction)
 
 
 def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
@@ -373,14 +400,14 @@ def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
     varied = [n for n in ("f0", "f1", "f3") if p[n].vary]
     if not varied:
         return None
-    complement = 1.0 - np.asarray(model.sample_fraction(t, f0, f1, f2, f3))
+    complement = 1.0 - fraction(t, f0, f1, f2, f3)
     index = [PHYSICS_INDEX[n] for n in varied]
 
     def misfit(x):
         trial = out.copy()
         trial[index] = x
         law = trial[[PHYSICS_INDEX[n] for n in FRACTION_NAMES]]
-        return np.asarray(model.sample_fraction(t, *law)) - complement
+        return fraction(t, *law) - complement
 
     start = out[index].copy()
     if "f0" in varied:
