@@ -319,22 +319,27 @@ ROW_BLOCK = 128
 
 
 def c2_grid_rows(physics, contrast, offset, t, phi, q, dtype=np.float64) -> np.ndarray:
-    """:func:`c2_grid` as a numpy array of ``dtype``, computed ``ROW_BLOCK`` rows at a
-    time by :func:`c2_rows`: memory the grid plus ``O(ROW_BLOCK N n_phi)``, not the
+    """:func:`c2_grid` as a numpy array of ``dtype``, computed one angle and ``ROW_BLOCK``
+    rows at a time by :func:`c2_rows`: memory the grid plus ``O(ROW_BLOCK N)``, not the
     grid's several ``N x N`` intermediates. The frames are padded to their size class
-    (:mod:`heterodyne.shapes`), so that windows of similar length share the compiled
-    code; the last block ends at the last padded frame (it may overlap the one before;
-    the overlap gets the same values twice)."""
-    n = int(np.shape(t)[0])
+    (:mod:`heterodyne.shapes`), so that one compiled program serves every angle and
+    windows of similar length; the last block ends at the last padded frame (it may
+    overlap the one before; the overlap gets the same values twice)."""
+    n, n_phi = int(np.shape(t)[0]), int(np.shape(phi)[0])
     t = shapes.pad_edge(t, shapes.size_class(n))
     size = min(ROW_BLOCK, t.shape[0])
-    grid = np.empty((int(np.shape(phi)[0]), n, n), dtype=dtype)
-    for start in range(0, n, size):
-        start = min(start, t.shape[0] - size)
-        stop = min(start + size, n)
-        rows = np.arange(start, start + size, dtype=np.int32)
-        block = c2_rows(physics, contrast, offset, t, phi, q, rows)
-        grid[:, start:stop] = np.asarray(block)[:, : stop - start, :n]
+    physics, phi, q = (np.asarray(v, dtype=np.float64) for v in (physics, phi, q))
+    contrast, offset = (
+        np.broadcast_to(np.asarray(v, dtype=np.float64), (n_phi,)) for v in (contrast, offset)
+    )
+    grid = np.empty((n_phi, n, n), dtype=dtype)
+    for k in range(n_phi):
+        angle = (physics, contrast[k : k + 1], offset[k : k + 1], t, phi[k : k + 1], q)
+        for start in range(0, n, size):
+            start = min(start, t.shape[0] - size)
+            stop = min(start + size, n)
+            rows = np.arange(start, start + size, dtype=np.int32)
+            grid[k, start:stop] = np.asarray(c2_rows(*angle, rows))[0, : stop - start, :n]
     return grid
 
 

@@ -21,10 +21,8 @@ from functools import cached_property, partial
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
-from scipy.stats import qmc
 
 from heterodyne import model, shapes, starts, structured, uncertainty
 from heterodyne.data import validate
@@ -112,6 +110,12 @@ def blocked_normal_equations(x, template, free, pairs: Pairs, n_scale: int):
     """``(J^T J, J^T r, r^T r)`` at ``x``, summed over :func:`pair_blocks`."""
     parts = [block_normal_equations(x, template, free, b, n_scale) for _, b in pair_blocks(pairs)]
     return tuple(sum(p[k] for p in parts) for k in range(3))
+
+
+def _on_device(x):
+    """The solver vector as a float64 JAX array, without a compiled conversion (which
+    ``jnp.asarray`` would run, and compile per shape)."""
+    return jax.device_put(np.asarray(x, dtype=np.float64))
 
 
 class Errors(NamedTuple):
@@ -266,8 +270,8 @@ class Objective:
             ds,
             p,
             pairs,
-            jnp.asarray(values),
-            jnp.asarray(free, dtype=jnp.int32),
+            jax.device_put(np.asarray(values, dtype=np.float64)),
+            jax.device_put(np.asarray(free, dtype=np.int32)),
             entries(names, phis),
             np.asarray(lower),
             np.asarray(upper),
@@ -337,7 +341,7 @@ class Objective:
 
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
-        x, out = jnp.asarray(x), np.empty(self.pairs.n_pairs)
+        x, out = _on_device(x), np.empty(self.pairs.n_pairs)
         start = 0
         for count, block in pair_blocks(self.pairs):
             r = _block_residuals(x, self.template, self.free, block, self.n_scale)
@@ -355,7 +359,7 @@ class Objective:
 
     def cost_and_gradient(self, x) -> tuple[float, np.ndarray]:
         """:meth:`cost` and :meth:`gradient` from one evaluation."""
-        x = jnp.asarray(x, dtype=jnp.float64)
+        x = _on_device(x)
         parts = [
             _block_cost_and_gradient(x, self.template, self.free, block, self.n_scale)
             for _, block in pair_blocks(self.pairs)
@@ -369,7 +373,7 @@ class Objective:
         transcendentals) where its rule allows (weights constant per angle, fewer masked
         pairs than fitted ones), else from the blocked Jacobian.
         """
-        x = jnp.asarray(x)
+        x = _on_device(x)
         if self.blocks is None:
             out = blocked_normal_equations(x, self.template, self.free, self.pairs, self.n_scale)
         else:
@@ -391,6 +395,8 @@ class Objective:
         if n == 0:
             return np.empty((0, self.x0.size))
         physics = [k for k, name in enumerate(self.names) if name in PHYSICS_INDEX]
+        from scipy.stats import qmc  # half a second to import: only where a design is made
+
         unit = qmc.LatinHypercube(len(physics), seed=seed).random(n)
         points = np.tile(self.x0, (n, 1))
         for column, k in enumerate(physics):

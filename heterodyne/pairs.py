@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
@@ -80,9 +79,9 @@ def fitted_pairs(ds: xr.Dataset, dtype=STORAGE) -> Pairs:
         return jax.device_put(out)
 
     return Pairs(
-        t=jnp.asarray(ds["t1"].values, dtype=jnp.float64),
-        phi=jnp.asarray(ds["phi"].values, dtype=jnp.float64),
-        q=jnp.asarray(float(ds["q"].values)),
+        t=jax.device_put(np.asarray(ds["t1"].values, dtype=np.float64)),
+        phi=jax.device_put(np.asarray(ds["phi"].values, dtype=np.float64)),
+        q=jax.device_put(np.asarray(float(ds["q"].values))),
         angle=jax.device_put(np.repeat(np.arange(n_phi, dtype=np.int32), counts)),
         i=per_pair(lambda a: i, np.int32),
         j=per_pair(lambda a: j, np.int32),

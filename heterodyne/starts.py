@@ -43,6 +43,7 @@ from heterodyne.parameters import (
     ESTIMATED,
     FRACTION_NAMES,
     PHYSICS_INDEX,
+    PHYSICS_NAMES,
     Parameters,
 )
 
@@ -55,6 +56,7 @@ FREQUENCIES = 40  # cross-term frequencies of the coarse grid, 0 .. pi / dt
 REFINE = 24  # finer frequencies around each angle's best one
 PHI0_STEP = 0.5  # deg, grid of the flow direction
 KEPT = 8  # (rates, fraction) pairs whose frequencies are refined
+BATCH = 1024  # physics vectors of the one-time model per compiled call
 # Distinct starts differ by this factor in a rate, this much in x_s, or in v0 or phi0.
 DISTINCT = {"rate": 1.5, "fraction": 0.1, "velocity": 0.1, "phi0": 10.0}
 
@@ -104,9 +106,21 @@ def lag_profile(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _one_time(physics: np.ndarray, tau: np.ndarray, phi: np.ndarray, q: float) -> np.ndarray:
     """:func:`heterodyne.model.g2` (contrast 1, offset 0) of many physics vectors at once:
-    ``(M, n_phi, L)``."""
-    batched = jax.vmap(model.g2, in_axes=(0, None, None, None, None, None))
-    return np.asarray(batched(physics, 1.0, 0.0, tau, phi, q))
+    ``(M, n_phi, L)``, ``BATCH`` vectors a call (the last batch padded with copies of the
+    first vector), so that every grid of starts shares one compiled program."""
+    m = physics.shape[0]
+    padded = np.concatenate([physics, np.broadcast_to(physics[:1], (-m % BATCH, physics.shape[1]))])
+    args = (tau, np.asarray(phi, dtype=np.float64), np.float64(q))
+    return np.concatenate(
+        [np.asarray(_batched_g2(padded[k : k + BATCH], *args)) for k in range(0, m, BATCH)]
+    )[:m]
+
+
+@jax.jit
+def _batched_g2(physics, tau, phi, q):
+    return jax.vmap(model.g2, in_axes=(0, None, None, None, None, None))(
+        physics, 1.0, 0.0, tau, phi, q
+    )
 
 
 def _misfit(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -261,15 +275,18 @@ def _projected(physics, tau, y, root_w, phi, q):
 
 
 def _polish_functions(free: tuple[int, ...]):
-    """Compiled residuals and Jacobian of :func:`_projected` in the ``free`` entries,
-    compiled once per set of free entries."""
+    """Residuals of :func:`_projected` and their Jacobian in the ``free`` entries, from
+    one compiled program, compiled once per set of free entries."""
     if free not in _POLISH:
-        index = jnp.asarray(free)
+        index = np.asarray(free)
 
         def residual(x, base, tau, y, root_w, phi, q):
             return _projected(base.at[index].set(x), tau, y, root_w, phi, q)
 
-        _POLISH[free] = (jax.jit(residual), jax.jit(jax.jacfwd(residual)))
+        def both(x, *args):
+            return residual(x, *args), jax.jacfwd(residual)(x, *args)
+
+        _POLISH[free] = jax.jit(both)
     return _POLISH[free]
 
 
@@ -281,8 +298,16 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     its ``free`` entries, in the labelling convention (reference slower)."""
     if not free:
         return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q) ** 2)), vector
-    residual, jacobian = _polish_functions(free)
+    both = _polish_functions(free)
     args = (vector, tau, y, np.sqrt(w), phi, q)
+    last = {}
+
+    def at(x):
+        # least_squares asks for the residuals, then the Jacobian, at one x
+        if last.get("x") is None or not np.array_equal(last["x"], x):
+            last.update(x=x.copy(), out=[np.asarray(v) for v in both(x, *args)])
+        return last["out"]
+
     bounds = {
         PHYSICS_INDEX["D0_ref"]: (0.0, np.inf),
         PHYSICS_INDEX["D0_sample"]: (0.0, np.inf),
@@ -293,9 +318,9 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     lower, upper = (np.array([bounds[k][side] for k in free]) for side in (0, 1))
     x0 = np.clip(vector[list(free)], lower, upper)
     fit = scipy.optimize.least_squares(
-        lambda x: np.asarray(residual(x, *args)),
+        lambda x: at(x)[0],
         x0,
-        jac=lambda x: np.asarray(jacobian(x, *args)),
+        jac=lambda x: at(x)[1],
         bounds=(lower, upper),
         x_scale="jac",
         max_nfev=50,
@@ -352,14 +377,11 @@ _integrals = jax.jit(model.frame_integrals)
 
 
 def fraction(t: np.ndarray, f0, f1, f2, f3) -> np.ndarray:
-    """:func:`heterodyne.model.sample_fraction` at the frame times ``t``, compiled once
-    per size class of ``len(t)``."""
-    t = np.asarray(t, float)
-    law = np.asarray([f0, f1, f2, f3], float)
-    return np.asarray(_fraction(shapes.pad_edge(t, shapes.size_class(t.size)), *law))[: t.size]
-
-
-_fraction = jax.jit(model.sample_fraction)
+    """:func:`heterodyne.model.sample_fraction` at the frame times ``t`` (through
+    :func:`integrals`, whose compiled program it shares)."""
+    physics = np.zeros(len(PHYSICS_NAMES))
+    physics[[PHYSICS_INDEX[n] for n in FRACTION_NAMES]] = f0, f1, f2, f3
+    return integrals(physics, t).x_sample
 
 
 def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):

@@ -166,7 +166,7 @@ def blocks(pairs: Pairs, block: int | None = None, dtype=None) -> Blocks | None:
     valid[:n_masked] = 1.0
 
     def padded(v):
-        return jnp.asarray(np.pad(v, (0, pad - v.size)), dtype=jnp.int32)
+        return jax.device_put(np.pad(v, (0, pad - v.size)).astype(np.int32))
 
     return Blocks(
         t=jax.device_put(shapes.pad_edge(pairs.t, n_class)),
@@ -174,15 +174,15 @@ def blocks(pairs: Pairs, block: int | None = None, dtype=None) -> Blocks | None:
         phi=pairs.phi,
         q=pairs.q,
         panels=jax.device_put(panels),
-        diag=jnp.asarray(diag),
-        weight=jnp.asarray(weight),
-        center=jnp.asarray(center),
-        sum_d=jnp.asarray(np.bincount(angle, d, n_phi)),
-        sum_d2=jnp.asarray(np.bincount(angle, np.square(d, dtype=np.float64), n_phi)),
+        diag=jax.device_put(diag),
+        weight=jax.device_put(weight),
+        center=jax.device_put(center),
+        sum_d=jax.device_put(np.bincount(angle, d, n_phi)),
+        sum_d2=jax.device_put(np.bincount(angle, np.square(d, dtype=np.float64), n_phi)),
         masked_angle=padded(m_angle),
         masked_i=padded(m_i),
         masked_j=padded(m_j),
-        masked_valid=jnp.asarray(valid),
+        masked_valid=jax.device_put(valid),
     )
 
 
