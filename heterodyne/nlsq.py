@@ -162,7 +162,7 @@ def _in_convention(objective: Objective, outcome, options):
     (:func:`starts.exchange`); ``how`` is ``"exact"`` (relabelled, same cost),
     ``"refit"`` (refitted from the relabelled point), ``"failed"`` (a faster
     reference that could not be relabelled) or ``""`` (already in convention)."""
-    t = np.asarray(objective.pairs.t)
+    t = objective.coordinates[0]
     mapped = starts.exchange(objective.physics(outcome.x), objective.params, t)
     if mapped is None:
         ref, sample = starts.transport(objective.physics(outcome.x), t)

@@ -27,7 +27,15 @@ import xarray as xr
 from heterodyne import model, shapes, starts, structured, uncertainty
 from heterodyne.data import validate
 from heterodyne.errors import OptionError, ParameterError
-from heterodyne.pairs import Pairs, fitted_pairs, residuals, unpack
+from heterodyne.pairs import (
+    STORAGE,
+    Pairs,
+    fitted_pairs,
+    pair_counts,
+    residual_grid,
+    residuals,
+    unpack,
+)
 from heterodyne.parameters import (
     LOG_DECADES,
     LOG_SCALE,
@@ -127,8 +135,8 @@ class Errors(NamedTuple):
         dict  #: scales of the error model (``speckle_kappa``, ``shot_kappa``, ``white_variance``)
     )
     z: np.ndarray  #: the packed vector at ``x``
-    model_c2: np.ndarray  #: model on the grid, (n_phi, N, N)
-    residuals: np.ndarray  #: weighted residuals at the fitted pairs
+    model_c2: np.ndarray  #: model on the grid, (n_phi, N, N), float32
+    residuals: np.ndarray  #: weighted residuals on the grid, NaN where not fitted, float32
 
 
 class Objective:
@@ -151,7 +159,9 @@ class Objective:
     params : Parameters
         The parameters after starts, bounds and fixes were settled.
     pairs : Pairs
-        The fitted pairs.
+        The fitted pairs (made on first use).
+    n_pairs : int
+        Their number.
     entries : pandas.MultiIndex
         ``(name, phi)`` of each entry of ``x``: ``phi`` [deg] for one angle's contrast or
         offset with per-angle scaling, NaN for a physics parameter or a shared one.
@@ -171,8 +181,8 @@ class Objective:
     ...                  bounds=list(zip(objective.lower, objective.upper)))
     """
 
-    def __init__(self, ds, params, pairs, template, free, index, lower, upper, n_scale, scaling):
-        self.ds, self.params, self.pairs = ds, params, pairs
+    def __init__(self, ds, params, n_pairs, template, free, index, lower, upper, n_scale, scaling):
+        self.ds, self.params, self.n_pairs = ds, params, n_pairs
         self.template, self.free, self.entries = template, free, index
         self.lower, self.upper, self.n_scale, self.scaling = lower, upper, n_scale, scaling
         self.x0 = np.asarray(template)[np.asarray(free)]
@@ -216,7 +226,7 @@ class Objective:
         p.validate(n_phi)
         for message in identifiability_warnings(p):
             warnings.warn(message, stacklevel=3)
-        pairs = fitted_pairs(ds)
+        n_pairs = int(pair_counts(ds).sum())
         n_scale = n_phi if scaling == "per_angle" else 1
         v_max = starts.resolvable_velocity(ds)
         if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
@@ -262,14 +272,12 @@ class Objective:
                 values.append(float(start[k]))
         if not free:
             raise ParameterError("no parameter varies; nothing to fit")
-        if len(free) >= pairs.n_pairs:
-            raise ParameterError(
-                f"{len(free)} varied parameters but only {pairs.n_pairs} finite pairs"
-            )
+        if len(free) >= n_pairs:
+            raise ParameterError(f"{len(free)} varied parameters but only {n_pairs} finite pairs")
         made = cls(
             ds,
             p,
-            pairs,
+            n_pairs,
             jax.device_put(np.asarray(values, dtype=np.float64)),
             jax.device_put(np.asarray(free, dtype=np.int32)),
             entries(names, phis),
@@ -341,7 +349,7 @@ class Objective:
 
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
-        x, out = _on_device(x), np.empty(self.pairs.n_pairs)
+        x, out = _on_device(x), np.empty(self.n_pairs)
         start = 0
         for count, block in pair_blocks(self.pairs):
             r = _block_residuals(x, self.template, self.free, block, self.n_scale)
@@ -383,11 +391,24 @@ class Objective:
         return tuple(np.asarray(a) for a in out)
 
     @cached_property
+    def pairs(self) -> Pairs:
+        """The fitted pairs as flat arrays (:func:`heterodyne.pairs.fitted_pairs`), for the
+        paths that read pairs one by one (the blocked Jacobian, CMC, speckle errors, the
+        residuals); built on first use and kept."""
+        return fitted_pairs(self.ds)
+
+    @property
+    def coordinates(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(t [s], phi [deg], q [1/Å])`` of the data."""
+        ds = self.ds
+        return ds["t1"].values.astype(float), ds["phi"].values.astype(float), float(ds["q"])
+
+    @cached_property
     def blocks(self) -> structured.Blocks | None:
         """The block layout of the pairs for the separable path
         (:func:`heterodyne.structured.blocks`), or ``None`` where its rule does not
         allow it; built on first use and kept."""
-        return structured.blocks(self.pairs)
+        return structured.blocks(self.ds)
 
     def design(self, n: int, seed: int) -> np.ndarray:
         """``n`` starts from a Latin-hypercube design in the bounds of the varied physics
@@ -417,16 +438,20 @@ class Objective:
         """
         z = np.asarray(self.template).copy()
         z[np.asarray(self.free)] = x
-        residuals = self.residuals(x)
-        chi2 = float(residuals @ residuals)
+        physics, contrast, offset = unpack(z, self.n_scale)
+        grid = (physics, contrast, offset, *self.coordinates)
+        model_c2 = np.empty(self.ds["c2"].shape, dtype=STORAGE)
+
+        def model_rows():
+            for k, start, rows in model.grid_rows(*grid):
+                model_c2[k, start : start + rows.shape[0]] = rows
+                yield k, start, rows
+
+        residual_c2, chi2 = residual_grid(self.ds, model_rows())
         jtj_inverse = pseudo_inverse(jtj)
         nominal = jtj_inverse.copy()
         if "sigma" not in self.ds.data_vars:
-            nominal *= chi2 / max(self.pairs.n_pairs - x.size, 1)
-        physics, contrast, offset = unpack(z, self.n_scale)
-        model_c2 = model.c2_grid_rows(
-            physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q
-        )
+            nominal *= chi2 / max(self.n_pairs - x.size, 1)
         covariance, scales = nominal, {}
         if errors == "speckle":
             speckle = uncertainty.speckle_covariance(
@@ -436,8 +461,10 @@ class Objective:
                 self.free,
                 self.pairs,
                 self.n_scale,
-                residuals,
-                uncertainty.intensity_covariance(model_c2, self.ds["c2"].values, offset),
+                self.residuals(x),
+                uncertainty.intensity_covariance(
+                    model.c2_grid_rows(*grid), self.ds["c2"].values, offset
+                ),
             )
             covariance = speckle.covariance
             scales = {
@@ -445,7 +472,7 @@ class Objective:
                 "shot_kappa": speckle.shot,
                 "white_variance": speckle.white,
             }
-        return Errors(covariance, nominal, scales, z, model_c2, residuals)
+        return Errors(covariance, nominal, scales, z, model_c2, residual_c2)
 
 
 def normalised_eigh(jtj: np.ndarray):

@@ -39,6 +39,7 @@ import scipy.optimize
 import xarray as xr
 
 from heterodyne import model, shapes
+from heterodyne.pairs import fitted_rows
 from heterodyne.parameters import (
     ESTIMATED,
     FRACTION_NAMES,
@@ -456,25 +457,35 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
     """
     c2 = ds["c2"].values
     n = c2.shape[-1]
-    i, j = (v.astype(np.int32) for v in np.triu_indices(n, 1))
     t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
-    lag = j - i
-    far, near = lag >= max(1, int(0.9 * (n - 1))), lag == 1
     contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
+    far_lag = max(1, int(0.9 * (n - 1)))
     for k in range(c2.shape[0]):
-        # one angle at a time: memory one N x N grid, whatever the number of angles
-        g = model.c2_grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q)[0][i, j]
-        data = c2[k][i, j]
-        ok = np.isfinite(data)
-        # the least-squares line through (g, c2), centered: slope cov / var
-        g_ok, d_ok = g[ok], data[ok]
-        g_dev = g_ok - g_ok.mean()
+        # the least-squares line through (g, c2) over the fitted pairs, from sums taken a
+        # block of rows at a time about the first pair (so a g that does not vary gives
+        # exactly zero variance): memory O(N) rows, whatever the size of the grid
+        sums, origin = np.zeros(5), None
+        for _, start, rows in model.grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q):
+            data, weight = fitted_rows(ds, k, start, start + rows.shape[0], np.float64)
+            ok = weight > 0
+            g, d = rows[ok], data[ok]
+            if origin is None and g.size:
+                origin = g[0], d[0]
+            if g.size:
+                g, d = g - origin[0], d - origin[1]
+                sums += [g.size, g.sum(), d.sum(), g @ g, g @ d]
+        if origin is None:
+            continue
+        count, sg, sd, sgg, sgd = sums
         with np.errstate(invalid="ignore", divide="ignore"):
-            scale = (g_dev @ (d_ok - d_ok.mean())) / (g_dev @ g_dev)
-        base = d_ok.mean() - scale * g_ok.mean()
-        if not scale > 0 and np.any(ok & far) and np.any(ok & near):
-            base = np.median(data[ok & far])
-            scale = np.mean(data[ok & near]) - base
+            scale = (sgd - sg * sd / count) / (sgg - sg * sg / count)
+            base = origin[1] + (sd - scale * sg) / count - scale * origin[0]
+        far = np.concatenate([np.diagonal(c2[k], lag) for lag in range(far_lag, n)])
+        near = np.diagonal(c2[k], 1)
+        far, near = far[np.isfinite(far)], near[np.isfinite(near)]
+        if not scale > 0 and far.size and near.size:
+            base = np.median(far)
+            scale = np.mean(near) - base
         if np.isfinite(base) and np.isfinite(scale) and scale > 0:
             contrast[k], offset[k] = scale, base
     return {"contrast": contrast, "offset": offset}
