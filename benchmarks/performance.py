@@ -21,7 +21,13 @@ evaluation reads at the memory bandwidth measured in the same process (a numpy c
 larger of the two.
 
     .venv/bin/python benchmarks/performance.py [--frames 150 1000 2000 5000]
-        [--angles 3 4 4 2] [--path fast plain] [--repeats 5]
+        [--angles 3 4 4 2] [--path fast plain] [--repeats 5] [--padding]
+
+``--padding`` prices the size classes (:mod:`heterodyne.shapes`) instead: for each size,
+the warm fit and one evaluation with the frames padded to their class and without, and
+the first fit of a new window one frame shorter (the same class: no compilation) against
+the same without padding (a new size: compiled). ``fit MB`` is the peak resident memory
+sampled during the fits, apart from the process peak that ``hd.simulate`` may set.
 
 ``--frames`` and ``--angles`` are paired (one configuration each). The machine load
 (``os.getloadavg``) is printed before and after: other processes on the same cores slow
@@ -36,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -67,9 +74,38 @@ def best_of(call, repeats: int = 10) -> float:
     return best
 
 
-def one(n_frames: int, n_angles: int, path: str, measure: bool) -> dict:
+def resident() -> float:
+    """The resident memory of this process now [MB] (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+class Peak:
+    """The largest resident memory [MB] sampled every millisecond inside ``with``."""
+
+    def __enter__(self):
+        self.peak, self._done = resident(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, resident())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident())
+
+
+def one(
+    n_frames: int, n_angles: int, path: str, measure: bool, padded: bool = True, window=False
+) -> dict:
     """One fresh process: import, first fit, and with ``measure`` the warm fit and the
-    evaluation's figures."""
+    evaluation's figures, with ``window`` the first fit of a window one frame shorter;
+    ``padded=False`` turns the size classes off (every size its own class), to price
+    the padding."""
     start = time.perf_counter()
     import heterodyne as hd
 
@@ -79,21 +115,30 @@ def one(n_frames: int, n_angles: int, path: str, measure: bool) -> dict:
 
     libraries = time.perf_counter() - start - imported
 
+    if not padded:
+        from heterodyne import shapes
+
+        shapes.size_class = int
     if path == "plain":
         # the switch of this benchmark: the fast path's rule says "does not apply"
         structured.blocks = lambda pairs, block=None, dtype=None: None
     phi = np.linspace(-60, 60, n_angles) if n_angles > 1 else [0.0]
     ds = hd.simulate(TRUTH, n_frames=n_frames, phi=phi, noise=0.01, seed=0)
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()})
+    simulated = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    hd.fit_nlsq(ds, guess, progress=False)
+    with Peak() as first:
+        hd.fit_nlsq(ds, guess, progress=False)
     t1 = time.perf_counter()
     out = {"import_s": imported, "libs_s": libraries, "first_s": t1 - t0}
     if not measure:
         return out
-    warm = hd.fit_nlsq(ds, guess, progress=False)
+    before = resident()
+    with Peak() as peak:
+        warm = hd.fit_nlsq(ds, guess, progress=False)
     out["warm_s"] = time.perf_counter() - t1
     out["peak_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.update(simulate_MB=simulated, fit_MB=max(first.peak, peak.peak), before_MB=before)
     out.update(
         data_MB=ds["c2"].nbytes / 1e6,
         pairs=warm.info["n_pairs"],
@@ -102,6 +147,11 @@ def one(n_frames: int, n_angles: int, path: str, measure: bool) -> dict:
     )
     if path == "fast":
         out.update(evaluation(hd, structured, ds, guess))
+    if window:
+        # a new window one frame shorter: the same size class unless sizes are unpadded
+        t2 = time.perf_counter()
+        hd.fit_nlsq(hd.select(ds, frames=slice(1, n_frames)), guess, progress=False)
+        out["window_s"] = time.perf_counter() - t2
     return out
 
 
@@ -143,11 +193,27 @@ def main():
     parser.add_argument("--angles", type=int, nargs="+", default=[3, 4, 4, 2])
     parser.add_argument("--path", nargs="+", choices=PATHS, default=["fast"])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="only the measuring process (its first fit with an empty cache is then the "
+        "cold one): for sizes where each fit takes minutes",
+    )
+    parser.add_argument(
+        "--padding",
+        action="store_true",
+        help="price the size classes: each size with and without padding (warm fit, "
+        "evaluation) and the compilation a new window of the same class saves",
+    )
+    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        n, a, path, measure = args.one
-        print(json.dumps(one(int(n), int(a), path, measure == "1")))
+        n, a, path, measure, padded = args.one
+        level = int(measure)
+        print(json.dumps(one(int(n), int(a), path, level > 0, padded == "1", level > 1)))
+        return
+    if args.padding:
+        padding(args.frames, args.angles)
         return
     if len(args.angles) != len(args.frames):
         parser.error("--angles needs one value per --frames value")
@@ -155,7 +221,8 @@ def main():
     print(
         f"{'frames':>6} {'angles':>6} {'path':>5} {'import':>6} {'libs':>5} {'cold s':>7} "
         f"{'libs':>5} {'cache s':>7} {'warm s':>7} {'nfev':>4} {'peak MB':>8} "
-        f"{'data MB':>8} {'x data':>6} {'eval ms':>8} {'model ms':>8} {'stream ms':>9} "
+        f"{'sim MB':>7} {'fit MB':>7} {'data MB':>8} {'x data':>6} {'eval ms':>8} "
+        f"{'model ms':>8} {'stream ms':>9} "
         f"{'x floor':>7} {'v0':>9}"
     )
     for n, a in zip(args.frames, args.angles, strict=True):
@@ -164,8 +231,10 @@ def main():
             for _ in range(args.repeats):
                 with tempfile.TemporaryDirectory() as cache:
                     config = [str(n), str(a), path]
-                    cold.append(run([*config, "0"], cache))
-                    cached.append(run([*config, "1"], cache))
+                    if not args.one_process:
+                        cold.append(run([*config, "0", "1"], cache))
+                    cached.append(run([*config, "1", "1"], cache))
+            cold = cold or cached
 
             def median(runs, key):
                 return statistics.median(r[key] for r in runs)
@@ -176,8 +245,9 @@ def main():
                 f"{median(cold, 'libs_s'):>5.2f} {median(cold, 'first_s'):>7.2f} "
                 f"{median(cached, 'libs_s'):>5.2f} {median(cached, 'first_s'):>7.2f} "
                 f"{median(cached, 'warm_s'):>7.2f} "
-                f"{r['nfev']:>4} {median(cached, 'peak_MB'):>8.0f} {r['data_MB']:>8.0f} "
-                f"{median(cached, 'peak_MB') / r['data_MB']:>6.1f}"
+                f"{r['nfev']:>4} {median(cached, 'peak_MB'):>8.0f} "
+                f"{median(cached, 'simulate_MB'):>7.0f} {median(cached, 'fit_MB'):>7.0f} "
+                f"{r['data_MB']:>8.0f} {median(cached, 'fit_MB') / r['data_MB']:>6.1f}"
             )
             if "eval_s" in r:
                 stream = r["read_MB"] * 1e6 / r["bandwidth"]
@@ -195,11 +265,48 @@ def main():
         "(JAX, SciPy, xarray); cold s: its first fit_nlsq with an empty compilation cache; "
         "cache s: the same in a fresh process reading that cache; "
         "warm s: the second fit in that process; peak MB: its peak resident memory (with "
-        "hd.simulate); data MB: the c2 matrices in float64; x data: peak / data; eval ms: "
+        "hd.simulate); sim MB: the peak after hd.simulate, before the fits; fit MB: the "
+        "peak resident memory during either fit (sampled every ms; libraries, compiled "
+        "code and the Dataset included); data MB: the c2 matrices in float64; x data: "
+        "fit MB / data MB; eval ms: "
         "one evaluation of (J^T J, J^T r, r^T r); model ms: a compiled call of the model's "
         "per-frame factors, no derivatives; stream ms: one read of the data the evaluation "
         "reads at this process's numpy copy bandwidth; x floor: eval / the larger of the "
         "two floors. Times are medians over --repeats fresh processes."
+    )
+
+
+def padding(frames: list[int], angles: list[int]):
+    """Each size with its size class and without (every size its own class), in fresh
+    processes sharing one warm cache per setting: the warm fit and one evaluation, padded
+    and not, and the first fit of a new window of the same class (compiled programs
+    reused) against one of a new size (compiled afresh)."""
+    from heterodyne import shapes
+
+    print(
+        f"{'frames':>6} {'angles':>6} {'class':>5} {'pad %':>5} {'warm s':>7} {'unpadded':>8} "
+        f"{'eval ms':>8} {'unpadded':>8} {'new window s':>12} {'new size s':>10}"
+    )
+    for n, a in zip(frames, angles, strict=True):
+        with tempfile.TemporaryDirectory() as cache:
+            padded = run([str(n), str(a), "fast", "2", "1"], cache)
+        with tempfile.TemporaryDirectory() as cache:
+            plain = run([str(n), str(a), "fast", "2", "0"], cache)
+        size = shapes.size_class(n)
+        # frames 1 to N share N's class unless N - 1 is itself a class
+        same = shapes.size_class(n - 1) == size
+        print(
+            f"{n:>6} {a:>6} {size:>5} {100 * (size - n) / n:>5.1f} {padded['warm_s']:>7.2f} "
+            f"{plain['warm_s']:>8.2f} {padded['eval_s'] * 1e3:>8.2f} "
+            f"{plain['eval_s'] * 1e3:>8.2f} "
+            + (f"{padded['window_s']:>12.2f} {plain['window_s']:>10.2f}" if same else ""),
+            flush=True,
+        )
+    print(
+        "warm s: the second fit of one process; eval ms: one evaluation of the normal "
+        "equations; unpadded: the same with every size its own class; new window s: then "
+        "the first fit of frames 1 to N (one fewer: the same class, compiled); new size s: "
+        "the same without padding (a new size: compiled afresh, the cache cold for it)."
     )
 
 

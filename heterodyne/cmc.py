@@ -55,7 +55,7 @@ import pandas as pd
 import xarray as xr
 from numpyro.distributions import constraints
 
-from heterodyne import checks, diagnostics, executors, priors, tracker, uncertainty
+from heterodyne import checks, diagnostics, executors, priors, shapes, tracker, uncertainty
 from heterodyne.cmc_result import CMCResult
 from heterodyne.consensus import adjustment, consensus
 from heterodyne.data import validate
@@ -103,16 +103,16 @@ def split_rows(n_frames: int, n_shards: int) -> list[np.ndarray]:
 
 
 def pad_shard(pairs: Pairs, index: np.ndarray, size: int) -> Pairs:
-    """The pairs at ``index`` padded to ``size`` with weight-0 pairs (numpy arrays)."""
+    """The pairs at ``index`` padded to ``size`` with weight-0 pairs, the frames to their
+    size class (numpy arrays)."""
     pad = size - index.size
     fill = {"angle": 0, "i": 0, "j": 1, "c2": 0.0, "weight": 0.0}
     per_pair = {}
     for name, value in fill.items():
         source = np.asarray(getattr(pairs, name))
         per_pair[name] = np.concatenate([source[index], np.full(pad, value, source.dtype)])
-    return Pairs(
-        t=np.asarray(pairs.t), phi=np.asarray(pairs.phi), q=np.asarray(pairs.q), **per_pair
-    )
+    t = shapes.pad_edge(pairs.t, shapes.size_class(pairs.t.shape[0]))
+    return Pairs(t=t, phi=np.asarray(pairs.phi), q=np.asarray(pairs.q), **per_pair)
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def prepare(
             )
         params = init.parameters() if params is None else params
         scaling = init.info["scaling"] if scaling is None else scaling
-    check_memory(validate(ds)["c2"].shape, what="fit_cmc", **FIT_MEMORY["nominal"])
+    check_memory(validate(ds)["c2"].shape, what="fit_cmc", **FIT_MEMORY["cmc"])
     problem = Objective.build(ds, params, fix=(), scaling=scaling or "per_angle")
     pairs = problem.pairs
     n_frames = ds.sizes["t1"]
@@ -292,10 +292,11 @@ def prepare(
     whiten = priors.whitening(problem, u0, low, high, log, x0, n_shards, noise)
     keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(seed), n_shards)))
     if likelihood == "rows":
-        size = max(r.size for r in rows)
+        # shards padded to a size class: windows of similar length share the sampler
+        size = shapes.size_class(max(r.size for r in rows))
         data = tuple(row_block(pairs, r, size) for r in rows)
     else:
-        size = max(ix.size for ix in index)
+        size = shapes.size_class(max(ix.size for ix in index))
         data = tuple(pad_shard(pairs, ix, size) for ix in index)
     space = Space(
         template=np.asarray(problem.template),

@@ -199,7 +199,7 @@ class JointObjective:
         variance = []
         for objective, _, part, _ in self._parts(x):
             rtr = float(objective.normal_equations(part)[2])
-            variance.append(rtr / max(objective.pairs.n_pairs - part.size, 1))
+            variance.append(rtr / max(objective.n_pairs - part.size, 1))
         weights = 1.0 / np.asarray(variance)
         self.weights = weights / weights.mean()
         return self.weights

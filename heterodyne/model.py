@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heterodyne import compilation  # noqa: F401 (float64 and the compilation cache first)
+from heterodyne import (
+    compilation,  # noqa: F401 (float64 and the compilation cache first)
+    shapes,
+)
 
 # Largest exponent fed to exp in the fraction law: exp(700) ~ 1e304 is still finite, so
 # neither the value nor its gradient (value * (t - f2)) becomes inf * 0 = NaN.
@@ -315,18 +318,39 @@ def c2_rows(physics, contrast, offset, t, phi, q, rows):
 ROW_BLOCK = 128
 
 
-def c2_grid_rows(physics, contrast, offset, t, phi, q, dtype=np.float64) -> np.ndarray:
-    """:func:`c2_grid` as a numpy array of ``dtype``, computed ``ROW_BLOCK`` rows at a
-    time by :func:`c2_rows`: memory the grid plus ``O(ROW_BLOCK N n_phi)``, not the
-    grid's several ``N x N`` intermediates. The last block ends at the last frame (it
-    overlaps the one before; the overlap gets the same values twice)."""
-    n = int(np.shape(t)[0])
+def grid_rows(physics, contrast, offset, t, phi, q):
+    """:func:`c2_grid` in pieces: yields ``(angle index, first row, rows)``, ``rows`` the
+    model ``c2`` of up to ``ROW_BLOCK`` consecutive rows of one angle, float64
+    ``(R, N)``, computed by :func:`c2_rows`: memory ``O(ROW_BLOCK N)``, never the grid's
+    several ``N x N`` intermediates. The frames are padded to their size class
+    (:mod:`heterodyne.shapes`), so that one compiled program serves every angle and
+    windows of similar length."""
+    n, n_phi = int(np.shape(t)[0]), int(np.shape(phi)[0])
+    t = shapes.pad_edge(t, shapes.size_class(n))
     size = min(ROW_BLOCK, n)
+    physics, phi, q = (np.asarray(v, dtype=np.float64) for v in (physics, phi, q))
+    contrast, offset = (
+        np.broadcast_to(np.asarray(v, dtype=np.float64), (n_phi,)) for v in (contrast, offset)
+    )
+    n_rows = min(ROW_BLOCK, t.shape[0])
+    for k in range(n_phi):
+        angle = (physics, contrast[k : k + 1], offset[k : k + 1], t, phi[k : k + 1], q)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            # a call computes n_rows rows (one shape); those past the window are dropped
+            first = min(start, t.shape[0] - n_rows)
+            rows = np.arange(first, first + n_rows, dtype=np.int32)
+            block = np.asarray(c2_rows(*angle, rows))[0]
+            yield k, start, block[start - first : stop - first, :n]
+
+
+def c2_grid_rows(physics, contrast, offset, t, phi, q, dtype=np.float64) -> np.ndarray:
+    """:func:`c2_grid` as a numpy array of ``dtype``, from :func:`grid_rows`: memory the
+    grid plus ``O(ROW_BLOCK N)``."""
+    n = int(np.shape(t)[0])
     grid = np.empty((int(np.shape(phi)[0]), n, n), dtype=dtype)
-    for start in range(0, n, size):
-        start = min(start, n - size)
-        rows = np.arange(start, start + size, dtype=np.int32)
-        grid[:, start : start + size] = c2_rows(physics, contrast, offset, t, phi, q, rows)
+    for k, start, rows in grid_rows(physics, contrast, offset, t, phi, q):
+        grid[k, start : start + rows.shape[0]] = rows
     return grid
 
 

@@ -112,8 +112,8 @@ class NLSQResult(FitResult):
         """The result of :class:`~heterodyne.objective.Objective` ``objective`` at the
         solver vector ``x``, with the covariance of ``x`` of the kind ``errors`` and the
         nominal one."""
-        data, pairs, scaling = objective.ds, objective.pairs, objective.scaling
-        n_pairs, n_free = pairs.n_pairs, len(objective.entries)
+        data, scaling = objective.ds, objective.scaling
+        n_pairs, n_free = objective.n_pairs, len(objective.entries)
         info = {
             "chi2": chi2,
             "nfev": nfev,
@@ -129,16 +129,6 @@ class NLSQResult(FitResult):
             **error_scales,
             **(notes or {}),
         }
-        fitted = np.full(data["c2"].shape, np.nan)
-        n = fitted.shape[-1]
-        for row, col in ((pairs.i, pairs.j), (pairs.j, pairs.i)):
-            # one flat index, built in place (not three converted index arrays)
-            flat = np.asarray(pairs.angle).astype(np.int64)
-            flat *= n
-            flat += np.asarray(row)
-            flat *= n
-            flat += np.asarray(col)
-            fitted.reshape(-1)[flat] = residuals
         coords = {k: data.coords[k] for k in ("phi", "t1", "t2", "q")}
         return cls(
             params=objective.values(x),
@@ -157,7 +147,7 @@ class NLSQResult(FitResult):
                 coords=coords,
             ),
             residuals=xr.DataArray(
-                fitted,
+                residuals,
                 dims=("phi", "t1", "t2"),
                 coords=coords,
                 name="residuals",

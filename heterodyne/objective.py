@@ -17,19 +17,25 @@ of its residuals, and a user's own optimiser can take its :meth:`Objective.cost`
 from __future__ import annotations
 
 import warnings
-from functools import cached_property
+from functools import cached_property, partial
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
-from scipy.stats import qmc
 
-from heterodyne import model, starts, structured, uncertainty
+from heterodyne import model, shapes, starts, structured, uncertainty
 from heterodyne.data import validate
 from heterodyne.errors import OptionError, ParameterError
-from heterodyne.pairs import Pairs, fitted_pairs, residuals, unpack
+from heterodyne.pairs import (
+    STORAGE,
+    Pairs,
+    fitted_pairs,
+    pair_counts,
+    residual_grid,
+    residuals,
+    unpack,
+)
 from heterodyne.parameters import (
     LOG_DECADES,
     LOG_SCALE,
@@ -56,6 +62,7 @@ AUTO_STARTS = 3
 # Pairs are processed in blocks of this many, so that the Jacobian is never held for all
 # pairs at once: memory O(BLOCK x n_varied) whatever the size of the data.
 BLOCK = 2**16
+_PER_PAIR = ("angle", "i", "j", "c2", "weight")
 
 
 def free_residuals(x, template, free, pairs: Pairs, n_scale: int):
@@ -64,57 +71,59 @@ def free_residuals(x, template, free, pairs: Pairs, n_scale: int):
     return residuals(template.at[free].set(x), pairs, n_scale)
 
 
-def _blocked_normal_equations(x, template, free, pairs, n_scale):
-    """``(J^T J, J^T r, r^T r)`` at ``x``, accumulated over blocks of pairs."""
-    per_pair = {k: getattr(pairs, k) for k in ("angle", "i", "j", "c2", "weight")}
-    n_blocks = -(-pairs.n_pairs // BLOCK)
-    pad = n_blocks * BLOCK - pairs.n_pairs
-    # padded pairs have weight 0: their residual and Jacobian rows are exactly 0
-    blocks = {k: jnp.pad(v, (0, pad)).reshape(n_blocks, BLOCK) for k, v in per_pair.items()}
-
-    def accumulate(totals, block):
-        part = pairs._replace(**block)
-        r = free_residuals(x, template, free, part, n_scale)
-        jac = jax.jacfwd(free_residuals)(x, template, free, part, n_scale)
-        return (totals[0] + jac.T @ jac, totals[1] + jac.T @ r, totals[2] + r @ r), None
-
-    n = x.shape[0]
-    zeros = (jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(()))
-    return jax.lax.scan(accumulate, zeros, blocks)[0]
-
-
-def _blocked_residuals(x, template, free, pairs, n_scale):
-    """:func:`free_residuals` computed ``BLOCK`` pairs at a time, so that the model's
-    per-pair intermediates never exist for all pairs at once: memory ``O(n_pairs)`` for
-    the result, ``O(BLOCK)`` for the work. The last block starts ``BLOCK`` pairs before
-    the end (it overlaps the one before; the overlap is written twice, the same values),
-    so no per-pair array is padded or copied."""
-    n_pairs = pairs.n_pairs
-    size = min(BLOCK, n_pairs)
-
-    def block(k, out):
-        start = jnp.minimum(k * size, n_pairs - size)
-        part = pairs._replace(
-            **{
-                key: jax.lax.dynamic_slice(getattr(pairs, key), (start,), (size,))
-                for key in ("angle", "i", "j", "c2", "weight")
-            }
-        )
-        r = free_residuals(x, template, free, part, n_scale)
-        return jax.lax.dynamic_update_slice(out, r, (start,))
-
-    return jax.lax.fori_loop(0, -(-n_pairs // size), block, jnp.zeros(n_pairs))
+def pair_blocks(pairs: Pairs):
+    """The pairs as blocks of one length: ``BLOCK``, or where fewer would do, the size
+    class of the pairs that the frames' size class holds (:mod:`heterodyne.shapes`), the
+    frames padded to their size class. Yields ``(count, block)``: the block's first
+    ``count`` pairs are real, the rest weight-0 padding (the pair ``(0, 1)`` of angle 0:
+    finite, never fitted). Data of similar size make blocks of one shape, so the compiled
+    code is shared."""
+    n_pairs, n_frames = pairs.n_pairs, shapes.size_class(pairs.t.shape[0])
+    # as many as the frames' size class can hold: any window of that class fits
+    size = min(BLOCK, shapes.size_class(pairs.phi.shape[0] * n_frames * (n_frames - 1) // 2))
+    t = shapes.pad_edge(pairs.t, n_frames)
+    arrays = {k: np.asarray(getattr(pairs, k)) for k in _PER_PAIR}
+    for start in range(0, n_pairs, size):
+        part = {k: v[start : start + size] for k, v in arrays.items()}
+        count = part["c2"].shape[0]
+        if count < size:
+            part = {k: shapes.pad_zeros(v, size) for k, v in part.items()}
+            part["j"][count:] = 1
+        yield count, pairs._replace(t=t, **part)
 
 
-def _half_sum_of_squares(x, template, free, pairs, n_scale):
+@partial(jax.jit, static_argnums=4)
+def _block_residuals(x, template, free, pairs, n_scale):
+    return free_residuals(x, template, free, pairs, n_scale)
+
+
+@partial(jax.jit, static_argnums=4)
+def _block_cost_and_gradient(x, template, free, pairs, n_scale):
+    def half_sum_of_squares(y):
+        r = free_residuals(y, template, free, pairs, n_scale)
+        return 0.5 * r @ r
+
+    return jax.value_and_grad(half_sum_of_squares)(x)
+
+
+@partial(jax.jit, static_argnums=4)
+def block_normal_equations(x, template, free, pairs, n_scale):
+    """``(J^T J, J^T r, r^T r)`` of one block of pairs, from the Jacobian by ``jacfwd``."""
     r = free_residuals(x, template, free, pairs, n_scale)
-    return 0.5 * r @ r
+    jac = jax.jacfwd(free_residuals)(x, template, free, pairs, n_scale)
+    return jac.T @ jac, jac.T @ r, r @ r
 
 
-_free_residuals_jit = jax.jit(_blocked_residuals, static_argnums=4)
-_cost_and_gradient = jax.jit(jax.value_and_grad(_half_sum_of_squares), static_argnums=4)
-#: ``(J^T J, J^T r, r^T r)`` at ``x`` from the blocked Jacobian, compiled once per shape.
-blocked_normal_equations = jax.jit(_blocked_normal_equations, static_argnums=4)
+def blocked_normal_equations(x, template, free, pairs: Pairs, n_scale: int):
+    """``(J^T J, J^T r, r^T r)`` at ``x``, summed over :func:`pair_blocks`."""
+    parts = [block_normal_equations(x, template, free, b, n_scale) for _, b in pair_blocks(pairs)]
+    return tuple(sum(p[k] for p in parts) for k in range(3))
+
+
+def _on_device(x):
+    """The solver vector as a float64 JAX array, without a compiled conversion (which
+    ``jnp.asarray`` would run, and compile per shape)."""
+    return jax.device_put(np.asarray(x, dtype=np.float64))
 
 
 class Errors(NamedTuple):
@@ -126,8 +135,8 @@ class Errors(NamedTuple):
         dict  #: scales of the error model (``speckle_kappa``, ``shot_kappa``, ``white_variance``)
     )
     z: np.ndarray  #: the packed vector at ``x``
-    model_c2: np.ndarray  #: model on the grid, (n_phi, N, N)
-    residuals: np.ndarray  #: weighted residuals at the fitted pairs
+    model_c2: np.ndarray  #: model on the grid, (n_phi, N, N), float32
+    residuals: np.ndarray  #: weighted residuals on the grid, NaN where not fitted, float32
 
 
 class Objective:
@@ -150,7 +159,9 @@ class Objective:
     params : Parameters
         The parameters after starts, bounds and fixes were settled.
     pairs : Pairs
-        The fitted pairs.
+        The fitted pairs (made on first use).
+    n_pairs : int
+        Their number.
     entries : pandas.MultiIndex
         ``(name, phi)`` of each entry of ``x``: ``phi`` [deg] for one angle's contrast or
         offset with per-angle scaling, NaN for a physics parameter or a shared one.
@@ -170,8 +181,8 @@ class Objective:
     ...                  bounds=list(zip(objective.lower, objective.upper)))
     """
 
-    def __init__(self, ds, params, pairs, template, free, index, lower, upper, n_scale, scaling):
-        self.ds, self.params, self.pairs = ds, params, pairs
+    def __init__(self, ds, params, n_pairs, template, free, index, lower, upper, n_scale, scaling):
+        self.ds, self.params, self.n_pairs = ds, params, n_pairs
         self.template, self.free, self.entries = template, free, index
         self.lower, self.upper, self.n_scale, self.scaling = lower, upper, n_scale, scaling
         self.x0 = np.asarray(template)[np.asarray(free)]
@@ -215,7 +226,7 @@ class Objective:
         p.validate(n_phi)
         for message in identifiability_warnings(p):
             warnings.warn(message, stacklevel=3)
-        pairs = fitted_pairs(ds)
+        n_pairs = int(pair_counts(ds).sum())
         n_scale = n_phi if scaling == "per_angle" else 1
         v_max = starts.resolvable_velocity(ds)
         if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
@@ -261,16 +272,14 @@ class Objective:
                 values.append(float(start[k]))
         if not free:
             raise ParameterError("no parameter varies; nothing to fit")
-        if len(free) >= pairs.n_pairs:
-            raise ParameterError(
-                f"{len(free)} varied parameters but only {pairs.n_pairs} finite pairs"
-            )
+        if len(free) >= n_pairs:
+            raise ParameterError(f"{len(free)} varied parameters but only {n_pairs} finite pairs")
         made = cls(
             ds,
             p,
-            pairs,
-            jnp.asarray(values),
-            jnp.asarray(free, dtype=jnp.int32),
+            n_pairs,
+            jax.device_put(np.asarray(values, dtype=np.float64)),
+            jax.device_put(np.asarray(free, dtype=np.int32)),
             entries(names, phis),
             np.asarray(lower),
             np.asarray(upper),
@@ -295,7 +304,7 @@ class Objective:
     @property
     def t(self) -> np.ndarray:
         """The frame times [s]."""
-        return np.asarray(self.pairs.t)
+        return self.coordinates[0]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -345,9 +354,13 @@ class Objective:
 
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
-        return np.asarray(
-            _free_residuals_jit(jnp.asarray(x), self.template, self.free, self.pairs, self.n_scale)
-        )
+        x, out = _on_device(x), np.empty(self.n_pairs)
+        start = 0
+        for count, block in pair_blocks(self.pairs):
+            r = _block_residuals(x, self.template, self.free, block, self.n_scale)
+            out[start : start + count] = np.asarray(r)[:count]
+            start += count
+        return out
 
     def cost(self, x) -> float:
         """``0.5 * sum(residuals(x)²)``, the quantity least squares minimises."""
@@ -359,10 +372,12 @@ class Objective:
 
     def cost_and_gradient(self, x) -> tuple[float, np.ndarray]:
         """:meth:`cost` and :meth:`gradient` from one evaluation."""
-        value, grad = _cost_and_gradient(
-            jnp.asarray(x, dtype=jnp.float64), self.template, self.free, self.pairs, self.n_scale
-        )
-        return float(value), np.asarray(grad)
+        x = _on_device(x)
+        parts = [
+            _block_cost_and_gradient(x, self.template, self.free, block, self.n_scale)
+            for _, block in pair_blocks(self.pairs)
+        ]
+        return float(sum(p[0] for p in parts)), np.asarray(sum(p[1] for p in parts))
 
     def normal_equations(self, x):
         """``(J^T J, J^T r, r^T r)`` at ``x`` as numpy arrays.
@@ -371,7 +386,7 @@ class Objective:
         transcendentals) where its rule allows (weights constant per angle, fewer masked
         pairs than fitted ones), else from the blocked Jacobian.
         """
-        x = jnp.asarray(x)
+        x = _on_device(x)
         if self.blocks is None:
             out = blocked_normal_equations(x, self.template, self.free, self.pairs, self.n_scale)
         else:
@@ -381,11 +396,24 @@ class Objective:
         return tuple(np.asarray(a) for a in out)
 
     @cached_property
+    def pairs(self) -> Pairs:
+        """The fitted pairs as flat arrays (:func:`heterodyne.pairs.fitted_pairs`), for the
+        paths that read pairs one by one (the blocked Jacobian, CMC, speckle errors, the
+        residuals); built on first use and kept."""
+        return fitted_pairs(self.ds)
+
+    @property
+    def coordinates(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(t [s], phi [deg], q [1/Å])`` of the data."""
+        ds = self.ds
+        return ds["t1"].values.astype(float), ds["phi"].values.astype(float), float(ds["q"])
+
+    @cached_property
     def blocks(self) -> structured.Blocks | None:
         """The block layout of the pairs for the separable path
         (:func:`heterodyne.structured.blocks`), or ``None`` where its rule does not
         allow it; built on first use and kept."""
-        return structured.blocks(self.pairs)
+        return structured.blocks(self.ds)
 
     def design(self, n: int, seed: int) -> np.ndarray:
         """``n`` starts from a Latin-hypercube design in the bounds of the varied physics
@@ -393,6 +421,8 @@ class Objective:
         if n == 0:
             return np.empty((0, self.x0.size))
         physics = [k for k, name in enumerate(self.names) if name in PHYSICS_INDEX]
+        from scipy.stats import qmc  # half a second to import: only where a design is made
+
         unit = qmc.LatinHypercube(len(physics), seed=seed).random(n)
         points = np.tile(self.x0, (n, 1))
         for column, k in enumerate(physics):
@@ -413,16 +443,20 @@ class Objective:
         """
         z = np.asarray(self.template).copy()
         z[np.asarray(self.free)] = x
-        residuals = self.residuals(x)
-        chi2 = float(residuals @ residuals)
+        physics, contrast, offset = unpack(z, self.n_scale)
+        grid = (physics, contrast, offset, *self.coordinates)
+        model_c2 = np.empty(self.ds["c2"].shape, dtype=STORAGE)
+
+        def model_rows():
+            for k, start, rows in model.grid_rows(*grid):
+                model_c2[k, start : start + rows.shape[0]] = rows
+                yield k, start, rows
+
+        residual_c2, chi2 = residual_grid(self.ds, model_rows())
         jtj_inverse = pseudo_inverse(jtj)
         nominal = jtj_inverse.copy()
         if "sigma" not in self.ds.data_vars:
-            nominal *= chi2 / max(self.pairs.n_pairs - x.size, 1)
-        physics, contrast, offset = unpack(z, self.n_scale)
-        model_c2 = model.c2_grid_rows(
-            physics, contrast, offset, self.pairs.t, self.pairs.phi, self.pairs.q
-        )
+            nominal *= chi2 / max(self.n_pairs - x.size, 1)
         covariance, scales = nominal, {}
         if errors == "speckle":
             speckle = uncertainty.speckle_covariance(
@@ -432,8 +466,10 @@ class Objective:
                 self.free,
                 self.pairs,
                 self.n_scale,
-                residuals,
-                uncertainty.intensity_covariance(model_c2, self.ds["c2"].values, offset),
+                self.residuals(x),
+                uncertainty.intensity_covariance(
+                    model.c2_grid_rows(*grid), self.ds["c2"].values, offset
+                ),
             )
             covariance = speckle.covariance
             scales = {
@@ -441,7 +477,7 @@ class Objective:
                 "shot_kappa": speckle.shot,
                 "white_variance": speckle.white,
             }
-        return Errors(covariance, nominal, scales, z, model_c2, residuals)
+        return Errors(covariance, nominal, scales, z, model_c2, residual_c2)
 
 
 def normalised_eigh(jtj: np.ndarray):

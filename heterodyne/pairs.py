@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from heterodyne import model
+from heterodyne import model, shapes
 from heterodyne.errors import DataError
 from heterodyne.parameters import PHYSICS_NAMES
 
@@ -80,19 +79,79 @@ def fitted_pairs(ds: xr.Dataset, dtype=STORAGE) -> Pairs:
         return jax.device_put(out)
 
     return Pairs(
-        t=jnp.asarray(ds["t1"].values, dtype=jnp.float64),
-        phi=jnp.asarray(ds["phi"].values, dtype=jnp.float64),
-        q=jnp.asarray(float(ds["q"].values)),
+        t=jax.device_put(np.asarray(ds["t1"].values, dtype=np.float64)),
+        phi=jax.device_put(np.asarray(ds["phi"].values, dtype=np.float64)),
+        q=jax.device_put(np.asarray(float(ds["q"].values))),
         angle=jax.device_put(np.repeat(np.arange(n_phi, dtype=np.int32), counts)),
         i=per_pair(lambda a: i, np.int32),
         j=per_pair(lambda a: j, np.int32),
         c2=per_pair(lambda a: c2_values[a][i, j], dtype),
         weight=(
-            jnp.ones(int(counts.sum()))
+            jax.device_put(np.ones(int(counts.sum())))
             if sigma_values is None
             else per_pair(lambda a: 1.0 / sigma_values[a][i, j], np.float64)
         ),
     )
+
+
+def fitted_rows(ds: xr.Dataset, angle: int, start: int, stop: int, storage=STORAGE):
+    """The rows ``start .. stop - 1`` of one angle's fitted pairs, as stored for a fit:
+    ``(c2, weight)``, each ``(stop - start, N)``; ``c2`` rounded to ``storage`` (as
+    float64 numbers), ``weight`` ``1 / sigma`` (or 1) on the fitted pairs ``t_i < t_j`` with finite
+    ``c2`` (and ``sigma``), 0 elsewhere, with ``c2`` 0 there too."""
+    c2 = ds["c2"].values[angle, start:stop].astype(storage).astype(np.float64)
+    n = c2.shape[-1]
+    keep = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
+    keep &= np.isfinite(c2)
+    weight = np.ones_like(c2)
+    if "sigma" in ds.data_vars:
+        with np.errstate(divide="ignore"):
+            weight = 1.0 / ds["sigma"].values[angle, start:stop]
+        keep &= np.isfinite(weight)
+    return np.where(keep, c2, 0.0), np.where(keep, weight, 0.0)
+
+
+def pair_counts(ds: xr.Dataset, rows: int = 256) -> np.ndarray:
+    """The number of fitted pairs of each angle (:func:`fitted_rows`), counted ``rows``
+    rows at a time."""
+    n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
+    return np.array(
+        [
+            sum(
+                int(np.count_nonzero(fitted_rows(ds, a, s, min(s + rows, n))[1]))
+                for s in range(0, n, rows)
+            )
+            for a in range(n_phi)
+        ]
+    )
+
+
+def residual_grid(ds: xr.Dataset, model_rows, dtype=STORAGE) -> tuple[np.ndarray, float]:
+    """The weighted residuals ``(model - c2) / sigma`` on the grid, NaN where a pair is
+    not fitted (the diagonal, non-finite ``c2``), the lower triangle the mirror of the
+    upper; and their sum of squares over the fitted pairs (float64).
+
+    ``model_rows`` yields ``(angle, first row, rows)`` of the model
+    (:func:`heterodyne.model.grid_rows`); each residual is formed in float64 from them
+    and the stored ``c2``, then kept as ``dtype``.
+    """
+    grid = np.full(ds["c2"].shape, np.nan, dtype=dtype)
+    chi2 = 0.0
+    for k, start, rows in model_rows:
+        stop = start + rows.shape[0]
+        c2, weight = fitted_rows(ds, k, start, stop)
+        r = (rows - c2) * weight
+        chi2 += float(np.sum(r * r))
+        grid[k, start:stop] = np.where(weight > 0, r, np.nan)
+    n = grid.shape[-1]
+    for matrix in grid:
+        for start in range(0, n, 256):
+            stop = min(start + 256, n)
+            lower = np.arange(stop)[None, :] < np.arange(start, stop)[:, None]
+            matrix[start:stop, :stop] = np.where(
+                lower, matrix[:stop, start:stop].T, matrix[start:stop, :stop]
+            )
+    return grid, chi2
 
 
 class Rows(NamedTuple):
@@ -110,8 +169,10 @@ class Rows(NamedTuple):
 
 def row_block(pairs: Pairs, rows: np.ndarray, size: int) -> Rows:
     """The fitted pairs whose first frame is in ``rows`` as a :class:`Rows` block of
-    ``size`` rows (numpy arrays), padded with weight-0 rows."""
-    n_phi, n = int(pairs.phi.shape[0]), int(pairs.t.shape[0])
+    ``size`` rows (numpy arrays), padded with weight-0 rows, and its frames padded to
+    their size class (:mod:`heterodyne.shapes`) with weight-0 columns: shards of windows
+    of similar length share one compiled sampler."""
+    n_phi, n = int(pairs.phi.shape[0]), shapes.size_class(int(pairs.t.shape[0]))
     angle, i, j = (np.asarray(a) for a in (pairs.angle, pairs.i, pairs.j))
     position = np.full(n, -1)
     position[rows] = np.arange(rows.size)
@@ -121,7 +182,7 @@ def row_block(pairs: Pairs, rows: np.ndarray, size: int) -> Rows:
     weight[angle[keep], position[i[keep]], j[keep]] = np.asarray(pairs.weight)[keep]
     padded = np.concatenate([rows, np.zeros(size - rows.size, dtype=rows.dtype)])
     return Rows(
-        t=np.asarray(pairs.t),
+        t=shapes.pad_edge(pairs.t, n),
         phi=np.asarray(pairs.phi),
         q=np.asarray(pairs.q),
         rows=padded.astype(np.int32),

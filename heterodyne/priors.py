@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from heterodyne import model
+from heterodyne import starts
 from heterodyne.errors import ParameterError
 from heterodyne.objective import Objective
-from heterodyne.parameters import LOG_SCALE, PHYSICS_INDEX
+from heterodyne.parameters import LOG_SCALE, PHYSICS_INDEX, PHYSICS_NAMES
 from heterodyne.results import at_entries
 
 PRIOR_WIDTH = 10.0  # NLSQ-centred priors: standard deviation = PRIOR_WIDTH x NLSQ stderr
@@ -111,13 +111,20 @@ def log_floors(problem: Objective) -> dict[str, float]:
     """The floor of each log-space parameter: the value whose effect over the record is
     ``FLOOR_EFFECT`` (``q² D0 ∫t^alpha dt``, ``q v0 ∫t^beta dt``)."""
     template = np.asarray(problem.template)
-    t, q = problem.pairs.t, float(problem.pairs.q)
+    t, _, q = problem.coordinates
     exponents = {"D0_ref": "alpha_ref", "D0_sample": "alpha_sample", "v0": "beta"}
+    # the rate laws with prefactor 1, the fitted exponents and no offset, integrated over
+    # the record by the model's own trapezoid (compiled once per size class)
+    unit = np.zeros(len(PHYSICS_NAMES))
+    for name, exponent in exponents.items():
+        unit[PHYSICS_INDEX[name]] = 1.0
+        unit[PHYSICS_INDEX[exponent]] = template[PHYSICS_INDEX[exponent]]
+    frames = starts.integrals(unit, t)
+    integrals = {"D0_ref": frames.P_ref[-1], "D0_sample": frames.P_sample[-1], "v0": frames.V[-1]}
     out = {}
     for name in LOG_SCALE:
-        exponent = template[PHYSICS_INDEX[exponents[name]]]
-        integral = float(model.cumulative_trapezoid(model.power_law(t, 1.0, exponent, 0.0), t)[-1])
-        out[name] = FLOOR_EFFECT / ((q * q if name.startswith("D0") else q) * integral)
+        scale = q * q if name.startswith("D0") else q
+        out[name] = FLOOR_EFFECT / (scale * float(integrals[name]))
     return out
 
 

@@ -38,11 +38,13 @@ import numpy as np
 import scipy.optimize
 import xarray as xr
 
-from heterodyne import model
+from heterodyne import model, shapes
+from heterodyne.pairs import fitted_rows
 from heterodyne.parameters import (
     ESTIMATED,
     FRACTION_NAMES,
     PHYSICS_INDEX,
+    PHYSICS_NAMES,
     Parameters,
 )
 
@@ -55,6 +57,7 @@ FREQUENCIES = 40  # cross-term frequencies of the coarse grid, 0 .. pi / dt
 REFINE = 24  # finer frequencies around each angle's best one
 PHI0_STEP = 0.5  # deg, grid of the flow direction
 KEPT = 8  # (rates, fraction) pairs whose frequencies are refined
+BATCH = 1024  # physics vectors of the one-time model per compiled call
 # Distinct starts differ by this factor in a rate, this much in x_s, or in v0 or phi0.
 DISTINCT = {"rate": 1.5, "fraction": 0.1, "velocity": 0.1, "phi0": 10.0}
 
@@ -104,9 +107,21 @@ def lag_profile(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _one_time(physics: np.ndarray, tau: np.ndarray, phi: np.ndarray, q: float) -> np.ndarray:
     """:func:`heterodyne.model.g2` (contrast 1, offset 0) of many physics vectors at once:
-    ``(M, n_phi, L)``."""
-    batched = jax.vmap(model.g2, in_axes=(0, None, None, None, None, None))
-    return np.asarray(batched(physics, 1.0, 0.0, tau, phi, q))
+    ``(M, n_phi, L)``, ``BATCH`` vectors a call (the last batch padded with copies of the
+    first vector), so that every grid of starts shares one compiled program."""
+    m = physics.shape[0]
+    padded = np.concatenate([physics, np.broadcast_to(physics[:1], (-m % BATCH, physics.shape[1]))])
+    args = (tau, np.asarray(phi, dtype=np.float64), np.float64(q))
+    return np.concatenate(
+        [np.asarray(_batched_g2(padded[k : k + BATCH], *args)) for k in range(0, m, BATCH)]
+    )[:m]
+
+
+@jax.jit
+def _batched_g2(physics, tau, phi, q):
+    return jax.vmap(model.g2, in_axes=(0, None, None, None, None, None))(
+        physics, 1.0, 0.0, tau, phi, q
+    )
 
 
 def _misfit(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -166,6 +181,10 @@ def candidates(ds: xr.Dataset, p: Parameters, n: int, v_max: float) -> list[np.n
     q = float(ds["q"])
     phi = ds["phi"].values.astype(float)
     tau, y, w = lag_profile(ds)
+    # lags padded with weight 0 to a length set by the frames' size class (there are at
+    # most N - 1 and LAGS + LAG_BINS): windows of similar length share the compiled code
+    size = min(shapes.size_class(ds.sizes["t1"]), shapes.size_class(LAGS + LAG_BINS))
+    tau, y, w = shapes.pad_edge(tau, size), shapes.pad_zeros(y, size), shapes.pad_zeros(w, size)
     dt = float(ds["t1"].values[1] - ds["t1"].values[0])
     span = tau.max()
     rates = np.geomspace(0.05 / span, 3.0 / dt, RATES)
@@ -257,15 +276,18 @@ def _projected(physics, tau, y, root_w, phi, q):
 
 
 def _polish_functions(free: tuple[int, ...]):
-    """Compiled residuals and Jacobian of :func:`_projected` in the ``free`` entries,
-    compiled once per set of free entries."""
+    """Residuals of :func:`_projected` and their Jacobian in the ``free`` entries, from
+    one compiled program, compiled once per set of free entries."""
     if free not in _POLISH:
-        index = jnp.asarray(free)
+        index = np.asarray(free)
 
         def residual(x, base, tau, y, root_w, phi, q):
             return _projected(base.at[index].set(x), tau, y, root_w, phi, q)
 
-        _POLISH[free] = (jax.jit(residual), jax.jit(jax.jacfwd(residual)))
+        def both(x, *args):
+            return residual(x, *args), jax.jacfwd(residual)(x, *args)
+
+        _POLISH[free] = jax.jit(both)
     return _POLISH[free]
 
 
@@ -277,8 +299,16 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     its ``free`` entries, in the labelling convention (reference slower)."""
     if not free:
         return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q) ** 2)), vector
-    residual, jacobian = _polish_functions(free)
+    both = _polish_functions(free)
     args = (vector, tau, y, np.sqrt(w), phi, q)
+    last = {}
+
+    def at(x):
+        # least_squares asks for the residuals, then the Jacobian, at one x
+        if last.get("x") is None or not np.array_equal(last["x"], x):
+            last.update(x=x.copy(), out=[np.asarray(v) for v in both(x, *args)])
+        return last["out"]
+
     bounds = {
         PHYSICS_INDEX["D0_ref"]: (0.0, np.inf),
         PHYSICS_INDEX["D0_sample"]: (0.0, np.inf),
@@ -289,9 +319,9 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     lower, upper = (np.array([bounds[k][side] for k in free]) for side in (0, 1))
     x0 = np.clip(vector[list(free)], lower, upper)
     fit = scipy.optimize.least_squares(
-        lambda x: np.asarray(residual(x, *args)),
+        lambda x: at(x)[0],
         x0,
-        jac=lambda x: np.asarray(jacobian(x, *args)),
+        jac=lambda x: at(x)[1],
         bounds=(lower, upper),
         x_scale="jac",
         max_nfev=50,
@@ -331,8 +361,28 @@ PAIRS = (
 def transport(physics: np.ndarray, t: np.ndarray) -> tuple[float, float]:
     """``(A_r, A_s)``: each component's transport integral over the whole window [Å²],
     the measure by which the reference is the slower component."""
-    frames = model.frame_integrals(np.asarray(physics, float), np.asarray(t, float))
+    frames = integrals(physics, t)
     return float(frames.P_ref[-1]), float(frames.P_sample[-1])
+
+
+def integrals(physics: np.ndarray, t: np.ndarray) -> model.FrameIntegrals:
+    """:func:`heterodyne.model.frame_integrals` at the frame times ``t`` as numpy arrays,
+    compiled once per size class of ``len(t)``."""
+    t = np.asarray(t, float)
+    padded = shapes.pad_edge(t, shapes.size_class(t.size))
+    frames = _integrals(np.asarray(physics, float), padded)
+    return model.FrameIntegrals(*(np.asarray(v)[: t.size] for v in frames))
+
+
+_integrals = jax.jit(model.frame_integrals)
+
+
+def fraction(t: np.ndarray, f0, f1, f2, f3) -> np.ndarray:
+    """:func:`heterodyne.model.sample_fraction` at the frame times ``t`` (through
+    :func:`integrals`, whose compiled program it shares)."""
+    physics = np.zeros(len(PHYSICS_NAMES))
+    physics[[PHYSICS_INDEX[n] for n in FRACTION_NAMES]] = f0, f1, f2, f3
+    return integrals(physics, t).x_sample
 
 
 def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
@@ -373,14 +423,14 @@ def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
     varied = [n for n in ("f0", "f1", "f3") if p[n].vary]
     if not varied:
         return None
-    complement = 1.0 - np.asarray(model.sample_fraction(t, f0, f1, f2, f3))
+    complement = 1.0 - fraction(t, f0, f1, f2, f3)
     index = [PHYSICS_INDEX[n] for n in varied]
 
     def misfit(x):
         trial = out.copy()
         trial[index] = x
         law = trial[[PHYSICS_INDEX[n] for n in FRACTION_NAMES]]
-        return np.asarray(model.sample_fraction(t, *law)) - complement
+        return fraction(t, *law) - complement
 
     start = out[index].copy()
     if "f0" in varied:
@@ -407,25 +457,35 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
     """
     c2 = ds["c2"].values
     n = c2.shape[-1]
-    i, j = (v.astype(np.int32) for v in np.triu_indices(n, 1))
     t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
-    lag = j - i
-    far, near = lag >= max(1, int(0.9 * (n - 1))), lag == 1
     contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
+    far_lag = max(1, int(0.9 * (n - 1)))
     for k in range(c2.shape[0]):
-        # one angle at a time: memory one N x N grid, whatever the number of angles
-        g = model.c2_grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q)[0][i, j]
-        data = c2[k][i, j]
-        ok = np.isfinite(data)
-        # the least-squares line through (g, c2), centered: slope cov / var
-        g_ok, d_ok = g[ok], data[ok]
-        g_dev = g_ok - g_ok.mean()
+        # the least-squares line through (g, c2) over the fitted pairs, from sums taken a
+        # block of rows at a time about the first pair (so a g that does not vary gives
+        # exactly zero variance): memory O(N) rows, whatever the size of the grid
+        sums, origin = np.zeros(5), None
+        for _, start, rows in model.grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q):
+            data, weight = fitted_rows(ds, k, start, start + rows.shape[0], np.float64)
+            ok = weight > 0
+            g, d = rows[ok], data[ok]
+            if origin is None and g.size:
+                origin = g[0], d[0]
+            if g.size:
+                g, d = g - origin[0], d - origin[1]
+                sums += [g.size, g.sum(), d.sum(), g @ g, g @ d]
+        if origin is None:
+            continue
+        count, sg, sd, sgg, sgd = sums
         with np.errstate(invalid="ignore", divide="ignore"):
-            scale = (g_dev @ (d_ok - d_ok.mean())) / (g_dev @ g_dev)
-        base = d_ok.mean() - scale * g_ok.mean()
-        if not scale > 0 and np.any(ok & far) and np.any(ok & near):
-            base = np.median(data[ok & far])
-            scale = np.mean(data[ok & near]) - base
+            scale = (sgd - sg * sd / count) / (sgg - sg * sg / count)
+            base = origin[1] + (sd - scale * sg) / count - scale * origin[0]
+        far = np.concatenate([np.diagonal(c2[k], lag) for lag in range(far_lag, n)])
+        near = np.diagonal(c2[k], 1)
+        far, near = far[np.isfinite(far)], near[np.isfinite(near)]
+        if not scale > 0 and far.size and near.size:
+            base = np.median(far)
+            scale = np.mean(near) - base
         if np.isfinite(base) and np.isfinite(scale) and scale > 0:
             contrast[k], offset[k] = scale, base
     return {"contrast": contrast, "offset": offset}

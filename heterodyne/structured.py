@@ -59,9 +59,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import xarray as xr
 
-from heterodyne import model
-from heterodyne.pairs import Pairs, unpack
+from heterodyne import model, shapes
+from heterodyne.pairs import STORAGE, fitted_rows, unpack
 from heterodyne.parameters import PHYSICS_NAMES
 
 # A diagonal block whose exponents span at most this much is split at its first frame
@@ -74,6 +75,9 @@ GRAM_BLOCK = 8
 # A column of J^T J smaller than this fraction of its magnitude (the sum of its separate
 # terms' squares) is rounding: its terms cancel to below what the sums resolve (~1e-15).
 RESOLUTION = 1e-11
+# Data of at most this many values (angles x padded frames²) are evaluated as one
+# compiled program, larger ones in four (normal_equations).
+ONE_PROGRAM = 4 * 1024**2
 # Masked pairs are corrected in chunks of at most this many, so that their Jacobian rows
 # take O(MASK_CHUNK x P) memory whatever their number.
 MASK_CHUNK = 2**14
@@ -85,14 +89,17 @@ MIN_MASK_PAD = 256
 class Blocks(NamedTuple):
     """The fitted pairs of a Dataset laid out in row panels of frames (a JAX pytree).
 
-    The ``N`` frames are padded to ``n_blocks * B``. ``panels[K, a]`` holds rows
+    The ``N`` frames are padded to their size class ``N'`` (:mod:`heterodyne.shapes`:
+    windows of similar length share the compiled code), and that to ``n_blocks * B``;
+    ``live`` marks the frames of the data. ``panels[K, a]`` holds rows
     ``K B .. K B + B - 1`` of angle ``a``'s symmetric matrix (both triangles, all
     columns); ``diag[K, a]`` the upper triangle of block ``K`` with itself. Both hold
     ``d = c2 - center`` (centering makes the expanded ``r^T r`` a difference of smaller
     sums); pairs that are not fitted (diagonal, non-finite, padding) are zero.
     """
 
-    t: jax.Array  #: frame times [s], (N,)
+    t: jax.Array  #: frame times [s], padded with the last one, (N',)
+    live: jax.Array  #: 1 for a frame of the data, 0 for padding, (N',)
     phi: jax.Array  #: angles [deg], (n_phi,)
     q: jax.Array  #: wavevector [1/Å], ()
     panels: jax.Array  #: (n_blocks, n_phi, B, n_blocks * B) rows of the symmetric data
@@ -116,87 +123,95 @@ def block_size(n_frames: int) -> int:
     return int(np.clip(2 ** np.round(np.log2(4.0 * np.sqrt(n_frames))), 16, 128))
 
 
-def blocks(pairs: Pairs, block: int | None = None, dtype=None) -> Blocks | None:
-    """The data of ``pairs`` in the block layout of the fast path, or ``None`` where the
-    fast path does not apply (weights not constant per angle, or more masked pairs than
-    fitted ones).
+def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE) -> Blocks | None:
+    """The fitted pairs of ``ds`` (:func:`heterodyne.pairs.fitted_rows`) in the block
+    layout of the fast path, or ``None`` where the fast path does not apply (weights not
+    constant per angle, or more masked pairs than fitted ones).
 
-    Built once per fit; ``block`` (frames per block) defaults to :func:`block_size`, the
-    storage ``dtype`` of the centered data to that of ``pairs.c2``
-    (:data:`heterodyne.pairs.STORAGE`). The center is a float32 number, so that
-    ``c2 - center`` of float32 data is exact in float32 wherever ``c2`` lies within a
-    factor 2 of it (Sterbenz), as two-time data (offset ~1) do: both paths fit the same
-    numbers. ``sum d`` and ``sum d²`` are taken from the stored values.
+    Built once per fit, straight from the Dataset, ``block`` rows at a time: beyond the
+    layout, memory holds a few blocks of rows. ``block`` (frames per block) defaults to
+    :func:`block_size`. The data are the numbers of ``c2`` rounded to ``storage``
+    (:data:`heterodyne.pairs.STORAGE`, float32), which every path fits; the centered
+    data are kept as ``dtype`` (default ``storage``). The center is a float32 number,
+    so that ``c2 - center`` is exact in float32 wherever ``c2`` lies within a factor 2 of
+    it (Sterbenz), as two-time data (offset ~1) do. ``sum d`` and ``sum d²`` are taken
+    from the stored values.
     """
-    angle, i, j = (np.asarray(v) for v in (pairs.angle, pairs.i, pairs.j))
-    c2, w = np.asarray(pairs.c2), np.asarray(pairs.weight)
-    n_phi, n = int(pairs.phi.shape[0]), int(pairs.t.shape[0])
-    weight = np.zeros(n_phi)
-    weight[angle] = w
-    if np.any(w != weight[angle]):
+    n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
+    dtype = storage if dtype is None else dtype
+    n_class = shapes.size_class(n)
+    size = block_size(n_class) if block is None else int(block)
+    n_blocks = -(-n_class // size)
+    starts = range(0, n, size)
+
+    count, total = np.zeros(n_phi), np.zeros(n_phi)
+    low, high = np.full(n_phi, np.inf), np.full(n_phi, -np.inf)
+    for a in range(n_phi):
+        for start in starts:
+            c2, w = fitted_rows(ds, a, start, min(start + size, n), storage)
+            fitted = w > 0
+            count[a] += np.count_nonzero(fitted)
+            total[a] += c2.sum()
+            if fitted.any():
+                low[a], high[a] = min(low[a], w[fitted].min()), max(high[a], w[fitted].max())
+    if np.any(low[count > 0] != high[count > 0]):
         return None
-    fitted_angles = np.bincount(angle, minlength=n_phi) > 0
-    n_masked = int(fitted_angles.sum()) * n * (n - 1) // 2 - c2.size
-    if n_masked > c2.size:
+    weight = np.where(count > 0, low, 0.0)
+    n_masked = int(np.count_nonzero(count)) * n * (n - 1) // 2 - int(count.sum())
+    if n_masked > count.sum():
         return None
 
-    size = block_size(n) if block is None else int(block)
-    n_blocks = -(-n // size)
-    center = np.bincount(angle, c2, n_phi) / np.maximum(np.bincount(angle, minlength=n_phi), 1)
-    center = center.astype(np.float32).astype(np.float64)
-    d = (c2 - center[angle]).astype(c2.dtype if dtype is None else dtype)
-    panels = _layout(angle, i, j, d, n_phi, n_blocks, size)
+    center = (total / np.maximum(count, 1)).astype(np.float32).astype(np.float64)
+    panels = np.zeros((n_blocks, n_phi, size, n_blocks * size), dtype=dtype)
+    sum_d, sum_d2 = np.zeros(n_phi), np.zeros(n_phi)
+    masked = []
+    for a in range(n_phi):
+        for k, start in enumerate(starts):
+            stop = min(start + size, n)
+            c2, w = fitted_rows(ds, a, start, stop, storage)
+            d = np.where(w > 0, c2 - center[a], 0.0).astype(dtype)
+            panels[k, a, : stop - start, :n] = d  # the upper triangle, mirrored below
+            sum_d[a] += d.sum(dtype=np.float64)
+            sum_d2[a] += np.square(d, dtype=np.float64).sum()
+            if count[a] and n_masked:
+                upper = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
+                i, j = np.nonzero(upper & (w == 0))
+                masked.append(np.stack([np.full(i.size, a), i + start, j]))
+        for k in range(len(starts)):
+            columns = slice(k * size, (k + 1) * size)
+            own = panels[k, a, :, columns].copy()
+            panels[k, a, :, columns] = own + own.T
+            for later in range(k + 1, len(starts)):
+                panels[later, a, :, columns] = panels[k, a, :, later * size : (later + 1) * size].T
     upper = np.triu(np.ones((size, size), dtype=bool), 1)
     diag = np.stack([panels[k, :, :, k * size : (k + 1) * size] * upper for k in range(n_blocks)])
 
-    if n_masked:
-        fitted = np.zeros((n_phi, n, n), dtype=bool)
-        fitted[angle, i, j] = True
-        upper = np.triu(np.ones((n, n), dtype=bool), 1)
-        m_angle, m_i, m_j = np.nonzero(~fitted & upper & fitted_angles[:, None, None])
-        pad = max(MIN_MASK_PAD, 2 ** int(np.ceil(np.log2(n_masked))))
-    else:
-        m_angle = m_i = m_j = np.zeros(0, dtype=np.int32)
-        pad = 0
+    m_angle, m_i, m_j = (
+        np.concatenate(masked, axis=1) if masked else np.zeros((3, 0), dtype=np.int32)
+    )
+    pad = max(MIN_MASK_PAD, 2 ** int(np.ceil(np.log2(n_masked)))) if n_masked else 0
     valid = np.zeros(pad)
     valid[:n_masked] = 1.0
 
     def padded(v):
-        return jnp.asarray(np.pad(v, (0, pad - v.size)), dtype=jnp.int32)
+        return jax.device_put(np.pad(v, (0, pad - v.size)).astype(np.int32))
 
     return Blocks(
-        t=pairs.t,
-        phi=pairs.phi,
-        q=pairs.q,
+        t=jax.device_put(shapes.pad_edge(ds["t1"].values.astype(np.float64), n_class)),
+        live=jax.device_put((np.arange(n_class) < n).astype(np.float64)),
+        phi=jax.device_put(ds["phi"].values.astype(np.float64)),
+        q=jax.device_put(np.asarray(float(ds["q"]))),
         panels=jax.device_put(panels),
-        diag=jnp.asarray(diag),
-        weight=jnp.asarray(weight),
-        center=jnp.asarray(center),
-        sum_d=jnp.asarray(np.bincount(angle, d, n_phi)),
-        sum_d2=jnp.asarray(np.bincount(angle, np.square(d, dtype=np.float64), n_phi)),
+        diag=jax.device_put(diag),
+        weight=jax.device_put(weight),
+        center=jax.device_put(center),
+        sum_d=jax.device_put(sum_d),
+        sum_d2=jax.device_put(sum_d2),
         masked_angle=padded(m_angle),
         masked_i=padded(m_i),
         masked_j=padded(m_j),
-        masked_valid=jnp.asarray(valid),
+        masked_valid=jax.device_put(valid),
     )
-
-
-def _layout(angle, i, j, d, n_phi: int, n_blocks: int, size: int) -> np.ndarray:
-    """``panels`` of :class:`Blocks` from the stored values ``d`` of the pairs
-    ``(angle, i, j)``: both triangles of each angle's matrix, rows cut in blocks."""
-    n_pad = n_blocks * size
-    panels = np.zeros((n_blocks, n_phi, size, n_pad), dtype=d.dtype)
-    for row, col in ((i, j), (j, i)):
-        # one flat index, built in place: numpy would convert each of four index arrays
-        flat = (row // size).astype(np.int64)
-        flat *= n_phi
-        flat += angle
-        flat *= size
-        flat += row % size
-        flat *= n_pad
-        flat += col
-        panels.reshape(-1)[flat] = d
-    return panels
 
 
 def frame_factors(physics, t, phi, q):
@@ -238,27 +253,40 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     parameters, so the cost grows with their number, not with the 14 of the table. A
     column whose terms cancel below ``RESOLUTION`` of their magnitude is returned as zero.
 
-    Four compiled stages, called in turn: the factors and their derivatives, the pass over
-    the data, the sums over pairs of the model, and their assembly. Compiled as one
-    program (even with the stages as nested compiled functions), the same operations ran
-    ~1.35x slower at 2000 frames x 4 angles (27.6 against 20.3 ms, best of 40
-    interleaved), ~5 % faster at 1000 x 4 and 2000 x 1: separate calls cost ~0.1 ms more
-    where an evaluation takes a few ms, and save a quarter where it takes tens.
+    Four compiled stages: the factors and their derivatives, the pass over the data, the
+    sums over pairs of the model, and their assembly. Up to ``ONE_PROGRAM`` values of
+    the data they run as one compiled program (:func:`evaluate`), beyond as four calls in
+    turn (:func:`stages`): as one program the same operations ran ~1.35x slower at 2000
+    frames x 4 angles, ~5 % faster at 1000 x 4 and 2000 x 1; at small sizes, where an
+    evaluation takes a millisecond, four calls cost a third more in dispatch.
     """
+    args = (x, template, free, data, n_scale, n_physics)
+    if data.panels.shape[1] * data.panels.shape[-1] ** 2 <= ONE_PROGRAM:
+        return evaluate(*args)
+    return stages(*args)
+
+
+def stages(x, template, free, data: Blocks, n_scale: int, n_physics: int):
+    """:func:`normal_equations` as its four compiled stages, called in turn."""
     a, b, e, Da, Db, scale, base = _factor_stage(
-        x, template, free, data.t, data.phi, data.q, data.center, n_scale, n_physics
+        x, template, free, data.t, data.live, data.phi, data.q, data.center, n_scale, n_physics
     )
     X, Y, dg = _data_pass(a, b, e, data.panels, data.diag)
     masked = (data.masked_angle, data.masked_i, data.masked_j, data.masked_valid)
-    gram, magnitude = _fitted_gram(a, b, e, Da, Db, scale, masked)
+    gram, magnitude = _fitted_gram(a, b, e, Da, Db, scale, data.live, masked)
     sums = (data.weight, data.sum_d, data.sum_d2)
     return _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scale, n_physics)
 
 
-@partial(jax.jit, static_argnums=(7, 8))
-def _factor_stage(x, template, free, t, phi, q, center, n_scale: int, n_physics: int):
+#: :func:`normal_equations` as one compiled program (the stages inlined).
+evaluate = jax.jit(stages, static_argnums=(4, 5))
+
+
+@partial(jax.jit, static_argnums=(8, 9))
+def _factor_stage(x, template, free, t, live, phi, q, center, n_scale: int, n_physics: int):
     """Factors ``(a, b, e)``, ``Da``, ``Db`` of the module docstring, the contrast and
-    the offset less the data's center, per angle."""
+    the offset less the data's center, per angle; ``a``, ``b``, ``Da``, ``Db`` are zero
+    at padded frames (``live`` 0), so that their pairs add nothing to any sum."""
     z = template.at[free].set(x)
     _, contrast, offset = unpack(z, n_scale)
     n_phi = phi.shape[0]
@@ -267,7 +295,10 @@ def _factor_stage(x, template, free, t, phi, q, center, n_scale: int, n_physics:
     )
     scale = jnp.broadcast_to(contrast, (n_phi,))
     base = jnp.broadcast_to(offset, (n_phi,)) - center
-    return a, b, e, da + a[..., None] * de, db - b[..., None] * de, scale, base
+    Da, Db = da + a[..., None] * de, db - b[..., None] * de
+    mask = live[:, None]
+    a, b, Da, Db = a * mask, b * mask, Da * mask[..., None], Db * mask[..., None]
+    return a, b, e, Da, Db, scale, base
 
 
 @partial(jax.jit, static_argnums=(11, 12))
@@ -412,8 +443,9 @@ def _data_pass(a, b, e, panels, diag):
     return X, Y, jnp.sum(a[:, :n] * X, (1, 2))
 
 
-def _separable_gram(a, b, e, Da, Db, scale):
-    """Per angle, ``sum_{i<j} v v^T`` over *all* pairs of the upper triangle, with
+def _separable_gram(a, b, e, Da, Db, scale, n_live):
+    """Per angle, ``sum_{i<j} v v^T`` over *all* pairs of the upper triangle of the
+    first ``n_live`` frames (the factors of the others are zero), with
     ``v = [c dg (P), g, 1]``, shape ``(n_phi, P + 2, P + 2)``, and the magnitude of its
     diagonal, ``sum_{i<j} sum_m v_m²`` with ``v = sum_m v_m`` split by term, shape
     ``(n_phi, P + 2)``: the scale of the rounding errors of the separable sums.
@@ -512,7 +544,8 @@ def _separable_gram(a, b, e, Da, Db, scale):
     gram = gram + jnp.einsum("akip,akiq->apq", v, v)
     total = total + jnp.sum(v, (1, 2))
 
-    count = jnp.full((n_phi, 1, 1), n * (n - 1) / 2)
+    # pairs of padded frames have zero factors: only their count must leave out
+    count = jnp.full((n_phi, 1, 1), n_live * (n_live - 1) / 2)
     gram = jnp.concatenate(
         [
             jnp.concatenate([gram, total[:, :, None]], 2),
@@ -538,10 +571,10 @@ def _linear_recurrence(decay, values, *, reverse: bool):
 
 
 @jax.jit
-def _fitted_gram(a, b, e, Da, Db, scale, masked):
-    """:func:`_separable_gram` over the fitted pairs: less the ``masked`` ones' (the
-    masked-pair arrays of :class:`Blocks`)."""
-    gram, magnitude = _separable_gram(a, b, e, Da, Db, scale)
+def _fitted_gram(a, b, e, Da, Db, scale, live, masked):
+    """:func:`_separable_gram` over the fitted pairs of the frames ``live`` marks (the
+    first ones): less the ``masked`` ones' (the masked-pair arrays of :class:`Blocks`)."""
+    gram, magnitude = _separable_gram(a, b, e, Da, Db, scale, jnp.sum(live))
     if masked[0].shape[0]:
         gram = gram - _masked_gram(a, b, e, Da, Db, scale, masked)
     return gram, magnitude
@@ -572,5 +605,5 @@ def _masked_gram(a, b, e, Da, Db, scale, masked):
     return jax.lax.scan(accumulate, jnp.zeros((n_phi, size, size)), parts)[0]
 
 
-#: The compiled stages of :func:`normal_equations`: each compiles once per data shape.
-STAGES = (_factor_stage, _data_pass, _fitted_gram, _assemble)
+#: The compiled programs of :func:`normal_equations`: each compiles once per data shape.
+STAGES = (_factor_stage, _data_pass, _fitted_gram, _assemble, evaluate)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from heterodyne import model, starts
+from heterodyne import starts
 from heterodyne.parameters import FRACTION_NAMES, PHYSICS_INDEX, PHYSICS_NAMES
 from heterodyne.results import AT_BOUND_RTOL, entry_label, index_of
 
@@ -73,7 +73,7 @@ def of_fit(result) -> Verdict:
         fail.append(f"the optimiser did not converge: {result.message}")
     fail += _aliasing(physics, result.data)
     ref, sample = starts.transport(physics, t)
-    fraction = np.asarray(model.sample_fraction(t, *_fraction_law(physics)))
+    fraction = starts.fraction(t, *_fraction_law(physics))
     equal = abs(ref - sample) <= EQUAL_RATES * (ref + sample) or _within_errors(
         result, "D0_ref", "D0_sample", 0.0
     )
@@ -157,8 +157,8 @@ def _within_errors(result, a: str, b: str | None, target: float) -> bool:
 
 def _aliasing(physics: np.ndarray, ds) -> list[str]:
     """The aliased-velocity rule: the largest phase step per frame over the window."""
-    frames = model.frame_integrals(physics, ds["t1"].values.astype(float))
-    step = np.abs(np.diff(np.asarray(frames.V)))
+    frames = starts.integrals(physics, ds["t1"].values)
+    step = np.abs(np.diff(frames.V))
     q = float(ds["q"])
     cosine = np.abs(np.cos(np.deg2rad(ds["phi"].values - physics[PHYSICS_INDEX["phi0"]])))
     phase = q * float(cosine.max()) * float(step.max(initial=0.0))
@@ -263,7 +263,7 @@ def _invariants(result, x, names, t):
         if n in PHYSICS_NAMES:
             physics[PHYSICS_INDEX[n]] = x[k]
     ref, sample = starts.transport(physics, t)
-    fraction = float(np.mean(model.sample_fraction(t, *_fraction_law(physics))))
+    fraction = float(np.mean(starts.fraction(t, *_fraction_law(physics))))
     slow = 1.0 - fraction if ref <= sample else fraction
     v0, phi0 = physics[PHYSICS_INDEX["v0"]], physics[PHYSICS_INDEX["phi0"]]
     return np.array([min(ref, sample), max(ref, sample), v0, phi0, slow])

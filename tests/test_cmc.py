@@ -130,6 +130,21 @@ def test_shard_posteriors_multiply_to_the_full_posterior(small):
     assert full.log_probs(x_a)["prior"] != pytest.approx(full.log_probs(x_b)["prior"])
 
 
+def test_one_compiled_sampler_serves_shards_seeds_reruns_and_a_window_of_similar_length(small):
+    """Frames 1 to 30 after 0 to 30: the same size classes of frames and of rows per shard
+    (heterodyne.shapes), so a rerun on the window, with another seed, compiles nothing."""
+    ds, init = small
+    with Compiles() as first:
+        run_quietly(ds, init, shards=2, warmup=20, samples=20, progress=False)
+    assert first.of(sampler.nuts_chain) == 1  # one program for both shards and chains
+    window = hd.select(ds, frames=slice(1, 30))
+    fit = hd.fit_nlsq(window, parameters({**TRUTH, "D0_ref": 1e4}), progress=False)
+    with Compiles() as compiles:
+        result = run_quietly(window, fit, shards=2, warmup=20, samples=20, seed=5, progress=False)
+    assert result.posterior.observed_data.sizes["t1"] == 29
+    assert compiles.names == []
+
+
 def test_shards_hold_whole_rows_spread_over_the_record_and_equal_pair_counts():
     n, n_phi, n_shards = 40, 3, 5
     ds = hd.simulate(TRUTH, n_frames=n, phi=[0, 45, 90], noise=0.02)

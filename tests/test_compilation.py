@@ -47,7 +47,9 @@ def test_a_second_process_compiles_nothing_that_the_first_compiled(tmp_path):
     first = json.loads(run(FIT, HETERODYNE_CACHE=str(tmp_path)))
     second = json.loads(run(FIT, HETERODYNE_CACHE=str(tmp_path)))
     assert first["folder"] == second["folder"] == str(tmp_path)
-    assert first["programs"] > 10 and first["hits"] == 0
+    # the one-time model of the starts, their polish, the model rows, the normal equations
+    # (one program at this size), the frame integrals
+    assert first["programs"] >= 5 and first["hits"] == 0
     # every program the second process needs it reads back: it compiles none
     assert second["programs"] == second["hits"] == first["programs"]
     assert second["v0"] == first["v0"]  # the same programs: the same fit, to the bit

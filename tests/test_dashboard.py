@@ -14,6 +14,7 @@ import holoviews as hv
 import numpy as np
 import pytest
 from _served import free_port, served
+from _work import Compiles
 
 import heterodyne as hd
 from heterodyne import diagnostics
@@ -161,6 +162,20 @@ def test_the_first_click_fits_from_the_data_with_the_default_table(ds):
     assert result.verdict.status == "ok"
     assert "verdict **OK**" in dash.nlsq_status.object
     assert "Verdict: OK" in dash.nlsq_report.object
+
+
+def test_a_new_frame_window_refits_without_compiling(ds):
+    """Frames 3 to 40 after 0 to 40: both lie in the size class of 40 frames
+    (heterodyne.shapes), so the second Fit reuses every compiled program."""
+    dash = hd.dashboard(ds)
+    dash.nlsq_button.clicks += 1
+    assert dash.nlsq.success and dash.nlsq.verdict.status != "fail"
+    dash.frames = (3, 40)
+    with Compiles() as compiles:
+        dash.nlsq_button.clicks += 1
+    assert dash.nlsq.data.sizes["t1"] == 37 and dash.nlsq.success
+    assert dash.nlsq.verdict.status != "fail" and "verdict" in dash.nlsq_status.object
+    assert compiles.names == []
 
 
 def test_the_event_loop_stays_live_while_a_fit_runs(ds):

@@ -19,7 +19,7 @@ PHI = [-45.0, 0.0, 45.0]
 
 
 # the compiled normal equations, on either path
-NORMAL_EQUATIONS = (objective.blocked_normal_equations, *structured.STAGES)
+NORMAL_EQUATIONS = (objective.block_normal_equations, *structured.STAGES)
 
 
 def off_by_30_percent(truth=TRUTH):

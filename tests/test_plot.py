@@ -46,7 +46,9 @@ def lag_means(c2, n_lags=None):
     """Mean over pairs (i, i + k) for k = 1 .. n_lags (default N - 1), by np.diagonal: the
     reference for plot.diagonal_mean."""
     n_lags = c2.shape[-1] - 1 if n_lags is None else n_lags
-    return np.array([np.nanmean(np.diagonal(c2, k)) for k in range(1, n_lags + 1)])
+    return np.array(
+        [np.nanmean(np.diagonal(c2, k), dtype=np.float64) for k in range(1, n_lags + 1)]
+    )
 
 
 def test_c2_heatmaps_hold_the_data_with_a_masked_diagonal_and_a_shared_scale(ds):

@@ -55,7 +55,7 @@ def both_paths(problem, x, block=None):
         jnp.asarray(x),
         problem.template,
         problem.free,
-        structured.blocks(problem.pairs, block, dtype=np.float64),
+        structured.blocks(problem.ds, block, dtype=np.float64),
         problem.n_scale,
         n_physics,
     )
@@ -167,12 +167,12 @@ def test_sigma_constant_per_angle_uses_the_fast_path_and_per_pair_sigma_does_not
     ds = hd.simulate(truth, n_frames=40, phi=[0.0, 50.0], noise=0.01, seed=3, store_sigma=True)
     ds["sigma"].values[1] = 0.02
     problem = problem_for(ds, truth)
-    assert structured.blocks(problem.pairs) is not None  # the rule: one weight per angle
+    assert structured.blocks(problem.ds) is not None  # the rule: one weight per angle
     x = problem.x0 * rng.uniform(0.9, 1.1, problem.x0.size)
     assert_same_normal_equations(*both_paths(problem, x, block=16))
 
     ds["sigma"].values[0, 3, 10] = ds["sigma"].values[0, 10, 3] = 0.03
-    assert structured.blocks(problem_for(ds, truth).pairs) is None
+    assert structured.blocks(problem_for(ds, truth).ds) is None
 
 
 def test_mostly_masked_data_falls_back_to_the_blocked_jacobian():
@@ -181,7 +181,7 @@ def test_mostly_masked_data_falls_back_to_the_blocked_jacobian():
     far = np.abs(np.subtract.outer(np.arange(30), np.arange(30))) > 8
     c2[:, far] = np.nan
     ds = hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, float(ds["q"]))
-    assert structured.blocks(problem_for(ds, TRUTH).pairs) is None
+    assert structured.blocks(problem_for(ds, TRUTH).ds) is None
 
 
 def test_no_overflow_where_the_exponents_span_thousands():
@@ -232,7 +232,7 @@ def test_fits_agree_with_the_blocked_jacobian_path():
     for fast in (True, False):
         problem = hd.Objective.build(ds, guess, fix=(), scaling="per_angle")
         # the dispatch's "rule does not apply" value, or the data in float64
-        problem.blocks = structured.blocks(problem.pairs, dtype=np.float64) if fast else None
+        problem.blocks = structured.blocks(problem.ds, dtype=np.float64) if fast else None
         options = {"x_scale": "jac", "method": "trf"}
         fits.append(nlsq.solve(problem, problem.x0, options, progress=False))
     fast, plain = fits
@@ -276,7 +276,7 @@ def test_float32_storage_moves_the_fit_by_a_negligible_fraction_of_its_errors():
     fits = {}
     for dtype in (np.float32, np.float64):
         problem.pairs = pairs.fitted_pairs(ds, dtype=dtype)
-        problem.blocks = structured.blocks(problem.pairs)
+        problem.blocks = structured.blocks(ds, storage=dtype)
         assert problem.blocks.panels.dtype == dtype
         fits[dtype] = (
             problem.normal_equations(problem.x0),

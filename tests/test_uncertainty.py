@@ -333,7 +333,7 @@ def test_measured_diagonal_enters_the_intensity_covariance_unless_missing_or_low
 def test_bad_errors_option_fails_before_any_compile(speckled):
     with Compiles() as compiles, pytest.raises(hd.OptionError, match="errors must be one of"):
         hd.fit_nlsq(speckled.data, guess(), errors="bootstrap", progress=False)
-    kernels = (objective.blocked_normal_equations, uncertainty.jacobian_grid_jit)
+    kernels = (objective.block_normal_equations, uncertainty.jacobian_grid_jit)
     assert compiles.of(*kernels, *structured.STAGES) == 0
 
 
