@@ -175,10 +175,11 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
     best, exchanged = in_convention(problem, best, options)
     covariance, nominal, per_bin = problem.errors_at(best.x, best.jtj, errors)
     success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
-    bins = []
+    bins, chi2 = [], []
     for k, (objective, part) in enumerate(zip(problem.bins, problem.split(best.x), strict=True)):
         block = np.ix_(problem.columns[k], problem.columns[k])
         found = per_bin[k]
+        chi2.append(float(objective.normal_equations(part)[2]))
         bins.append(
             NLSQResult.from_fit(
                 objective=objective,
@@ -189,7 +190,7 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
                 error_scales=found.scales,
                 model_c2=found.model_c2,
                 residuals=found.residuals,
-                chi2=float(found.residuals @ found.residuals),
+                chi2=chi2[k],
                 nfev=int(best.nfev),
                 success=success,
                 message=f"joint fit of {len(problem.bins)} q-bins: {best.message}",
@@ -221,7 +222,7 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
         separate=alone,
         starts=_starts_dataset(problem, outcomes, costs),
         info={
-            "chi2": float(sum(found.residuals @ found.residuals for found in per_bin)),
+            "chi2": sum(chi2),
             "nfev": int(best.nfev),
             "success": int(success),
             "message": str(best.message),
