@@ -225,10 +225,13 @@ def report(outcome: dict) -> None:
 
 def summary(outcomes) -> None:
     """One line per saved run: the range over the physics parameters of the speckle
-    stderr over the scatter, of the +-1 stderr coverage and of the rms z."""
+    stderr over the scatter, of the +-1 stderr coverage and of the rms z, and the
+    sampling spread of the first two over the seeds for honest Gaussian errors: the
+    binomial ``sqrt(0.68 0.32 / n)`` of the coverage and ``1 / sqrt(2 (n - 1))`` of a
+    scatter (the relative sd of a sample sd)."""
     print(
         f"{'case':<10}{'pixels':>8}{'photons':>9}{'seeds':>7}{'stderr/scatter':>17}"
-        f"{'coverage %':>13}{'rms z':>12}"
+        f"{'coverage %':>13}{'rms z':>12}{'spread':>14}"
     )
     for outcome in outcomes:
         settings = json.loads(str(outcome["settings"]))
@@ -244,6 +247,8 @@ def summary(outcomes) -> None:
             f"{settings.get('case', 'flow'):<10}{settings['pixels']:>8}{counts:>9}"
             f"{seeds.size:>7}{ratio.min():>10.2f} - {ratio.max():<4.2f}"
             f"{cover.min():>8.0f} - {cover.max():<3.0f}{rms.min():>7.2f} - {rms.max():.2f}"
+            f"{1 / np.sqrt(2 * (seeds.size - 1)):>7.2f}"
+            f"{100 * np.sqrt(0.68 * 0.32 / seeds.size):>4.0f} %"
         )
 
 
