@@ -51,6 +51,20 @@ speckle covariance (the model; ``C_ii = contrast``), three kinds of pair pairs:
   (``E[n_i n_j] = lambda² E[I_i I_j]``), plus the third-cumulant terms of both frames,
   ``E_i (k(I_i, I_j, I_j) - K_ij²) + E_j (k(I_j, I_i, I_i) - K_ij²)``.
 
+For speckle with equal modes (A4), ``beta_n = contrast^(n-1)`` and the joint cumulants
+of ``I`` are sums over the cyclic orders of the frames, so without counting the
+first-order covariance needs no free factor::
+
+    k(i,k,l)   = 2 contrast² Re(g_ik g_kl g_li)
+    k(i,j,k,l) = 2 contrast³ Re(g_ij g_jk g_kl g_li + g_ij g_jl g_lk g_ki
+                                + g_ik g_kj g_jl g_li)
+
+and ``Cov(y_ij, y_kl)`` above with these. Its terms beyond Isserlis are of relative size
+``contrast`` where all four frames are within a correlation time, and shrink as they
+separate, not in one proportion over the matrix. The last cycle of ``k(i,j,k,l)``
+couples each frame of one pair to both frames of the other and has no product form over
+the grid; the error model below keeps the Isserlis shape with a free scale instead.
+
 Isserlis on the total covariance ``C + E`` gives all of these but the ``E_i E_j C_ij``
 term, the third cumulants and the factor. Near the diagonal the third cumulant is as large
 as ``C_jl``: leaving it out makes the shared-frame correlations, which carry the
