@@ -93,7 +93,7 @@ def run(args) -> dict:
     names = list(truth)
     values, speckle, nominal, seconds = [], [], [], []
     intervals = {"posterior": [], "uncorrected_posterior": []}
-    cmc_seconds, converged = [], []
+    cmc_seconds, converged, dominated, logged = [], [], [], []
     seeds = np.arange(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         ds = hd.simulate(
@@ -125,6 +125,10 @@ def run(args) -> dict:
                 )
             cmc_seconds.append(time.perf_counter() - start)
             converged.append(cmc.converged)
+            flagged = cmc.prior_dominated()
+            dominated.append([n in flagged for n in names])
+            space = dict(zip(cmc.prior["name"].values, cmc.prior["space"].values, strict=True))
+            logged.append([str(space.get(n, "")) == "log" for n in names])
             for group, found in intervals.items():
                 draws = cmc.posterior[group]
                 found.append(
@@ -145,6 +149,8 @@ def run(args) -> dict:
         outcome.update(
             cmc_seconds=np.asarray(cmc_seconds),
             converged=np.asarray(converged),
+            prior_dominated=np.asarray(dominated),
+            log_space=np.asarray(logged),
             **{group: np.asarray(found) for group, found in intervals.items()},
         )
     return outcome
@@ -214,21 +220,42 @@ def report(outcome: dict) -> None:
         f"{np.sum(~outcome['converged'])} of {seeds.size} runs flagged not converged; median "
         f"{np.median(outcome['cmc_seconds']):.1f} s per run"
     )
-    print(f"{'quantity':<11}{'corrected':>11}{'uncorrected':>13}")
+    # runs saved before these were recorded
+    dominated = outcome.get("prior_dominated", np.zeros(values.shape, dtype=bool))
+    logged = outcome.get("log_space", np.zeros(values.shape, dtype=bool))
+    print(
+        f"{'quantity':<11}{'corrected':>11}{'uncorrected':>13}{'converged':>11}"
+        f"{'prior-dominated':>17}{'log space':>11}"
+    )
+    ok = outcome["converged"]
     for k, name in enumerate(names):
         covered = {
             group: 100 * np.mean((b[:, k, 0] <= truth[k]) & (truth[k] <= b[:, k, 1]))
             for group, b in ((g, outcome[g]) for g in ("posterior", "uncorrected_posterior"))
         }
-        print(f"{name:<11}{covered['posterior']:>10.0f}%{covered['uncorrected_posterior']:>12.0f}%")
+        inside = (outcome["posterior"][:, k, 0] <= truth[k]) & (
+            truth[k] <= outcome["posterior"][:, k, 1]
+        )
+        converged = f"{100 * np.mean(inside[ok]):.0f}%" if ok.any() else "-"
+        print(
+            f"{name:<11}{covered['posterior']:>10.0f}%{covered['uncorrected_posterior']:>12.0f}%"
+            f"{converged:>11}{int(dominated[:, k].sum()):>17}{int(logged[:, k].sum()):>11}"
+        )
+    print(
+        "converged: coverage of the corrected intervals over the runs not flagged; "
+        "prior-dominated, log space: number of runs"
+    )
 
 
 def summary(outcomes) -> None:
     """One line per saved run: the range over the physics parameters of the speckle
-    stderr over the scatter, of the +-1 stderr coverage and of the rms z."""
+    stderr over the scatter, of the +-1 stderr coverage and of the rms z, and the
+    sampling spread of the first two over the seeds for honest Gaussian errors: the
+    binomial ``sqrt(0.68 0.32 / n)`` of the coverage and ``1 / sqrt(2 (n - 1))`` of a
+    scatter (the relative sd of a sample sd)."""
     print(
         f"{'case':<10}{'pixels':>8}{'photons':>9}{'seeds':>7}{'stderr/scatter':>17}"
-        f"{'coverage %':>13}{'rms z':>12}"
+        f"{'coverage %':>13}{'rms z':>12}{'spread':>14}"
     )
     for outcome in outcomes:
         settings = json.loads(str(outcome["settings"]))
@@ -244,6 +271,8 @@ def summary(outcomes) -> None:
             f"{settings.get('case', 'flow'):<10}{settings['pixels']:>8}{counts:>9}"
             f"{seeds.size:>7}{ratio.min():>10.2f} - {ratio.max():<4.2f}"
             f"{cover.min():>8.0f} - {cover.max():<3.0f}{rms.min():>7.2f} - {rms.max():.2f}"
+            f"{1 / np.sqrt(2 * (seeds.size - 1)):>7.2f}"
+            f"{100 * np.sqrt(0.68 * 0.32 / seeds.size):>4.0f} %"
         )
 
 

@@ -51,6 +51,20 @@ speckle covariance (the model; ``C_ii = contrast``), three kinds of pair pairs:
   (``E[n_i n_j] = lambda² E[I_i I_j]``), plus the third-cumulant terms of both frames,
   ``E_i (k(I_i, I_j, I_j) - K_ij²) + E_j (k(I_j, I_i, I_i) - K_ij²)``.
 
+For speckle with equal modes (A4), ``beta_n = contrast^(n-1)`` and the joint cumulants
+of ``I`` are sums over the cyclic orders of the frames, so without counting the
+first-order covariance needs no free factor::
+
+    k(i,k,l)   = 2 contrast² Re(g_ik g_kl g_li)
+    k(i,j,k,l) = 2 contrast³ Re(g_ij g_jk g_kl g_li + g_ij g_jl g_lk g_ki
+                                + g_ik g_kj g_jl g_li)
+
+and ``Cov(y_ij, y_kl)`` above with these. Its terms beyond Isserlis are of relative size
+``contrast`` where all four frames are within a correlation time, and shrink as they
+separate, not in one proportion over the matrix. The last cycle of ``k(i,j,k,l)``
+couples each frame of one pair to both frames of the other and has no product form over
+the grid; the error model below keeps the Isserlis shape with a free scale instead.
+
 Isserlis on the total covariance ``C + E`` gives all of these but the ``E_i E_j C_ij``
 term, the third cumulants and the factor. Near the diagonal the third cumulant is as large
 as ``C_jl``: leaving it out makes the shared-frame correlations, which carry the
@@ -82,9 +96,32 @@ residuals are ``(I - H) r_true`` with ``H = J A^+ J^T``, ``A = J^T J``, so a mom
 
 (for ``m0``, ``N = 1``: ``tr(Q) - tr(A^+ B)``, and ``n - p`` for the white part, as for
 independent errors); the traces with ``H`` need only ``p x p`` products of the Jacobian
-with ``Q`` and with the Jacobian at the neighbouring pairs. The three non-negative scales
-``theta`` solve the three moment equations. The
-covariance of the fit is the sandwich::
+with ``Q`` and with the Jacobian at the neighbouring pairs.
+
+Scales
+------
+The three non-negative scales ``theta = (kappa, kappa_n, sigma2)`` solve
+``E[m] = moments``, under two conditions from the physics:
+
+- with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1), the speckle's times
+  (A4)'s factor, which is at least 1;
+- the white shape enters only when the speckle and shot shapes alone miss a moment by
+  more than ``MOMENT_TOLERANCE`` of its standard deviation (that of a sum of ``n_k``
+  independent products of residuals of variance ``v = m0 / n``: ``v sqrt(2 n)`` for
+  ``m0``, ``v sqrt(n_k)`` for ``m1``, ``m2``).
+
+The second is needed far below one photon per pixel and frame (``E >> contrast``). There
+the shot shape is dominated by the variance ``E_i E_j (1 + C_ij)``, nearly the same for
+every pair, so in ``m0`` it is indistinguishable from white; only its shared-frame part
+``E_f C_ab`` in ``m2`` tells them apart, and that is about as large as the noise of
+``m2``, ``sum E_f C_ab / P ~ v sqrt(n2)``. Fitting both leaves the split arbitrary, and
+the part given to white does not carry the shared-frame correlations into the
+parameters. Photon-counting detectors add no independent noise (A2), so the shot shape
+takes all of it unless the moments require more. Data with independent Gaussian errors
+(``E`` about 0, ``m2`` near 0) still get the white shape: a shot or speckle shape would
+predict an ``m2`` they do not have.
+
+The covariance of the fit is the sandwich::
 
     cov = A^+ J^T Cov(r) J A^+ = A^+ (kappa B_s + kappa_n B_n) A^+ + sigma2 A^+,
     B_c = J^T Q_c J
@@ -118,6 +155,9 @@ ERRORS = ("nominal", "speckle")
 # Third cumulant of the speckle intensity of three frames, 2 beta_3 Re(g_ij g_jk g_ki), in
 # units of contrast² Re(g_ij g_jk g_ki): beta_3 = sum_m w_m³ = contrast² for equal modes.
 THIRD_CUMULANT = 2.0
+#: Standard deviations of a moment beyond which the speckle and shot shapes alone are
+#: judged not to explain the residuals, and the white shape is added (:func:`shape_scales`).
+MOMENT_TOLERANCE = 3.0
 
 
 class SpeckleErrors(NamedTuple):
@@ -464,10 +504,12 @@ def speckle_covariance(
     neighbour_products = np.zeros((2, 2, p, p))
     neighbour_jtj = np.zeros((2, p, p))
     moments = np.zeros(3)
+    terms = np.zeros(3)
     expected = np.zeros((3, 3))
     for k in range(n_phi):
         scale, base = contrast[min(k, n_scale - 1)], offset[min(k, n_scale - 1)]
         moments += pair_moments(residual[k])
+        terms += moment_terms(weight[k])
         gamma = np.asarray(
             model.field_correlation(
                 frames, pairs.q, model.parallel_wavevector(physics, pairs.phi[k], pairs.q)
@@ -522,7 +564,7 @@ def speckle_covariance(
             "pq,cpq->c", jtj_inverse, neighbour_products[k]
         ) + np.einsum("pq,cqr,rs,sp->c", jtj_inverse, products, jtj_inverse, neighbour_jtj[k])
         expected[1 + k, 2] = -np.sum(jtj_inverse * neighbour_jtj[k])
-    scales = shape_scales(expected, moments)
+    scales = shape_scales(expected, moments, terms)
     covariance = (
         jtj_inverse @ (scales[0] * products[0] + scales[1] * products[1]) @ jtj_inverse
         + scales[2] * jtj_inverse
@@ -530,13 +572,24 @@ def speckle_covariance(
     return SpeckleErrors(0.5 * (covariance + covariance.T), *scales)
 
 
-def shape_scales(expected, moments) -> np.ndarray:
-    """Non-negative scales ``theta`` of the speckle, shot and white shapes with
-    ``expected @ theta`` closest to the measured ``moments`` (exact where it can be).
+def moment_terms(weight) -> np.ndarray:
+    """Number of products summed in each of :func:`pair_moments` of one angle (pairs
+    with a non-zero weight on the upper triangle of ``weight``)."""
+    fitted = weight > 0
+    return np.array(
+        [
+            np.count_nonzero(fitted),
+            np.count_nonzero(fitted[:-1, :-1] & fitted[1:, 1:]),
+            np.count_nonzero(fitted[:, :-1] & fitted[:, 1:])
+            + np.count_nonzero(fitted[:-1] & fitted[1:]),
+        ]
+    )
 
-    Each column is normalised first, so that a shape that predicts tiny moments (no
-    counting: no shot shape) does not spoil the conditioning; a column of zeros gets 0.
-    """
+
+def nonnegative_scales(expected, moments) -> np.ndarray:
+    """Non-negative ``theta`` with ``expected @ theta`` closest to ``moments`` (exact
+    where it can be). Each column is normalised first, so that a shape that predicts tiny
+    moments does not spoil the conditioning; a column of zeros gets 0."""
     norms = np.linalg.norm(expected, axis=0)
     usable = norms > 0
     scales = np.zeros(expected.shape[1])
@@ -544,3 +597,30 @@ def shape_scales(expected, moments) -> np.ndarray:
         solution = optimize.nnls(expected[:, usable] / norms[usable], moments)[0]
         scales[usable] = solution / norms[usable]
     return scales
+
+
+def shape_scales(expected, moments, terms) -> np.ndarray:
+    """Non-negative scales ``theta`` of the speckle, shot and white shapes from the
+    moment equations ``expected @ theta = moments`` (module doc, "Scales").
+
+    With photon counting (a shot shape that is not zero) the speckle scale is held at or
+    above the shot scale, both being ``1 / P`` times (A4)'s factor (at least 1) and 1:
+    ``theta = (kappa_n + delta, kappa_n, sigma2)`` with ``kappa_n, delta, sigma2 >= 0``.
+    ``terms`` is :func:`moment_terms` summed over the angles. The white shape is added
+    only where the speckle and shot shapes alone leave a moment further than
+    ``MOMENT_TOLERANCE`` standard deviations from its expectation, the standard
+    deviations those of sums of independent products of residuals of variance
+    ``v = m0 / n``: ``sd(m0) = v sqrt(2 n)``, ``sd(m1) = v sqrt(n1)``,
+    ``sd(m2) = v sqrt(n2)``.
+    """
+    expected, moments = np.asarray(expected, float), np.asarray(moments, float)
+    terms = np.asarray(terms, float)
+    bound = np.eye(3)
+    if np.any(expected[:, 1] != 0):
+        bound[0, 1] = 1.0
+    counted = bound[:2, :2] @ nonnegative_scales(expected[:, :2] @ bound[:2, :2], moments)
+    variance = moments[0] / max(terms[0], 1.0)
+    spread = variance * np.sqrt(np.array([2.0, 1.0, 1.0]) * terms)
+    if np.all(np.abs(expected[:, :2] @ counted - moments) <= MOMENT_TOLERANCE * spread):
+        return np.append(counted, 0.0)
+    return bound @ nonnegative_scales(expected @ bound, moments)
