@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from heterodyne.errors import DataError, FileFormatError, OptionError, ParameterError
+from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.tracker import Tracker
 
 SEED_MAX = 2**32 - 1  # numpy and JAX both take seeds in [0, 2**32)
@@ -386,8 +386,7 @@ def check_fit_cmc(
         parts = [validate(ds)]
         if init is not None and not isinstance(init, NLSQResult):
             raise OptionError(
-                "init must be an NLSQResult (from hd.fit_nlsq) or None; got "
-                f"{type(init).__name__}"
+                f"init must be an NLSQResult (from hd.fit_nlsq) or None; got {type(init).__name__}"
             )
         inits = [init]
     n_frames = ds.sizes["t1"]

@@ -121,7 +121,11 @@ def prepare(ds, init=None, *, params=None, scaling=None, seed: int = 0, **option
             p[name].min, p[name].max = low, high
     # the largest q has the smallest floors (priors.log_floors): prepare it first
     last = len(parts) - 1
-    plans = {last: cmc.prepare(parts[last], inits[last], params=settings[last], scaling=scaling, **options)}
+    plans = {
+        last: cmc.prepare(
+            parts[last], inits[last], params=settings[last], scaling=scaling, **options
+        )
+    }
     floors = priors.log_floors(plans[last].problem)
     for k in range(last):
         plans[k] = cmc.prepare(
@@ -363,7 +367,9 @@ class JointCMCResult:
         worst = {}
         for b in self.bins:
             index = index_of(b.diagnostics)
-            for (name, _), rhat in zip(index, b.diagnostics["rhat"].max("shard").values, strict=True):
+            for (name, _), rhat in zip(
+                index, b.diagnostics["rhat"].max("shard").values, strict=True
+            ):
                 worst[name] = max(worst.get(name, 0.0), float(rhat))
         for name in PHYSICS_NAMES:
             if name in draws:
@@ -376,9 +382,7 @@ class JointCMCResult:
     def _verdict(self) -> str:
         if self.converged:
             return f"converged: all {self.info['shards']} shards of {len(self.bins)} q-bins pass"
-        failed = "; ".join(
-            f"q = {q:.4g}: shard {s}" for (q, s) in self.failures()
-        )
+        failed = "; ".join(f"q = {q:.4g}: shard {s}" for (q, s) in self.failures())
         return f"NOT converged ({failed}); each bin's report lists the figures"
 
     def report(self) -> str:
@@ -420,7 +424,11 @@ class JointCMCResult:
                     f"    q {q:<9.4g} phi {phi:>7.4g}   contrast {c:.6g} ± {dc:.3g}   "
                     f"offset {o:.6g} ± {do:.3g}"
                 )
-        warns = [f"q = {q:.4g}: {w}" for q, b in zip(self.q, self.bins, strict=True) for w in b.warnings()]
+        warns = [
+            f"q = {q:.4g}: {w}"
+            for q, b in zip(self.q, self.bins, strict=True)
+            for w in b.warnings()
+        ]
         if warns:
             lines.append("[[Warnings]]")
             lines += [f"    - {w}" for w in dict.fromkeys(warns)]

@@ -209,10 +209,18 @@ CMC_CONTRAST = (0.3, 0.5)
 def joint_cmc():
     parts = [
         hd.simulate(
-            CMC_TRUTH, q=q, phi=phi, contrast=c, n_frames=24, noise=0.02, store_sigma=True,
+            CMC_TRUTH,
+            q=q,
+            phi=phi,
+            contrast=c,
+            n_frames=24,
+            noise=0.02,
+            store_sigma=True,
             seed=4 + k,
         )  # fmt: skip
-        for k, (q, phi, c) in enumerate(zip([0.008, 0.012], [[0.0, 60.0], [0.0, 45.0]], CMC_CONTRAST, strict=True))
+        for k, (q, phi, c) in enumerate(
+            zip([0.008, 0.012], [[0.0, 60.0], [0.0, 45.0]], CMC_CONTRAST, strict=True)
+        )
     ]
     ds = qbins.combine(parts)
     init = hd.fit_nlsq(ds, _params(), progress=False)
@@ -240,7 +248,10 @@ def test_joint_cmc_posterior_agrees_with_the_joint_nlsq(joint_cmc):
     for k, truth in enumerate(CMC_CONTRAST):
         q = float(ds["q"][k])
         for phi in hd.select(ds, q=q)["phi"].values:
-            mean, sd = result.value("contrast", q=q, phi=phi), result.error("contrast", q=q, phi=phi)
+            mean, sd = (
+                result.value("contrast", q=q, phi=phi),
+                result.error("contrast", q=q, phi=phi),
+            )
             assert abs(mean - init.value("contrast", q=q, phi=phi)) < 0.5 * sd
             assert sd == pytest.approx(init.error("contrast", q=q, phi=phi), rel=0.25)
             assert abs(mean - truth) < 4 * sd, (q, phi)
