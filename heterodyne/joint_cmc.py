@@ -424,14 +424,17 @@ class JointCMCResult:
                     f"    q {q:<9.4g} phi {phi:>7.4g}   contrast {c:.6g} ± {dc:.3g}   "
                     f"offset {o:.6g} ± {do:.3g}"
                 )
-        warns = [
+        per_bin = [b.warnings() for b in self.bins]
+        common = [w for w in per_bin[0] if all(w in other for other in per_bin[1:])]
+        warns = common + [
             f"q = {q:.4g}: {w}"
-            for q, b in zip(self.q, self.bins, strict=True)
-            for w in b.warnings()
+            for q, own in zip(self.q, per_bin, strict=True)
+            for w in own
+            if w not in common
         ]
         if warns:
             lines.append("[[Warnings]]")
-            lines += [f"    - {w}" for w in dict.fromkeys(warns)]
+            lines += [f"    - {w}" for w in warns]
         return "\n".join(lines)
 
     def __repr__(self):

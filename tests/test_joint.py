@@ -283,3 +283,27 @@ def test_joint_cmc_netcdf_round_trip(joint_cmc, tmp_path):
     for one, other in zip(back.bins, result.bins, strict=True):
         xr.testing.assert_identical(one.diagnostics, other.diagnostics)
     assert back.report().replace(" ", "") == result.report().replace(" ", "")
+
+
+@pytest.mark.slow
+def test_joint_cmc_resumes_from_its_checkpoints_and_corrects_for_speckle(tmp_path):
+    """No sigma (a noise level per bin and angle sampled), errors="speckle" from the
+    joint fit: every shard of every bin is kept; a rerun reads all of them back and gives
+    the same draws; each bin carries its own error-model scales and uncorrected draws."""
+    ds = hd.simulate(
+        CMC_TRUTH, q=[0.008, 0.012], phi=[[0.0, 60.0], [0.0, 45.0]], n_frames=24, noise=0.02, seed=4
+    )
+    init = hd.fit_nlsq(ds, _params(), errors="speckle", progress=False)
+    options = {"shards": 2, "warmup": 50, "samples": 60, "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # chains this short fail their diagnostics
+        first = hd.fit_cmc(ds, init, checkpoint=tmp_path, **options)
+        again = hd.fit_cmc(ds, init, checkpoint=tmp_path, **options)
+    assert (first.info["from_checkpoint"], again.info["from_checkpoint"]) == (0, 4)
+    assert len(list(tmp_path.glob("*.npz"))) == 4
+    xr.testing.assert_identical(again.posterior, first.posterior)
+    assert first.info["errors"] == "speckle"
+    assert first.posterior["noise"].dims == ("chain", "draw", "q", "phi")
+    for b in first.bins:
+        assert np.isfinite(b.info["speckle_kappa"])
+        assert "uncorrected_posterior" in b.posterior.groups()
