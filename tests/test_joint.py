@@ -1,5 +1,7 @@
 """Multi-q Datasets and the joint fit across q-bins (heterodyne.qbins, heterodyne.joint)."""
 
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -283,6 +285,11 @@ def test_joint_cmc_netcdf_round_trip(joint_cmc, tmp_path):
     for one, other in zip(back.bins, result.bins, strict=True):
         xr.testing.assert_identical(one.diagnostics, other.diagnostics)
     assert back.report().replace(" ", "") == result.report().replace(" ", "")
+    # a fresh process, which has imported no result module, reads it too
+    path = str(tmp_path / "joint_cmc.nc")
+    script = f"import heterodyne as hd; print(hd.open_result({path!r}).value('v0'))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(out.stdout) == result.value("v0")
 
 
 @pytest.mark.slow
