@@ -269,6 +269,13 @@ def test_joint_cmc_shards_sample_the_tempered_joint_product(joint_cmc):
     the joint prior once."""
     _, _, result = joint_cmc
     total = sum(b.info["shards"] for b in result.bins)
+    # every bin samples the physics in the same coordinates (bounds, log or linear space)
+    physics = [
+        b.prior.isel(entry=np.isin(b.prior["name"], hd.parameters.PHYSICS_NAMES))
+        for b in result.bins
+    ]
+    for name in ("low", "high", "space", "loc", "scale"):
+        np.testing.assert_array_equal(physics[0][name].values, physics[1][name].values)
     for b in result.bins:
         power = b.prior["power"].to_series()
         physics = np.isin(b.prior["name"].values, hd.parameters.PHYSICS_NAMES)
