@@ -228,22 +228,24 @@ def joint_cmc():
     init = hd.fit_nlsq(ds, _params(), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # short chains may fail a diagnostic
-        result = hd.fit_cmc(ds, init, shards=2, warmup=150, samples=300, progress=False)
+        result = hd.fit_cmc(ds, init, shards=1, warmup=150, samples=300, progress=False)
     return ds, init, result
 
 
 def test_joint_cmc_posterior_agrees_with_the_joint_nlsq(joint_cmc):
     """With sigma given and a prior 10 stderr wide, the joint posterior is Gaussian about
     the joint least-squares solution with the joint covariance (the likelihood is the
-    Gaussian of the same residuals, the joint information the sum of the bins'). The
-    Monte Carlo error of a mean over ~300 effective draws is ~0.06 sd, that of an sd ~5 %,
-    and the consensus of 4 shards adds a small bias of non-Gaussian shard posteriors:
-    means within 0.5 sd, sds within 25 % (the tolerances of the one-bin consensus test)."""
+    Gaussian of the same residuals, the joint information the sum of the bins'). One shard
+    per bin: the consensus of the two bins' shards is then the joint product itself for
+    Gaussian shards (halves of 24-frame bins are far from Gaussian: their consensus moves
+    the means by up to 0.9 sd, as on one bin alone). The Monte Carlo error of a mean over
+    ~300 effective draws is ~0.06 sd, that of an sd ~5 %: means within 0.5 sd, sds within
+    20 % (over 5 seeds: at most 0.31 sd, sd ratios 0.91 to 1.05)."""
     ds, init, result = joint_cmc
-    assert result.info["shards"] == 4 and [b.info["shards"] for b in result.bins] == [2, 2]
+    assert result.info["shards"] == 2 and [b.info["shards"] for b in result.bins] == [1, 1]
     for name in ("D0_ref", "D0_sample", "v0", "f0", "phi0"):
         assert abs(result.value(name) - init.value(name)) < 0.5 * init.error(name), name
-        assert result.error(name) == pytest.approx(init.error(name), rel=0.25), name
+        assert result.error(name) == pytest.approx(init.error(name), rel=0.2), name
         # every bin carries the same joint draws of the physics
         for b in result.bins:
             assert b.value(name) == result.value(name)
@@ -255,7 +257,7 @@ def test_joint_cmc_posterior_agrees_with_the_joint_nlsq(joint_cmc):
                 result.error("contrast", q=q, phi=phi),
             )
             assert abs(mean - init.value("contrast", q=q, phi=phi)) < 0.5 * sd
-            assert sd == pytest.approx(init.error("contrast", q=q, phi=phi), rel=0.25)
+            assert sd == pytest.approx(init.error("contrast", q=q, phi=phi), rel=0.2)
             assert abs(mean - truth) < 4 * sd, (q, phi)
     # the angles a bin lacks stay empty
     np.testing.assert_array_equal(
