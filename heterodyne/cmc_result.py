@@ -24,6 +24,7 @@ from heterodyne.results import (
     index_of,
     params_layout,
     read_groups,
+    warning_lines,
     write_result,
 )
 
@@ -323,10 +324,7 @@ class CMCResult(FitResult):
                 f"    {int(row['shard']):>5}{int(row['pairs']):>9}{row['seconds']:>9.1f}{cells}"
                 f"  {row['verdict']}"
             )
-        warns = self.warnings()
-        if warns:
-            lines.append("[[Warnings]]")
-            lines += [f"    - {w}" for w in warns]
+        lines += warning_lines(self.warnings())
         return "\n".join(lines)
 
     def __repr__(self):

@@ -66,7 +66,7 @@ from heterodyne.consensus import adjustment, consensus
 from heterodyne.joint import JointObjective, entries, layout
 from heterodyne.joint_result import value_at
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, UNITS
-from heterodyne.results import RESULT_TYPES, index_of, read_groups, write_result
+from heterodyne.results import RESULT_TYPES, index_of, read_groups, warning_lines, write_result
 from heterodyne.sampler import Space, checkpoint_name, interval, physical, run_shard
 
 PER_BIN = (*SCALING_NAMES, "noise")  # the sampled quantities each q-bin has of its own
@@ -432,9 +432,7 @@ class JointCMCResult:
             for w in own
             if w not in common
         ]
-        if warns:
-            lines.append("[[Warnings]]")
-            lines += [f"    - {w}" for w in warns]
+        lines += warning_lines(warns)
         return "\n".join(lines)
 
     def __repr__(self):

@@ -58,6 +58,11 @@ def read_groups(tree: xr.DataTree) -> tuple[dict[str, xr.Dataset], dict]:
     return groups, info
 
 
+def warning_lines(warns) -> list[str]:
+    """The ``[[Warnings]]`` section of a text report (none without warnings)."""
+    return ["[[Warnings]]", *(f"    - {w}" for w in warns)] if warns else []
+
+
 def identifiability_warnings(p: Parameters) -> list[str]:
     """Degeneracies of the model (MODEL.md, "Fitting conventions") that ``p`` lets vary."""
     out = []
