@@ -318,7 +318,7 @@ def test_joint_cmc_resumes_from_its_checkpoints_and_corrects_for_speckle(tmp_pat
     assert (first.info["from_checkpoint"], again.info["from_checkpoint"]) == (0, 4)
     assert len(list(tmp_path.glob("*.npz"))) == 4
     xr.testing.assert_identical(again.posterior, first.posterior)
-    assert first.info["errors"] == "speckle"
+    assert isinstance(first, hd.JointCMCResult) and first.info["errors"] == "speckle"
     assert first.posterior["noise"].dims == ("chain", "draw", "q", "phi")
     for b in first.bins:
         assert np.isfinite(b.info["speckle_kappa"])
