@@ -19,6 +19,7 @@ _PUBLIC = {
     "DataError": "heterodyne.errors",
     "FileFormatError": "heterodyne.errors",
     "HeterodyneError": "heterodyne.errors",
+    "JointCMCResult": "heterodyne.joint_cmc",
     "JointResult": "heterodyne.joint_result",
     "NLSQResult": "heterodyne.nlsq_result",
     "Objective": "heterodyne.objective",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from heterodyne.errors import DataError, FileFormatError, OptionError, ParameterError
+from heterodyne.errors import FileFormatError, OptionError, ParameterError
 from heterodyne.tracker import Tracker
 
 SEED_MAX = 2**32 - 1  # numpy and JAX both take seeds in [0, 2**32)
@@ -360,24 +360,35 @@ def check_fit_cmc(
 ):  # fmt: skip
     """All the arguments of :func:`heterodyne.fit_cmc` but ``executor``, before any
     compilation: shards that hold at least two rows each, finite bounds of every varied
-    quantity (CMC samples inside them)."""
+    quantity (CMC samples inside them); of a multi-q Dataset, against each q-bin."""
+    from heterodyne import qbins
     from heterodyne.cmc import LIKELIHOODS
     from heterodyne.data import validate
+    from heterodyne.joint_result import JointResult
     from heterodyne.nlsq_result import NLSQResult
     from heterodyne.objective import SCALINGS
     from heterodyne.uncertainty import ERRORS
 
-    if "q" in getattr(ds, "dims", ()):
-        raise DataError(
-            f"fit_cmc samples one q-bin; this Dataset holds {ds.sizes['q']}. A joint CMC "
-            "over q-bins is not available: sample one bin (hd.select(ds, q=...), with "
-            "init=joint.bins[k] of a joint hd.fit_nlsq), or fit all bins jointly by hd.fit_nlsq"
-        )
-    validate(ds)
-    if init is not None and not isinstance(init, NLSQResult):
-        raise OptionError(
-            f"init must be an NLSQResult (from hd.fit_nlsq) or None; got {type(init).__name__}"
-        )
+    if qbins.is_multi_q(ds):
+        parts = qbins.checked_bins(ds)
+        if init is not None and not isinstance(init, JointResult):
+            raise OptionError(
+                "init of a multi-q Dataset must be a JointResult (hd.fit_nlsq of the same "
+                f"Dataset) or None; got {type(init).__name__}"
+            )
+        if init is not None and not np.array_equal(init.params["q"].values, ds["q"].values):
+            raise OptionError(
+                f"init was fitted to the q-bins {init.params['q'].values.tolist()} 1/Å; ds "
+                f"has {ds['q'].values.tolist()}"
+            )
+        inits = list(init.bins) if init is not None else [None] * len(parts)
+    else:
+        parts = [validate(ds)]
+        if init is not None and not isinstance(init, NLSQResult):
+            raise OptionError(
+                f"init must be an NLSQResult (from hd.fit_nlsq) or None; got {type(init).__name__}"
+            )
+        inits = [init]
     n_frames = ds.sizes["t1"]
     if not (isinstance(shards, str) and shards == "auto"):
         most = max(n_frames // 2, 1)
@@ -404,17 +415,18 @@ def check_fit_cmc(
         if folder.exists() and not folder.is_dir():
             raise OptionError(f"checkpoint must be a folder; {folder} is a file")
     if init is not None:
-        params = init.parameters() if params is None else params
         scaling = init.info["scaling"] if scaling is None else scaling
-    p = parameters(params, n_phi=ds.sizes["phi"])
-    for name in p.varied:
-        low, high = p[name].min, p[name].max
-        if not (np.isfinite(low) and np.isfinite(high)):
-            raise ParameterError(
-                f"{name}: CMC samples inside finite bounds; got [{low:g}, {high:g}] (set "
-                "finite bounds, or fix the parameter)"
-            )
-    check_problem(ds, p, scaling or "per_angle")
+    for one, one_init in zip(parts, inits, strict=True):
+        given = one_init.parameters() if one_init is not None and params is None else params
+        p = parameters(given, n_phi=one.sizes["phi"])
+        for name in p.varied:
+            low, high = p[name].min, p[name].max
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise ParameterError(
+                    f"{name}: CMC samples inside finite bounds; got [{low:g}, {high:g}] "
+                    "(set finite bounds, or fix the parameter)"
+                )
+        check_problem(one, p, scaling or "per_angle")
 
 
 def check_load(path, *, q, phi, frames) -> Path:

@@ -45,6 +45,7 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,16 @@ import pandas as pd
 import xarray as xr
 from numpyro.distributions import constraints
 
-from heterodyne import checks, diagnostics, executors, priors, shapes, tracker, uncertainty
+from heterodyne import (
+    checks,
+    diagnostics,
+    executors,
+    priors,
+    qbins,
+    shapes,
+    tracker,
+    uncertainty,
+)
 from heterodyne.cmc_result import CMCResult
 from heterodyne.consensus import adjustment, consensus
 from heterodyne.data import validate
@@ -77,6 +87,10 @@ from heterodyne.sampler import (
     run_shard,
     shard_model,
 )
+
+if TYPE_CHECKING:
+    from heterodyne.joint_cmc import JointCMCResult
+    from heterodyne.joint_result import JointResult
 
 PAIRS_PER_SHARD = 20_000  # shards="auto": S = ceil(n_pairs / PAIRS_PER_SHARD)
 # Default run lengths per chain: with 2 chains of 2000 draws the worst R-hat over all
@@ -165,6 +179,13 @@ class Plan:
             for s, job in enumerate(jobs)
         ]
 
+    def covariances(self, x, errors: str):
+        """``(nominal, covariance, scales)`` of the varied quantities at their values
+        ``x``: the covariances of NLSQ's errors "nominal" and ``errors``
+        (:meth:`heterodyne.objective.Objective.errors_at`), and the error model's scales."""
+        found = self.problem.errors_at(x, self.problem.normal_equations(x)[0], errors)
+        return found.nominal, found.covariance, found.scales
+
     def physical(self, u) -> np.ndarray:
         """Physical values of unconstrained draws ``(..., n)``."""
         space = self.space.as_jax()
@@ -233,9 +254,11 @@ def prepare(
     seed: int = 0,
     scaling: str | None = None,
     likelihood: str = "rows",
+    floors: dict[str, float] | None = None,
 ) -> Plan:
     """Check the options, build the sampled space, priors and shards of :func:`fit_cmc`
-    (arguments as there); nothing is sampled."""
+    (arguments as there); nothing is sampled. ``floors`` replaces the log-space floors
+    of :func:`heterodyne.priors.log_floors` (a joint run's, shared by its q-bins)."""
     _check_options(init, shards, chains, warmup, samples, seed)
     if likelihood not in LIKELIHOODS:
         raise OptionError(f"likelihood must be one of {LIKELIHOODS}; got {likelihood!r}")
@@ -274,7 +297,7 @@ def prepare(
         )
     phi = ds["phi"].values if noise else np.empty(0)
     sampled = problem.entries.append(entries(["noise"] * phi.size, phi))
-    floors = priors.log_floors(problem)
+    floors = priors.log_floors(problem) if floors is None else floors
     low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0, init)
     x0 = problem.x0
     if noise:
@@ -337,7 +360,7 @@ def prepare(
 
 def fit_cmc(
     ds: xr.Dataset,
-    init: NLSQResult | None = None,
+    init: NLSQResult | JointResult | None = None,
     *,
     params=None,
     shards="auto",
@@ -351,23 +374,27 @@ def fit_cmc(
     checkpoint=None,
     likelihood: str = "rows",
     progress: bool | tracker.Tracker = True,
-) -> CMCResult:
+) -> CMCResult | JointCMCResult:
     """Sample the posterior of the heterodyne model by consensus Monte Carlo.
 
     Parameters
     ----------
     ds : xarray.Dataset
         Canonical two-time Dataset. With a ``sigma`` variable the likelihood uses it;
-        without, a noise level per angle is sampled too.
-    init : NLSQResult, optional
-        A least-squares fit of ``ds``: the chains start at its values and the priors are
+        without, a noise level per angle is sampled too. A multi-q Dataset
+        (:mod:`heterodyne.qbins`) is sampled jointly: the physics shared by all q-bins,
+        contrast and offset per bin and angle (:mod:`heterodyne.joint_cmc`).
+    init : NLSQResult or JointResult, optional
+        A least-squares fit of ``ds`` (a ``JointResult`` of a multi-q ``ds``): the chains
+        start at its values and the priors are
         centred on them, ``PRIOR_WIDTH`` (10) x its stderr wide, truncated to the bounds.
         Without it the priors are uniform on the parameter table's bounds.
     params : Parameters or dict, optional
         Which parameters vary, their bounds and start values; default ``init``'s
         parameters, else the parameter table.
     shards : "auto" or int
-        Number of shards ``S``; "auto" is ``ceil(n_pairs / 20000)``.
+        Number of shards ``S``; "auto" is ``ceil(n_pairs / 20000)`` (of a multi-q
+        Dataset: per q-bin).
     chains, warmup, samples : int
         NUTS chains per shard, adaptation steps and draws per chain.
     seed : int
@@ -398,9 +425,12 @@ def fit_cmc(
 
     Returns
     -------
-    CMCResult
+    CMCResult or JointCMCResult
         ``.posterior`` (ArviZ InferenceData), ``.params``, ``.stderr``, ``.hdi()``,
-        ``.diagnostics``, ``.converged``, ``.report()``, ``.to_netcdf()``.
+        ``.diagnostics``, ``.converged``, ``.report()``, ``.to_netcdf()``. Of a multi-q
+        Dataset, a :class:`~heterodyne.joint_cmc.JointCMCResult`: ``.params``,
+        ``.stderr`` and ``.posterior`` along ``(q, phi)``, ``.bins`` a ``CMCResult`` per
+        q-bin (its own shards and diagnostics).
 
     Notes
     -----
@@ -429,9 +459,22 @@ def fit_cmc(
     )  # fmt: skip
     executors.check(executor)
     if errors is None:
-        errors = init.info["errors"] if isinstance(init, NLSQResult) else "nominal"
+        errors = init.info["errors"] if init is not None else "nominal"
     if errors not in uncertainty.ERRORS:
         raise OptionError(f"errors must be one of {uncertainty.ERRORS}; got {errors!r}")
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if checkpoint.exists() and not checkpoint.is_dir():
+            raise OptionError(f"checkpoint must be a folder; {checkpoint} is a file")
+        checkpoint.mkdir(parents=True, exist_ok=True)
+    if qbins.is_multi_q(ds):
+        from heterodyne import joint_cmc  # it builds on this module
+
+        return joint_cmc.fit(
+            ds, init, params=params, shards=shards, chains=chains, warmup=warmup,
+            samples=samples, seed=seed, executor=executor, scaling=scaling, errors=errors,
+            checkpoint=checkpoint, likelihood=likelihood, progress=progress,
+        )  # fmt: skip
     plan = prepare(
         ds,
         init,
@@ -444,11 +487,6 @@ def fit_cmc(
         scaling=scaling,
         likelihood=likelihood,
     )
-    if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if checkpoint.exists() and not checkpoint.is_dir():
-            raise OptionError(f"checkpoint must be a folder; {checkpoint} is a file")
-        checkpoint.mkdir(parents=True, exist_ok=True)
     jobs = plan.jobs(checkpoint)
     resumed = sum(job.checkpoint is not None and Path(job.checkpoint).exists() for job in jobs)
     start = time.perf_counter()
@@ -458,12 +496,12 @@ def fit_cmc(
     bar = progress is True
     for s, run in executors.run(run_shard, jobs, executor, progress=bar, desc="cmc shards"):
         runs[s] = run
-    result = _result(plan, runs, _executor_name(executor), time.perf_counter() - start, errors)
+    result = _result(plan, runs, executor_name(executor), time.perf_counter() - start, errors)
     result.info.update(checkpoint=str(checkpoint or ""), from_checkpoint=resumed)
     return result
 
 
-def _executor_name(executor) -> str:
+def executor_name(executor) -> str:
     if executor is None:
         return "sequential (this process)"
     if isinstance(executor, str):
@@ -472,11 +510,27 @@ def _executor_name(executor) -> str:
 
 
 def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -> CMCResult:
-    space, problem, ds = plan.space, plan.problem, plan.ds
-    w = np.stack([run["w"] for run in runs])
-    u = space.u0 + w @ space.whiten.T
+    u = shard_draws(plan, runs)
     combined = consensus(u)
     corrected, scales = adjustment(plan, combined, errors)
+    return assemble(plan, runs, u, combined, corrected, scales, executor_name, seconds, errors)
+
+
+def shard_draws(plan: Plan, runs) -> np.ndarray:
+    """The draws of the shards' runs in the unconstrained space, ``(shard, chain, draw,
+    n)``."""
+    w = np.stack([run["w"] for run in runs])
+    return plan.space.u0 + w @ plan.space.whiten.T
+
+
+def assemble(
+    plan: Plan, runs, u, combined, corrected, scales, executor_name: str, seconds: float,
+    errors: str,
+) -> CMCResult:  # fmt: skip
+    """The :class:`CMCResult` of ``plan`` from its shards' ``runs`` and unconstrained draws
+    ``u``, the combined draws before (``combined``) and after (``corrected``) the
+    correction for ``errors``, and the error model's ``scales``."""
+    space, problem, ds = plan.space, plan.problem, plan.ds
     posterior = _draws_dataset(plan, plan.physical(corrected), ("chain", "draw"))
     extra = {}
     if errors != "nominal":
@@ -596,7 +650,12 @@ def _prior_dataset(plan: Plan) -> xr.Dataset:
             "loc": ("entry", space.loc, {"long_name": "prior centre, sampled space"}),
             "scale": ("entry", space.scale, {"long_name": "prior sd, sampled space"}),
             "floor": ("entry", plan.floors, {"long_name": "log-space floor of a bound 0"}),
+            "power": (
+                "entry",
+                np.broadcast_to(space.power, space.low.shape).copy(),
+                {"long_name": "power of the prior in each shard"},
+            ),
         },
         coords=entry_coords(plan.entries),
-        attrs={"power": float(space.power)},
+        attrs={"power": float(np.min(space.power))},
     )

@@ -24,6 +24,7 @@ from heterodyne.results import (
     index_of,
     params_layout,
     read_groups,
+    warning_lines,
     write_result,
 )
 
@@ -65,8 +66,8 @@ class CMCResult(FitResult):
         (:mod:`heterodyne.diagnostics`).
     prior : xarray.Dataset
         Each sampled quantity's space (log or linear), prior kind, bounds (physical
-        units), centre and width (sampled space) and log-space floor; ``attrs["power"]``
-        is the ``1/S`` of the shard priors.
+        units), centre and width (sampled space) and log-space floor; ``power`` the
+        ``1/S`` each shard's prior of it is raised to (``attrs["power"]`` the least).
     start : xarray.Dataset
         Start values, and the values of the fixed parameters (``params`` layout).
     settings : xarray.Dataset
@@ -244,6 +245,17 @@ class CMCResult(FitResult):
             "posterior.uncorrected_posterior"
         )
 
+    def tempering(self) -> str:
+        """The power of the shards' priors, in words."""
+        power = self.prior.attrs["power"]
+        most = float(self.prior["power"].max()) if "power" in self.prior else power
+        if most == power:
+            return f"tempered to the power {power:.4g} per shard"
+        return (
+            f"tempered to the power {power:.4g} (physics, over all q-bins' shards) and "
+            f"{most:.4g} (this q-bin's own quantities) per shard"
+        )
+
     def report(self) -> str:
         """Text report: settings, per-parameter mean, sd, 94 % HDI, R-hat and ESS, the
         per-shard figures, the verdict and the warnings."""
@@ -281,8 +293,7 @@ class CMCResult(FitResult):
             f"    scaling           {info['scaling']}",
             f"    likelihood        {likelihood}",
             f"    errors            {self._errors_line()}",
-            f"    priors            {prior}; tempered to the power {self.prior.attrs['power']:.4g} "
-            "per shard",
+            f"    priors            {prior}; {self.tempering()}",
             f"    log space         {', '.join(logs) or '-'}",
             f"    wall time         {info['wall_seconds']:.1f} s",
             f"    verdict           {self._verdict()}",
@@ -313,10 +324,7 @@ class CMCResult(FitResult):
                 f"    {int(row['shard']):>5}{int(row['pairs']):>9}{row['seconds']:>9.1f}{cells}"
                 f"  {row['verdict']}"
             )
-        warns = self.warnings()
-        if warns:
-            lines.append("[[Warnings]]")
-            lines += [f"    - {w}" for w in warns]
+        lines += warning_lines(self.warnings())
         return "\n".join(lines)
 
     def __repr__(self):
@@ -352,8 +360,12 @@ class CMCResult(FitResult):
         """Write the whole result to one netCDF-4 file (the InferenceData groups and the
         diagnostics, prior, start and settings as groups); ``hd.open_result`` reads it
         back."""
+        return write_result("CMCResult", self.info, self.groups(), path, overwrite=overwrite)
+
+    def groups(self) -> dict[str, xr.Dataset]:
+        """The Datasets that :meth:`to_netcdf` writes, by group name."""
         present = diagnostics.groups(self.posterior)
-        groups = {
+        return {
             **{
                 g: self.posterior[g]
                 for g in CMC_POSTERIOR_GROUPS + CMC_OPTIONAL_GROUPS
@@ -361,7 +373,6 @@ class CMCResult(FitResult):
             },
             **{name: getattr(self, name) for name in CMC_GROUPS},
         }
-        return write_result("CMCResult", self.info, groups, path, overwrite=overwrite)
 
     @classmethod
     def _from_tree(cls, tree):

@@ -35,40 +35,52 @@ from __future__ import annotations
 import numpy as np
 
 
-def consensus(draws: np.ndarray) -> np.ndarray:
+def consensus(draws: np.ndarray, columns=None, size: int | None = None) -> np.ndarray:
     """Precision-weighted consensus of shard draws ``(S, chain, draw, n)`` -> ``(chain,
     draw, n)``: ``(sum_s W_s)^-1 sum_s W_s u_s`` draw by draw, ``W_s`` the inverse
-    covariance of shard ``s``'s draws."""
-    if draws.shape[0] == 1:
-        return draws[0]
-    n = draws.shape[-1]
-    flat = draws.reshape(draws.shape[0], -1, n)
-    # Pseudo-inverses: a shard whose draws do not move along some direction (a stuck
-    # chain, which fails its diagnostics) gets no weight there rather than infinite weight.
-    precisions = np.stack(
-        [np.linalg.pinv(np.atleast_2d(np.cov(f, rowvar=False)), hermitian=True) for f in flat]
-    )
-    weighted = np.einsum("sij,scdj->cdi", precisions, draws)
-    return weighted @ np.linalg.pinv(precisions.sum(axis=0), hermitian=True).T
+    covariance of shard ``s``'s draws.
+
+    With ``columns``, shard ``s`` samples only the entries ``columns[s]`` of a vector of
+    ``size`` (``draws`` a sequence of ``(chain, draw, n_s)`` arrays): its precision is
+    embedded there, ``(sum_s E_s W_s E_s^T)^-1 sum_s E_s W_s u_s`` (the joint CMC over
+    q-bins, :mod:`heterodyne.joint_cmc`); every entry must be sampled by some shard.
+    """
+    if columns is None:
+        if draws.shape[0] == 1:
+            return draws[0]
+        columns, size = [np.arange(draws.shape[-1])] * draws.shape[0], draws.shape[-1]
+    chain_draw = draws[0].shape[:-1]
+    weighted = np.zeros((*chain_draw, size))
+    total = np.zeros((size, size))
+    for part, column in zip(draws, columns, strict=True):
+        flat = part.reshape(-1, part.shape[-1])
+        # Pseudo-inverses: a shard whose draws do not move along some direction (a stuck
+        # chain, which fails its diagnostics) gets no weight there rather than infinite
+        # weight.
+        precision = np.linalg.pinv(np.atleast_2d(np.cov(flat, rowvar=False)), hermitian=True)
+        weighted[..., column] += part @ precision.T
+        total[np.ix_(column, column)] += precision
+    return weighted @ np.linalg.pinv(total, hermitian=True).T
 
 
 def adjustment(plan, u: np.ndarray, errors: str) -> tuple[np.ndarray, dict]:
     """The combined draws ``u`` (chain, draw, n) of the run ``plan``
-    (:class:`heterodyne.cmc.Plan`) corrected for ``errors`` (module doc, "Correlated
-    noise"), and the scales of the error model."""
+    (:class:`heterodyne.cmc.Plan` or :class:`heterodyne.joint_cmc.JointPlan`: its
+    ``n_free``, ``space``, ``physical`` and ``covariances``) corrected for ``errors``
+    (module doc, "Correlated noise"), and the scales of the error model."""
     if errors == "nominal":
         return u, {}
     n_free, flat = plan.n_free, u.reshape(-1, u.shape[-1])
     centre = flat.mean(axis=0)
     x = plan.physical(centre)[:n_free]
-    found = plan.problem.errors_at(x, plan.problem.normal_equations(x)[0], errors)
+    nominal_x, target_x, scales = plan.covariances(x, errors)
     # dx/du at the centre: dx/dy (x in log space, else 1) times dy/du of the logistic map
     space = plan.space
     sigmoid = 1.0 / (1.0 + np.exp(-centre[:n_free]))
     dy_du = (space.high - space.low)[:n_free] * sigmoid * (1.0 - sigmoid)
     dx_du = np.where(space.log[:n_free], x, 1.0) * dy_du
-    nominal = found.nominal / np.outer(dx_du, dx_du)
-    target = found.covariance / np.outer(dx_du, dx_du)
+    nominal = nominal_x / np.outer(dx_du, dx_du)
+    target = target_x / np.outer(dx_du, dx_du)
     # C = Sigma_s^(1/2) Sigma_n^(-1/2), on the matrices scaled to unit nominal diagonal
     scale = np.sqrt(np.diag(nominal))
     scale = np.where(scale > 0, scale, 1.0)
@@ -78,7 +90,7 @@ def adjustment(plan, u: np.ndarray, errors: str) -> tuple[np.ndarray, dict]:
     matrix = scale[:, None] * ratio / scale[None, :]
     out = u.copy()
     out[..., :n_free] = centre[:n_free] + (u[..., :n_free] - centre[:n_free]) @ matrix.T
-    return out, found.scales
+    return out, scales
 
 
 def _matrix_power(m: np.ndarray, power: float) -> np.ndarray:

@@ -181,11 +181,11 @@ class JointResult(FitResult):
     def value(self, name: str, q: float | None = None, phi: float | None = None) -> float:
         """Joint best-fit value of ``name``; ``q`` [1/Å] and ``phi`` [deg] pick one bin's
         contrast or offset."""
-        return _pick(self.params, name, q, phi)
+        return value_at(self.params, name, q, phi)
 
     def error(self, name: str, q: float | None = None, phi: float | None = None) -> float:
         """Joint standard error of ``name`` (at ``q``, ``phi`` for a bin's scaling)."""
-        return _pick(self.stderr, name, q, phi)
+        return value_at(self.stderr, name, q, phi)
 
     @property
     def varied_physics(self) -> list[str]:
@@ -417,7 +417,7 @@ class JointResult(FitResult):
         )
 
 
-def _pick(ds: xr.Dataset, name: str, q, phi) -> float:
+def value_at(ds: xr.Dataset, name: str, q, phi) -> float:
     """One value of the joint ``params`` layout."""
     if name not in ds.data_vars:
         raise OptionError(f"no quantity {name!r}; the result holds {', '.join(ds.data_vars)}")

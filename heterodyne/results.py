@@ -9,6 +9,7 @@ netCDF-4 file and :func:`open_result` reads any result type back.
 from __future__ import annotations
 
 import html
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,14 @@ AT_BOUND_RTOL = 1e-6  # a value this close to a bound (relative to the range) is
 # The result types by the ``result_type`` attribute of their files; each result module
 # adds its own.
 RESULT_TYPES: dict[str, type] = {}
+# The module of each result type, imported by open_result: a fresh process has imported
+# none of them.
+RESULT_MODULES = {
+    "NLSQResult": "heterodyne.nlsq_result",
+    "CMCResult": "heterodyne.cmc_result",
+    "JointResult": "heterodyne.joint_result",
+    "JointCMCResult": "heterodyne.joint_cmc",
+}
 # The layout of result files, in their ``format`` attribute: 2 keeps per-angle quantities
 # on a ``phi`` dimension and the varied ones on a ``(name, phi)`` index; files without
 # it (format 1) stored them by label (``contrast[1]``).
@@ -47,6 +56,11 @@ def read_groups(tree: xr.DataTree) -> tuple[dict[str, xr.Dataset], dict]:
     groups = {name: tree[name].to_dataset() for name in tree.children}
     info = {k: v for k, v in tree.attrs.items() if k not in ("result_type", "format")}
     return groups, info
+
+
+def warning_lines(warns) -> list[str]:
+    """The ``[[Warnings]]`` section of a text report (none without warnings)."""
+    return ["[[Warnings]]", *(f"    - {w}" for w in warns)] if warns else []
 
 
 def identifiability_warnings(p: Parameters) -> list[str]:
@@ -172,10 +186,12 @@ def open_result(path):
     except (OSError, ValueError) as err:
         raise FileFormatError(f"{path}: cannot be read as a heterodyne result ({err})") from err
     kind = tree.attrs.get("result_type")
+    if kind in RESULT_MODULES:
+        importlib.import_module(RESULT_MODULES[kind])
     if kind not in RESULT_TYPES:
         raise FileFormatError(
             f"{path}: attribute result_type is {kind!r}; expected one of "
-            f"{sorted(RESULT_TYPES)} (is this a data file? use hd.load)"
+            f"{sorted(RESULT_MODULES)} (is this a data file? use hd.load)"
         )
     if int(tree.attrs.get("format", 1)) < RESULT_FORMAT:
         group = "data" if kind == "NLSQResult" else "observed_data"

@@ -87,7 +87,7 @@ class Space(NamedTuple):
     scale: jax.Array  #: prior standard deviation in y, (n,)
     u0: jax.Array  #: start in the unconstrained space, (n,)
     whiten: jax.Array  #: u = u0 + whiten @ w, (n, n)
-    power: jax.Array  #: the prior is raised to this power, 1 / S, ()
+    power: jax.Array  #: each entry's prior is raised to this power, 1 / S, () or (n,)
 
     def as_jax(self) -> Space:
         """The same space with every field a JAX array (what the compiled chain takes)."""
@@ -146,7 +146,7 @@ def shard_model(data, space: Space, *, n_scale: int, n_free: int):
     uniform = -jnp.log(space.high - space.low)
     normal = dist.TruncatedNormal(space.loc, space.scale, low=space.low, high=space.high)
     numpyro.factor(
-        "prior", space.power * jnp.sum(jnp.where(space.normal, normal.log_prob(y), uniform))
+        "prior", jnp.sum(space.power * jnp.where(space.normal, normal.log_prob(y), uniform))
     )
     x = physical(y, space.log)
     z = space.template.at[space.free].set(x[:n_free])

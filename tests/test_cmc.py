@@ -232,6 +232,33 @@ def test_consensus_of_gaussian_shards_is_their_product():
     np.testing.assert_array_equal(consensus.consensus(draws[:1]), draws[0])
 
 
+def test_embedded_consensus_of_gaussians_is_their_product_over_the_full_vector():
+    """Joint CMC over q-bins: shards sample (theta, c_1) and (theta, c_2) of a vector
+    (theta, c_1, c_2); the product of their Gaussian densities is the Gaussian of
+    precision sum_s E_s W_s E_s^T, mean that precision's inverse times sum_s E_s W_s m_s."""
+    rng = np.random.default_rng(1)
+    columns = [np.array([0, 1]), np.array([0, 2]), np.array([0, 1])]
+    means = [np.array([1.0, 0.3]), np.array([1.4, -0.2]), np.array([0.8, 0.5])]
+    covs = [
+        np.array([[1.0, 0.6], [0.6, 0.8]]),
+        np.array([[0.5, -0.2], [-0.2, 0.3]]),
+        np.diag([2.0, 1.0]),
+    ]
+    draws = [
+        rng.multivariate_normal(m, c, size=(2, 20000)) for m, c in zip(means, covs, strict=True)
+    ]
+    combined = consensus.consensus(draws, columns, 3)
+    precision, weighted = np.zeros((3, 3)), np.zeros(3)
+    for column, m, c in zip(columns, means, covs, strict=True):
+        precision[np.ix_(column, column)] += np.linalg.inv(c)
+        weighted[column] += np.linalg.inv(c) @ m
+    covariance = np.linalg.inv(precision)
+    assert combined.shape == (2, 20000, 3)
+    flat = combined.reshape(-1, 3)
+    np.testing.assert_allclose(flat.mean(axis=0), covariance @ weighted, atol=0.01)
+    np.testing.assert_allclose(np.cov(flat, rowvar=False), covariance, atol=0.01)
+
+
 def test_result_layout_and_posterior_summaries(small, short_result):
     ds, init = small
     result = short_result
