@@ -26,10 +26,22 @@ pseudo-inverse, since ``M_k`` lies in the range of ``H_k``). The bins' noise is 
 bins' informations.
 
 Weights: :func:`heterodyne.fit_nlsq` fits once with the bins weighted alike, then (data
-without ``sigma``) weights each bin by its inverse residual variance there
-(:meth:`JointObjective.reweight`) and fits again from that solution: ``chi2 = sum_k w_k
-|r_k|²``, ``J^T J = sum_k w_k E_k H_k E_k^T``, and the sandwich's score covariance
-``sum_k w_k² E_k M_k E_k^T``.
+without ``sigma``) weights each bin (:meth:`JointObjective.reweight`) and fits again from
+that solution: ``chi2 = sum_k w_k |r_k|²``, ``J^T J = sum_k w_k E_k H_k E_k^T``, and the
+sandwich::
+
+    Cov(w) = (sum_k w_k E_k H_k E_k^T)^+ (sum_k w_k² E_k M_k E_k^T) (sum_k w_k E_k H_k E_k^T)^+
+
+(unchanged by a common factor of the ``w_k``). For one physics parameter, with ``s_k``
+its information in bin ``k`` once the bin's scaling is profiled out and ``m_k`` that
+bin's score variance of it, ``Cov = sum_k w_k² m_k / (sum_k w_k s_k)²``: least at
+``w_k ∝ s_k / m_k``, where it is ``1 / sum_k (1 / var_k)`` with ``var_k = m_k / s_k²``
+the bin's own variance (the inverse-variance combination of the bins). With nominal
+errors ``M_k = sigma_k² H_k`` and that optimum is the inverse residual variance,
+``w_k = 1 / sigma_k²``, for every parameter at once. With speckle errors
+(``M_k`` not proportional to ``H_k``) the weights minimise
+``sum_i log Cov(w)_ii`` over the varied physics ``i`` (:func:`optimal_weights`), a
+criterion free of the parameters' units.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import xarray as xr
+from scipy import optimize
 
 from heterodyne import qbins
 from heterodyne.objective import Objective, pseudo_inverse
@@ -185,22 +198,33 @@ class JointObjective:
     def _parts(self, x):
         return zip(self.bins, self.columns, self.split(x), self.weights, strict=True)
 
-    def reweight(self, x) -> np.ndarray:
-        """Set ``weights`` to each bin's inverse residual variance at ``x``, ``(n_k - p_k)
-        / chi2_k`` (normalised to mean 1), and return them.
+    def reweight(self, x, errors: str = "nominal") -> np.ndarray:
+        """Set ``weights`` for the errors of kind ``errors`` at ``x`` (normalised to mean
+        1) and return them.
 
         Bins differ in noise (count rates, speckle contrast and the decay of ``c2`` all
-        change with ``q``); least squares weighted by the inverse variance of each bin's
-        residuals is the most precise of the fits that weight the pairs of one bin alike.
-        For data that carry ``sigma`` the weights stay 1: ``sigma`` already weights them.
+        change with ``q``). With ``errors="nominal"`` each bin is weighted by its inverse
+        residual variance, ``(n_k - p_k) / chi2_k``: the weights that minimise every
+        physics variance of the sandwich (module docstring) when the pairs' noise is
+        independent. Otherwise the bins' own covariances give ``M_k`` and the weights are
+        :func:`optimal_weights`, started from the inverse residual variances. For data
+        that carry ``sigma`` the weights stay 1: ``sigma`` already weights them.
         """
         if "sigma" in self.ds.data_vars:
             return self.weights
-        variance = []
+        variance, hessians, meats = [], [], []
         for objective, _, part, _ in self._parts(x):
-            rtr = float(objective.normal_equations(part)[2])
-            variance.append(rtr / max(objective.n_pairs - part.size, 1))
+            own, _, rtr = objective.normal_equations(part)
+            variance.append(float(rtr) / max(objective.n_pairs - part.size, 1))
+            if errors != "nominal":
+                covariance = objective.errors_at(part, own, errors).covariance
+                hessians.append(own)
+                meats.append(own @ covariance @ own)
         weights = 1.0 / np.asarray(variance)
+        if errors != "nominal":
+            weights = optimal_weights(
+                hessians, meats, self.columns, len(self.entries), self.n_physics, weights
+            )
         self.weights = weights / weights.mean()
         return self.weights
 
@@ -248,6 +272,45 @@ class JointObjective:
                 else:
                     grids[name][k, int(np.argmin(np.abs(phi - ph)))] = value
         return layout(physics, grids["contrast"], grids["offset"], q, phi)
+
+
+def sandwich(weights, hessians, meats, columns, size: int) -> np.ndarray:
+    """``Cov(w)`` of the module docstring: the joint sandwich of bins with Hessians
+    ``H_k``, score covariances ``M_k`` (each over its bin's ``columns`` of the ``size``
+    joint entries) and weights ``w_k``."""
+    bread, meat = np.zeros((size, size)), np.zeros((size, size))
+    for w, h, m, column in zip(weights, hessians, meats, columns, strict=True):
+        block = np.ix_(column, column)
+        bread[block] += w * h
+        meat[block] += w * w * m
+    inverse = pseudo_inverse(bread)
+    return inverse @ meat @ inverse
+
+
+def optimal_weights(hessians, meats, columns, size: int, n_physics: int, start) -> np.ndarray:
+    """The bin weights ``w > 0`` that minimise ``sum_i log Cov(w)_ii`` over the first
+    ``n_physics`` joint entries (the varied physics; :func:`sandwich`), searched over
+    ``log w`` from ``start`` (BFGS; the first weight held, since a common factor leaves
+    ``Cov`` unchanged). Entries without variance at ``start`` are left out; the result is
+    never worse than ``start``."""
+    start = np.asarray(start, float)
+    if start.size < 2:
+        return start
+    diagonal = np.diag(sandwich(start, hessians, meats, columns, size))[:n_physics]
+    shown = np.flatnonzero(np.isfinite(diagonal) & (diagonal > 0))
+    if shown.size == 0:
+        return start
+    base = np.log(start / start[0])
+
+    def criterion(z):
+        weights = np.exp(np.concatenate([[0.0], z]))
+        variance = np.diag(sandwich(weights, hessians, meats, columns, size))[shown]
+        return float(np.sum(np.log(variance))) if np.all(variance > 0) else np.inf
+
+    found = optimize.minimize(criterion, base[1:], method="BFGS", options={"gtol": 1e-10})
+    if not np.isfinite(found.fun) or found.fun > criterion(base[1:]):
+        return start
+    return start[0] * np.exp(np.concatenate([[0.0], found.x]))
 
 
 def layout(physics, contrast, offset, q, phi) -> xr.Dataset:

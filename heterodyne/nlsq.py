@@ -167,9 +167,9 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
     best = outcomes[int(np.argmin(costs))]
     if np.all(np.isfinite(best.x)) and "sigma" not in ds.data_vars:
-        # each bin weighted by its inverse residual variance (JointObjective.reweight);
+        # each bin weighted for the least errors of the kind asked for (reweight);
         # weights that hardly differ would move the optimum by a fraction of its errors
-        weights = problem.reweight(best.x)
+        weights = problem.reweight(best.x, errors)
         if np.max(np.abs(weights - 1.0)) > REWEIGHT_TOLERANCE:
             best = solve(problem, best.x, options, progress=False)
     best, exchanged = in_convention(problem, best, options)

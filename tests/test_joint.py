@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 import heterodyne as hd
-from heterodyne import model, qbins
+from heterodyne import joint, model, qbins
 from heterodyne.parameters import PHYSICS_INDEX
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
@@ -323,3 +323,62 @@ def test_joint_cmc_resumes_from_its_checkpoints_and_corrects_for_speckle(tmp_pat
     for b in first.bins:
         assert np.isfinite(b.info["speckle_kappa"])
         assert "uncorrected_posterior" in b.posterior.groups()
+
+
+def _bins_with_correlated_noise(n_physics, seed):
+    """Three bins' ``(H_k, M_k, columns)``: a random design ``J_k`` over the shared physics
+    and two scaling entries of its own, partly along a few shared frames, and the pairs'
+    noise correlated by those frames (``Sigma_k``, a shared part of a size that differs by
+    bin), ``M_k = J_k^T Sigma_k J_k``."""
+    rng = np.random.default_rng(seed)
+    hessians, meats, columns, designs, noises = [], [], [], [], []
+    for k, shared in enumerate((0.2, 1.5, 4.0)):
+        frames = rng.normal(size=(30, 6))
+        design = rng.normal(size=(30, n_physics + 2)) + frames @ rng.normal(size=(6, n_physics + 2))
+        noise = (1.0 + k) * np.eye(30) + shared * frames @ frames.T
+        hessians.append(design.T @ design)
+        meats.append(design.T @ noise @ design)
+        columns.append(np.concatenate([np.arange(n_physics), n_physics + 2 * k + np.arange(2)]))
+        designs.append(design)
+        noises.append(noise)
+    return hessians, meats, columns, n_physics + 6, designs, noises
+
+
+def _log_criterion(weights, hessians, meats, columns, size, n_physics):
+    covariance = joint.sandwich(weights, hessians, meats, columns, size)
+    return float(np.sum(np.log(np.diag(covariance)[:n_physics])))
+
+
+def test_optimal_weights_reach_the_inverse_variance_combination_for_one_parameter():
+    """One varied physics parameter: the joint variance at the optimal weights is
+    ``1 / sum_k (1 / var_k)``, ``var_k`` each bin's own sandwich variance (its scaling
+    profiled out), computed here from the pairs' design and noise of that bin alone."""
+    hessians, meats, columns, size, designs, noises = _bins_with_correlated_noise(1, seed=1)
+    alone = []
+    for design, noise in zip(designs, noises, strict=True):
+        inverse = np.linalg.inv(design.T @ design)
+        alone.append((inverse @ design.T @ noise @ design @ inverse)[0, 0])
+    start = np.ones(3)
+    weights = joint.optimal_weights(hessians, meats, columns, size, 1, start)
+    variance = joint.sandwich(weights, hessians, meats, columns, size)[0, 0]
+    assert variance == pytest.approx(1.0 / np.sum(1.0 / np.asarray(alone)), rel=1e-6)
+    equal = joint.sandwich(start, hessians, meats, columns, size)[0, 0]
+    assert variance < 0.95 * equal
+
+
+def test_optimal_weights_beat_the_inverse_residual_variance_ones_with_correlated_noise():
+    """Three varied physics parameters, noise correlated within bins: the optimised
+    weights' criterion ``sum_i log Cov_ii`` is below that of the inverse residual variance
+    weights (``1 / sigma_k²``, ``sigma_k²`` the mean noise variance of the bin's pairs) and
+    no random weighting finds a lower one."""
+    hessians, meats, columns, size, _, noises = _bins_with_correlated_noise(3, seed=2)
+    inverse_variance = np.array([1.0 / np.mean(np.diag(noise)) for noise in noises])
+    weights = joint.optimal_weights(hessians, meats, columns, size, 3, inverse_variance)
+    best = _log_criterion(weights, hessians, meats, columns, size, 3)
+    assert best < _log_criterion(inverse_variance, hessians, meats, columns, size, 3) - 0.05
+    rng = np.random.default_rng(0)
+    trials = weights * np.exp(rng.normal(scale=0.5, size=(200, 3)))
+    found = [_log_criterion(w, hessians, meats, columns, size, 3) for w in trials]
+    assert best <= min(found) + 1e-9
+    scaled = joint.sandwich(7.0 * weights, hessians, meats, columns, size)
+    np.testing.assert_allclose(scaled, joint.sandwich(weights, hessians, meats, columns, size))
