@@ -40,6 +40,8 @@ GROUPS = (
 ARRAY_GROUPS = ("covariance", "weights")
 RATES = ("decay_ref", "decay_sample", "phase")
 RATE_UNITS = {"decay_ref": "1/s", "decay_sample": "1/s", "phase": "rad/s"}
+#: how the bins were weighted (:meth:`heterodyne.joint.JointObjective.reweight`), by errors
+WEIGHTING = {"nominal": "inverse residual variance", "speckle": "least sandwich variances"}
 
 
 def rates_at(physics, t, q):
@@ -299,7 +301,7 @@ class JointResult(FitResult):
             f"    times             {time_origin(self.data)}",
             f"    varied            {info['n_varied']}",
             f"    bin weights       {', '.join(f'{w:.3g}' for w in self.weights.values)} "
-            "(inverse residual variance, mean 1)",
+            f"({WEIGHTING.get(info['errors'], 'inverse residual variance')}, mean 1)",
             f"    chi2              {self.chi2:.6g} (unweighted sum over the bins)",
             f"    reduced chi2      {self.reduced_chi2:.6g}",
             f"    evaluations       {info['nfev']}",
