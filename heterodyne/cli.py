@@ -61,10 +61,16 @@ def _angle(text: str) -> float:
     return _argument(lambda v: checks.number(float(v), "phi"), text, "--phi", "finite angles [deg]")
 
 
-def _q(text: str) -> float:
-    return _argument(
-        lambda v: checks.number(float(v), "q", positive=True), text, "--q", "a number > 0 [1/Å]"
-    )
+def _q(text: str) -> float | list[float] | str:
+    """``--q``: one q-bin, several (``0.005,0.01``: a joint fit) or ``all`` of them."""
+    if text.strip().lower() == "all":
+        return "all"
+
+    def values(v):
+        q = [checks.number(float(part), "q", positive=True) for part in v.split(",")]
+        return q[0] if len(q) == 1 else q
+
+    return _argument(values, text, "--q", "a number > 0 [1/Å], numbers A,B,... or 'all'")
 
 
 def _port(text: str) -> int:
@@ -197,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load FILE, fit it, and write the result netCDF and report to --out.",
     )
     fit.add_argument("file", type=Path, help="APS-U / legacy HDF5 or heterodyne netCDF")
-    fit.add_argument("--q", type=_q, help="q-bin to fit [1/Å] (nearest is taken)")
+    fit.add_argument(
+        "--q",
+        type=_q,
+        help="q-bin to fit [1/Å] (nearest is taken); several, A,B,..., or 'all': a joint fit",
+    )
     fit.add_argument("--phi", type=_angle, nargs="+", help="angles to fit [deg]")
     fit.add_argument("--frames", type=_frames, help="frame window A:B")
     fit.add_argument("--t-start", type=float, help=T_START_HELP)

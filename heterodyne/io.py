@@ -678,8 +678,8 @@ def _pick_q(q_all: np.ndarray, q, path: Path) -> int:
             listed = ", ".join(f"{value:.6g}" for value in q_all)
             raise FileFormatError(
                 f"{path} holds {q_all.size} q-bins, q = [{listed}] 1/Å; "
-                "choose one with load(path, q=...), or read all with load(path, q='all'); "
-                "q_values(path) lists them"
+                "choose one with load(path, q=...), or read all with load(path, q='all') "
+                "(command line: --q Q, or --q all for a joint fit); q_values(path) lists them"
             )
         return 0
     try:

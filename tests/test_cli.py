@@ -289,3 +289,31 @@ def test_fit_of_a_multi_q_netcdf_file_is_a_joint_fit(tmp_path, capsys):
     np.testing.assert_array_equal(result.params["q"].values, [0.008, 0.012])
     page = (tmp_path / "out" / "nlsq_report.html").read_text()
     assert "Joint NLSQ fit" in html.unescape(page)
+
+
+def test_fit_q_all_of_a_beamline_file_is_a_joint_fit_of_its_bins(tmp_path, capsys):
+    import _files
+
+    # three angles: with two, the flow direction has two solutions of the same cost
+    q, phi = [0.008, 0.012], [0.0, 45.0, 90.0]
+    multi = hd.simulate(DEMO_TRUTH, q=q, phi=phi, n_frames=30, noise=0.01, seed=3)
+    cells = [(iq, ip) for iq in range(2) for ip in range(3)]
+    matrices = [np.triu(multi["c2"].values[iq, ip]) for iq, ip in cells]
+    layout = _files.aps_u(np.array(q), np.array(phi), cells, matrices, multi.attrs["dt"])
+    path = _files.write_h5(tmp_path / "bins.h5", layout)
+    out = tmp_path / "out"
+    assert main(["fit", str(path), "--out", str(out)]) == 1
+    assert "--q all for a joint fit" in capsys.readouterr().err
+    assert main(["fit", str(path), "--q", "all", "--out", str(out)]) == 0
+    assert "[[Joint NLSQ fit]]" in capsys.readouterr().out
+    joint = hd.open_result(out / "nlsq.nc")
+    np.testing.assert_allclose(joint.params["q"].values, q, rtol=1e-12)
+    for name in ("D0_sample", "v0", "phi0"):
+        value, error = float(joint.params[name]), float(joint.stderr[name])
+        assert abs(value - DEMO_TRUTH[name]) < 5 * error, (name, value, error)
+    assert main(["fit", str(path), "--q", "0.012,0.008", "--out", str(out), "--overwrite"]) == 0
+    capsys.readouterr()
+    np.testing.assert_allclose(hd.open_result(out / "nlsq.nc").params["q"].values, q)
+    with pytest.raises(SystemExit):
+        main(["fit", str(path), "--q", "0.01,x", "--out", str(out)])
+    assert "numbers A,B,... or 'all'" in capsys.readouterr().err
