@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from heterodyne import model
+from heterodyne import model, verdict
 from heterodyne.data import time_origin
 from heterodyne.errors import OptionError
 from heterodyne.nlsq_result import NLSQResult
@@ -361,11 +361,21 @@ class JointResult(FitResult):
                     for name in RATES
                 ]
                 lines.append(f"    q {qk:<8.4g} " + "; ".join(parts))
-            flagged = self.inconsistent()
-            if flagged:
-                lines.append("[[Warnings]]")
-                lines += [f"    - inconsistent with the joint fit: {f}" for f in flagged]
+        warnings = self.warnings()
+        if warnings:
+            lines.append("[[Warnings]]")
+            lines += [f"    - {w}" for w in warnings]
         return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """What the user must know before trusting the joint physics: a mirror flow that
+        the angles of all bins together cannot exclude (:func:`heterodyne.verdict.mirror_flow`)
+        and the bins inconsistent with the joint fit."""
+        physics = np.array([self.value(n) for n in PHYSICS_NAMES])
+        angles = np.concatenate([b.params["phi"].values for b in self.bins])
+        return verdict.mirror_flow(physics, angles, self.settings) + [
+            f"inconsistent with the joint fit: {f}" for f in self.inconsistent()
+        ]
 
     def __repr__(self):
         return (

@@ -11,6 +11,8 @@ symmetry plane             equal rates and ``x_s = 1/2`` (to 2 % or within 2    
                            stderr): the exchange saddle
 aliased velocity           a phase step ``q |cos(phi - phi0)| (V_j+1 - V_j)``      fail
                            above ``pi`` per frame: a faster flow that looks slow
+mirror flow                two angles see ``v |cos(phi - phi0)|`` only: another    check
+                           ``(v0, phi0)`` within the bounds fits exactly as well
 labels                     the reference faster than the sample after the fit     check
                            (the exchange could not be mapped back)
 equal rates                both components decay alike: labels are arbitrary      check
@@ -44,6 +46,7 @@ STRUCTURE_MAX = 0.3  # share of the residual sum of squares explained by lag mea
 REDUCED_CHI2_MAX = 2.0
 EQUAL_RATES = 0.02  # relative difference of the transport integrals called "equal"
 HALF = 0.02  # |x_s - 1/2| called "one half"
+MIRROR_DEG = 1.0  # a mirror flow closer than this [deg] (and 1/90 in speed) is the fit
 PHYSICAL_ZERO = ("D0_ref", "D0_sample")  # at a lower bound of 0: a static component
 
 
@@ -72,6 +75,8 @@ def of_fit(result) -> Verdict:
     if not result.success:
         fail.append(f"the optimiser did not converge: {result.message}")
     fail += _aliasing(physics, result.data)
+    if not info.get("joint"):  # a joint fit's bins share its angles: JointResult says it
+        check += mirror_flow(physics, result.data["phi"].values, result.settings)
     ref, sample = starts.transport(physics, t)
     fraction = starts.fraction(t, *_fraction_law(physics))
     equal = abs(ref - sample) <= EQUAL_RATES * (ref + sample) or _within_errors(
@@ -168,6 +173,62 @@ def _aliasing(physics: np.ndarray, ds) -> list[str]:
         f"the velocity is aliased: its phase changes by {phase / np.pi:.3g} pi per frame, "
         f"more than the pi the frame rate resolves (|v| <= {starts.resolvable_velocity(ds):.4g} "
         "Å/s here); a slower velocity fits the same frames: bound v0 and refit"
+    ]
+
+
+def flow_mirror(physics, phi, settings) -> np.ndarray | None:
+    """The physics of the other flow that fits two angles exactly as well, or None.
+
+    Only ``|cos(phi_k - phi0)| V`` enters the model (the cross term is even in its
+    phase), so with two distinct angles (mod 180 deg) the flow ``(s v, phi0')`` with
+    ``s cos(phi_k - phi0') = ±cos(phi_k - phi0)``, the signs opposite at the two angles,
+    fits exactly as well: ``A cos(phi_k) + B sin(phi_k) = (cos(phi_1 - phi0),
+    -cos(phi_2 - phi0))_k``, ``s = hypot(A, B)``, ``phi0' = atan2(B, A)``; ``v0`` and
+    ``v_offset`` both scale by ``s``. None when the angles are not two, when the fit
+    could not move there (``phi0`` fixed, a non-zero velocity term fixed, the mirror
+    outside the bounds) or when it coincides with the fit."""
+    angles = np.unique(np.round(np.mod(np.asarray(phi, float), 180.0), 9))
+    physics = np.asarray(physics, float)
+    vary = settings["vary"]
+    velocity = [PHYSICS_INDEX[n] for n in ("v0", "v_offset")]
+    if angles.size != 2 or not bool(vary.sel(name="phi0")):
+        return None
+    if not np.any(physics[velocity]) or any(
+        physics[k] and not bool(vary.sel(name=PHYSICS_NAMES[k])) for k in velocity
+    ):
+        return None
+    phi0 = physics[PHYSICS_INDEX["phi0"]]
+    rad = np.deg2rad(angles)
+    seen = np.cos(rad - np.deg2rad(phi0))
+    a, b = np.linalg.solve(np.column_stack([np.cos(rad), np.sin(rad)]), seen * [1.0, -1.0])
+    scale = float(np.hypot(a, b))
+    mirror = physics.copy()
+    mirror[velocity] *= scale
+    mirror[PHYSICS_INDEX["phi0"]] = (np.rad2deg(np.arctan2(b, a)) + 90.0) % 180.0 - 90.0
+    turn = abs((mirror[PHYSICS_INDEX["phi0"]] - phi0 + 90.0) % 180.0 - 90.0)
+    if turn < MIRROR_DEG and abs(scale - 1.0) < MIRROR_DEG / 90.0:
+        return None
+    lo, hi = (settings[k].values for k in ("min", "max"))
+    names = list(settings["name"].values)
+    inside = all(
+        lo[names.index(PHYSICS_NAMES[k])] <= mirror[k] <= hi[names.index(PHYSICS_NAMES[k])]
+        for k in velocity
+    )
+    return mirror if inside else None
+
+
+def mirror_flow(physics, phi, settings) -> list[str]:
+    """The mirror-flow rule (:func:`flow_mirror`) as a verdict line."""
+    mirror = flow_mirror(physics, phi, settings)
+    if mirror is None:
+        return []
+    angles = ", ".join(f"{v:g}" for v in np.unique(np.asarray(phi, float)))
+    v0, phi0 = mirror[PHYSICS_INDEX["v0"]], mirror[PHYSICS_INDEX["phi0"]]
+    return [
+        f"two angles ({angles} deg) see the flow only as v |cos(phi - phi0)|: v0 = {v0:.4g} "
+        f"Å/s{'' if not mirror[PHYSICS_INDEX['v_offset']] else ' (v_offset scaled alike)'} "
+        f"with phi0 = {phi0:.3g} deg fits the data exactly as well as this solution; the "
+        "flow direction needs a third angle, or phi0 (or v0) fixed from other knowledge"
     ]
 
 

@@ -382,3 +382,14 @@ def test_optimal_weights_beat_the_inverse_residual_variance_ones_with_correlated
     assert best <= min(found) + 1e-9
     scaled = joint.sandwich(7.0 * weights, hessians, meats, columns, size)
     np.testing.assert_allclose(scaled, joint.sandwich(weights, hessians, meats, columns, size))
+
+
+def test_the_joint_warnings_name_a_mirror_flow_only_when_all_bins_share_two_angles(fitted):
+    """Three bins with four angles between them fix the flow direction (each 2-angle bin
+    alone would not); two bins at the same two angles do not, and the report says so."""
+    assert not any("two angles" in w for w in fitted.warnings())
+    assert not any("two angles" in r for b in fitted.bins for r in b.verdict.reasons)
+    same = hd.simulate(TRUTH, q=Q[:2], phi=[[0.0, 45.0]] * 2, n_frames=40, noise=0.01, seed=4)
+    result = hd.fit_nlsq(same, _params(), separate=False, progress=False)
+    assert any(w.startswith("two angles (0, 45 deg)") for w in result.warnings())
+    assert "[[Warnings]]" in result.report()

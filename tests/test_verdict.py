@@ -125,3 +125,34 @@ def test_the_verdict_survives_the_file(tmp_path):
     result = hd.fit_nlsq(ds, hd.Parameters(TRAPS[1]), multistart=0, progress=False)
     again = hd.open_result(result.to_netcdf(tmp_path / "fit.nc"))
     assert again.verdict == result.verdict
+
+
+def test_two_angles_leave_a_mirror_flow_and_the_verdict_gives_it():
+    """With two angles only ``v |cos(phi_k - phi0)|`` is seen: the mirror flow that the
+    verdict names gives the same noiseless c2 (to rounding), and a fit started there stays
+    there with the same cost. A third angle or a fixed phi0 removes the line."""
+    angles = [-30.0, 45.0]
+    ds = data(phi=angles)
+    result = hd.fit_nlsq(ds, progress=False)
+    physics = np.array([result.value(n) for n in PHYSICS_NAMES])
+    mirror = verdict.flow_mirror(physics, angles, result.settings)
+    v0, phi0 = (PHYSICS_NAMES.index(n) for n in ("v0", "phi0"))
+    # independent of the solver: |v cos(phi_k - phi0)| equal at both angles
+    seen = np.abs(physics[v0] * np.cos(np.deg2rad(np.subtract(angles, physics[phi0]))))
+    seen_mirror = np.abs(mirror[v0] * np.cos(np.deg2rad(np.subtract(angles, mirror[phi0]))))
+    np.testing.assert_allclose(seen_mirror, seen, rtol=1e-12)
+    assert abs(mirror[phi0] - physics[phi0]) > 20.0
+    same = [
+        hd.simulate(dict(zip(PHYSICS_NAMES, p, strict=True)), n_frames=80, phi=angles)
+        for p in (physics, mirror)
+    ]
+    np.testing.assert_allclose(same[1]["c2"].values, same[0]["c2"].values, atol=1e-12)
+    assert result.verdict.status == "check"
+    assert any(f"v0 = {mirror[v0]:.4g}" in r for r in result.verdict.reasons)
+    start = hd.Parameters(dict(zip(PHYSICS_NAMES, mirror, strict=True)))
+    there = hd.fit_nlsq(ds, start, multistart=0, progress=False)
+    assert there.chi2 == pytest.approx(result.chi2, rel=1e-6)
+    assert there.value("phi0") == pytest.approx(mirror[phi0], abs=0.5)
+    assert not any("two angles" in r for r in hd.fit_nlsq(data(), progress=False).verdict.reasons)
+    held = hd.fit_nlsq(ds, hd.Parameters(TRUTH), fix=["phi0"], progress=False)
+    assert verdict.flow_mirror(physics, angles, held.settings) is None
