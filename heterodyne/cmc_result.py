@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from heterodyne import diagnostics
+from heterodyne import diagnostics, verdict
 from heterodyne.data import time_origin
 from heterodyne.parameters import PHYSICS_NAMES, UNITS
 from heterodyne.results import (
@@ -163,6 +163,8 @@ class CMCResult(FitResult):
             for label, ratio in self.prior_dominated().items()
         ]
         out += identifiability_warnings(self.parameters())
+        physics = [self.value(n) for n in PHYSICS_NAMES]
+        out += verdict.mirror_flow(physics, self.params["phi"].values, self.settings)
         if self.info.get("errors", "nominal") == "nominal":
             out.append(
                 "the likelihood treats the pairs as independent; two-time pairs share frames, "

@@ -289,6 +289,9 @@ def test_result_layout_and_posterior_summaries(small, short_result):
     for text in ("[[CMC fit]]", "[[Parameters]]", "[[Shards]]", "contrast[60°]", "verdict"):
         assert text in report
     assert "<table>" in result._repr_html_()
+    # two angles: the mirror flow of the NLSQ verdict is in the CMC warnings too
+    assert any(w.startswith("two angles (0, 60 deg)") for w in result.warnings())
+    assert any(r.startswith("two angles (0, 60 deg)") for r in init.verdict.reasons)
 
 
 def test_result_round_trips_through_netcdf(short_result, tmp_path):
