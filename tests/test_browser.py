@@ -61,7 +61,10 @@ def browser():
 def url(tmp_path_factory):
     """The dashboard of a small beamline file, served on a free local port."""
     path = example_file(
-        tmp_path_factory.mktemp("data") / "sample.h5", q=(0.01,), n_frames=40, phi=(0.0, 45.0)
+        tmp_path_factory.mktemp("data") / "sample.h5",
+        q=(0.01,),
+        n_frames=40,
+        phi=(-45.0, 0.0, 45.0),
     )
     with served(path, address="127.0.0.1") as port:
         yield f"http://127.0.0.1:{port}/"
