@@ -62,6 +62,7 @@ import numpy as np
 import xarray as xr
 
 from heterodyne import model, shapes
+from heterodyne.memory import aligned_zeros
 from heterodyne.pairs import STORAGE, fitted_rows, unpack
 from heterodyne.parameters import PHYSICS_NAMES
 
@@ -162,7 +163,7 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         return None
 
     center = (total / np.maximum(count, 1)).astype(np.float32).astype(np.float64)
-    panels = np.zeros((n_blocks, n_phi, size, n_blocks * size), dtype=dtype)
+    panels = aligned_zeros((n_blocks, n_phi, size, n_blocks * size), dtype)
     sum_d, sum_d2 = np.zeros(n_phi), np.zeros(n_phi)
     masked = []
     for a in range(n_phi):
@@ -201,7 +202,7 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         live=jax.device_put((np.arange(n_class) < n).astype(np.float64)),
         phi=jax.device_put(ds["phi"].values.astype(np.float64)),
         q=jax.device_put(np.asarray(float(ds["q"]))),
-        panels=jax.device_put(panels),
+        panels=jax.device_put(panels, may_alias=True),  # the data's size: not copied
         diag=jax.device_put(diag),
         weight=jax.device_put(weight),
         center=jax.device_put(center),
