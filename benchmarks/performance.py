@@ -10,10 +10,12 @@ For each configuration (frames x angles, and path):
   (what a user sees in a new notebook, a command-line run or a survey worker);
 - ``warm``: the second fit in that process (compiled programs in memory).
 
-``--repeats R`` runs R cold and R cache-warm processes and prints the medians. Each
-process also prints its peak resident memory (``ru_maxrss``, which includes
-``hd.simulate`` making the data) against the stored matrices ``c2`` (float64,
-``n_phi x N x N``), and for the fast path the time of one evaluation of
+``--repeats R`` runs R cold and R cache-warm processes and prints the medians. The data
+are simulated once per configuration, in a process of their own, and written to a
+netCDF file (``sim MB``: that process's peak); each fitting process reads the file with
+``hd.load``, so its peak resident memory (sampled every millisecond during the fits) is
+the fit's own, with the Dataset and the libraries, against the stored matrices ``c2``
+(float64, ``n_phi x N x N``). For the fast path it also prints the time of one evaluation of
 ``(J^T J, J^T r, r^T r)`` against two floors: one streaming read of the data the
 evaluation reads at the memory bandwidth measured in the same process (a numpy copy of
 256 MB), and a compiled call of the model's per-frame factors without derivatives
@@ -26,8 +28,7 @@ larger of the two.
 ``--padding`` prices the size classes (:mod:`heterodyne.shapes`) instead: for each size,
 the warm fit and one evaluation with the frames padded to their class and without, and
 the first fit of a new window one frame shorter (the same class: no compilation) against
-the same without padding (a new size: compiled). ``fit MB`` is the peak resident memory
-sampled during the fits, apart from the process peak that ``hd.simulate`` may set.
+the same without padding (a new size: compiled).
 
 ``--frames`` and ``--angles`` are paired (one configuration each). The machine load
 (``os.getloadavg``) is printed before and after: other processes on the same cores slow
@@ -99,13 +100,33 @@ class Peak:
         self.peak = max(self.peak, resident())
 
 
+def make(n_frames: int, n_angles: int, file: str) -> dict:
+    """Simulate the data of a configuration and write them to ``file`` (netCDF); the peak
+    resident memory of doing so."""
+    import heterodyne as hd
+
+    ds = hd.simulate(TRUTH, n_frames=n_frames, phi=angles(n_angles), noise=0.01, seed=0)
+    hd.to_netcdf(ds, file)
+    return {"simulate_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def angles(n_angles: int):
+    return np.linspace(-60, 60, n_angles) if n_angles > 1 else [0.0]
+
+
 def one(
-    n_frames: int, n_angles: int, path: str, measure: bool, padded: bool = True, window=False
+    n_frames: int,
+    n_angles: int,
+    path: str,
+    measure: bool,
+    padded: bool = True,
+    window=False,
+    file=None,
 ) -> dict:
     """One fresh process: import, first fit, and with ``measure`` the warm fit and the
     evaluation's figures, with ``window`` the first fit of a window one frame shorter;
     ``padded=False`` turns the size classes off (every size its own class), to price
-    the padding."""
+    the padding. The data are read from ``file`` (:func:`make`), else simulated here."""
     start = time.perf_counter()
     import heterodyne as hd
 
@@ -122,10 +143,12 @@ def one(
     if path == "plain":
         # the switch of this benchmark: the fast path's rule says "does not apply"
         structured.blocks = lambda pairs, block=None, dtype=None: None
-    phi = np.linspace(-60, 60, n_angles) if n_angles > 1 else [0.0]
-    ds = hd.simulate(TRUTH, n_frames=n_frames, phi=phi, noise=0.01, seed=0)
+    if file is None:
+        ds = hd.simulate(TRUTH, n_frames=n_frames, phi=angles(n_angles), noise=0.01, seed=0)
+    else:
+        ds = hd.load(file)
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()})
-    simulated = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     with Peak() as first:
         hd.fit_nlsq(ds, guess, progress=False)
@@ -138,7 +161,7 @@ def one(
         warm = hd.fit_nlsq(ds, guess, progress=False)
     out["warm_s"] = time.perf_counter() - t1
     out["peak_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out.update(simulate_MB=simulated, fit_MB=max(first.peak, peak.peak), before_MB=before)
+    out.update(loaded_MB=loaded, fit_MB=max(first.peak, peak.peak), before_MB=before)
     out.update(
         data_MB=ds["c2"].nbytes / 1e6,
         pairs=warm.info["n_pairs"],
@@ -170,15 +193,15 @@ def evaluation(hd, structured, ds, guess) -> dict:
         "model_s": best_of(
             lambda: [np.asarray(v) for v in factors(physics, data.t, data.phi, data.q)]
         ),
-        "read_MB": sum(int(a.nbytes) for a in (data.panels, data.diag)) / 1e6,
+        "read_MB": int(data.panels.nbytes) / 1e6,
         "bandwidth": bandwidth(),
     }
 
 
-def run(args: list[str], cache: str) -> dict:
+def run(args: list[str], cache: str, flag: str = "--one") -> dict:
     env = {**os.environ, "HETERODYNE_CACHE": cache}
     out = subprocess.run(
-        [sys.executable, __file__, "--one", *args],
+        [sys.executable, __file__, flag, *args],
         capture_output=True,
         text=True,
         check=True,
@@ -205,12 +228,18 @@ def main():
         help="price the size classes: each size with and without padding (warm fit, "
         "evaluation) and the compilation a new window of the same class saves",
     )
-    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--make", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:
+        n, a, file = args.make
+        print(json.dumps(make(int(n), int(a), file)))
+        return
     if args.one:
-        n, a, path, measure, padded = args.one
+        n, a, path, measure, padded, *file = args.one
         level = int(measure)
-        print(json.dumps(one(int(n), int(a), path, level > 0, padded == "1", level > 1)))
+        found = one(int(n), int(a), path, level > 0, padded == "1", level > 1, *file)
+        print(json.dumps(found))
         return
     if args.padding:
         padding(args.frames, args.angles)
@@ -221,19 +250,22 @@ def main():
     print(
         f"{'frames':>6} {'angles':>6} {'path':>5} {'import':>6} {'libs':>5} {'cold s':>7} "
         f"{'libs':>5} {'cache s':>7} {'warm s':>7} {'nfev':>4} {'peak MB':>8} "
-        f"{'sim MB':>7} {'fit MB':>7} {'data MB':>8} {'x data':>6} {'eval ms':>8} "
+        f"{'sim MB':>7} {'load MB':>7} {'fit MB':>7} {'data MB':>8} {'x data':>6} {'eval ms':>8} "
         f"{'model ms':>8} {'stream ms':>9} "
         f"{'x floor':>7} {'v0':>9}"
     )
     for n, a in zip(args.frames, args.angles, strict=True):
         for path in args.path:
             cold, cached = [], []
-            for _ in range(args.repeats):
-                with tempfile.TemporaryDirectory() as cache:
+            with tempfile.TemporaryDirectory() as folder:
+                file = os.path.join(folder, "data.nc")
+                made = run([str(n), str(a), file], os.path.join(folder, "cache"), "--make")
+                for k in range(args.repeats):
+                    cache = os.path.join(folder, f"cache{k}")
                     config = [str(n), str(a), path]
                     if not args.one_process:
-                        cold.append(run([*config, "0", "1"], cache))
-                    cached.append(run([*config, "1", "1"], cache))
+                        cold.append(run([*config, "0", "1", file], cache))
+                    cached.append(run([*config, "1", "1", file], cache))
             cold = cold or cached
 
             def median(runs, key):
@@ -246,7 +278,8 @@ def main():
                 f"{median(cached, 'libs_s'):>5.2f} {median(cached, 'first_s'):>7.2f} "
                 f"{median(cached, 'warm_s'):>7.2f} "
                 f"{r['nfev']:>4} {median(cached, 'peak_MB'):>8.0f} "
-                f"{median(cached, 'simulate_MB'):>7.0f} {median(cached, 'fit_MB'):>7.0f} "
+                f"{made['simulate_MB']:>7.0f} {median(cached, 'loaded_MB'):>7.0f} "
+                f"{median(cached, 'fit_MB'):>7.0f} "
                 f"{r['data_MB']:>8.0f} {median(cached, 'fit_MB') / r['data_MB']:>6.1f}"
             )
             if "eval_s" in r:
@@ -264,11 +297,12 @@ def main():
         "import: `import heterodyne` in a fresh process; libs: then loading what a fit needs "
         "(JAX, SciPy, xarray); cold s: its first fit_nlsq with an empty compilation cache; "
         "cache s: the same in a fresh process reading that cache; "
-        "warm s: the second fit in that process; peak MB: its peak resident memory (with "
-        "hd.simulate); sim MB: the peak after hd.simulate, before the fits; fit MB: the "
-        "peak resident memory during either fit (sampled every ms; libraries, compiled "
-        "code and the Dataset included); data MB: the c2 matrices in float64; x data: "
-        "fit MB / data MB; eval ms: "
+        "warm s: the second fit in that process; peak MB: its peak resident memory (hd.load "
+        "included); sim MB: the peak of hd.simulate and writing the file, in a process of "
+        "its own; load MB: the peak after hd.load, before the fits; fit MB: the peak "
+        "resident memory during either fit (sampled every ms; libraries, compiled code and "
+        "the Dataset read by hd.load included); data MB: the c2 matrices in float64; "
+        "x data: fit MB / data MB; eval ms: "
         "one evaluation of (J^T J, J^T r, r^T r); model ms: a compiled call of the model's "
         "per-frame factors, no derivatives; stream ms: one read of the data the evaluation "
         "reads at this process's numpy copy bandwidth; x floor: eval / the larger of the "

@@ -183,7 +183,8 @@ class Plan:
         """``(nominal, covariance, scales)`` of the varied quantities at their values
         ``x``: the covariances of NLSQ's errors "nominal" and ``errors``
         (:meth:`heterodyne.objective.Objective.errors_at`), and the error model's scales."""
-        found = self.problem.errors_at(x, self.problem.normal_equations(x)[0], errors)
+        jtj, _, chi2 = self.problem.normal_equations(x)
+        found = self.problem.errors_at(x, jtj, float(chi2), errors)
         return found.nominal, found.covariance, found.scales
 
     def physical(self, u) -> np.ndarray:

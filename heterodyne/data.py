@@ -117,6 +117,15 @@ def from_arrays(c2, t, phi, q, sigma=None, *, source: str = "arrays") -> xr.Data
     c2 = symmetrize(c2)
     if sigma is not None:
         sigma = symmetrize(sigma)
+    return from_owned_arrays(c2, t, phi, q, sigma, source=source)
+
+
+def from_owned_arrays(c2, t, phi, q, sigma=None, *, source: str) -> xr.Dataset:
+    """The canonical Dataset around arrays it takes over, not copied: ``c2`` (and
+    ``sigma``) float64 of shape ``(n_phi, N, N)``, full symmetric matrices that nothing
+    else writes to (the simulator's, or :func:`from_arrays`' own copies), ``t`` (N,) and
+    ``phi`` (n_phi,) float64. Validated (:func:`validate`; raises ``DataError``) and its
+    missing pairs counted."""
     q_value = _real_array(q, "q")
     if q_value.ndim != 0:
         raise DataError(
@@ -177,11 +186,14 @@ def fill_triangle(m: np.ndarray, below: np.ndarray) -> None:
     the stack); ``below`` masks the lower triangle, ``np.tri(N, k=-1, dtype=bool)``,
     built once for all angles.
     """
-    # m[below] and m.T[below] list the two values of each pair (i, j) in the same order;
-    # one angle at a time and a boolean mask keep the temporaries to half a matrix.
+    # a full matrix (both triangles hold values) is left as it is, found so a block of
+    # rows at a time; m[below] and m.T[below] list the two values of each pair (i, j) in
+    # the same order; one angle at a time and a boolean mask keep the temporaries of a
+    # matrix given as one triangle to half a matrix.
+    lower_zero, upper_zero = _empty_triangle(m, below), _empty_triangle(m.T, below)
+    if not (lower_zero or upper_zero):
+        return
     lower, upper = m[below], m.T[below]
-    lower_zero = np.all((lower == 0) | np.isnan(lower))
-    upper_zero = np.all((upper == 0) | np.isnan(upper))
     if lower_zero and not upper_zero:
         m[below] = upper
     elif upper_zero and not lower_zero:
@@ -191,6 +203,17 @@ def fill_triangle(m: np.ndarray, below: np.ndarray) -> None:
         missing = np.isnan(lower) | np.isnan(upper)
         m[below] = np.where(missing, np.nan, lower)
         m.T[below] = np.where(missing, np.nan, upper)
+
+
+def _empty_triangle(m: np.ndarray, below: np.ndarray) -> bool:
+    """Whether the triangle of ``m`` that ``below`` masks holds only zeros and NaN, read
+    ``_ROWS`` rows at a time (it stops at the first block with a value)."""
+    for start in range(0, m.shape[0], _ROWS):
+        rows, mask = m[start : start + _ROWS], below[start : start + _ROWS]
+        values = rows[mask]
+        if not np.all((values == 0) | np.isnan(values)):
+            return False
+    return True
 
 
 def validate(ds: xr.Dataset) -> xr.Dataset:

@@ -217,7 +217,7 @@ class JointObjective:
             own, _, rtr = objective.normal_equations(part)
             variance.append(float(rtr) / max(objective.n_pairs - part.size, 1))
             if errors != "nominal":
-                covariance = objective.errors_at(part, own, errors).covariance
+                covariance = objective.errors_at(part, own, float(rtr), errors).covariance
                 hessians.append(own)
                 meats.append(own @ covariance @ own)
         weights = 1.0 / np.asarray(variance)
@@ -237,8 +237,8 @@ class JointObjective:
         meat = {"chosen": np.zeros((size, size)), "nominal": np.zeros((size, size))}
         per_bin = []
         for objective, column, part, w in self._parts(x):
-            own = objective.normal_equations(part)[0]
-            found = objective.errors_at(part, own, errors)
+            own, _, chi2 = objective.normal_equations(part)
+            found = objective.errors_at(part, own, float(chi2), errors)
             per_bin.append(found)
             block = np.ix_(column, column)
             meat["chosen"][block] += w * w * own @ found.covariance @ own

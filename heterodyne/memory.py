@@ -25,20 +25,38 @@ WINDOW_REMEDY = (
 )
 # Peak memory of fit_nlsq beyond its Dataset: a part that does not grow with the data
 # (compiled code, libraries) and bytes per value of the c2 grid (n_phi x N x N; a fitted
-# pair is two values). The nominal fit holds the fast path's float32 copy of the data
-# (4 bytes per value), then the result's float32 model and residual grids (8), each built
-# a block of rows at a time: the peak RSS of fresh processes rose by ~0.4 GB at 2000
-# frames x 4 angles (16 M values) and ~0.5 GB at 5000 x 2 (50 M values) above the Dataset
-# and the libraries, taken as 0.8 GB + 12 bytes per value. errors="speckle" also builds the
-# flat pairs and their residuals and adds ~56 bytes per value and ~240 per value of one
-# N x N matrix (its Jacobian grids are built one angle at a time), taken as 70 and 290.
-# CMC builds the flat pairs and the rows of its shards: the former NLSQ figure (measured
-# with the flat pairs), 0.8 GB + 30 bytes per value.
+# pair is two values). The nominal fit holds the fast path's float32 copy of the data (4
+# bytes per value of the size class, up to 27 % more values) and the evaluation's
+# temporaries; the result's model and residual grids (float32) are made only when read.
+# The peak RSS of fresh processes that read the data with hd.load rose by 0.29 GB at
+# 2000 frames x 4 angles (16 M values) and 0.52 GB at 5000 x 2 (50 M values) above the
+# Dataset and the libraries (~0.17 GB + 7 bytes per value), taken as 0.8 GB + 8 bytes per
+# value. errors="speckle" also builds the flat pairs and their residuals and adds ~56
+# bytes per value and ~240 per value of one N x N matrix (its Jacobian grids are built one
+# angle at a time), taken as 70 and 290. CMC builds the flat pairs and the rows of its
+# shards: the former NLSQ figure (measured with the flat pairs), 0.8 GB + 30 bytes per
+# value.
 FIT_MEMORY = {
-    "nominal": {"per_value": 12.0, "fixed": 0.8e9},
+    "nominal": {"per_value": 8.0, "fixed": 0.8e9},
     "speckle": {"per_value": 70.0, "per_angle": 290.0, "fixed": 0.8e9},
     "cmc": {"per_value": 30.0, "fixed": 0.8e9},
 }
+
+
+# JAX takes a host array without copying it when its memory is aligned to this many
+# bytes (jax.device_put(..., may_alias=True) on the CPU); numpy aligns to 16
+ALIGNMENT = 64
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zero array whose memory JAX can take over without a copy: handed to
+    ``jax.device_put(array, may_alias=True)`` on the CPU, an array of the data's size is
+    held once, not twice while it is copied. Nothing may write to it after."""
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n_bytes + ALIGNMENT, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip : skip + n_bytes].view(dtype).reshape(shape)
 
 
 def check_memory(

@@ -188,8 +188,6 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
                 nominal=nominal[block],
                 errors=errors,
                 error_scales=found.scales,
-                model_c2=found.model_c2,
-                residuals=found.residuals,
                 chi2=chi2[k],
                 nfev=int(best.nfev),
                 success=success,
@@ -312,13 +310,11 @@ def _result(objective: Objective, outcomes, options, *, errors="nominal") -> NLS
     """The best of ``outcomes``, in the labelling convention, as an :class:`NLSQResult`."""
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])
     best, exchanged = in_convention(objective, outcomes[int(np.argmin(costs))], options)
-    # the fast path's copy of the data serves no error or result: released before their
-    # grids are made (a later Objective.normal_equations builds it again)
+    # the fast path's copy of the data serves no error or result: released before the
+    # errors (a later Objective.normal_equations builds it again)
     vars(objective).pop("blocks", None)
     chi2 = float(2.0 * best.cost)
-    covariance, nominal, scales, _, model_c2, residuals = objective.errors_at(
-        best.x, best.jtj, errors
-    )
+    covariance, nominal, scales, _ = objective.errors_at(best.x, best.jtj, chi2, errors)
     success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
     tried = _starts_dataset(objective, outcomes, costs)
     return NLSQResult.from_fit(
@@ -328,8 +324,6 @@ def _result(objective: Objective, outcomes, options, *, errors="nominal") -> NLS
         nominal=nominal,
         errors=errors,
         error_scales=scales,
-        model_c2=model_c2,
-        residuals=residuals,
         chi2=chi2,
         nfev=int(best.nfev),
         success=success,

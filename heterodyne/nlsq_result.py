@@ -34,13 +34,15 @@ from heterodyne.results import (
 )
 
 CORRELATION_SHOW = 0.7  # the report lists correlations above this
-CORRELATION_LINES = 12
-# The groups of a result file: the fields of NLSQResult but info; those that are DataArrays
+CORRELATION_LINES = 12  # ... the strongest this many of them
+# The groups of a result file: the parts of NLSQResult but info; those that are DataArrays
 GROUPS = (
     "params", "stderr", "stderr_nominal", "covariance", "starts", "model", "residuals", "data",
     "settings",
 )  # fmt: skip
-ARRAY_GROUPS = ("covariance", "residuals")  # ... the strongest this many of them
+ARRAY_GROUPS = ("covariance", "residuals")
+# ... those computed from params when first read (the data's size each)
+LAZY = ("model", "residuals")
 
 
 @dataclass(frozen=True, repr=False)
@@ -63,10 +65,12 @@ class NLSQResult(FitResult):
     starts : xarray.Dataset
         Every multistart outcome (``x``, ``cost``, ``nfev``, ``success`` by ``start``).
     model : xarray.Dataset
-        The model ``c2`` at the best fit on the data's grid.
+        The model ``c2`` at the best fit on the data's grid (float32), computed from
+        ``params`` when first read.
     residuals : xarray.DataArray
         Weighted residuals ``(model - data) / sigma`` at the fitted pairs (mirrored into
-        the lower triangle; NaN on the diagonal and at masked pairs).
+        the lower triangle; NaN on the diagonal and at masked pairs; float32), computed
+        when first read.
     data : xarray.Dataset
         The fitted Dataset.
     settings : xarray.Dataset
@@ -84,8 +88,6 @@ class NLSQResult(FitResult):
     stderr_nominal: xr.Dataset
     covariance: xr.DataArray
     starts: xr.Dataset
-    model: xr.Dataset
-    residuals: xr.DataArray
     data: xr.Dataset
     settings: xr.Dataset
     info: dict = field(default_factory=dict)
@@ -100,8 +102,6 @@ class NLSQResult(FitResult):
         nominal,
         errors,
         error_scales,
-        model_c2,
-        residuals,
         chi2,
         nfev,
         success,
@@ -129,34 +129,64 @@ class NLSQResult(FitResult):
             **error_scales,
             **(notes or {}),
         }
-        coords = {k: data.coords[k] for k in ("phi", "t1", "t2", "q")}
         return cls(
             params=objective.values(x),
             stderr=objective.errors(covariance),
             stderr_nominal=objective.errors(nominal),
             covariance=objective.covariance_array(covariance),
             starts=starts,
-            model=xr.Dataset(
-                {
-                    "c2": (
-                        ("phi", "t1", "t2"),
-                        model_c2,
-                        {"long_name": "model two-time correlation"},
-                    )
-                },
-                coords=coords,
-            ),
-            residuals=xr.DataArray(
-                residuals,
-                dims=("phi", "t1", "t2"),
-                coords=coords,
-                name="residuals",
-                attrs={"long_name": "weighted residual (model - data)"},
-            ),
             data=data,
             settings=settings_dataset(objective.params),
             info=info,
         )
+
+    @cached_property
+    def model(self) -> xr.Dataset:
+        """The model ``c2`` at the best fit on the data's grid, float32 (computed from
+        ``params`` on first read, one block of rows at a time)."""
+        from heterodyne.pairs import STORAGE  # JAX: loaded where a grid is computed
+
+        grid = np.empty(self.data["c2"].shape, dtype=STORAGE)
+        for k, start, rows in self._model_rows():
+            grid[k, start : start + rows.shape[0]] = rows
+        return xr.Dataset(
+            {"c2": (("phi", "t1", "t2"), grid, {"long_name": "model two-time correlation"})},
+            coords=self._coords(),
+        )
+
+    @cached_property
+    def residuals(self) -> xr.DataArray:
+        """Weighted residuals ``(model - data) / sigma`` on the data's grid, float32: NaN
+        where a pair is not fitted, the lower triangle the mirror of the upper (computed
+        from ``params`` on first read, one block of rows at a time)."""
+        from heterodyne.pairs import residual_grid
+
+        return xr.DataArray(
+            residual_grid(self.data, self._model_rows())[0],
+            dims=("phi", "t1", "t2"),
+            coords=self._coords(),
+            name="residuals",
+            attrs={"long_name": "weighted residual (model - data)"},
+        )
+
+    def _model_rows(self):
+        """The model at ``params`` by blocks of rows (:func:`heterodyne.model.grid_rows`,
+        MODEL.md: ``c2 = offset + contrast g``): a fit holds no grid of the data's size
+        until :attr:`model` or :attr:`residuals` is read."""
+        from heterodyne.model import grid_rows
+
+        data, params = self.data, self.params
+        return grid_rows(
+            np.array([float(params[name]) for name in PHYSICS_NAMES]),
+            params["contrast"].values,
+            params["offset"].values,
+            data["t1"].values.astype(float),
+            data["phi"].values.astype(float),
+            float(data["q"]),
+        )
+
+    def _coords(self) -> dict:
+        return {k: self.data.coords[k] for k in ("phi", "t1", "t2", "q")}
 
     @property
     def chi2(self) -> float:
@@ -369,13 +399,13 @@ class NLSQResult(FitResult):
     @classmethod
     def _from_tree(cls, tree):
         groups, info = read_groups(tree)
-        return cls(
-            **{
-                name: groups[name][name] if name in ARRAY_GROUPS else groups[name]
-                for name in GROUPS
-            },
-            info=info,
-        )
+        parts = {
+            name: groups[name][name] if name in ARRAY_GROUPS else groups[name] for name in GROUPS
+        }
+        grids = {name: parts.pop(name) for name in LAZY}
+        result = cls(**parts, info=info)
+        vars(result).update(grids)  # read back as written, not computed again
+        return result
 
 
 RESULT_TYPES["NLSQResult"] = NLSQResult

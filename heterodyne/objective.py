@@ -28,11 +28,9 @@ from heterodyne import model, shapes, starts, structured, uncertainty
 from heterodyne.data import validate
 from heterodyne.errors import OptionError, ParameterError
 from heterodyne.pairs import (
-    STORAGE,
     Pairs,
     fitted_pairs,
     pair_counts,
-    residual_grid,
     residuals,
     unpack,
 )
@@ -135,8 +133,6 @@ class Errors(NamedTuple):
         dict  #: scales of the error model (``speckle_kappa``, ``shot_kappa``, ``white_variance``)
     )
     z: np.ndarray  #: the packed vector at ``x``
-    model_c2: np.ndarray  #: model on the grid, (n_phi, N, N), float32
-    residuals: np.ndarray  #: weighted residuals on the grid, NaN where not fitted, float32
 
 
 class Objective:
@@ -434,8 +430,9 @@ class Objective:
                 points[:, k] = lo + unit[:, column] * (hi - lo)
         return points
 
-    def errors_at(self, x, jtj, errors: str) -> Errors:
-        """Covariance of the varied quantities at ``x`` with ``J^T J = jtj`` there.
+    def errors_at(self, x, jtj, chi2: float, errors: str) -> Errors:
+        """Covariance of the varied quantities at ``x`` with ``J^T J = jtj`` and the sum of
+        squared weighted residuals ``chi2`` there.
 
         The nominal one is ``(J^T J)^+``, scaled by ``chi2 / (n_pairs - n_varied)`` when
         the Dataset has no ``sigma``; ``errors="speckle"`` adds the covariance of
@@ -445,14 +442,6 @@ class Objective:
         z[np.asarray(self.free)] = x
         physics, contrast, offset = unpack(z, self.n_scale)
         grid = (physics, contrast, offset, *self.coordinates)
-        model_c2 = np.empty(self.ds["c2"].shape, dtype=STORAGE)
-
-        def model_rows():
-            for k, start, rows in model.grid_rows(*grid):
-                model_c2[k, start : start + rows.shape[0]] = rows
-                yield k, start, rows
-
-        residual_c2, chi2 = residual_grid(self.ds, model_rows())
         jtj_inverse = pseudo_inverse(jtj)
         nominal = jtj_inverse.copy()
         if "sigma" not in self.ds.data_vars:
@@ -477,7 +466,7 @@ class Objective:
                 "shot_kappa": speckle.shot,
                 "white_variance": speckle.white,
             }
-        return Errors(covariance, nominal, scales, z, model_c2, residual_c2)
+        return Errors(covariance, nominal, scales, z)
 
 
 def normalised_eigh(jtj: np.ndarray):

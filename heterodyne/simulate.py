@@ -6,7 +6,7 @@ import numpy as np
 import xarray as xr
 
 from heterodyne import checks, model, speckle
-from heterodyne.data import from_arrays
+from heterodyne.data import from_owned_arrays
 from heterodyne.errors import OptionError
 from heterodyne.memory import check_memory
 from heterodyne.parameters import PHYSICS_NAMES, Parameters
@@ -187,7 +187,15 @@ def simulate(
                     matrix[start:stop] += np.where(offset >= 0, draws, 0.0)
                     matrix[:, start:stop] += np.where(offset > 0, draws, 0.0).T
     sigma = np.full_like(c2, noise) if store_sigma else None
-    ds = from_arrays(c2, t, phi, q, sigma=sigma, source=f"heterodyne.simulate(seed={seed})")
+    # the grids are this function's own: the Dataset takes them without a copy
+    ds = from_owned_arrays(
+        c2,
+        t,
+        np.asarray(phi, dtype=np.float64),
+        q,
+        sigma,
+        source=f"heterodyne.simulate(seed={seed})",
+    )
     ds.attrs["dt"] = float(dt)
     ds.attrs.update({f"true_{n}": float(p[n].value) for n in PHYSICS_NAMES})
     ds.attrs.update(true_contrast=scale, true_offset=base, seed=int(seed))

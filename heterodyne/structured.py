@@ -62,6 +62,7 @@ import numpy as np
 import xarray as xr
 
 from heterodyne import model, shapes
+from heterodyne.memory import aligned_zeros
 from heterodyne.pairs import STORAGE, fitted_rows, unpack
 from heterodyne.parameters import PHYSICS_NAMES
 
@@ -93,7 +94,7 @@ class Blocks(NamedTuple):
     windows of similar length share the compiled code), and that to ``n_blocks * B``;
     ``live`` marks the frames of the data. ``panels[K, a]`` holds rows
     ``K B .. K B + B - 1`` of angle ``a``'s symmetric matrix (both triangles, all
-    columns); ``diag[K, a]`` the upper triangle of block ``K`` with itself. Both hold
+    columns), whose block ``K`` of columns holds the block's pairs with itself. They hold
     ``d = c2 - center`` (centering makes the expanded ``r^T r`` a difference of smaller
     sums); pairs that are not fitted (diagonal, non-finite, padding) are zero.
     """
@@ -103,7 +104,6 @@ class Blocks(NamedTuple):
     phi: jax.Array  #: angles [deg], (n_phi,)
     q: jax.Array  #: wavevector [1/Å], ()
     panels: jax.Array  #: (n_blocks, n_phi, B, n_blocks * B) rows of the symmetric data
-    diag: jax.Array  #: (n_blocks, n_phi, B, B) upper triangles of the diagonal blocks
     weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
     center: jax.Array  #: (n_phi,) mean c2 of each angle's fitted pairs, subtracted
     sum_d: jax.Array  #: (n_phi,) sum of the centered c2 ``d`` over each angle's fitted pairs
@@ -162,7 +162,7 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         return None
 
     center = (total / np.maximum(count, 1)).astype(np.float32).astype(np.float64)
-    panels = np.zeros((n_blocks, n_phi, size, n_blocks * size), dtype=dtype)
+    panels = aligned_zeros((n_blocks, n_phi, size, n_blocks * size), dtype)
     sum_d, sum_d2 = np.zeros(n_phi), np.zeros(n_phi)
     masked = []
     for a in range(n_phi):
@@ -183,8 +183,6 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
             panels[k, a, :, columns] = own + own.T
             for later in range(k + 1, len(starts)):
                 panels[later, a, :, columns] = panels[k, a, :, later * size : (later + 1) * size].T
-    upper = np.triu(np.ones((size, size), dtype=bool), 1)
-    diag = np.stack([panels[k, :, :, k * size : (k + 1) * size] * upper for k in range(n_blocks)])
 
     m_angle, m_i, m_j = (
         np.concatenate(masked, axis=1) if masked else np.zeros((3, 0), dtype=np.int32)
@@ -201,8 +199,7 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         live=jax.device_put((np.arange(n_class) < n).astype(np.float64)),
         phi=jax.device_put(ds["phi"].values.astype(np.float64)),
         q=jax.device_put(np.asarray(float(ds["q"]))),
-        panels=jax.device_put(panels),
-        diag=jax.device_put(diag),
+        panels=jax.device_put(panels, may_alias=True),  # the data's size: not copied
         weight=jax.device_put(weight),
         center=jax.device_put(center),
         sum_d=jax.device_put(sum_d),
@@ -271,7 +268,7 @@ def stages(x, template, free, data: Blocks, n_scale: int, n_physics: int):
     a, b, e, Da, Db, scale, base = _factor_stage(
         x, template, free, data.t, data.live, data.phi, data.q, data.center, n_scale, n_physics
     )
-    X, Y, dg = _data_pass(a, b, e, data.panels, data.diag)
+    X, Y, dg = _data_pass(a, b, e, data.panels)
     masked = (data.masked_angle, data.masked_i, data.masked_j, data.masked_valid)
     gram, magnitude = _fitted_gram(a, b, e, Da, Db, scale, data.live, masked)
     sums = (data.weight, data.sum_d, data.sum_d2)
@@ -352,21 +349,21 @@ def _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scal
 
 
 @jax.jit
-def _data_pass(a, b, e, panels, diag):
+def _data_pass(a, b, e, panels):
     """One pass over the data ``d``: ``X``, ``Y`` of the module docstring, shape
     ``(n_phi, N, M)``, and per angle ``sum d g = sum a X``
-    over the fitted pairs (``d`` is zero elsewhere); ``panels`` and ``diag`` as in
-    :class:`Blocks`.
+    over the fitted pairs (``d`` is zero elsewhere); ``panels`` as in :class:`Blocks`.
 
     For the rows of block ``K`` (first frame ``s``, next block's first frame ``s'``),
     ``X_i = exp(e_i - e_s') sum_{j >= s'} d_ij exp(e_s' - e_j) b_j`` and
     ``Y_i = exp(e_s - e_i) sum_{j < s} d_ij exp(e_j - e_s) a_j`` (``d`` is symmetric):
     one matrix product of the panel with ``2 M`` columns, every factor ``<= 1``. The
-    pairs of the diagonal block are added from ``diag``: split at the block's first frame
-    where its exponents span at most ``DIAG_SPAN``, else pair by pair.
+    pairs of the diagonal block (its upper triangle, read from the panel) are added: split
+    at the block's first frame where its exponents span at most ``DIAG_SPAN``, else pair
+    by pair.
     """
     n_phi, n, m = a.shape
-    n_blocks, _, size, _ = diag.shape
+    n_blocks, _, size, _ = panels.shape
     n_pad = n_blocks * size
     pad = n_pad - n
     # padded frames have a = b = 0 and the last exponent, so every factor stays <= 1
@@ -425,15 +422,18 @@ def _data_pass(a, b, e, panels, diag):
         return x_part, y_part
 
     def diag_block(_, block):
-        e_k = block[2]
+        a_k, b_k, e_k, panel, k = block
+        # the block's pairs with itself, upper triangle, in float64 one block at a time
+        own = jax.lax.dynamic_slice_in_dim(panel, k * size, size, axis=-1)
+        d = jnp.where(upper[..., 0], own, 0.0).astype(a_k.dtype)
         narrow = jnp.max(e_k[-1] - e_k[0]) <= DIAG_SPAN
-        return None, jax.lax.cond(narrow, split_diag, pairwise_diag, *block)
+        return None, jax.lax.cond(narrow, split_diag, pairwise_diag, a_k, b_k, e_k, d)
 
     def by_block(v):
         return v.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
 
     _, (x_diag, y_diag) = jax.lax.scan(
-        diag_block, None, (by_block(a), by_block(b), e_blocks, diag.astype(a.dtype))
+        diag_block, None, (by_block(a), by_block(b), e_blocks, panels, jnp.arange(n_blocks))
     )
 
     def by_frame(off, diag):

@@ -11,7 +11,7 @@ from scipy.optimize import curve_fit
 import heterodyne as hd
 from heterodyne import model, nlsq, objective, starts, structured
 from heterodyne.pairs import fitted_pairs
-from heterodyne.parameters import LOG_DECADES
+from heterodyne.parameters import LOG_DECADES, PHYSICS_NAMES
 from heterodyne.results import at_entries, entry_label, index_of
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
@@ -229,6 +229,29 @@ def test_nan_pairs_are_masked_and_counted(dataset):
     assert result.info["nan_pairs"] == 120 and "masked non-finite pairs: 120" in result.report()
     assert result.info["n_pairs"] == 3 * 60 * 59 // 2 - 120
     assert abs(result.value("v0") - 800) < 3 * result.error("v0")
+
+
+def test_model_and_residual_grids_are_made_when_read_and_agree_with_the_fit(dataset):
+    ds = dataset.copy(deep=True)
+    ds["c2"].values[:, 5:9, 20:30] = np.nan
+    ds["c2"].values[:, 20:30, 5:9] = np.nan
+    result = hd.fit_nlsq(ds, off_by_30_percent(), progress=False)
+    # the fit holds no grid of the data's size: each is computed when first read
+    assert "model" not in vars(result) and "residuals" not in vars(result)
+    p = result.params
+    physics = np.array([float(p[name]) for name in PHYSICS_NAMES])
+    t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
+    direct = np.asarray(model.c2_grid(physics, p["contrast"].values, p["offset"].values, t, phi, q))
+    np.testing.assert_allclose(result.model["c2"].values, direct, rtol=1e-6)
+    assert result.model["c2"].dtype == np.float32
+    r = result.residuals.values.astype(np.float64)
+    upper = np.triu(np.ones(r.shape[1:], dtype=bool), 1)
+    fitted = upper & np.isfinite(ds["c2"].values)
+    np.testing.assert_allclose(r[fitted], (direct - ds["c2"].values)[fitted], atol=1e-6)
+    assert np.all(np.isnan(r[~fitted & upper])) and np.all(np.isnan(r[:, np.eye(60, dtype=bool)]))
+    np.testing.assert_array_equal(r, r.transpose(0, 2, 1))
+    # the solver's chi2, from the normal equations, is the sum of the squares on the grid
+    assert np.sum(r[fitted] ** 2) == pytest.approx(result.chi2, rel=1e-5)
 
 
 def test_sigma_weighted_errors_are_absolute(dataset):
