@@ -52,6 +52,7 @@ from heterodyne.cmc_result import CMCResult
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import Cancelled, FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
+from heterodyne.joint_cmc import JointCMCResult
 from heterodyne.joint_result import JointResult
 from heterodyne.nlsq import fit_nlsq
 from heterodyne.nlsq_result import NLSQResult
@@ -316,6 +317,9 @@ class Dashboard(pn.viewable.Viewer):
     )
     joint_q = param.ListSelector(default=[], objects=[], doc="q-bins of the joint fit [1/Å].")
     joint = param.ClassSelector(class_=JointResult, allow_None=True, doc="The last joint fit.")
+    joint_cmc = param.ClassSelector(
+        class_=JointCMCResult, allow_None=True, doc="The last joint CMC run (of `joint`)."
+    )
 
     def __init__(self, source=None, params=None, *, root=None, **kwargs):
         super().__init__(**kwargs)
@@ -996,6 +1000,21 @@ class Dashboard(pn.viewable.Viewer):
             "", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width"
         )
         self.joint_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-joint-plots"])
+        self.joint_cmc_button = pn.widgets.Button(
+            name="Run joint CMC", button_type="primary", disabled=True, width=140
+        )
+        self.joint_cmc_button.on_click(self._on_joint_cmc)
+        self.joint_cmc_cancel = pn.widgets.Button(
+            name="Cancel", button_type="warning", visible=False, width=120
+        )
+        self.joint_cmc_cancel.on_click(lambda _event: self.cancel())
+        self.joint_cmc_status = pn.pane.Markdown("", css_classes=["hd-joint-cmc-status"])
+        self.joint_cmc_text = pn.pane.Str(
+            "", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width"
+        )
+        self.joint_cmc_view = pn.pane.HoloViews(
+            None, backend="bokeh", css_classes=["hd-joint-cmc-plots"]
+        )
         self._joint_tab = pn.Column(
             self.joint_alert,
             pn.pane.Markdown(
@@ -1009,6 +1028,16 @@ class Dashboard(pn.viewable.Viewer):
             self.joint_status,
             _text_card(self.joint_text),
             self.joint_view,
+            pn.pane.Markdown(
+                "Sample the joint posterior from this fit: every bin split into the CMC "
+                "tab's shards, with its chains, warmup, samples and seed; error bars as "
+                "chosen on the NLSQ tab.",
+                margin=(0, 10),
+            ),
+            pn.Row(self.joint_cmc_button, self.joint_cmc_cancel),
+            self.joint_cmc_status,
+            _text_card(self.joint_cmc_text),
+            self.joint_cmc_view,
             sizing_mode="stretch_width",
         )
 
@@ -1079,6 +1108,74 @@ class Dashboard(pn.viewable.Viewer):
         self.joint_download.disabled = result is None
         self.joint_text.object = "" if result is None else result.report()
         self.joint_view.object = None if result is None else result.plot()
+        self.joint_cmc_button.disabled = result is None
+        self.joint_cmc = None
+
+    async def _on_joint_cmc(self, _event=None):
+        init = self.joint
+        try:
+            if init is None:
+                raise OptionError("the joint CMC starts from a joint fit: press Fit jointly first")
+            steps = int(init.info["n_bins"]) * self.shards * self.chains
+            steps *= self.warmup + self.samples
+            options = {
+                "shards": self.shards,
+                "chains": self.chains,
+                "warmup": self.warmup,
+                "samples": self.samples,
+                "seed": self.seed,
+                "errors": self.errors,
+            }
+            self._tracker = tracker = Tracker(total=steps)
+            self._busy(True)
+            self.joint_cmc_button.disabled = True
+            self.joint_cmc_cancel.param.update(visible=True, disabled=False)
+
+            def report(seconds):
+                self.joint_cmc_status.object = (
+                    f"sampling {init.info['n_bins']} q-bins... {tracker.steps:,} of "
+                    f"{steps:,} draws, {seconds:.0f} s"
+                )
+
+            try:
+                result, seconds = await self._in_thread(
+                    lambda: fit_cmc(init.data, init, progress=tracker, **options), report
+                )
+            finally:
+                tracker.close()
+                self._tracker = None
+        except Cancelled:
+            self.joint_cmc_status.object = (
+                f"cancelled after {tracker.steps:,} of {steps:,} draws; nothing was kept"
+            )
+            return
+        except Exception as err:
+            self._fail("the joint CMC run failed", err, self.joint_alert)
+            self.joint_cmc_status.object = ""
+            return
+        finally:
+            self.joint_cmc_cancel.visible = False
+            self._busy(False)
+            self.joint_cmc_button.disabled = self.joint is None
+        failed = result.failures()
+        if failed:
+            self._warn(
+                "joint CMC did not converge: "
+                + "; ".join(f"q = {q:.4g}: shard {s}" for q, s in failed)
+                + " fail their diagnostics (counted from 0; see the report); do not use "
+                "this posterior as is",
+                self.joint_alert,
+            )
+        self.joint_cmc_status.object = (
+            f"sampled in {seconds:.1f} s; shards: {result.info['shards']}"
+        )
+        await self._publish((self.joint_cmc_text, self.joint_cmc_view), joint_cmc=result)
+
+    @param.depends("joint_cmc", watch=True)
+    def _show_joint_cmc(self):
+        result = self.joint_cmc
+        self.joint_cmc_text.object = "" if result is None else result.report()
+        self.joint_cmc_view.object = None if result is None else result.plot()
 
     # ---- running and reporting -------------------------------------------------------
 

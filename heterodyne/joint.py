@@ -42,6 +42,20 @@ errors ``M_k = sigma_k² H_k`` and that optimum is the inverse residual variance
 (``M_k`` not proportional to ``H_k``) the weights minimise
 ``sum_i log Cov(w)_ii`` over the varied physics ``i`` (:func:`optimal_weights`), a
 criterion free of the parameters' units.
+
+Combination: one weight per bin cannot give each physics direction the weight its noise
+asks for when the bins' noise differs in shape (speckle: ``M_k`` not proportional to
+``H_k``). With ``errors="speckle"``, :func:`heterodyne.fit_nlsq` therefore ends with the
+generalised least-squares combination of the bins' own estimates ``theta_k`` (each of
+covariance ``C_k``, its scaling profiled out)::
+
+    theta = (sum_k C_k^-1)^-1 sum_k C_k^-1 theta_k,    Cov(theta) = (sum_k C_k^-1)^-1
+
+the least variance of any combination of independent bins' estimates (matrix weights,
+which include every ``w_k``). It is reached from the weighted least-squares solution by
+Gauss-Newton steps of every bin (:meth:`JointObjective.combine`, :func:`combination`), so
+that a bin whose own fit is degenerate in some direction adds nothing there rather than
+a fit of its own that wandered off.
 """
 
 from __future__ import annotations
