@@ -258,8 +258,9 @@ class JointObjective:
 
         Each bin's own fit, one Gauss-Newton step from ``x``, is ``x_k - H_k^+ g_k``
         (``g_k = J_k^T r_k``); with its covariance ``C_k`` of the kind ``errors`` at ``x``
-        the combination (:func:`combination`, ``L``) moves the joint vector by
-        ``L [-H_0^+ g_0; -H_1^+ g_1; ...]``. Steps are repeated, ``L`` held, until every
+        the combination (:func:`combination`, ``L``) moves the physics by the physics rows
+        of ``L [-H_0^+ g_0; -H_1^+ g_1; ...]`` and each bin's scaling to its optimum given
+        that physics. Steps are repeated, ``L`` held, until every
         entry moves by less than ``COMBINE_TOLERANCE`` of its standard error: the root
         of ``sum_k C_k^-1 (H_k^+ g_k)_physics = 0`` with each bin's scaling at its own
         optimum. A step is clipped to the bounds.
@@ -273,9 +274,16 @@ class JointObjective:
             covariances.append(objective.errors_at(part, h, errors).covariance)
         mapping = combination(hessians, covariances, self.columns, self.n_physics)
         error = np.sqrt(np.clip(np.diag(spread(mapping, covariances)), 0.0, None))
+        p = self.n_physics
         for _ in range(COMBINE_STEPS):
             own = [-pseudo_inverse(h) @ g for h, g in zip(hessians, gradients, strict=True)]
-            step = mapping @ np.concatenate(own)
+            step = np.zeros_like(x)
+            step[:p] = mapping[:p] @ np.concatenate(own)
+            # each bin's scaling to its optimum given the new physics, from its Hessian
+            # here: L's rows for it hold the start's, stale where a bin's own fit would
+            # move far from the joint one
+            for h, g, column in zip(hessians, gradients, self.columns, strict=True):
+                step[column[p:]] = -pseudo_inverse(h[p:, p:]) @ (g[p:] + h[p:, :p] @ step[:p])
             if not np.all(np.isfinite(step)):
                 return None
             x = np.clip(x + step, self.lower, self.upper)
