@@ -17,7 +17,10 @@
 - Joint q: pick q-bins and fit them together (:mod:`heterodyne.joint`) with the NLSQ
   tab's table and options, every angle of each bin and the Data tab's frames and times;
   the report, the per-q consistency check and rates against q² and q, the result as
-  netCDF. The source may be a multi-q Dataset (the Data tab then shows one bin of it).
+  netCDF; Run joint CMC samples the joint posterior from that fit
+  (:mod:`heterodyne.joint_cmc`) with the CMC tab's shards per bin, chains, warmup,
+  samples and seed. The source may be a multi-q Dataset (the Data tab then shows one
+  bin of it).
 
 A fit runs in a worker thread while the page stays live, with its elapsed time (and,
 for CMC, the finished shards) shown. Errors (a bad file, bad parameters, a failed fit)
