@@ -318,7 +318,7 @@ class JointObjective:
                     [h @ c @ h for h, c in zip(hessians, kind, strict=True)],
                     self.columns,
                     len(self.entries),
-                )  # fmt: skip
+                )
                 for kind in (chosen, nominal)
             ]
         covariance, nominal = (0.5 * (c + c.T) for c in found)
