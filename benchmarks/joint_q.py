@@ -5,8 +5,10 @@ Gaussian noise per pair) (``hd.simulate(q=[...],
 noise="speckle")``: ``c2`` averaged over the pixels of each q-sector, pairs that share
 frames correlated) with the truth varied from seed to seed (each of ``D0_ref``,
 ``D0_sample``, ``v0``, ``f0``, ``phi0`` drawn around the flow case of
-``benchmarks/coverage.py``), fitted jointly with ``errors="speckle"`` and each q-bin alone
-(``fit_nlsq(..., separate=True)``). For ``D0_sample`` and ``v0`` it prints, over seeds:
+``benchmarks/coverage.py``), fitted jointly with ``errors="speckle"`` (which ends with the
+bins' inverse-covariance combination, :meth:`heterodyne.joint.JointObjective.combine`) and
+each q-bin alone (``fit_nlsq(..., separate=True)``). For ``D0_sample`` and ``v0`` it prints,
+over seeds:
 
 - the expected error reduction: the best single bin's stderr over the joint stderr the
   bins allow, ``(sum_k C_k^-1)^-1/2`` from each bin's own covariance (its contrast and
@@ -34,6 +36,7 @@ import warnings
 import numpy as np
 
 import heterodyne as hd
+from heterodyne.joint import COMBINATION
 
 FLOW = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 FIXED = (
@@ -91,7 +94,12 @@ def errors(args):
             w @ np.array([r.value(m) for m in names])
             for w, r in zip(inverses, result.separate, strict=True)
         )
-        row = {"seed": seed, "time": elapsed, "success": result.success}
+        row = {
+            "seed": seed,
+            "time": elapsed,
+            "success": result.success,
+            "combined": result.info["combination"] != COMBINATION[False],
+        }
         for name in SHOWN:
             k = names.index(name)
             bin_errors = np.array([r.error(name) for r in result.separate])
@@ -108,6 +116,7 @@ def errors(args):
             }
         rows.append(row)
         print(f"seed {seed:3d}: {elapsed:6.1f} s, success {result.success}, "
+              f"{result.info['combination']}, "
               + ", ".join(f"{s} joint {row[s]['joint']:.5g} ± {row[s]['joint_se']:.3g} "
                           f"(truth {row[s]['truth']:.5g}; best bin ± {row[s]['best_se']:.3g})"
                           for s in SHOWN), flush=True)  # fmt: skip
@@ -118,8 +127,11 @@ def errors(args):
         if args.noise == "speckle"
         else (f"independent Gaussian noise {args.noise}")
     )
+    used = sum(r["combined"] for r in rows)
     print(f"\n{n_seeds} seeds, {args.bins} q-bins q = {q.min():g} .. {q.max():g} 1/Å x "
-          f"{len(PHI)} angles x {args.frames} frames, {kind}, errors='speckle'")  # fmt: skip
+          f"{len(PHI)} angles x {args.frames} frames, {kind}, errors='speckle'; the joint "
+          f"fit combined the bins by inverse covariance in {used} of {n_seeds} seeds (else "
+          f"by weighted least squares)")  # fmt: skip
     print(f"{'':10}{'expected':>10}{'measured':>10}{'scatter':>9}"
           f"{'coverage':>10}{'rms z':>8}{'best bin cov.':>15}{'rms z':>8}")  # fmt: skip
     combined_rows = []

@@ -17,7 +17,10 @@
 - Joint q: pick q-bins and fit them together (:mod:`heterodyne.joint`) with the NLSQ
   tab's table and options, every angle of each bin and the Data tab's frames and times;
   the report, the per-q consistency check and rates against q² and q, the result as
-  netCDF. The source may be a multi-q Dataset (the Data tab then shows one bin of it).
+  netCDF; Run joint CMC samples the joint posterior from that fit
+  (:mod:`heterodyne.joint_cmc`) with the CMC tab's shards per bin, chains, warmup,
+  samples and seed. The source may be a multi-q Dataset (the Data tab then shows one
+  bin of it).
 
 A fit runs in a worker thread while the page stays live, with its elapsed time (and,
 for CMC, the finished shards) shown. Errors (a bad file, bad parameters, a failed fit)
@@ -52,6 +55,7 @@ from heterodyne.cmc_result import CMCResult
 from heterodyne.data import select, time_origin, validate
 from heterodyne.errors import Cancelled, FileFormatError, OptionError, ParameterError
 from heterodyne.io import frame_list, intensity, load, q_values
+from heterodyne.joint_cmc import JointCMCResult
 from heterodyne.joint_result import JointResult
 from heterodyne.nlsq import fit_nlsq
 from heterodyne.nlsq_result import NLSQResult
@@ -316,6 +320,9 @@ class Dashboard(pn.viewable.Viewer):
     )
     joint_q = param.ListSelector(default=[], objects=[], doc="q-bins of the joint fit [1/Å].")
     joint = param.ClassSelector(class_=JointResult, allow_None=True, doc="The last joint fit.")
+    joint_cmc = param.ClassSelector(
+        class_=JointCMCResult, allow_None=True, doc="The last joint CMC run (of `joint`)."
+    )
 
     def __init__(self, source=None, params=None, *, root=None, **kwargs):
         super().__init__(**kwargs)
@@ -725,15 +732,9 @@ class Dashboard(pn.viewable.Viewer):
             name="warm start from the NLSQ fit",
             css_classes=["hd-cmc-warm-start"],
         )
-        self.cmc_button = pn.widgets.Button(
-            name="Run", button_type="primary", disabled=True, width=120
-        )
-        self.cmc_button.on_click(self._on_run)
-        self.cmc_cancel = pn.widgets.Button(
-            name="Cancel", button_type="warning", visible=False, width=120
-        )
-        self.cmc_cancel.on_click(lambda _event: self.cancel())
+        self.cmc_button, self.cmc_cancel = self._run_buttons("Run", 120, self._on_run)
         self._tracker = None  # the running CMC run's, while it runs
+        self._running = None  # its Cancel button and status pane, while it runs
         self.cmc_progress = pn.indicators.Progress(
             value=0, max=1, visible=False, width=300, bar_color="primary"
         )
@@ -798,22 +799,12 @@ class Dashboard(pn.viewable.Viewer):
                 init = self.nlsq
             else:
                 params = self.parameters()
-            options = {
-                "shards": self.shards,
-                "chains": self.chains,
-                "warmup": self.warmup,
-                "samples": self.samples,
-                "seed": self.seed,
-                "scaling": None if init is not None else self.scaling,
-                "errors": self.errors,
-            }
+            options = self.cmc_options(scaling=None if init is not None else self.scaling)
             steps = self.shards * self.chains * (self.warmup + self.samples)
-            self._tracker = tracker = Tracker(total=steps)
             self._busy(True)
-            self.cmc_cancel.param.update(visible=True, disabled=False)
             self.cmc_progress.param.update(visible=True, value=0, max=steps)
 
-            def report(seconds):
+            def report(seconds, tracker):
                 done = tracker.steps
                 self.cmc_progress.value = done
                 if done < steps:
@@ -828,17 +819,14 @@ class Dashboard(pn.viewable.Viewer):
                         f"diagnostics... {seconds:.0f} s"
                     )
 
-            try:
-                result, seconds = await self._in_thread(
-                    lambda: fit_cmc(ds, init, params=params, progress=tracker, **options), report
-                )
-            finally:
-                tracker.close()
-                self._tracker = None
-        except Cancelled:
-            self.cmc_status.object = (
-                f"cancelled after {tracker.steps:,} of {steps:,} draws; nothing was kept"
+            result, seconds = await self._sample(
+                lambda tracker: fit_cmc(ds, init, params=params, progress=tracker, **options),
+                steps,
+                self.cmc_cancel,
+                self.cmc_status,
+                report,
             )
+        except Cancelled:
             self.cmc_alert.visible = False
             return
         except Exception as err:
@@ -846,7 +834,7 @@ class Dashboard(pn.viewable.Viewer):
             self.cmc_status.object = ""
             return
         finally:
-            self.cmc_progress.visible = self.cmc_cancel.visible = False
+            self.cmc_progress.visible = False
             self._busy(False)
         n_shards = result.info["shards"]
         failed = result.failures()
@@ -878,13 +866,20 @@ class Dashboard(pn.viewable.Viewer):
         )
         self.cmc_button.disabled = bool(problems) or self.data is None
 
+    def cmc_options(self, **more) -> dict:
+        """The CMC tab's settings as options of :func:`heterodyne.fit_cmc` (and the NLSQ
+        tab's error bars), with ``more``."""
+        names = ("shards", "chains", "warmup", "samples", "seed", "errors")
+        return {**{name: getattr(self, name) for name in names}, **more}
+
     def cancel(self):
         """Stop the running CMC run at its chains' next report (the Cancel button; a
         closed page); nothing if none runs."""
         if self._tracker is not None:
             self._tracker.cancel()
-            self.cmc_cancel.disabled = True
-            self.cmc_status.object = "cancelling..."
+            cancel, status = self._running
+            cancel.disabled = True
+            status.object = "cancelling..."
 
     @param.depends("cmc", watch=True)
     def _show_cmc(self):
@@ -996,6 +991,16 @@ class Dashboard(pn.viewable.Viewer):
             "", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width"
         )
         self.joint_view = pn.pane.HoloViews(None, backend="bokeh", css_classes=["hd-joint-plots"])
+        self.joint_cmc_button, self.joint_cmc_cancel = self._run_buttons(
+            "Run joint CMC", 140, self._on_joint_cmc
+        )
+        self.joint_cmc_status = pn.pane.Markdown("", css_classes=["hd-joint-cmc-status"])
+        self.joint_cmc_text = pn.pane.Str(
+            "", stylesheets=[TEXT_STYLESHEET], sizing_mode="stretch_width"
+        )
+        self.joint_cmc_view = pn.pane.HoloViews(
+            None, backend="bokeh", css_classes=["hd-joint-cmc-plots"]
+        )
         self._joint_tab = pn.Column(
             self.joint_alert,
             pn.pane.Markdown(
@@ -1009,6 +1014,16 @@ class Dashboard(pn.viewable.Viewer):
             self.joint_status,
             _text_card(self.joint_text),
             self.joint_view,
+            pn.pane.Markdown(
+                "Sample the joint posterior from this fit: every bin split into the CMC "
+                "tab's shards, with its chains, warmup, samples and seed; error bars as "
+                "chosen on the NLSQ tab.",
+                margin=(0, 10),
+            ),
+            pn.Row(self.joint_cmc_button, self.joint_cmc_cancel),
+            self.joint_cmc_status,
+            _text_card(self.joint_cmc_text),
+            self.joint_cmc_view,
             sizing_mode="stretch_width",
         )
 
@@ -1079,8 +1094,93 @@ class Dashboard(pn.viewable.Viewer):
         self.joint_download.disabled = result is None
         self.joint_text.object = "" if result is None else result.report()
         self.joint_view.object = None if result is None else result.plot()
+        self.joint_cmc_button.disabled = result is None
+        self.joint_cmc = None
+
+    async def _on_joint_cmc(self, _event=None):
+        init = self.joint
+        try:
+            if init is None:
+                raise OptionError("the joint CMC starts from a joint fit: press Fit jointly first")
+            steps = int(init.info["n_bins"]) * self.shards * self.chains
+            steps *= self.warmup + self.samples
+            options = self.cmc_options()
+            self._busy(True)
+            self.joint_cmc_button.disabled = True
+
+            def report(seconds, tracker):
+                self.joint_cmc_status.object = (
+                    f"sampling {init.info['n_bins']} q-bins... {tracker.steps:,} of "
+                    f"{steps:,} draws, {seconds:.0f} s"
+                )
+
+            result, seconds = await self._sample(
+                lambda tracker: fit_cmc(init.data, init, progress=tracker, **options),
+                steps,
+                self.joint_cmc_cancel,
+                self.joint_cmc_status,
+                report,
+            )
+        except Cancelled:
+            return
+        except Exception as err:
+            self._fail("the joint CMC run failed", err, self.joint_alert)
+            self.joint_cmc_status.object = ""
+            return
+        finally:
+            self._busy(False)
+            self.joint_cmc_button.disabled = self.joint is None
+        failed = result.failures()
+        if failed:
+            self._warn(
+                "joint CMC did not converge: "
+                + "; ".join(f"q = {q:.4g}: shard {s}" for q, s in failed)
+                + " fail their diagnostics (counted from 0; see the report); do not use "
+                "this posterior as is",
+                self.joint_alert,
+            )
+        self.joint_cmc_status.object = (
+            f"sampled in {seconds:.1f} s; shards: {result.info['shards']}"
+        )
+        await self._publish((self.joint_cmc_text, self.joint_cmc_view), joint_cmc=result)
+
+    @param.depends("joint_cmc", watch=True)
+    def _show_joint_cmc(self):
+        result = self.joint_cmc
+        self.joint_cmc_text.object = "" if result is None else result.report()
+        self.joint_cmc_view.object = None if result is None else result.plot()
 
     # ---- running and reporting -------------------------------------------------------
+
+    def _run_buttons(self, name: str, width: int, on_run):
+        """A Run button named ``name`` (disabled until there is something to run) that
+        calls ``on_run``, and a Cancel button (shown by :meth:`_sample`) that stops the
+        running CMC run."""
+        run = pn.widgets.Button(name=name, button_type="primary", disabled=True, width=width)
+        run.on_click(on_run)
+        cancel = pn.widgets.Button(name="Cancel", button_type="warning", visible=False, width=120)
+        cancel.on_click(lambda _event: self.cancel())
+        return run, cancel
+
+    async def _sample(self, run, steps: int, cancel, status, report):
+        """``run(tracker)``, a CMC run of ``steps`` draws counted by ``tracker``, in a
+        worker thread (:meth:`_in_thread`, with ``report(seconds, tracker)``), with
+        ``cancel`` shown and :meth:`cancel` able to stop it. Returns ``(result, seconds)``;
+        a cancelled run says so in ``status`` and raises :class:`Cancelled`."""
+        self._tracker = tracker = Tracker(total=steps)
+        self._running = (cancel, status)
+        cancel.param.update(visible=True, disabled=False)
+        try:
+            return await self._in_thread(lambda: run(tracker), lambda s: report(s, tracker))
+        except Cancelled:
+            status.object = (
+                f"cancelled after {tracker.steps:,} of {steps:,} draws; nothing was kept"
+            )
+            raise
+        finally:
+            tracker.close()
+            self._tracker = None
+            cancel.visible = False
 
     async def _in_thread(self, work, report):
         """Run ``work()`` in a worker thread; call ``report(seconds)`` every ``POLL_S``

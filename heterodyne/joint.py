@@ -42,6 +42,20 @@ errors ``M_k = sigma_k² H_k`` and that optimum is the inverse residual variance
 (``M_k`` not proportional to ``H_k``) the weights minimise
 ``sum_i log Cov(w)_ii`` over the varied physics ``i`` (:func:`optimal_weights`), a
 criterion free of the parameters' units.
+
+Combination: one weight per bin cannot give each physics direction the weight its noise
+asks for when the bins' noise differs in shape (speckle: ``M_k`` not proportional to
+``H_k``). With ``errors="speckle"``, :func:`heterodyne.fit_nlsq` therefore ends with the
+generalised least-squares combination of the bins' own estimates ``theta_k`` (each of
+covariance ``C_k``, its scaling profiled out)::
+
+    theta = (sum_k C_k^-1)^-1 sum_k C_k^-1 theta_k,    Cov(theta) = (sum_k C_k^-1)^-1
+
+the least variance of any combination of independent bins' estimates (matrix weights,
+which include every ``w_k``). It is reached from the weighted least-squares solution by
+Gauss-Newton steps of every bin (:meth:`JointObjective.combine`, :func:`combination`), so
+that a bin whose own fit is degenerate in some direction adds nothing there rather than
+a fit of its own that wandered off.
 """
 
 from __future__ import annotations
@@ -56,6 +70,13 @@ from scipy import optimize
 from heterodyne import qbins
 from heterodyne.objective import Objective, pseudo_inverse
 from heterodyne.parameters import PHYSICS_INDEX, PHYSICS_NAMES, SCALING_NAMES, Parameters
+
+# The inverse-covariance combination (JointObjective.combine) stops when every entry moves
+# by less than this fraction of its standard error, after at most COMBINE_STEPS steps.
+COMBINE_TOLERANCE = 1e-3
+COMBINE_STEPS = 8
+#: how a joint solution combines the bins, by ``JointObjective.combined``
+COMBINATION = {False: "weighted least squares", True: "inverse covariance of the bins' fits"}
 
 
 def entries(names, qs, phis) -> pd.MultiIndex:
@@ -101,6 +122,8 @@ class JointObjective:
         self.alternatives = []
         #: the weight of each bin's squared residuals (1 until :meth:`reweight`)
         self.weights = np.ones(len(bins))
+        #: whether the solution is the bins' inverse-covariance combination (:meth:`combine`)
+        self.combined = False
 
     @classmethod
     def build(cls, ds, params=None, *, fix=(), scaling="per_angle", multistart=0):
@@ -228,23 +251,78 @@ class JointObjective:
         self.weights = weights / weights.mean()
         return self.weights
 
-    def errors_at(self, x, jtj, errors: str):
-        """``(covariance, nominal, per_bin)`` at ``x`` with ``J^T J = jtj``: the sandwich of
-        the module docstring for the kind ``errors`` and for the nominal one, and each
-        bin's :class:`~heterodyne.objective.Errors` (its model, residuals and scales)."""
-        inverse = pseudo_inverse(jtj)
-        size = len(self.entries)
-        meat = {"chosen": np.zeros((size, size)), "nominal": np.zeros((size, size))}
-        per_bin = []
-        for objective, column, part, w in self._parts(x):
+    def combine(self, x, errors: str) -> np.ndarray | None:
+        """The inverse-covariance combination of the bins' own fits, refined from the
+        joint solution ``x``; ``None`` (and ``combined`` left false) where its steps do
+        not settle within ``COMBINE_STEPS``.
+
+        Each bin's own fit, one Gauss-Newton step from ``x``, is ``x_k - H_k^+ g_k``
+        (``g_k = J_k^T r_k``); with its covariance ``C_k`` of the kind ``errors`` at ``x``
+        the combination (:func:`combination`, ``L``) moves the physics by the physics rows
+        of ``L [-H_0^+ g_0; -H_1^+ g_1; ...]`` and each bin's scaling to its optimum given
+        that physics. Steps are repeated, ``L`` held, until every
+        entry moves by less than ``COMBINE_TOLERANCE`` of its standard error: the root
+        of ``sum_k C_k^-1 (H_k^+ g_k)_physics = 0`` with each bin's scaling at its own
+        optimum. A step is clipped to the bounds.
+        """
+        x = np.asarray(x, float)
+        hessians, covariances, gradients = [], [], []
+        for objective, _, part, _ in self._parts(x):
+            h, g, chi2 = objective.normal_equations(part)
+            hessians.append(h)
+            gradients.append(g)
+            covariances.append(objective.errors_at(part, h, float(chi2), errors).covariance)
+        mapping = combination(hessians, covariances, self.columns, self.n_physics)
+        error = np.sqrt(np.clip(np.diag(spread(mapping, covariances)), 0.0, None))
+        p = self.n_physics
+        for _ in range(COMBINE_STEPS):
+            own = [-pseudo_inverse(h) @ g for h, g in zip(hessians, gradients, strict=True)]
+            step = np.zeros_like(x)
+            step[:p] = mapping[:p] @ np.concatenate(own)
+            # each bin's scaling to its optimum given the new physics, from its Hessian
+            # here: L's rows for it hold the start's, stale where a bin's own fit would
+            # move far from the joint one
+            for h, g, column in zip(hessians, gradients, self.columns, strict=True):
+                step[column[p:]] = -pseudo_inverse(h[p:, p:]) @ (g[p:] + h[p:, :p] @ step[:p])
+            if not np.all(np.isfinite(step)):
+                return None
+            x = np.clip(x + step, self.lower, self.upper)
+            if np.all(np.abs(step) <= COMBINE_TOLERANCE * error):
+                self.combined = True
+                return x
+            found = [o.normal_equations(part) for o, _, part, _ in self._parts(x)]
+            hessians, gradients = [f[0] for f in found], [f[1] for f in found]
+        return None
+
+    def errors_at(self, x, errors: str):
+        """``(covariance, nominal, per_bin)`` at ``x``: the joint covariance for the kind
+        ``errors`` and the nominal one, and each bin's
+        :class:`~heterodyne.objective.Errors` (its model, residuals and scales). After
+        :meth:`combine` the covariance is that of the inverse-covariance combination
+        (:func:`combination`), else the sandwich of the weighted least squares
+        (:func:`sandwich`, module docstring)."""
+        hessians, per_bin = [], []
+        for objective, _, part, _ in self._parts(x):
             own, _, chi2 = objective.normal_equations(part)
-            found = objective.errors_at(part, own, float(chi2), errors)
-            per_bin.append(found)
-            block = np.ix_(column, column)
-            meat["chosen"][block] += w * w * own @ found.covariance @ own
-            meat["nominal"][block] += w * w * own @ found.nominal @ own
-        covariance, nominal = (inverse @ meat[k] @ inverse for k in ("chosen", "nominal"))
-        return 0.5 * (covariance + covariance.T), 0.5 * (nominal + nominal.T), per_bin
+            hessians.append(own)
+            per_bin.append(objective.errors_at(part, own, float(chi2), errors))
+        chosen = [found.covariance for found in per_bin]
+        nominal = [found.nominal for found in per_bin]
+        if self.combined:
+            found = combined_covariances(hessians, [chosen, nominal], self.columns, self.n_physics)
+        else:
+            found = [
+                sandwich(
+                    self.weights,
+                    hessians,
+                    [h @ c @ h for h, c in zip(hessians, kind, strict=True)],
+                    self.columns,
+                    len(self.entries),
+                )
+                for kind in (chosen, nominal)
+            ]
+        covariance, nominal = (0.5 * (c + c.T) for c in found)
+        return covariance, nominal, per_bin
 
     def params_layout(self, x=None, values=None) -> xr.Dataset:
         """The joint ``params`` layout: a scalar per physics parameter, ``contrast`` and
@@ -285,6 +363,57 @@ def sandwich(weights, hessians, meats, columns, size: int) -> np.ndarray:
         meat[block] += w * w * m
     inverse = pseudo_inverse(bread)
     return inverse @ meat @ inverse
+
+
+def combination(hessians, covariances, columns, n_physics: int) -> np.ndarray:
+    """The map ``L`` from the bins' own errors to those of their inverse-covariance
+    combination: ``delta x = L [e_0; e_1; ...]``, ``e_k`` bin ``k``'s own solver vector
+    (its ``columns`` of the joint one; physics first) minus the truth, ``C_k`` its
+    covariance and ``H_k`` its ``J^T J`` (``hessians``).
+
+    Physics (``theta``, the first ``n_physics`` entries): with ``I_k = (C_k^theta)^+`` the
+    inverse of the physics block of ``C_k`` (the bin's scaling profiled out)::
+
+        delta theta = (sum_k I_k)^+ sum_k I_k e_k^theta
+
+    the generalised least-squares combination of the bins' estimates, of covariance
+    ``(sum_k I_k)^+`` for independent bins. Bin ``k``'s scaling ``s`` is its own optimum
+    given that physics, ``H_ss delta s + H_s,theta delta theta = H_ss e^s + H_s,theta
+    e^theta``, i.e. ``delta s = e^s + H_ss^+ H_s,theta (e^theta - delta theta)``.
+    """
+    p = n_physics
+    size = 1 + max(int(np.max(c)) for c in columns)
+    offsets = np.cumsum([0] + [len(c) for c in columns])
+    mapping = np.zeros((size, offsets[-1]))
+    informations = [pseudo_inverse(c[:p, :p]) for c in covariances]
+    total = pseudo_inverse(sum(informations)) if p else np.zeros((0, 0))
+    for information, start in zip(informations, offsets, strict=False):
+        mapping[:p, start : start + p] = total @ information
+    for h, column, start, end in zip(hessians, columns, offsets, offsets[1:], strict=False):
+        own = column[p:]
+        coupling = pseudo_inverse(h[p:, p:]) @ h[p:, :p]
+        mapping[own, start + p : end] += np.eye(own.size)
+        mapping[own, start : start + p] += coupling
+        mapping[own] -= coupling @ mapping[:p]
+    return mapping
+
+
+def spread(mapping, covariances) -> np.ndarray:
+    """``L diag(C_0, C_1, ...) L^T``: the covariance of ``L e`` for independent bins'
+    errors ``e_k`` of covariances ``C_k`` (:func:`combination`)."""
+    sizes = np.cumsum([0] + [c.shape[0] for c in covariances])
+    out = np.zeros((mapping.shape[0], mapping.shape[0]))
+    for c, start, end in zip(covariances, sizes, sizes[1:], strict=False):
+        part = mapping[:, start:end]
+        out += part @ c @ part.T
+    return 0.5 * (out + out.T)
+
+
+def combined_covariances(hessians, kinds, columns, n_physics: int) -> list[np.ndarray]:
+    """The covariance of the inverse-covariance combination (:func:`combination`, built
+    with the first of ``kinds``, each a list of the bins' covariances) under each kind."""
+    mapping = combination(hessians, kinds[0], columns, n_physics)
+    return [spread(mapping, kind) for kind in kinds]
 
 
 def optimal_weights(hessians, meats, columns, size: int, n_physics: int, start) -> np.ndarray:

@@ -94,8 +94,7 @@ class JointPlan:
         """``(nominal, covariance, scales)`` of the varied joint quantities at ``x``: the
         joint sandwich (module doc); ``scales`` each bin's error-model scales, by name."""
         self.objective.reweight(x)
-        jtj = self.objective.normal_equations(x)[0]
-        covariance, nominal, per_bin = self.objective.errors_at(x, jtj, errors)
+        covariance, nominal, per_bin = self.objective.errors_at(x, errors)
         names = per_bin[0].scales
         return nominal, covariance, {n: [found.scales[n] for found in per_bin] for n in names}
 

@@ -24,6 +24,7 @@ import xarray as xr
 from heterodyne import model, verdict
 from heterodyne.data import time_origin
 from heterodyne.errors import OptionError
+from heterodyne.joint import COMBINATION
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.parameters import PHYSICS_INDEX, PHYSICS_NAMES, SCALING_NAMES, SPECS
 from heterodyne.results import RESULT_TYPES, FitResult, read_groups, write_result
@@ -42,6 +43,11 @@ RATES = ("decay_ref", "decay_sample", "phase")
 RATE_UNITS = {"decay_ref": "1/s", "decay_sample": "1/s", "phase": "rad/s"}
 #: how the bins were weighted (:meth:`heterodyne.joint.JointObjective.reweight`), by errors
 WEIGHTING = {"nominal": "inverse residual variance", "speckle": "least sandwich variances"}
+#: the errors a joint fit reports, by how it combined the bins (info["combination"])
+ERRORS_OF = {
+    COMBINATION[False]: "sandwich over the bins",
+    COMBINATION[True]: "(sum_k C_k^-1)^-1, C_k each bin's own covariance",
+}
 
 
 def rates_at(physics, t, q):
@@ -290,18 +296,21 @@ class JointResult(FitResult):
         """A text report: the joint fit, its physics, each bin's scaling and fit, and the
         per-q consistency check."""
         info = self.info
+        combination = info.get("combination", COMBINATION[False])
         q = self.params["q"].values
         lines = [
             "[[Joint NLSQ fit]]",
             f"    q-bins            {len(q)}: q = {', '.join(f'{v:.4g}' for v in q)} 1/Å",
             "    method            scipy least_squares (trf) on the summed normal equations",
-            f"    errors            {info['errors']} (sandwich over the bins)",
+            f"    errors            {info['errors']} ({ERRORS_OF[combination]})",
+            f"    bins combined     by {combination}",
             f"    scaling           {info['scaling']}, per q-bin",
             f"    pairs fitted      {info['n_pairs']}",
             f"    times             {time_origin(self.data)}",
             f"    varied            {info['n_varied']}",
             f"    bin weights       {', '.join(f'{w:.3g}' for w in self.weights.values)} "
-            f"({WEIGHTING.get(info['errors'], 'inverse residual variance')}, mean 1)",
+            f"({WEIGHTING.get(info['errors'], 'inverse residual variance')}, mean 1"
+            f"{'' if combination == COMBINATION[False] else '; of the least-squares start'})",
             f"    chi2              {self.chi2:.6g} (unweighted sum over the bins)",
             f"    reduced chi2      {self.reduced_chi2:.6g}",
             f"    evaluations       {info['nfev']}",

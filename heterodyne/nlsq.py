@@ -19,7 +19,7 @@ from scipy.optimize import least_squares
 from tqdm.auto import tqdm
 
 from heterodyne import checks, qbins, starts
-from heterodyne.joint import JointObjective
+from heterodyne.joint import COMBINATION, JointObjective
 from heterodyne.joint_result import JointResult
 from heterodyne.memory import FIT_MEMORY, check_memory
 from heterodyne.nlsq_result import NLSQResult
@@ -173,7 +173,13 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
         if np.max(np.abs(weights - 1.0)) > REWEIGHT_TOLERANCE:
             best = solve(problem, best.x, options, progress=False)
     best, exchanged = in_convention(problem, best, options)
-    covariance, nominal, per_bin = problem.errors_at(best.x, best.jtj, errors)
+    if errors != "nominal" and np.all(np.isfinite(best.x)):
+        # correlated noise: least squares weights each bin by one number, the bins' own
+        # covariances weight each direction of the physics (JointObjective.combine)
+        combined = problem.combine(best.x, errors)
+        if combined is not None:
+            best = _bin_outcome(best, combined)
+    covariance, nominal, per_bin = problem.errors_at(best.x, errors)
     success = bool(best.success) and bool(np.all(np.isfinite(best.x)))
     bins, chi2 = [], []
     for k, (objective, part) in enumerate(zip(problem.bins, problem.split(best.x), strict=True)):
@@ -225,12 +231,14 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
             "success": int(success),
             "message": str(best.message),
             "exchanged": exchanged,
+            "combination": COMBINATION[problem.combined],
         },
     )
 
 
 def _bin_outcome(best, part):
-    """``best`` with its solver vector replaced by one bin's ``part``."""
+    """``best`` with its solver vector replaced by ``part`` (one bin's, or the joint
+    combination's)."""
     out = copy.copy(best)
     out.x = part
     return out

@@ -509,3 +509,33 @@ def test_joint_q_tab_fits_the_chosen_bins_of_a_multi_q_dataset():
     assert dash.joint_view.object is not None and not dash.joint_download.disabled
     dash.joint_q = []
     assert dash.joint is None and dash.joint_button.disabled
+
+
+@pytest.mark.slow
+def test_joint_q_tab_samples_the_joint_posterior_from_its_fit():
+    """Run joint CMC waits for a joint fit, then samples every chosen bin with the CMC
+    tab's settings, centred on that fit; a new joint fit drops the run."""
+    multi = hd.simulate(
+        EXAMPLE_TRUTH, q=[0.006, 0.014], phi=[[0, 45], [45, 90]], n_frames=24, noise=0.01,
+        seed=4,
+    )  # fmt: skip
+    dash = hd.dashboard(multi)
+    assert dash.joint_cmc_button.disabled
+    dash.joint_cmc_button.clicks += 1  # pressed from code all the same: refused with the reason
+    assert dash.joint_cmc is None and "Fit jointly" in shown(dash.joint_alert)
+    dash.joint_button.clicks += 1
+    assert dash.joint is not None and not dash.joint_cmc_button.disabled
+    dash.param.update(shards=1, chains=2, warmup=60, samples=40)
+    dash.joint_cmc_button.clicks += 1
+    result = dash.joint_cmc
+    assert result is not None, shown(dash.joint_alert)
+    np.testing.assert_array_equal(result.q, [0.006, 0.014])
+    assert result.info["shards"] == 2 and "shards: 2" in dash.joint_cmc_status.object
+    assert [b.info["chains"] for b in result.bins] == [2, 2]
+    assert abs(result.value("v0") - dash.joint.value("v0")) < 2 * dash.joint.error("v0")
+    assert "[[Joint CMC fit]]" in dash.joint_cmc_text.object
+    warned = dash.joint_alert.visible and dash.joint_alert.alert_type == "warning"
+    assert warned != result.converged
+    assert dash.joint_cmc_view.object is not None
+    dash.joint_button.clicks += 1
+    assert dash.joint_cmc is None and dash.joint_cmc_text.object == ""
