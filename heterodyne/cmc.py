@@ -82,8 +82,10 @@ from heterodyne.sampler import (
     ShardJob,
     Space,
     checkpoint_name,
+    fold_unconstrained,
     interval,
     physical,
+    reflect,
     run_shard,
     shard_model,
 )
@@ -189,7 +191,7 @@ class Plan:
     def physical(self, u) -> np.ndarray:
         """Physical values of unconstrained draws ``(..., n)``."""
         space = self.space.as_jax()
-        return np.asarray(physical(interval(space)(jnp.asarray(u)), space.log))
+        return np.asarray(physical(reflect(interval(space)(jnp.asarray(u)), space), space.log))
 
     def unconstrained(self, x) -> np.ndarray:
         """The unconstrained ``u`` of physical values ``x`` (n,)."""
@@ -298,7 +300,7 @@ def prepare(
     phi = ds["phi"].values if noise else np.empty(0)
     sampled = problem.entries.append(entries(["noise"] * phi.size, phi))
     floors = priors.log_floors(problem) if floors is None else floors
-    low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0, init)
+    low, high, log, fold = priors.sampled_bounds(problem, floors, n_phi if noise else 0, init)
     x0 = problem.x0
     if noise:
         residuals, angle = problem.residuals(x0), np.asarray(pairs.angle)
@@ -327,6 +329,7 @@ def prepare(
         low=low,
         high=high,
         log=log,
+        fold=fold,
         normal=normal,
         loc=loc,
         scale=width,
@@ -518,9 +521,9 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
 
 def shard_draws(plan: Plan, runs) -> np.ndarray:
     """The draws of the shards' runs in the unconstrained space, ``(shard, chain, draw,
-    n)``."""
+    n)``, folded where the space reflects (:func:`heterodyne.sampler.reflect`)."""
     w = np.stack([run["w"] for run in runs])
-    return plan.space.u0 + w @ plan.space.whiten.T
+    return fold_unconstrained(plan.space.u0 + w @ plan.space.whiten.T, plan.space.fold)
 
 
 def assemble(
@@ -634,14 +637,20 @@ def _attrs(name: str) -> dict:
 
 def _prior_dataset(plan: Plan) -> xr.Dataset:
     space = plan.space
+    # a reflected entry's bound is the midpoint of its doubled interval
+    mid = 0.5 * (space.low + space.high)
+    low, high = np.where(space.fold > 0, mid, space.low), np.where(space.fold < 0, mid, space.high)
     physical_bounds = {
         # exp only of log-space bounds: a linear bound such as f2's 1e4 would overflow
-        "low": np.where(space.log, np.exp(np.where(space.log, space.low, 0.0)), space.low),
-        "high": np.where(space.log, np.exp(np.where(space.log, space.high, 0.0)), space.high),
+        "low": np.where(space.log, np.exp(np.where(space.log, low, 0.0)), low),
+        "high": np.where(space.log, np.exp(np.where(space.log, high, 0.0)), high),
     }
     return xr.Dataset(
         {
-            "space": ("entry", np.where(space.log, "log", "linear")),
+            "space": (
+                "entry",
+                np.where(space.log, "log", np.where(space.fold != 0, "reflected", "linear")),
+            ),
             "kind": ("entry", np.where(space.normal, "truncated normal", "uniform")),
             **{
                 k: ("entry", v, {"long_name": f"{k} bound (physical units)"})

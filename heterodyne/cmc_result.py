@@ -270,11 +270,9 @@ class CMCResult(FitResult):
             if info["prior"] == "nlsq"
             else "uniform on the parameter table's bounds"
         )
-        logs = [
-            entry_label(name, phi)
-            for (name, phi), s in zip(index_of(self.prior), self.prior["space"].values, strict=True)
-            if s == "log"
-        ]
+        spaces = list(zip(index_of(self.prior), self.prior["space"].values, strict=True))
+        logs = [entry_label(name, phi) for (name, phi), s in spaces if s == "log"]
+        reflected = [entry_label(name, phi) for (name, phi), s in spaces if s == "reflected"]
         lines = [
             "[[CMC fit]]",
             "    method            consensus Monte Carlo: NUTS (numpyro) per shard, "
@@ -295,6 +293,8 @@ class CMCResult(FitResult):
             f"    errors            {self._errors_line()}",
             f"    priors            {prior}; {self.tempering()}",
             f"    log space         {', '.join(logs) or '-'}",
+            f"    reflected         {', '.join(reflected) or '-'} (linear, at a bound NLSQ "
+            "finds within 3 stderr)",
             f"    wall time         {info['wall_seconds']:.1f} s",
             f"    verdict           {self._verdict()}",
             "[[Parameters]] (mean, sd, 94 % HDI; R-hat worst and ESS least over shards)",
