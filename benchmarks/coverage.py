@@ -125,6 +125,8 @@ def run(args) -> dict:
                 )
             cmc_seconds.append(time.perf_counter() - start)
             converged.append(cmc.converged)
+            if not cmc.converged:
+                print(f"seed {seed}: not converged: {cmc.failures()}", flush=True)
             flagged = cmc.prior_dominated()
             dominated.append([n in flagged for n in names])
             space = dict(zip(cmc.prior["name"].values, cmc.prior["space"].values, strict=True))

@@ -25,10 +25,11 @@ Sampled space
 
 Reflection at a bound
     Near a bound the logistic map is exponential, ``y - low ≈ (high - low) e^u``: a
-    posterior that reaches the bound (a linear quantity that NLSQ finds within
-    ``LOG_MIN_SIGMAS`` stderr of it, such as a weakly determined ``D0_ref``) becomes in
-    ``u`` a tail over several units with a scale of ~1 where the whitening expects the
-    posterior's own, and NUTS mixes slowly there. Such a quantity is sampled on its
+    posterior that reaches the bound (such as that of a weakly determined ``D0_ref``)
+    becomes in ``u`` a tail over several units with a scale of ~1 where the whitening
+    expects the posterior's own, and NUTS mixes slowly there. A linear quantity that NLSQ finds
+    within ``LOG_MIN_SIGMAS`` nominal stderr of a bound (the width of the posterior the
+    shards sample, before the speckle correction) is therefore sampled on its
     interval doubled beyond the bound ``b``, ``[2 b - high, high]`` (or ``[low, 2 b -
     low]`` at an upper bound), whose logistic map is nearly linear about its midpoint
     ``b``, and every density is taken at the reflection ``x = b + |y - b|`` (``b - |y -
@@ -71,7 +72,7 @@ def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int, i
     """``(low, high, log, fold)`` of the sampled space ``y`` for the varied quantities,
     then ``n_noise`` noise levels; with an NLSQ ``init``, a parameter it finds within
     ``LOG_MIN_SIGMAS`` stderr of 0 is sampled linearly, and a linear one within
-    ``LOG_MIN_SIGMAS`` stderr of a bound is reflected there (``fold`` +1 at the lower
+    ``LOG_MIN_SIGMAS`` nominal stderr of a bound is reflected there (``fold`` +1 at the lower
     bound, -1 at the upper, its interval doubled beyond that bound; module doc)."""
     n = len(problem.entries)
     low, high = np.empty(n + n_noise), np.empty(n + n_noise)
@@ -98,13 +99,14 @@ def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int, i
 
 def near_bounds(init, problem: Objective) -> np.ndarray:
     """For each varied quantity, +1 (-1) where NLSQ ``init`` finds it within
-    ``LOG_MIN_SIGMAS`` finite stderr of its lower (upper) bound, else 0 (all 0 without
-    ``init``)."""
+    ``LOG_MIN_SIGMAS`` finite nominal stderr of its lower (upper) bound, else 0 (all 0
+    without ``init``): the nominal one, since the shards sample the independent-pair
+    likelihood, whose width it is (the speckle correction comes after)."""
     near = np.zeros(len(problem.entries))
     if init is None:
         return near
     values = at_entries(init.params, problem.entries)
-    errors = at_entries(init.stderr, problem.entries)
+    errors = at_entries(init.stderr_nominal, problem.entries)
     reach = LOG_MIN_SIGMAS * np.where(np.isfinite(errors), errors, 0.0)
     near[values - np.asarray(problem.upper) >= -reach] = -1.0
     near[values - np.asarray(problem.lower) <= reach] = 1.0
