@@ -197,6 +197,13 @@ class CMCResult(FitResult):
                 out[entry_label(name, phi)] = ratio
         return out
 
+    def _extended(self) -> str:
+        """`` (run longer than the N asked: ...)`` when fit_cmc extended the chains."""
+        asked = int(self.info.get("samples_asked", self.info["samples"]))
+        if asked == int(self.info["samples"]):
+            return ""
+        return f" (extended from the {asked} asked: the ESS fell short)"
+
     def _rows(self):
         """``(label, mean, sd, hdi lower, hdi higher, worst R-hat, least ESS bulk, least
         ESS tail, unit)`` for every sampled quantity."""
@@ -284,7 +291,8 @@ class CMCResult(FitResult):
             f"{info.get('dropped_frames', 0)}",
             f"    times             {time_origin(self.data)}",
             f"    chains            {info['chains']} per shard ({info['chain_method']}, "
-            f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws; "
+            f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws"
+            f"{self._extended()}; "
             f"mass matrix {info.get('mass_matrix', 'dense, adapted')}",
             f"    executor          {info['executor']}",
             f"    seed              {info['seed']}",

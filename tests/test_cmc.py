@@ -610,6 +610,28 @@ def test_a_posterior_reflected_at_its_bound_is_the_posterior_cut_there():
         assert float(result.diagnostics[figure].min()) > 0.3 * draws.size, figure
 
 
+def test_a_run_short_of_ess_is_continued_with_the_draws_it_needs(small):
+    """120 draws per chain fall short of the 200 effective draws asked: fit_cmc runs the
+    chains again, longer (the same keys: the first 120 draws are the short run's), and
+    the report says so; a trial run of 100 draws (no more than the ESS asks per chain)
+    is left as asked."""
+    ds, init = small
+    plan = cmc.prepare(ds, init, shards=1, warmup=100, samples=120)
+    short = sampler.run_shard(plan.jobs()[0])
+    longer = sampler.run_shard(plan.jobs()[0]._replace(samples=150))
+    np.testing.assert_array_equal(longer["w"][:, :120], short["w"])
+    result = run_quietly(ds, init, shards=1, warmup=100, samples=120, progress=False)
+    assert result.info["samples_asked"] == 120
+    assert 240 <= result.info["samples"] <= cmc.EXTEND_MAX * 120
+    first = plan.physical(cmc.shard_draws(plan, [short]))[0]
+    shard = result.posterior.shard_posterior
+    k = list(plan.entries.get_level_values("name")).index("v0")
+    np.testing.assert_allclose(shard["v0"].values[0, :, :120], first[..., k], rtol=1e-12)
+    assert "extended from the 120 asked" in result.report()
+    trial = run_quietly(ds, init, shards=1, warmup=100, samples=100, progress=False)
+    assert trial.info["samples"] == 100 and not trial.converged
+
+
 def test_a_parameter_the_data_do_not_constrain_is_reported_prior_dominated(small, short_result):
     """f2 has no effect with f1 = 0: its posterior is its prior, and the report says so;
     the parameters the data determine are not named."""
