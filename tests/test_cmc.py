@@ -562,15 +562,9 @@ def test_a_rate_that_nlsq_finds_near_zero_is_sampled_linearly():
     assert not space["D0_ref"] and space["D0_sample"] and space["v0"]
     k = plan.problem.labels.index("D0_ref")
     assert np.isnan(plan.floors[k])
-    # reflected at its bound 0: the sampled interval doubled below it, the reported bound 0
-    assert plan.space.fold[k] == 1.0 and plan.space.low[k] == -plan.space.high[k]
-    assert np.count_nonzero(plan.space.fold) == 1
-    u = plan.space.u0.copy()
-    u[k] = 0.3
-    mirrored = u.copy()
-    mirrored[k] = -0.3
-    x = plan.physical(np.stack([u, mirrored]))
-    assert x[0, k] == x[1, k] > 0 and np.all(x[0] == x[1])
+    # more than REFLECT_SIGMAS nominal stderr from 0: the logistic map of [0, max]
+    assert init.value("D0_ref") > priors.REFLECT_SIGMAS * init.error("D0_ref")
+    assert plan.space.low[k] == 0.0 and not np.any(plan.space.fold)
     table = cmc.prepare(ds, params=parameters(truth), shards=1)
     assert dict(zip(table.problem.labels, table.space.log, strict=False))["D0_ref"]
 
@@ -589,7 +583,16 @@ def test_a_posterior_reflected_at_its_bound_is_the_posterior_cut_there():
         p[name].vary = False
     init = hd.fit_nlsq(ds, p, progress=False)
     value, error = init.value("D0_ref"), init.error("D0_ref")
-    assert value <= priors.LOG_MIN_SIGMAS * error
+    assert value <= priors.REFLECT_SIGMAS * error
+    plan = cmc.prepare(ds, init, shards=1)
+    # reflected at its bound 0: the sampled interval doubled below it; u and -u (the
+    # bound is u = 0) are the same physical point
+    assert plan.space.fold[0] == 1.0 and plan.space.low[0] == -plan.space.high[0]
+    assert np.count_nonzero(plan.space.fold) == 1
+    u = np.stack([plan.space.u0, plan.space.u0])
+    u[:, 0] = [0.3 * abs(plan.space.u0[0]), -0.3 * abs(plan.space.u0[0])]
+    x = plan.physical(u)
+    assert x[0, 0] == x[1, 0] > 0 and np.all(x[0] == x[1])
     result = run_quietly(ds, init, shards=1, warmup=300, samples=2000, progress=False)
     assert str(result.prior["space"].values[0]) == "reflected"
     assert float(result.prior["low"].values[0]) == 0.0
