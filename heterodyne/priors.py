@@ -39,9 +39,9 @@ Reflection at a bound
     the doubled interval is odd about ``b``: ``u -> |u|``) before they are combined.
     Only that close: the reflection mirrors the quantity's correlations with the others
     (a chevron in the sampled space, which the whitening fits on one side only). On the
-    weak-reference benchmark, posteriors 1.5 to 3 nominal stderr from the bound diverged
-    or mixed slowly reflected (1.8 to 4.6 % divergent draws) where the logistic map
-    sampled one of them well; piled at the bound, reflected, the bulk ESS of ``D0_ref``
+    weak-reference benchmark, posteriors 2.7 and 4.1 nominal stderr from the bound
+    diverged or mixed slowly reflected (1.8 to 4.6 % divergent draws) where the logistic
+    map sampled the second well; piled at the bound, reflected, the bulk ESS of ``D0_ref``
     rose from 149-287 to 898-1093 of 2000 draws.
 
 Priors
