@@ -569,6 +569,7 @@ def test_a_rate_that_nlsq_finds_near_zero_is_sampled_linearly():
     assert dict(zip(table.problem.labels, table.space.log, strict=False))["D0_ref"]
 
 
+@pytest.mark.slow
 def test_a_posterior_reflected_at_its_bound_is_the_posterior_cut_there():
     """D0_ref alone varied, on 40 frames that barely resolve it: NLSQ finds it 0.7
     stderr from 0, so CMC samples it reflected at 0. Its draws follow the posterior
@@ -613,6 +614,7 @@ def test_a_posterior_reflected_at_its_bound_is_the_posterior_cut_there():
         assert float(result.diagnostics[figure].min()) > 0.3 * draws.size, figure
 
 
+@pytest.mark.slow
 def test_a_run_short_of_ess_is_continued_with_the_draws_it_needs(small):
     """120 draws per chain fall short of the 200 effective draws asked: fit_cmc runs the
     chains again, longer (the same keys: the first 120 draws are the short run's), and
