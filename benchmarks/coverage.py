@@ -93,7 +93,7 @@ def run(args) -> dict:
     names = list(truth)
     values, speckle, nominal, seconds = [], [], [], []
     intervals = {"posterior": [], "uncorrected_posterior": []}
-    cmc_seconds, converged, dominated, logged = [], [], [], []
+    cmc_seconds, converged, dominated, logged, reflected = [], [], [], [], []
     seeds = np.arange(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         ds = hd.simulate(
@@ -125,10 +125,13 @@ def run(args) -> dict:
                 )
             cmc_seconds.append(time.perf_counter() - start)
             converged.append(cmc.converged)
+            if not cmc.converged:
+                print(f"seed {seed}: not converged: {cmc.failures()}", flush=True)
             flagged = cmc.prior_dominated()
             dominated.append([n in flagged for n in names])
             space = dict(zip(cmc.prior["name"].values, cmc.prior["space"].values, strict=True))
             logged.append([str(space.get(n, "")) == "log" for n in names])
+            reflected.append([str(space.get(n, "")) == "reflected" for n in names])
             for group, found in intervals.items():
                 draws = cmc.posterior[group]
                 found.append(
@@ -151,6 +154,7 @@ def run(args) -> dict:
             converged=np.asarray(converged),
             prior_dominated=np.asarray(dominated),
             log_space=np.asarray(logged),
+            reflected=np.asarray(reflected),
             **{group: np.asarray(found) for group, found in intervals.items()},
         )
     return outcome
@@ -223,9 +227,10 @@ def report(outcome: dict) -> None:
     # runs saved before these were recorded
     dominated = outcome.get("prior_dominated", np.zeros(values.shape, dtype=bool))
     logged = outcome.get("log_space", np.zeros(values.shape, dtype=bool))
+    reflected = outcome.get("reflected", np.zeros(values.shape, dtype=bool))
     print(
         f"{'quantity':<11}{'corrected':>11}{'uncorrected':>13}{'converged':>11}"
-        f"{'prior-dominated':>17}{'log space':>11}"
+        f"{'prior-dominated':>17}{'log space':>11}{'reflected':>11}"
     )
     ok = outcome["converged"]
     for k, name in enumerate(names):
@@ -240,10 +245,11 @@ def report(outcome: dict) -> None:
         print(
             f"{name:<11}{covered['posterior']:>10.0f}%{covered['uncorrected_posterior']:>12.0f}%"
             f"{converged:>11}{int(dominated[:, k].sum()):>17}{int(logged[:, k].sum()):>11}"
+            f"{int(reflected[:, k].sum()):>11}"
         )
     print(
         "converged: coverage of the corrected intervals over the runs not flagged; "
-        "prior-dominated, log space: number of runs"
+        "prior-dominated, log space, reflected (at a bound): number of runs"
     )
 
 

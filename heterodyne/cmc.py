@@ -30,7 +30,14 @@ Diagnostics
     unconverged run must not be used as is. R-hat needs draws: with short chains, well-mixed
     chains still exceed 1.01 by chance in a share of the figures, so a run of many
     quantities on several shards can be flagged by chance; the default ``SAMPLES`` makes
-    that rare (``benchmarks/cmc_defaults.py`` measures it).
+    that rare (``benchmarks/cmc_defaults.py`` measures it). Where chains agree but mix too
+    slowly for their length (the only failures ESS below the threshold, or an R-hat
+    below 1.1), the run is repeated once with the draws the ESS asks for
+    (:func:`heterodyne.diagnostics.draws_needed`, at most ``EXTEND_MAX`` (4) times
+    ``samples``; the same keys give the same chains, continued), and the report says so;
+    not for a run asked for no more draws per chain than the ESS threshold (a trial run,
+    warned before it starts), a joint run over q-bins, or one under a ``Tracker`` (the
+    dashboard), whose step count is fixed.
 
 References
 ----------
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,8 +89,10 @@ from heterodyne.sampler import (
     ShardJob,
     Space,
     checkpoint_name,
+    fold_unconstrained,
     interval,
     physical,
+    reflect,
     run_shard,
     shard_model,
 )
@@ -98,6 +107,7 @@ PAIRS_PER_SHARD = 20_000  # shards="auto": S = ceil(n_pairs / PAIRS_PER_SHARD)
 # draws leave it above 1.01 in most runs by chance alone.
 WARMUP = 500
 SAMPLES = 2000
+EXTEND_MAX = 4  # a run short of ESS is run once more, with at most this times the draws
 LIKELIHOODS = ("rows", "pairs")  # fast whole-row blocks; the pairwise reference path
 
 
@@ -190,7 +200,7 @@ class Plan:
     def physical(self, u) -> np.ndarray:
         """Physical values of unconstrained draws ``(..., n)``."""
         space = self.space.as_jax()
-        return np.asarray(physical(interval(space)(jnp.asarray(u)), space.log))
+        return np.asarray(physical(reflect(interval(space)(jnp.asarray(u)), space), space.log))
 
     def unconstrained(self, x) -> np.ndarray:
         """The unconstrained ``u`` of physical values ``x`` (n,)."""
@@ -299,7 +309,7 @@ def prepare(
     phi = ds["phi"].values if noise else np.empty(0)
     sampled = problem.entries.append(entries(["noise"] * phi.size, phi))
     floors = priors.log_floors(problem) if floors is None else floors
-    low, high, log = priors.sampled_bounds(problem, floors, n_phi if noise else 0, init)
+    low, high, log, fold = priors.sampled_bounds(problem, floors, n_phi if noise else 0, init)
     x0 = problem.x0
     if noise:
         residuals, angle = problem.residuals(x0), np.asarray(pairs.angle)
@@ -328,6 +338,7 @@ def prepare(
         low=low,
         high=high,
         log=log,
+        fold=fold,
         normal=normal,
         loc=loc,
         scale=width,
@@ -397,7 +408,9 @@ def fit_cmc(
         Number of shards ``S``; "auto" is ``ceil(n_pairs / 20000)`` (of a multi-q
         Dataset: per q-bin).
     chains, warmup, samples : int
-        NUTS chains per shard, adaptation steps and draws per chain.
+        NUTS chains per shard, adaptation steps and draws per chain (a run whose chains
+        agree but fall short of the ESS asked is run once more with up to 4 times the
+        draws; module doc, "Diagnostics").
     seed : int
         Seeds every chain: the same seed gives the same draws whatever the executor.
     executor : None, "processes", "dask://HOST:PORT" or concurrent.futures.Executor
@@ -488,18 +501,40 @@ def fit_cmc(
         scaling=scaling,
         likelihood=likelihood,
     )
+    start = time.perf_counter()
+    runs, resumed = _run(plan, checkpoint, executor, progress)
+    asked = plan.samples
+    # Chains that agree but are too short for the ESS asked (a posterior that mixes
+    # slowly, such as a weakly determined rate's): run them longer, once, rather than
+    # leave the user a flag to act on. The same keys give the same chains, continued.
+    more = diagnostics.draws_needed(
+        shard_figures(plan, runs, shard_draws(plan, runs)), asked, EXTEND_MAX * asked
+    )
+    # a run asked for no more draws than the ESS asks per chain was warned that it
+    # cannot pass (a trial run): it is left as asked
+    least = diagnostics.THRESHOLDS.ess_per_chain_min
+    if more > asked > least and not isinstance(progress, tracker.Tracker):
+        plan = replace(plan, samples=more)
+        runs, resumed = _run(plan, checkpoint, executor, progress)
+    result = _result(plan, runs, executor_name(executor), time.perf_counter() - start, errors)
+    result.info.update(
+        checkpoint=str(checkpoint or ""), from_checkpoint=resumed, samples_asked=asked
+    )
+    return result
+
+
+def _run(plan: Plan, checkpoint, executor, progress) -> tuple[list, int]:
+    """Every shard's run (its checkpoint where there is one) and how many were read back
+    from checkpoints."""
     jobs = plan.jobs(checkpoint)
     resumed = sum(job.checkpoint is not None and Path(job.checkpoint).exists() for job in jobs)
-    start = time.perf_counter()
     runs = [None] * len(plan.shards)
     if isinstance(progress, tracker.Tracker):
         jobs = [job._replace(token=progress.token) for job in jobs]
     bar = progress is True
     for s, run in executors.run(run_shard, jobs, executor, progress=bar, desc="cmc shards"):
         runs[s] = run
-    result = _result(plan, runs, executor_name(executor), time.perf_counter() - start, errors)
-    result.info.update(checkpoint=str(checkpoint or ""), from_checkpoint=resumed)
-    return result
+    return runs, resumed
 
 
 def executor_name(executor) -> str:
@@ -519,9 +554,9 @@ def _result(plan: Plan, runs, executor_name: str, seconds: float, errors: str) -
 
 def shard_draws(plan: Plan, runs) -> np.ndarray:
     """The draws of the shards' runs in the unconstrained space, ``(shard, chain, draw,
-    n)``."""
+    n)``, folded where the space reflects (:func:`heterodyne.sampler.reflect`)."""
     w = np.stack([run["w"] for run in runs])
-    return plan.space.u0 + w @ plan.space.whiten.T
+    return fold_unconstrained(plan.space.u0 + w @ plan.space.whiten.T, plan.space.fold)
 
 
 def assemble(
@@ -538,17 +573,7 @@ def assemble(
         extra["uncorrected_posterior"] = _draws_dataset(
             plan, plan.physical(combined), ("chain", "draw")
         )
-    shard_posterior = _draws_dataset(plan, plan.physical(u), ("shard", "chain", "draw"))
-    coords = {
-        "shard": np.arange(len(runs)),
-        "chain": np.arange(plan.chains),
-        "draw": np.arange(plan.samples),
-    }
-    sample_stats = xr.Dataset(
-        {name: (("shard", "chain", "draw"), np.stack([r[name] for r in runs])) for name in STATS},
-        coords=coords,
-    )
-    figures = diagnostics.shard_diagnostics(shard_posterior, sample_stats)
+    shard_posterior, sample_stats, figures = shard_figures(plan, runs, u, keep=True)
     figures["n_pairs"] = ("shard", np.array(plan.shard_pairs))
     figures["seconds"] = ("shard", np.array([r["seconds"] for r in runs]))
     for s, line in diagnostics.brief(figures).items():
@@ -608,6 +633,24 @@ def assemble(
     )
 
 
+def shard_figures(plan: Plan, runs, u, keep: bool = False):
+    """The diagnostics of the shards' ``runs`` (:func:`heterodyne.diagnostics.
+    shard_diagnostics`) from their unconstrained draws ``u``; with ``keep``, the shard
+    posterior and sample stats they were computed from first."""
+    shard_posterior = _draws_dataset(plan, plan.physical(u), ("shard", "chain", "draw"))
+    coords = {
+        "shard": np.arange(len(runs)),
+        "chain": np.arange(plan.chains),
+        "draw": np.arange(plan.samples),
+    }
+    sample_stats = xr.Dataset(
+        {name: (("shard", "chain", "draw"), np.stack([r[name] for r in runs])) for name in STATS},
+        coords=coords,
+    )
+    figures = diagnostics.shard_diagnostics(shard_posterior, sample_stats)
+    return (shard_posterior, sample_stats, figures) if keep else figures
+
+
 def _draws_dataset(plan: Plan, x: np.ndarray, dims: tuple[str, ...]) -> xr.Dataset:
     """Draws ``(..., n)`` as one variable per parameter; per-angle quantities along
     ``phi``."""
@@ -635,14 +678,20 @@ def _attrs(name: str) -> dict:
 
 def _prior_dataset(plan: Plan) -> xr.Dataset:
     space = plan.space
+    # a reflected entry's bound is the midpoint of its doubled interval
+    mid = 0.5 * (space.low + space.high)
+    low, high = np.where(space.fold > 0, mid, space.low), np.where(space.fold < 0, mid, space.high)
     physical_bounds = {
         # exp only of log-space bounds: a linear bound such as f2's 1e4 would overflow
-        "low": np.where(space.log, np.exp(np.where(space.log, space.low, 0.0)), space.low),
-        "high": np.where(space.log, np.exp(np.where(space.log, space.high, 0.0)), space.high),
+        "low": np.where(space.log, np.exp(np.where(space.log, low, 0.0)), low),
+        "high": np.where(space.log, np.exp(np.where(space.log, high, 0.0)), high),
     }
     return xr.Dataset(
         {
-            "space": ("entry", np.where(space.log, "log", "linear")),
+            "space": (
+                "entry",
+                np.where(space.log, "log", np.where(space.fold != 0, "reflected", "linear")),
+            ),
             "kind": ("entry", np.where(space.normal, "truncated normal", "uniform")),
             **{
                 k: ("entry", v, {"long_name": f"{k} bound (physical units)"})

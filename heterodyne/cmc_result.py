@@ -199,6 +199,13 @@ class CMCResult(FitResult):
                 out[entry_label(name, phi)] = ratio
         return out
 
+    def _extended(self) -> str:
+        """`` (run longer than the N asked: ...)`` when fit_cmc extended the chains."""
+        asked = int(self.info.get("samples_asked", self.info["samples"]))
+        if asked == int(self.info["samples"]):
+            return ""
+        return f" (extended from the {asked} asked: the ESS fell short)"
+
     def _rows(self):
         """``(label, mean, sd, hdi lower, hdi higher, worst R-hat, least ESS bulk, least
         ESS tail, unit)`` for every sampled quantity."""
@@ -272,11 +279,9 @@ class CMCResult(FitResult):
             if info["prior"] == "nlsq"
             else "uniform on the parameter table's bounds"
         )
-        logs = [
-            entry_label(name, phi)
-            for (name, phi), s in zip(index_of(self.prior), self.prior["space"].values, strict=True)
-            if s == "log"
-        ]
+        spaces = list(zip(index_of(self.prior), self.prior["space"].values, strict=True))
+        logs = [entry_label(name, phi) for (name, phi), s in spaces if s == "log"]
+        reflected = [entry_label(name, phi) for (name, phi), s in spaces if s == "reflected"]
         lines = [
             "[[CMC fit]]",
             "    method            consensus Monte Carlo: NUTS (numpyro) per shard, "
@@ -288,7 +293,8 @@ class CMCResult(FitResult):
             f"{info.get('dropped_frames', 0)}",
             f"    times             {time_origin(self.data)}",
             f"    chains            {info['chains']} per shard ({info['chain_method']}, "
-            f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws; "
+            f"{info['devices']} device), {info['warmup']} warmup + {info['samples']} draws"
+            f"{self._extended()}; "
             f"mass matrix {info.get('mass_matrix', 'dense, adapted')}",
             f"    executor          {info['executor']}",
             f"    seed              {info['seed']}",
@@ -297,6 +303,8 @@ class CMCResult(FitResult):
             f"    errors            {self._errors_line()}",
             f"    priors            {prior}; {self.tempering()}",
             f"    log space         {', '.join(logs) or '-'}",
+            f"    reflected         {', '.join(reflected) or '-'} (linear, at a bound NLSQ "
+            "finds within 3 stderr)",
             f"    wall time         {info['wall_seconds']:.1f} s",
             f"    verdict           {self._verdict()}",
             "[[Parameters]] (mean, sd, 94 % HDI; R-hat worst and ESS least over shards)",

@@ -18,7 +18,9 @@ Correlated noise (``errors="speckle"``)
     covariances of the varied quantities at the posterior mean, carried into ``u`` by
     the derivative of the map ``u -> x``. For a Gaussian posterior this is sampling the
     likelihood whose curvature is ``Sigma_s^-1`` instead of ``Sigma_n^-1``: the draws
-    keep their shape and centre, and their covariance becomes ``Sigma_s``. Noise levels
+    keep their shape and centre, and their covariance becomes ``Sigma_s``. A quantity
+    sampled reflected at a bound (:mod:`heterodyne.priors`) is mapped linearly about its
+    mean, and a draw carried across the bound is reflected back. Noise levels
     are left as they are. It reduces to no change for independent noise. The draws
     before the correction are kept (``uncorrected_posterior``).
 

@@ -52,6 +52,11 @@ class Thresholds:
 
 
 THRESHOLDS = Thresholds()
+#: :func:`draws_needed`: an R-hat below this, with no other failure than ESS and R-hat,
+#: is taken for chains that agree but are too short; the margin on the ESS ratio (at
+#: just the ESS asked, the R-hat of such chains still exceeds 1.01 by chance).
+RHAT_EXTENDABLE = 1.1
+EXTEND_MARGIN = 2.0
 
 
 def _arviz():
@@ -158,6 +163,38 @@ def pass_rules(diagnostics: xr.Dataset) -> dict[str, Callable[[float], bool]]:
         "bfmi": lambda v: v >= limits.bfmi_min,
         "divergent_fraction": lambda v: v <= limits.divergence_max,
     }
+
+
+def draws_needed(diagnostics: xr.Dataset, samples: int, most: int) -> int:
+    """Draws per chain that would let every shard pass, where more draws can make it pass.
+
+    The chains mix but too slowly for their length when the only failures are ESS short
+    of the threshold or an R-hat below ``RHAT_EXTENDABLE``: ESS grows in proportion to
+    the draws, so the answer is ``samples x EXTEND_MARGIN x required / least ESS`` (at
+    least twice ``samples`` where an R-hat fails), at most ``most``. Divergences, a low
+    BFMI, an R-hat of ``RHAT_EXTENDABLE`` or more (chains in different places) and NaN
+    figures are not cured by length: then, or when all pass, ``samples``.
+    """
+    passes = pass_rules(diagnostics)
+    rhat = diagnostics["rhat"].values
+    ess = np.concatenate(
+        [diagnostics["ess_bulk"].values.ravel(), diagnostics["ess_tail"].values.ravel()]
+    )
+    if not (
+        np.all(np.isfinite(rhat))
+        and np.all(np.isfinite(ess))
+        and np.all(rhat < RHAT_EXTENDABLE)
+        and all(passes["bfmi"](v) for v in diagnostics["bfmi"].values.ravel())
+        and all(passes["divergent_fraction"](v) for v in diagnostics["divergent_fraction"].values)
+    ):
+        return samples
+    required = thresholds_of(diagnostics).ess_per_chain_min * diagnostics.sizes["chain"]
+    ratio = required / max(float(ess.min()), 1.0)
+    if not all(passes["rhat"](v) for v in rhat.ravel()):
+        ratio = max(ratio, 2.0 / EXTEND_MARGIN)
+    elif ratio <= 1.0:
+        return samples
+    return int(min(np.ceil(samples * EXTEND_MARGIN * ratio), most))
 
 
 def divergence_failure(shard: xr.Dataset, limits: Thresholds) -> list[str]:

@@ -67,7 +67,7 @@ from heterodyne.joint import JointObjective, entries, layout
 from heterodyne.joint_result import value_at
 from heterodyne.parameters import PHYSICS_NAMES, SCALING_NAMES, UNITS
 from heterodyne.results import RESULT_TYPES, index_of, read_groups, warning_lines, write_result
-from heterodyne.sampler import Space, checkpoint_name, interval, physical, run_shard
+from heterodyne.sampler import Space, checkpoint_name, interval, physical, reflect, run_shard
 
 PER_BIN = (*SCALING_NAMES, "noise")  # the sampled quantities each q-bin has of its own
 
@@ -82,13 +82,13 @@ class JointPlan:
     plans: tuple  #: one heterodyne.cmc.Plan per q-bin
     columns: tuple  #: for bin k, the joint entry of each of its sampled entries
     objective: JointObjective
-    space: Space  #: ``low``, ``high``, ``log`` of the joint vector (others unused)
+    space: Space  #: ``low``, ``high``, ``log``, ``fold`` of the joint vector (others unused)
     n_free: int  #: varied physics and every bin's scaling; the noise levels follow
 
     def physical(self, u) -> np.ndarray:
         """Physical values of joint unconstrained draws ``(..., n)``."""
         space = self.space.as_jax()
-        return np.asarray(physical(interval(space)(jnp.asarray(u)), space.log))
+        return np.asarray(physical(reflect(interval(space)(jnp.asarray(u)), space), space.log))
 
     def covariances(self, x, errors: str):
         """``(nominal, covariance, scales)`` of the varied joint quantities at ``x``: the
@@ -155,8 +155,10 @@ def prepare(ds, init=None, *, params=None, scaling=None, seed: int = 0, **option
         )
     size = n_free + sum(noise)
     low, high, log = np.empty(size), np.empty(size), np.zeros(size, dtype=bool)
+    fold = np.zeros(size)
     for plan, column in zip(plans, columns, strict=True):
         low[column], high[column], log[column] = plan.space.low, plan.space.high, plan.space.log
+        fold[column] = plan.space.fold
     names, qs, phis, lower, upper, x0 = [], [], [], [], [], []
     for k, plan in enumerate(plans):
         problem, q = plan.problem, float(parts[k]["q"])
@@ -179,7 +181,7 @@ def prepare(ds, init=None, *, params=None, scaling=None, seed: int = 0, **option
         np.concatenate(x0),
         scaling,
     )
-    space = Space(*(np.zeros(0),) * 2, low, high, log, *(np.zeros(0),) * 6)
+    space = Space(*(np.zeros(0),) * 2, low, high, log, fold, *(np.zeros(0),) * 6)
     return JointPlan(ds, tuple(tempered), tuple(columns), objective, space, n_free)
 
 

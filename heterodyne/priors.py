@@ -17,12 +17,30 @@ Sampled space
     posterior reaches down to 0, which in log space is a tail over many decades down to
     the floor (and an upward tail of the linear posterior is compressed there too); NUTS
     then crosses it slowly or not at all. Linearly, the posterior is a near-Gaussian cut
-    at 0, and the logit below keeps it off the bound. NUTS
-    then moves in the unconstrained ``u = logit((y - low) / (high - low))``, whitened by
-    the Gauss-Newton curvature at the start (``u = u0 + A w``, ``A A^T`` the inverse
-    curvature of one shard): numpyro regularises its mass matrix towards a unit scale,
-    which would swamp posteriors as narrow as these (sd ~1e-3 in ``u``) and cut the
-    step size tenfold.
+    at 0. NUTS then moves in the unconstrained ``u = logit((y - low) / (high - low))``,
+    whitened by the Gauss-Newton curvature at the start (``u = u0 + A w``, ``A A^T`` the
+    inverse curvature of one shard): numpyro regularises its mass matrix towards a unit
+    scale, which would swamp posteriors as narrow as these (sd ~1e-3 in ``u``) and cut
+    the step size tenfold.
+
+Reflection at a bound
+    Near a bound the logistic map is exponential, ``y - low ≈ (high - low) e^u``: a
+    posterior that reaches the bound (such as that of a weakly determined ``D0_ref``)
+    becomes in ``u`` a tail over several units with a scale of ~1 where the whitening
+    expects the posterior's own, and NUTS mixes slowly there. A linear quantity that
+    NLSQ finds within ``REFLECT_SIGMAS`` (1) nominal stderr of a bound (the width of the
+    posterior the shards sample, before the speckle correction) is therefore sampled on
+    its
+    interval doubled beyond the bound ``b``, ``[2 b - high, high]`` (or ``[low, 2 b -
+    low]`` at an upper bound), whose logistic map is nearly linear about its midpoint
+    ``b``, and every density is taken at the reflection ``x = b + |y - b|`` (``b - |y -
+    b|``): ``p_y(y) = p_x(x) / 2``, exact (``|dx/dy| = 1``, two branches of half the mass
+    each), continuous at ``b``, with no tail. Shard draws are folded back (the logit of
+    the doubled interval is odd about ``b``: ``u -> |u|``) before they are combined.
+    Only that close: the reflection mirrors the quantity's correlations with the others
+    (a chevron in the sampled space, which the whitening fits on one side only), so a
+    posterior whose bulk lies several stderr from the bound samples better through the
+    logistic map (README, "Honest error bars", has the weak-reference measurements).
 
 Priors
     Densities in the sampled space ``y``: uniform on ``[low, high]`` (uniform or
@@ -47,6 +65,8 @@ from heterodyne.results import at_entries
 
 PRIOR_WIDTH = 10.0  # NLSQ-centred priors: standard deviation = PRIOR_WIDTH x NLSQ stderr
 LOG_MIN_SIGMAS = 3.0  # log space only for a value this many NLSQ stderr above 0
+# reflected at a bound: a value within this many nominal stderr of it (module doc)
+REFLECT_SIGMAS = 1.0
 FLOOR_EFFECT = 1e-4  # a log-space parameter's floor: q² ∫J (or q ∫v) over the record
 NOISE_BOUNDS = (1e-6, 1.0)  # log-uniform prior of the per-angle noise level of c2
 # Whitening: curvature added to every unconstrained direction. A quantity the data do not
@@ -56,12 +76,16 @@ _RIDGE = 0.25
 
 
 def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int, init=None):
-    """``(low, high, log)`` of the sampled space ``y`` for the varied quantities, then
-    ``n_noise`` noise levels; with an NLSQ ``init``, a parameter it finds within
-    ``LOG_MIN_SIGMAS`` stderr of 0 is sampled linearly (module doc)."""
+    """``(low, high, log, fold)`` of the sampled space ``y`` for the varied quantities,
+    then ``n_noise`` noise levels; with an NLSQ ``init``, a parameter it finds within
+    ``LOG_MIN_SIGMAS`` stderr of 0 is sampled linearly, and a linear one within
+    ``REFLECT_SIGMAS`` nominal stderr of a bound is reflected there (``fold`` +1 at the lower
+    bound, -1 at the upper, its interval doubled beyond that bound; module doc)."""
     n = len(problem.entries)
     low, high = np.empty(n + n_noise), np.empty(n + n_noise)
     log = np.zeros(n + n_noise, dtype=bool)
+    fold = np.zeros(n + n_noise)
+    near = near_bounds(init, problem)
     for k, (name, label) in enumerate(zip(problem.names, problem.labels, strict=True)):
         lo, hi = problem.lower[k], problem.upper[k]
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
@@ -72,10 +96,29 @@ def sampled_bounds(problem: Objective, floors: dict[str, float], n_noise: int, i
         if name in floors and lo >= 0 and hi > floors[name] and not near_zero(init, name):
             log[k], low[k], high[k] = True, np.log(max(lo, floors[name])), np.log(hi)
         else:
-            low[k], high[k] = lo, hi
+            fold[k] = near[k]
+            low[k] = 2 * lo - hi if fold[k] > 0 else lo
+            high[k] = 2 * hi - lo if fold[k] < 0 else hi
     log[n:] = True
     low[n:], high[n:] = np.log(NOISE_BOUNDS[0]), np.log(NOISE_BOUNDS[1])
-    return low, high, log
+    return low, high, log, fold
+
+
+def near_bounds(init, problem: Objective) -> np.ndarray:
+    """For each varied quantity, +1 (-1) where NLSQ ``init`` finds it within
+    ``REFLECT_SIGMAS`` finite nominal stderr of its lower (upper) bound, else 0 (all 0
+    without ``init``): the nominal one, since the shards sample the independent-pair
+    likelihood, whose width it is (the speckle correction comes after)."""
+    near = np.zeros(len(problem.entries))
+    if init is None:
+        return near
+    values = at_entries(init.params, problem.entries)
+    errors = at_entries(init.stderr_nominal, problem.entries)
+    reach = REFLECT_SIGMAS * np.where(np.isfinite(errors), errors, 0.0)
+    near[values - np.asarray(problem.upper) >= -reach] = -1.0
+    near[values - np.asarray(problem.lower) <= reach] = 1.0
+    near[reach == 0] = 0.0
+    return near
 
 
 def near_zero(init, name: str) -> bool:

@@ -82,6 +82,7 @@ class Space(NamedTuple):
     low: jax.Array  #: lower bound of y, (n,)
     high: jax.Array  #: upper bound of y, (n,)
     log: jax.Array  #: y = log x (else y = x), (n,)
+    fold: jax.Array  #: +1 (-1): y reflected at the lower (upper) bound of x, 0: not, (n,)
     normal: jax.Array  #: truncated-normal prior (else uniform), (n,)
     loc: jax.Array  #: prior centre in y, (n,)
     scale: jax.Array  #: prior standard deviation in y, (n,)
@@ -117,6 +118,20 @@ def interval(space: Space):
     return dist.transforms.biject_to(constraints.interval(space.low, space.high))
 
 
+def reflect(y, space: Space):
+    """``y`` of the interval ``[low, high]`` folded at its midpoint ``m`` where
+    ``space.fold`` is ±1: ``m + fold |y - m|``, into ``[m, high]`` (``+1``) or ``[low, m]``
+    (``-1``), the parameter's bounds (:func:`heterodyne.priors.sampled_bounds`)."""
+    mid = 0.5 * (space.low + space.high)
+    return jnp.where(space.fold != 0, mid + space.fold * jnp.abs(y - mid), y)
+
+
+def fold_unconstrained(u, fold):
+    """Unconstrained ``u`` reflected as :func:`reflect` reflects ``y``: the logistic map
+    of a folded entry is odd about its midpoint, ``u = 0``, so the fold is ``fold |u|``."""
+    return np.where(fold != 0, fold * np.abs(u), u)
+
+
 def physical(y, log):
     """The physical value of a sampled-space ``y``: ``exp(y)`` where ``log``, else ``y``."""
     # exp is taken of 0 where the entry is linear: exp(1e5) would overflow and its
@@ -129,7 +144,8 @@ def shard_model(data, space: Space, *, n_scale: int, n_free: int):
 
     ``log p(w) = log|dy/du| + power * log prior(y) + sum_k log N(r_k | 0, s_k)``
 
-    with ``u = u0 + A w``, ``r`` the residuals of :func:`heterodyne.pairs.residuals`
+    with ``u = u0 + A w``, ``y`` reflected where the space folds (:func:`reflect`,
+    ``|dy/du|`` unchanged), ``r`` the residuals of :func:`heterodyne.pairs.residuals`
     on the shard's pairs (``data``: :class:`~heterodyne.pairs.Rows`, or the
     reference pairwise path's :class:`~heterodyne.pairs.Pairs`) and ``s_k = 1``
     (``sigma`` in the data) or the noise level of the pair's angle; weight-0 entries
@@ -141,8 +157,9 @@ def shard_model(data, space: Space, *, n_scale: int, n_free: int):
     w = numpyro.sample("w", dist.ImproperUniform(constraints.real_vector, (), (n,)))
     u = space.u0 + space.whiten @ w
     transform = interval(space)
-    y = transform(u)
-    numpyro.factor("log_det_jacobian", jnp.sum(transform.log_abs_det_jacobian(u, y)))
+    unfolded = transform(u)
+    numpyro.factor("log_det_jacobian", jnp.sum(transform.log_abs_det_jacobian(u, unfolded)))
+    y = reflect(unfolded, space)
     uniform = -jnp.log(space.high - space.low)
     normal = dist.TruncatedNormal(space.loc, space.scale, low=space.low, high=space.high)
     numpyro.factor(

@@ -119,6 +119,45 @@ def test_ess_of_an_autocorrelated_chain_is_that_of_ar1():
     assert any(f.startswith("ESS_bulk of a = ") and "needs >= 200" in f for f in found)
 
 
+def ar1(rng, rho, draws):
+    values = np.empty((1, CHAINS, draws))
+    values[..., 0] = rng.standard_normal((1, CHAINS))
+    noise = rng.standard_normal(values.shape) * np.sqrt(1 - rho**2)
+    for k in range(1, draws):
+        values[..., k] = rho * values[..., k - 1] + noise[..., k]
+    return values
+
+
+def test_draws_needed_by_chains_too_short_for_their_ess_make_them_pass():
+    """AR(1) chains (rho 0.95) of 1000 draws have an ESS of ~50 of the 200 asked: the
+    draws needed are those that make the same chains, continued, pass (ESS in proportion
+    to the draws); none for chains that pass, diverge or disagree."""
+    rng = np.random.default_rng(5)
+    values = ar1(rng, 0.95, 20 * DRAWS)
+    energy = rng.standard_normal(values.shape)
+
+    def figures(n, diverging=None, shift=0.0):
+        part = values[..., :n] + shift * np.arange(CHAINS)[:, None]
+        flags = None if diverging is None else diverging[..., :n]
+        return diagnostics.shard_diagnostics(posterior(part), stats(energy[..., :n], flags))
+
+    short = figures(DRAWS)
+    needed = diagnostics.draws_needed(short, DRAWS, 100 * DRAWS)
+    least = min(float(short["ess_bulk"].min()), float(short["ess_tail"].min()))
+    assert needed == int(np.ceil(DRAWS * diagnostics.EXTEND_MARGIN * 200 / least))
+    assert 3 * DRAWS < needed < 20 * DRAWS
+    assert diagnostics.failures(figures(needed)) == {}
+    assert diagnostics.draws_needed(short, DRAWS, 2 * DRAWS) == 2 * DRAWS  # the cap
+    assert diagnostics.draws_needed(figures(needed), needed, 100 * DRAWS) == needed
+    diverging = np.zeros(values.shape, bool)
+    diverging[0, 0, :100] = True
+    assert diagnostics.draws_needed(figures(DRAWS, diverging), DRAWS, 100 * DRAWS) == DRAWS
+    # chains a whole sd apart: R-hat far above 1.05, length does not cure that
+    apart = figures(DRAWS, shift=3.0)
+    assert float(apart["rhat"].max()) > diagnostics.RHAT_EXTENDABLE
+    assert diagnostics.draws_needed(apart, DRAWS, 100 * DRAWS) == DRAWS
+
+
 def test_divergences_above_one_percent_fail():
     rng = np.random.default_rng(4)
     diverging = np.zeros((2, CHAINS, DRAWS), bool)
