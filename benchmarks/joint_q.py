@@ -5,7 +5,7 @@ Gaussian noise per pair) (``hd.simulate(q=[...],
 noise="speckle")``: ``c2`` averaged over the pixels of each q-sector, pairs that share
 frames correlated) with the truth varied from seed to seed (each of ``D0_ref``,
 ``D0_sample``, ``v0``, ``f0``, ``phi0`` drawn around the flow case of
-``benchmarks/coverage.py``), fitted jointly with ``errors="speckle"`` (which ends with the
+``benchmarks/coverage.py``), fitted jointly with ``errors="speckle"`` (``--model``; which ends with the
 bins' inverse-covariance combination, :meth:`heterodyne.joint.JointObjective.combine`) and
 each q-bin alone (``fit_nlsq(..., separate=True)``). For ``D0_sample`` and ``v0`` it prints,
 over seeds:
@@ -26,6 +26,7 @@ reads every pair once per evaluation) and one streaming read of the stored pairs
 
     .venv/bin/python benchmarks/joint_q.py [--errors] [--seeds 20] [--frames 120]
                                            [--pixels 2000] [--bins 4] [--noise speckle]
+                                           [--model speckle|nominal]
     .venv/bin/python benchmarks/joint_q.py --speed [--repeats 3]
 """
 
@@ -81,7 +82,7 @@ def errors(args):
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = hd.fit_nlsq(ds, parameters(start), errors="speckle", progress=False)
+            result = hd.fit_nlsq(ds, parameters(start), errors=args.model, progress=False)
         elapsed = time.perf_counter() - t0
         names = result.varied_physics
         n = len(names)
@@ -129,7 +130,7 @@ def errors(args):
     )
     used = sum(r["combined"] for r in rows)
     print(f"\n{n_seeds} seeds, {args.bins} q-bins q = {q.min():g} .. {q.max():g} 1/Å x "
-          f"{len(PHI)} angles x {args.frames} frames, {kind}, errors='speckle'; the joint "
+          f"{len(PHI)} angles x {args.frames} frames, {kind}, errors={args.model!r}; the joint "
           f"fit combined the bins by inverse covariance in {used} of {n_seeds} seeds (else "
           f"by weighted least squares)")  # fmt: skip
     print(f"{'':10}{'expected':>10}{'measured':>10}{'scatter':>9}"
@@ -219,6 +220,7 @@ def main():
     parser.add_argument("--pixels", type=int, default=2000)
     parser.add_argument("--bins", type=int, default=4)
     parser.add_argument("--noise", default="speckle", help="'speckle' or a Gaussian level")
+    parser.add_argument("--model", default="speckle", help="fit_nlsq's errors= (error model)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.speed:
