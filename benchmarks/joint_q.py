@@ -5,9 +5,10 @@ Gaussian noise per pair) (``hd.simulate(q=[...],
 noise="speckle")``: ``c2`` averaged over the pixels of each q-sector, pairs that share
 frames correlated) with the truth varied from seed to seed (each of ``D0_ref``,
 ``D0_sample``, ``v0``, ``f0``, ``phi0`` drawn around the flow case of
-``benchmarks/coverage.py``), fitted jointly with ``errors="speckle"`` (``--model``; which ends with the
-bins' inverse-covariance combination, :meth:`heterodyne.joint.JointObjective.combine`) and
-each q-bin alone (``fit_nlsq(..., separate=True)``). For ``D0_sample`` and ``v0`` it prints,
+``benchmarks/coverage.py``), fitted jointly with ``errors="speckle"`` (``--model``), which
+ends with the bins' inverse-covariance combination
+(:meth:`heterodyne.joint.JointObjective.combine`), and each q-bin alone
+(``fit_nlsq(..., separate=True)``). For ``D0_sample`` and ``v0`` it prints,
 over seeds:
 
 - the expected error reduction: the best single bin's stderr over the joint stderr the
