@@ -536,6 +536,8 @@ def test_joint_q_tab_samples_the_joint_posterior_from_its_fit():
     assert "[[Joint CMC fit]]" in dash.joint_cmc_text.object
     warned = dash.joint_alert.visible and dash.joint_alert.alert_type == "warning"
     assert warned != result.converged
-    assert dash.joint_cmc_view.object is not None
+    view, plot = dash.joint_cmc_view.object, result.plot()  # the run's own plot is shown
+    assert type(view) is type(plot) and len(view) == len(plot) > 0
     dash.joint_button.clicks += 1
     assert dash.joint_cmc is None and dash.joint_cmc_text.object == ""
+    assert dash.joint_cmc_view.object is None
