@@ -263,15 +263,17 @@ def _refine(base, rate_ref, rate_sample, fraction, frequency, step, tau, y, w, q
     return trial[np.arange(y.shape[0]), misfit.argmin(axis=1)]
 
 
-def _projected(physics, tau, y, root_w, phi, q):
+def _projected(physics, tau, y, root_w, phi, q, xp=jnp):
     """Residuals of the one-time model with each angle's ``contrast`` and ``offset``
-    solved for by weighted linear least squares (variable projection): ``(n_phi * L,)``."""
-    g = model.g2(physics, 1.0, 0.0, tau, phi, q)
+    solved for by weighted linear least squares (variable projection): ``(n_phi * L,)``.
+    ``xp=np`` evaluates it outside any compiled program (one call: nothing to compile
+    beyond :func:`heterodyne.model.g2`)."""
+    g = xp.asarray(model.g2(physics, 1.0, 0.0, tau, phi, q))
     w = root_w * root_w
-    sw = jnp.sum(w)
+    sw = xp.sum(w)
     gm, ym = g @ w / sw, y @ w / sw
     gc, yc = g - gm[:, None], y - ym[:, None]
-    slope = (gc * yc) @ w / jnp.maximum((gc * gc) @ w, 1e-300)
+    slope = (gc * yc) @ w / xp.maximum((gc * gc) @ w, 1e-300)
     return (root_w * (yc - slope[:, None] * gc)).ravel()
 
 
@@ -298,7 +300,7 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     """``(misfit, vector)``: ``vector`` refined by least squares on the one-time model in
     its ``free`` entries, in the labelling convention (reference slower)."""
     if not free:
-        return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q) ** 2)), vector
+        return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q, np) ** 2)), vector
     both = _polish_functions(free)
     args = (vector, tau, y, np.sqrt(w), phi, q)
     last = {}
