@@ -71,15 +71,17 @@ def free_residuals(x, template, free, pairs: Pairs, n_scale: int):
 
 def pair_blocks(pairs: Pairs):
     """The pairs as blocks of one length: ``BLOCK``, or where fewer would do, the size
-    class of the pairs that the frames' size class holds (:mod:`heterodyne.shapes`), the
-    frames padded to their size class. Yields ``(count, block)``: the block's first
-    ``count`` pairs are real, the rest weight-0 padding (the pair ``(0, 1)`` of angle 0:
-    finite, never fitted). Data of similar size make blocks of one shape, so the compiled
-    code is shared."""
+    class of the pairs that the frames' and angles' size classes hold
+    (:mod:`heterodyne.shapes`), the frames and angles padded to their size classes (to be
+    evaluated with the packing of :class:`Padding`). Yields ``(count, block)``: the
+    block's first ``count`` pairs are real, the rest weight-0 padding (the pair ``(0, 1)``
+    of angle 0: finite, never fitted). Data of similar size make blocks of one shape, so
+    the compiled code is shared."""
     n_pairs, n_frames = pairs.n_pairs, shapes.size_class(pairs.t.shape[0])
-    # as many as the frames' size class can hold: any window of that class fits
-    size = min(BLOCK, shapes.size_class(pairs.phi.shape[0] * n_frames * (n_frames - 1) // 2))
-    t = shapes.pad_edge(pairs.t, n_frames)
+    n_angles = shapes.angle_class(pairs.phi.shape[0])
+    # as many as the size classes can hold: any window and angle subset of them fits
+    size = min(BLOCK, shapes.size_class(n_angles * n_frames * (n_frames - 1) // 2))
+    t, phi = shapes.pad_edge(pairs.t, n_frames), shapes.pad_edge(pairs.phi, n_angles)
     arrays = {k: np.asarray(getattr(pairs, k)) for k in _PER_PAIR}
     for start in range(0, n_pairs, size):
         part = {k: v[start : start + size] for k, v in arrays.items()}
@@ -87,7 +89,7 @@ def pair_blocks(pairs: Pairs):
         if count < size:
             part = {k: shapes.pad_zeros(v, size) for k, v in part.items()}
             part["j"][count:] = 1
-        yield count, pairs._replace(t=t, **part)
+        yield count, pairs._replace(t=t, phi=phi, **part)
 
 
 @partial(jax.jit, static_argnums=4)
@@ -113,15 +115,64 @@ def block_normal_equations(x, template, free, pairs, n_scale):
 
 
 def blocked_normal_equations(x, template, free, pairs: Pairs, n_scale: int):
-    """``(J^T J, J^T r, r^T r)`` at ``x``, summed over :func:`pair_blocks`."""
+    """``(J^T J, J^T r, r^T r)`` at ``x``, summed over :func:`pair_blocks`, whose angles
+    are padded: ``x``, ``template``, ``free`` and ``n_scale`` as packed by
+    :func:`pad_angles`."""
     parts = [block_normal_equations(x, template, free, b, n_scale) for _, b in pair_blocks(pairs)]
     return tuple(sum(p[k] for p in parts) for k in range(3))
 
 
-def _on_device(x):
-    """The solver vector as a float64 JAX array, without a compiled conversion (which
-    ``jnp.asarray`` would run, and compile per shape)."""
-    return jax.device_put(np.asarray(x, dtype=np.float64))
+class Padding(NamedTuple):
+    """The packing of the compiled calls, the angles padded to their size class
+    (:func:`heterodyne.shapes.angle_class`), so that an angle subset reuses the programs
+    of any earlier fit of the same class; made by :func:`pad_angles`.
+
+    A padded angle has no pair (weight 0): its contrast and offset (copies of the last
+    angle's) change no residual, and their entries of the gradient and the normal
+    equations are zero. The solver never sees them: they follow the solver vector's
+    entries in ``free`` and are appended to ``x`` (``tail``) at each call, and the
+    outputs are cut back to the solver's entries (:meth:`Objective.normal_equations`).
+    """
+
+    template: jax.Array  #: the packed vector ``[physics (14), contrast, offset]``, padded
+    free: jax.Array  #: entries of ``x``: the solver's (in its order), then the padded angles'
+    n_scale: int  #: contrast/offset pairs of the padded vector (the padded angles, or 1)
+    tail: np.ndarray  #: values of the padded angles' entries, appended to ``x``
+
+
+def pad_angles(template, free, n_scale: int) -> Padding:
+    """:class:`Padding` of the packed vector ``template`` with ``n_scale`` contrast/offset
+    pairs (one per angle, or 1 shared) and the varied entries ``free``."""
+    template, free = np.asarray(template, dtype=np.float64), np.asarray(free)
+    n = len(PHYSICS_NAMES)
+    size = shapes.angle_class(n_scale) if n_scale > 1 else 1
+    physics, contrast, offset = unpack(template, n_scale)
+    padded = np.concatenate(
+        [physics, shapes.pad_edge(contrast, size), shapes.pad_edge(offset, size)]
+    )
+    # the offsets move up by the padded contrasts; the padded angles' entries vary where
+    # the real angles' do (per-angle scaling varies all contrasts, or none)
+    moved = np.where(free >= n + n_scale, free + size - n_scale, free)
+    tail = np.concatenate(
+        [
+            np.arange(first + n_scale, first + size)
+            for first in (n, n + size)
+            if np.any((moved >= first) & (moved < first + n_scale))
+        ]
+        + [np.zeros(0, dtype=int)]
+    )
+    return Padding(
+        jax.device_put(padded),
+        jax.device_put(np.concatenate([moved, tail]).astype(np.int32)),
+        size,
+        padded[tail],
+    )
+
+
+def _on_device(x, tail=()):
+    """The solver vector, with ``tail`` appended, as a float64 JAX array, without a
+    compiled conversion (which ``jnp.asarray`` would run, and compile per shape)."""
+    return jax.device_put(np.concatenate([np.asarray(x, dtype=np.float64), tail]))
 
 
 class Errors(NamedTuple):
@@ -348,12 +399,18 @@ class Objective:
         dims ``(entry, entry_)``."""
         return stacked(np.asarray(covariance), self.entries, name=name)
 
+    @cached_property
+    def padding(self) -> Padding:
+        """The packing of the compiled calls, angles padded to their size class."""
+        return pad_angles(self.template, self.free, self.n_scale)
+
     def residuals(self, x):
         """Weighted residuals at all fitted pairs, (n_pairs,)."""
-        x, out = _on_device(x), np.empty(self.n_pairs)
+        pad = self.padding
+        x, out = _on_device(x, pad.tail), np.empty(self.n_pairs)
         start = 0
         for count, block in pair_blocks(self.pairs):
-            r = _block_residuals(x, self.template, self.free, block, self.n_scale)
+            r = _block_residuals(x, pad.template, pad.free, block, pad.n_scale)
             out[start : start + count] = np.asarray(r)[:count]
             start += count
         return out
@@ -368,28 +425,32 @@ class Objective:
 
     def cost_and_gradient(self, x) -> tuple[float, np.ndarray]:
         """:meth:`cost` and :meth:`gradient` from one evaluation."""
-        x = _on_device(x)
+        pad, n = self.padding, np.size(x)
+        x = _on_device(x, pad.tail)
         parts = [
-            _block_cost_and_gradient(x, self.template, self.free, block, self.n_scale)
+            _block_cost_and_gradient(x, pad.template, pad.free, block, pad.n_scale)
             for _, block in pair_blocks(self.pairs)
         ]
-        return float(sum(p[0] for p in parts)), np.asarray(sum(p[1] for p in parts))
+        return float(sum(p[0] for p in parts)), np.asarray(sum(p[1] for p in parts))[:n]
 
     def normal_equations(self, x):
         """``(J^T J, J^T r, r^T r)`` at ``x`` as numpy arrays.
 
         From the separable form of the model (:mod:`heterodyne.structured`, ``O(N)``
         transcendentals) where its rule allows (weights constant per angle, fewer masked
-        pairs than fitted ones), else from the blocked Jacobian.
+        pairs than fitted ones), else from the blocked Jacobian; both with the angles
+        padded (:attr:`padding`), cut back to the entries of ``x``.
         """
-        x = _on_device(x)
+        pad, n = self.padding, np.size(x)
+        x = _on_device(x, pad.tail)
         if self.blocks is None:
-            out = blocked_normal_equations(x, self.template, self.free, self.pairs, self.n_scale)
+            out = blocked_normal_equations(x, pad.template, pad.free, self.pairs, pad.n_scale)
         else:
             out = structured.normal_equations(
-                x, self.template, self.free, self.blocks, self.n_scale, self.n_physics
+                x, pad.template, pad.free, self.blocks, pad.n_scale, self.n_physics
             )
-        return tuple(np.asarray(a) for a in out)
+        jtj, jtr, rtr = (np.asarray(a) for a in out)
+        return jtj[:n, :n], jtr[:n], rtr
 
     @cached_property
     def pairs(self) -> Pairs:

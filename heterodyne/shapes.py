@@ -10,9 +10,15 @@ A class is at most ``2**(1 - BITS)`` (12.5 %) larger than the size, so a pass ov
 ``N x N`` pairs costs at most ~27 % more; about ``2**(BITS - 1)`` classes span each
 doubling.
 
+The number of angles is rounded up the same way, to a power of two (:func:`angle_class`:
+1, 2, 4, 8, ...), so that a subset of the angles (``hd.select(ds, phi=...)``, the
+explorer's and the dashboard's choice, q-bins with different angle counts) reuses the
+code of any earlier fit of as many angles up to the class.
+
 The padding is masked, never fitted: padded frames repeat the last frame time (no time
 passes, so every per-frame quantity stays that of the last frame, finite) and carry no
-pair; padded pairs have weight 0.
+pair; padded pairs have weight 0; padded angles repeat the last angle, hold no pair and
+carry weight 0, and their contrast and offset are no parameter of the solver.
 """
 
 from __future__ import annotations
@@ -33,9 +39,15 @@ def size_class(n: int) -> int:
     return -(-n >> shift) << shift
 
 
+def angle_class(n: int) -> int:
+    """The smallest power of two ``>= n`` (at least 1): the number of angles a compiled
+    call is given for ``n`` angles. At most ``2n - 1``; one angle stays one."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def pad_edge(values, size: int) -> np.ndarray:
     """``values`` (1-D) padded to ``size`` by repeating the last one: frame times whose
-    padding is no time at all."""
+    padding is no time at all, angles whose padding is a copy of the last."""
     values = np.asarray(values)
     return np.concatenate([values, np.full(size - values.shape[0], values[-1], values.dtype)])
 

@@ -302,13 +302,18 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     if not free:
         return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q, np) ** 2)), vector
     both = _polish_functions(free)
-    args = (vector, tau, y, np.sqrt(w), phi, q)
+    # angles padded to their size class (shapes.angle_class) with no data: their residuals
+    # are zero and are cut off, so that every angle subset of a class shares the program
+    n_angles = shapes.angle_class(phi.size)
+    args = (vector, tau, shapes.pad_zeros(y, n_angles, 0), np.sqrt(w))
+    args += (shapes.pad_edge(phi, n_angles), q)
+    real = y.size
     last = {}
 
     def at(x):
         # least_squares asks for the residuals, then the Jacobian, at one x
         if last.get("x") is None or not np.array_equal(last["x"], x):
-            last.update(x=x.copy(), out=[np.asarray(v) for v in both(x, *args)])
+            last.update(x=x.copy(), out=[np.asarray(v)[:real] for v in both(x, *args)])
         return last["out"]
 
     bounds = {

@@ -92,22 +92,24 @@ class Blocks(NamedTuple):
 
     The ``N`` frames are padded to their size class ``N'`` (:mod:`heterodyne.shapes`:
     windows of similar length share the compiled code), and that to ``n_blocks * B``;
-    ``live`` marks the frames of the data. ``panels[K, a]`` holds rows
-    ``K B .. K B + B - 1`` of angle ``a``'s symmetric matrix (both triangles, all
-    columns), whose block ``K`` of columns holds the block's pairs with itself. They hold
-    ``d = c2 - center`` (centering makes the expanded ``r^T r`` a difference of smaller
-    sums); pairs that are not fitted (diagonal, non-finite, padding) are zero.
+    ``live`` marks the frames of the data. The angles are padded to their class
+    ``n_phi'`` (:func:`heterodyne.shapes.angle_class`): a padded angle repeats the last
+    ``phi`` and has no data, weight 0 and center 0, so it adds nothing to any sum.
+    ``panels[K, a]`` holds rows ``K B .. K B + B - 1`` of angle ``a``'s symmetric matrix
+    (both triangles, all columns), whose block ``K`` of columns holds the block's pairs
+    with itself. They hold ``d = c2 - center`` (centering makes the expanded ``r^T r`` a
+    difference of smaller sums); pairs that are not fitted (diagonal, non-finite, padding) are zero.
     """
 
     t: jax.Array  #: frame times [s], padded with the last one, (N',)
     live: jax.Array  #: 1 for a frame of the data, 0 for padding, (N',)
-    phi: jax.Array  #: angles [deg], (n_phi,)
+    phi: jax.Array  #: angles [deg], padded with the last one, (n_phi',)
     q: jax.Array  #: wavevector [1/Å], ()
-    panels: jax.Array  #: (n_blocks, n_phi, B, n_blocks * B) rows of the symmetric data
-    weight: jax.Array  #: (n_phi,) the weight 1 / sigma of every pair of each angle
-    center: jax.Array  #: (n_phi,) mean c2 of each angle's fitted pairs, subtracted
-    sum_d: jax.Array  #: (n_phi,) sum of the centered c2 ``d`` over each angle's fitted pairs
-    sum_d2: jax.Array  #: (n_phi,) sum of ``d²`` over each angle's fitted pairs
+    panels: jax.Array  #: (n_blocks, n_phi', B, n_blocks * B) rows of the symmetric data
+    weight: jax.Array  #: (n_phi',) the weight 1 / sigma of every pair of each angle
+    center: jax.Array  #: (n_phi',) mean c2 of each angle's fitted pairs, subtracted
+    sum_d: jax.Array  #: (n_phi',) sum of the centered c2 ``d`` over each angle's fitted pairs
+    sum_d2: jax.Array  #: (n_phi',) sum of ``d²`` over each angle's fitted pairs
     masked_angle: jax.Array  #: angle of each masked pair (padded to a power of two)
     masked_i: jax.Array  #: first frame of each masked pair
     masked_j: jax.Array  #: second frame of each masked pair
@@ -162,7 +164,8 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         return None
 
     center = (total / np.maximum(count, 1)).astype(np.float32).astype(np.float64)
-    panels = aligned_zeros((n_blocks, n_phi, size, n_blocks * size), dtype)
+    phi_class = shapes.angle_class(n_phi)
+    panels = aligned_zeros((n_blocks, phi_class, size, n_blocks * size), dtype)
     sum_d, sum_d2 = np.zeros(n_phi), np.zeros(n_phi)
     masked = []
     for a in range(n_phi):
@@ -197,13 +200,13 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
     return Blocks(
         t=jax.device_put(shapes.pad_edge(ds["t1"].values.astype(np.float64), n_class)),
         live=jax.device_put((np.arange(n_class) < n).astype(np.float64)),
-        phi=jax.device_put(ds["phi"].values.astype(np.float64)),
+        phi=jax.device_put(shapes.pad_edge(ds["phi"].values.astype(np.float64), phi_class)),
         q=jax.device_put(np.asarray(float(ds["q"]))),
         panels=jax.device_put(panels, may_alias=True),  # the data's size: not copied
-        weight=jax.device_put(weight),
-        center=jax.device_put(center),
-        sum_d=jax.device_put(sum_d),
-        sum_d2=jax.device_put(sum_d2),
+        weight=jax.device_put(shapes.pad_zeros(weight, phi_class)),
+        center=jax.device_put(shapes.pad_zeros(center, phi_class)),
+        sum_d=jax.device_put(shapes.pad_zeros(sum_d, phi_class)),
+        sum_d2=jax.device_put(shapes.pad_zeros(sum_d2, phi_class)),
         masked_angle=padded(m_angle),
         masked_i=padded(m_i),
         masked_j=padded(m_j),
@@ -239,9 +242,12 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     The arguments of the blocked Jacobian path of :mod:`heterodyne.nlsq`, with the data as
     :class:`Blocks` instead of pairs, and ``n_physics`` (static): how many of the varied
     parameters are physics ones. ``z = template.at[free].set(x)`` packs
-    ``[physics (14), contrast (n_scale), offset (n_scale)]`` and ``free`` is ascending, so
-    the first ``n_physics`` entries of ``x`` are the varied physics parameters. The residual
-    of a fitted pair of angle ``a`` is ``w_a (offset_a + contrast_a g_ij - c2_ij)``.
+    ``[physics (14), contrast (n_scale), offset (n_scale)]`` for the padded angles of
+    ``data`` (``n_scale`` their number, or 1) and ``free`` lists the varied physics
+    entries first, ascending, so the first ``n_physics`` entries of ``x`` are the varied
+    physics parameters (:meth:`heterodyne.Objective.padding` packs them so). The residual
+    of a fitted pair of angle ``a`` is ``w_a (offset_a + contrast_a g_ij - c2_ij)``; a
+    padded angle has weight 0, and its entries of the outputs are zero.
 
     Each angle contributes, in the coordinates ``(varied physics, contrast_a, offset_a)``,
     the Jacobian row ``w_a [c_a dg_ij, g_ij, 1]``; its sums over pairs are assembled per

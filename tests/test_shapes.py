@@ -7,7 +7,7 @@ import pytest
 from _work import Compiles
 
 import heterodyne as hd
-from heterodyne import model, objective, shapes, starts
+from heterodyne import model, objective, shapes, starts, structured
 
 TRUTH = {"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0}
 
@@ -81,3 +81,91 @@ def test_a_new_frame_window_of_similar_length_compiles_nothing():
             assert result.success and result.verdict.status != "fail", window
             assert abs(result.value("v0") - TRUTH["v0"]) < 4 * result.error("v0"), window
     assert compiles.names == []
+
+
+def test_an_angle_class_is_the_next_power_of_two():
+    counts = np.arange(1, 200)
+    classes = np.array([shapes.angle_class(n) for n in counts])
+    assert np.all(classes >= counts) and np.all(classes < 2 * counts)
+    assert np.all(classes & (classes - 1) == 0)  # powers of two
+    assert [shapes.angle_class(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+
+
+def _unpadded(blocks, n_phi):
+    """``blocks`` cut back to its ``n_phi`` real angles: the layout without angle padding."""
+    per_angle = ("phi", "weight", "center", "sum_d", "sum_d2")
+    cut = {name: getattr(blocks, name)[:n_phi] for name in per_angle}
+    return blocks._replace(panels=blocks.panels[:, :n_phi], **cut)
+
+
+@pytest.mark.parametrize("scaling", ["per_angle", "shared"])
+def test_padded_angles_add_nothing_to_the_normal_equations(scaling):
+    """3 angles (class 4), a NaN pair, time laws on: the fast path with the padded angle
+    equals the same path on the 3 angles alone to 1e-12, and the blocked Jacobian path
+    (weights that vary, so the pairs are read one by one) equals the explicit Jacobian of
+    the 3 angles."""
+    physics = {**TRUTH, "alpha_ref": 0.3, "beta": -0.2, "f1": 0.05}
+    ds = hd.simulate(physics, n_frames=37, phi=[-30.0, 15.0, 60.0], noise=0.01, seed=6)
+    c2 = ds["c2"].values.copy()
+    c2[:, 3, 9] = c2[:, 9, 3] = np.nan
+    ds = hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, float(ds["q"]))
+    p = hd.Parameters({k: 1.1 * v for k, v in physics.items()})
+    for name in ("alpha_ref", "beta", "f1"):
+        p[name].vary = True
+    problem = hd.Objective.build(ds, p, fix=("f2",), scaling=scaling)
+    assert problem.blocks.phi.shape == (4,) and problem.padding.n_scale == problem.n_scale + (
+        scaling == "per_angle"
+    )
+    x = problem.x0 * (1 + 0.01 * np.sin(np.arange(problem.x0.size)))
+    padded = problem.normal_equations(x)
+    plain = structured.normal_equations(
+        jax.device_put(x), problem.template, problem.free, _unpadded(problem.blocks, 3),
+        problem.n_scale, problem.n_physics,
+    )  # fmt: skip
+    for a, b in zip(padded, plain, strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-12, atol=1e-12 * np.abs(b).max())
+
+    sigma = 0.01 * (1 + 0.5 * np.random.default_rng(0).random(ds["c2"].shape))
+    weighted = hd.Objective.build(
+        ds.assign(sigma=(ds["c2"].dims, sigma)), p, fix=("f2",), scaling=scaling
+    )
+    assert weighted.blocks is None
+    args = (weighted.template, weighted.free, weighted.pairs, weighted.n_scale)
+    jac = np.asarray(jax.jacfwd(objective.free_residuals)(x, *args))
+    r = np.asarray(objective.free_residuals(x, *args))
+    jtj, jtr, rtr = weighted.normal_equations(x)
+    np.testing.assert_allclose(jtj, jac.T @ jac, rtol=1e-12, atol=1e-12 * np.abs(jtj).max())
+    np.testing.assert_allclose(jtr, jac.T @ r, rtol=1e-12, atol=1e-12 * np.abs(jtr).max())
+    assert float(rtr) == pytest.approx(r @ r, rel=1e-12)
+    cost, gradient = weighted.cost_and_gradient(x)
+    assert cost == pytest.approx(0.5 * r @ r, rel=1e-12)
+    np.testing.assert_allclose(gradient, jac.T @ r, rtol=1e-12, atol=1e-12 * np.abs(jtr).max())
+    np.testing.assert_allclose(weighted.residuals(x), r, rtol=1e-13, atol=1e-15)
+
+
+def test_an_angle_subset_of_a_fitted_class_compiles_nothing_and_fits_as_unpadded(monkeypatch):
+    """After fits of 4 angles (class 4) and of 2 (class 2), fits of 3 of the 4 and of 2 of
+    3 compile nothing (starts, multistart, result, verdict), and give the fit of the same
+    subset with the padding switched off (every angle count its own class) to 1e-8."""
+    phi = [-45.0, 0.0, 45.0, 90.0]
+    ds = hd.simulate(TRUTH, n_frames=40, phi=phi, noise=0.01, seed=7)
+    for first in (phi, phi[2:]):
+        result = hd.fit_nlsq(hd.select(ds, phi=first), progress=False)
+        assert result.success and result.verdict.status != "fail"
+    subsets = (phi[:3], phi[1:], [phi[0], phi[2]], phi[1:3])
+    fits = []
+    with Compiles() as compiles:
+        for subset in subsets:
+            fits.append(hd.fit_nlsq(hd.select(ds, phi=subset), progress=False))
+            assert fits[-1].success and fits[-1].verdict.status != "fail", subset
+            assert abs(fits[-1].value("v0") - TRUTH["v0"]) < 4 * fits[-1].error("v0"), subset
+    assert compiles.names == []
+
+    monkeypatch.setattr(shapes, "angle_class", lambda n: n)
+    for subset, padded in zip(subsets[:2], fits, strict=False):
+        plain = hd.fit_nlsq(hd.select(ds, phi=subset), progress=False)
+        for name in padded.params.data_vars:
+            np.testing.assert_allclose(
+                padded.params[name].values, plain.params[name].values, rtol=1e-8, err_msg=name
+            )
+        np.testing.assert_allclose(padded.stderr["v0"], plain.stderr["v0"], rtol=1e-6)
