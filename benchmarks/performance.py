@@ -28,7 +28,9 @@ larger of the two.
 ``--padding`` prices the size classes (:mod:`heterodyne.shapes`) instead: for each size,
 the warm fit and one evaluation with the frames padded to their class and without, and
 the first fit of a new window one frame shorter (the same class: no compilation) against
-the same without padding (a new size: compiled).
+the same without padding (a new size: compiled); then the same for the angles: the warm
+fit and one evaluation with the angles padded to their class and without, and the first
+fit of all angles but the last (where that count has the same class) with and without.
 
 ``--frames`` and ``--angles`` are paired (one configuration each). The machine load
 (``os.getloadavg``) is printed before and after: other processes on the same cores slow
@@ -119,14 +121,15 @@ def one(
     n_angles: int,
     path: str,
     measure: bool,
-    padded: bool = True,
+    padded: str = "all",
     window=False,
     file=None,
 ) -> dict:
     """One fresh process: import, first fit, and with ``measure`` the warm fit and the
-    evaluation's figures, with ``window`` the first fit of a window one frame shorter;
-    ``padded=False`` turns the size classes off (every size its own class), to price
-    the padding. The data are read from ``file`` (:func:`make`), else simulated here."""
+    evaluation's figures, with ``window`` the first fit of a window one frame shorter and
+    then of all angles but the last; ``padded="frames"`` turns the angle classes off
+    (every angle count its own class), ``"angles"`` the frame classes, to price the
+    padding. The data are read from ``file`` (:func:`make`), else simulated here."""
     start = time.perf_counter()
     import heterodyne as hd
 
@@ -136,10 +139,13 @@ def one(
 
     libraries = time.perf_counter() - start - imported
 
-    if not padded:
+    if padded != "all":
         from heterodyne import shapes
 
-        shapes.size_class = int
+        if padded == "frames":
+            shapes.angle_class = int
+        else:
+            shapes.size_class = int
     if path == "plain":
         # the switch of this benchmark: the fast path's rule says "does not apply"
         structured.blocks = lambda pairs, block=None, dtype=None: None
@@ -175,6 +181,11 @@ def one(
         t2 = time.perf_counter()
         hd.fit_nlsq(hd.select(ds, frames=slice(1, n_frames)), guess, progress=False)
         out["window_s"] = time.perf_counter() - t2
+        if n_angles > 1:
+            subset = hd.select(ds, phi=list(ds["phi"].values[:-1]))
+            t3 = time.perf_counter()
+            hd.fit_nlsq(subset, guess, progress=False)
+            out["subset_s"] = time.perf_counter() - t3
     return out
 
 
@@ -238,7 +249,7 @@ def main():
     if args.one:
         n, a, path, measure, padded, *file = args.one
         level = int(measure)
-        found = one(int(n), int(a), path, level > 0, padded == "1", level > 1, *file)
+        found = one(int(n), int(a), path, level > 0, padded, level > 1, *file)
         print(json.dumps(found))
         return
     if args.padding:
@@ -264,8 +275,8 @@ def main():
                     cache = os.path.join(folder, f"cache{k}")
                     config = [str(n), str(a), path]
                     if not args.one_process:
-                        cold.append(run([*config, "0", "1", file], cache))
-                    cached.append(run([*config, "1", "1", file], cache))
+                        cold.append(run([*config, "0", "all", file], cache))
+                    cached.append(run([*config, "1", "all", file], cache))
             cold = cold or cached
 
             def median(runs, key):
@@ -311,21 +322,25 @@ def main():
 
 
 def padding(frames: list[int], angles: list[int]):
-    """Each size with its size class and without (every size its own class), in fresh
-    processes sharing one warm cache per setting: the warm fit and one evaluation, padded
-    and not, and the first fit of a new window of the same class (compiled programs
-    reused) against one of a new size (compiled afresh)."""
+    """Each size with its size classes and without (frames, then angles: each count its
+    own class), in fresh processes with a cold cache each: the warm fit and one
+    evaluation, padded and not, and the first fit of a new window of the same frame class
+    and of an angle subset of the same angle class (compiled programs reused) against
+    the same without classes (a new size: compiled afresh)."""
     from heterodyne import shapes
 
+    print("load average before: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
+    runs = {}
+    for n, a in zip(frames, angles, strict=True):
+        for padded in ("all", "angles", "frames"):
+            with tempfile.TemporaryDirectory() as cache:
+                runs[n, a, padded] = run([str(n), str(a), "fast", "2", padded], cache)
     print(
         f"{'frames':>6} {'angles':>6} {'class':>5} {'pad %':>5} {'warm s':>7} {'unpadded':>8} "
         f"{'eval ms':>8} {'unpadded':>8} {'new window s':>12} {'new size s':>10}"
     )
     for n, a in zip(frames, angles, strict=True):
-        with tempfile.TemporaryDirectory() as cache:
-            padded = run([str(n), str(a), "fast", "2", "1"], cache)
-        with tempfile.TemporaryDirectory() as cache:
-            plain = run([str(n), str(a), "fast", "2", "0"], cache)
+        padded, plain = runs[n, a, "all"], runs[n, a, "angles"]
         size = shapes.size_class(n)
         # frames 1 to N share N's class unless N - 1 is itself a class
         same = shapes.size_class(n - 1) == size
@@ -337,10 +352,29 @@ def padding(frames: list[int], angles: list[int]):
             flush=True,
         )
     print(
+        f"\n{'frames':>6} {'angles':>6} {'class':>5} {'pad %':>5} {'warm s':>7} "
+        f"{'unpadded':>8} {'eval ms':>8} {'unpadded':>8} {'subset s':>8} {'new count s':>11}"
+    )
+    for n, a in zip(frames, angles, strict=True):
+        padded, plain = runs[n, a, "all"], runs[n, a, "frames"]
+        size = shapes.angle_class(a)
+        # all angles but the last share the class of all unless that count is a class
+        same = a > 1 and shapes.angle_class(a - 1) == size
+        print(
+            f"{n:>6} {a:>6} {size:>5} {100 * (size - a) / a:>5.1f} {padded['warm_s']:>7.2f} "
+            f"{plain['warm_s']:>8.2f} {padded['eval_s'] * 1e3:>8.2f} "
+            f"{plain['eval_s'] * 1e3:>8.2f} "
+            + (f"{padded['subset_s']:>8.2f} {plain['subset_s']:>11.2f}" if same else ""),
+            flush=True,
+        )
+    print("load average after: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
+    print(
         "warm s: the second fit of one process; eval ms: one evaluation of the normal "
-        "equations; unpadded: the same with every size its own class; new window s: then "
-        "the first fit of frames 1 to N (one fewer: the same class, compiled); new size s: "
-        "the same without padding (a new size: compiled afresh, the cache cold for it)."
+        "equations; unpadded: the same with every size (frames, then angles) its own "
+        "class; new window s: then the first fit of frames 1 to N (one fewer: the same "
+        "class, compiled); new size s: the same without frame classes (a new size: "
+        "compiled afresh, the cache cold for it); subset s: the first fit of all angles "
+        "but the last (the same class); new count s: the same without angle classes."
     )
 
 

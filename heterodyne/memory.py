@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from heterodyne import shapes
 from heterodyne.errors import DataError, OptionError
 
 MEMORY_LIMIT_VARIABLE = "HETERODYNE_MEMORY_LIMIT"
@@ -41,6 +42,15 @@ FIT_MEMORY = {
     "speckle": {"per_value": 70.0, "per_angle": 290.0, "fixed": 0.8e9},
     "cmc": {"per_value": 30.0, "fixed": 0.8e9},
 }
+
+
+def fit_needs(errors: str, n_phi: int) -> dict:
+    """The :data:`FIT_MEMORY` figures of a least-squares fit of ``n_phi`` angles (keywords
+    of :func:`check_memory`): the fit's copy of the data holds the angles padded to their
+    size class (:func:`heterodyne.shapes.angle_class`), up to twice as many values."""
+    needs = dict(FIT_MEMORY[errors])
+    needs["per_value"] *= shapes.angle_class(n_phi) / n_phi
+    return needs
 
 
 # JAX takes a host array without copying it when its memory is aligned to this many

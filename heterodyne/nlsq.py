@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from heterodyne import checks, qbins, starts
 from heterodyne.joint import COMBINATION, JointObjective
 from heterodyne.joint_result import JointResult
-from heterodyne.memory import FIT_MEMORY, check_memory
+from heterodyne.memory import check_memory, fit_needs
 from heterodyne.nlsq_result import NLSQResult
 from heterodyne.objective import Objective, normalised_eigh, safe_inverse
 from heterodyne.results import entry_coords
@@ -132,7 +132,7 @@ def fit_nlsq(
             ds, params, fix=fix, multistart=multistart, seed=seed, scaling=scaling,
             errors=errors, progress=progress, options=options, separate=separate,
         )  # fmt: skip
-    check_memory(ds["c2"].shape, what="fit_nlsq", **FIT_MEMORY[errors])
+    check_memory(ds["c2"].shape, what="fit_nlsq", **fit_needs(errors, ds.sizes["phi"]))
     problem = Objective.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
     outcomes = run_starts(problem, multistart, seed, options, progress=progress)
     return _result(problem, outcomes, options, errors=errors)
@@ -161,7 +161,7 @@ def _fit_joint(ds, params, *, fix, multistart, seed, scaling, errors, progress, 
     fitted alone, from the joint solution, for the consistency check."""
     # the bins are fitted one at a time: memory that of the largest
     shape = (int(qbins.present(ds).sum("phi").max()), ds.sizes["t1"], ds.sizes["t2"])
-    check_memory(shape, what="fit_nlsq (one q-bin at a time)", **FIT_MEMORY[errors])
+    check_memory(shape, what="fit_nlsq (one q-bin at a time)", **fit_needs(errors, shape[0]))
     problem = JointObjective.build(ds, params, fix=fix, scaling=scaling, multistart=multistart)
     outcomes = run_starts(problem, multistart, seed, options, progress=progress)
     costs = np.array([o.cost if np.all(np.isfinite(o.x)) else np.inf for o in outcomes])

@@ -46,9 +46,10 @@ def test_padded_frames_and_pairs_add_nothing_to_the_normal_equations():
     jac = np.asarray(jax.jacfwd(objective.free_residuals)(x, *args))
     r = np.asarray(objective.free_residuals(x, *args))
     np.testing.assert_allclose(problem.residuals(x), r, rtol=1e-13, atol=1e-15)
+    pad = problem.padding  # 2 angles: their own class, nothing appended to x
     for jtj, jtr, rtr in (
         problem.normal_equations(x),
-        objective.blocked_normal_equations(x, *args),
+        objective.blocked_normal_equations(x, pad.template, pad.free, problem.pairs, pad.n_scale),
     ):
         np.testing.assert_allclose(jtj, jac.T @ jac, rtol=1e-9, atol=1e-12 * np.abs(jtj).max())
         np.testing.assert_allclose(jtr, jac.T @ r, rtol=1e-9, atol=1e-11 * np.abs(jtr).max())

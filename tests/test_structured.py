@@ -46,20 +46,25 @@ def problem_for(ds, values, scaling="per_angle", fix=()):
 
 def both_paths(problem, x, block=None):
     """``(J^T J, J^T r, r^T r)`` from the blocked Jacobian and from the separable form,
-    both on the data in float64."""
+    both on the data in float64, with the angles padded to their class and cut back."""
+    pad, n = problem.padding, np.size(x)
+    padded_x = jnp.asarray(np.concatenate([x, pad.tail]))
     plain = objective.blocked_normal_equations(
-        jnp.asarray(x), problem.template, problem.free, problem.pairs, problem.n_scale
+        padded_x, pad.template, pad.free, problem.pairs, pad.n_scale
     )
     n_physics = int(np.sum(np.asarray(problem.free) < len(PHYSICS_NAMES)))
     fast = structured.normal_equations(
-        jnp.asarray(x),
-        problem.template,
-        problem.free,
+        padded_x,
+        pad.template,
+        pad.free,
         structured.blocks(problem.ds, block, dtype=np.float64),
-        problem.n_scale,
+        pad.n_scale,
         n_physics,
     )
-    return [np.asarray(v) for v in plain], [np.asarray(v) for v in fast]
+    return [
+        [np.asarray(jtj)[:n, :n], np.asarray(jtr)[:n], np.asarray(rtr)]
+        for jtj, jtr, rtr in (plain, fast)
+    ]
 
 
 def assert_same_normal_equations(plain, fast, rtol=1e-10):
