@@ -178,6 +178,21 @@ def test_a_new_frame_window_refits_without_compiling(ds):
     assert compiles.names == []
 
 
+def test_a_new_angle_choice_of_the_same_class_refits_without_compiling():
+    """3 of 4 angles after all 4: both counts pad to the angle class 4 (heterodyne.shapes),
+    so the second Fit reuses every compiled program."""
+    four = {**DATA, "phi": [-45.0, 0.0, 45.0, 90.0]}
+    dash = hd.dashboard(hd.simulate(EXAMPLE_TRUTH, **four, seed=3))
+    dash.nlsq_button.clicks += 1
+    assert dash.nlsq.success and dash.nlsq.verdict.status != "fail"
+    dash.phi = [-45.0, 45.0, 90.0]
+    with Compiles() as compiles:
+        dash.nlsq_button.clicks += 1
+    assert list(dash.nlsq.data["phi"].values) == [-45.0, 45.0, 90.0] and dash.nlsq.success
+    assert dash.nlsq.verdict.status != "fail" and "verdict" in dash.nlsq_status.object
+    assert compiles.names == []
+
+
 def test_the_event_loop_stays_live_while_a_fit_runs(ds):
     dash = hd.dashboard(ds)
     panes = (dash.nlsq_report, dash.nlsq_text, dash.nlsq_view, dash.nlsq_cuts)
