@@ -335,38 +335,29 @@ def padding(frames: list[int], angles: list[int]):
         for padded in ("all", "angles", "frames"):
             with tempfile.TemporaryDirectory() as cache:
                 runs[n, a, padded] = run([str(n), str(a), "fast", "2", padded], cache)
-    print(
-        f"{'frames':>6} {'angles':>6} {'class':>5} {'pad %':>5} {'warm s':>7} {'unpadded':>8} "
-        f"{'eval ms':>8} {'unpadded':>8} {'new window s':>12} {'new size s':>10}"
+    # (the size, the setting without its classes, its rule, the first fit it saves)
+    tables = (
+        ("frames", "angles", shapes.size_class, "window_s", "new window s", "new size s"),
+        ("angles", "frames", shapes.angle_class, "subset_s", "subset s", "new count s"),
     )
-    for n, a in zip(frames, angles, strict=True):
-        padded, plain = runs[n, a, "all"], runs[n, a, "angles"]
-        size = shapes.size_class(n)
-        # frames 1 to N share N's class unless N - 1 is itself a class
-        same = shapes.size_class(n - 1) == size
+    for kind, unpadded, size_class, first, same_label, new_label in tables:
         print(
-            f"{n:>6} {a:>6} {size:>5} {100 * (size - n) / n:>5.1f} {padded['warm_s']:>7.2f} "
-            f"{plain['warm_s']:>8.2f} {padded['eval_s'] * 1e3:>8.2f} "
-            f"{plain['eval_s'] * 1e3:>8.2f} "
-            + (f"{padded['window_s']:>12.2f} {plain['window_s']:>10.2f}" if same else ""),
-            flush=True,
+            f"\n{'frames':>6} {'angles':>6} {kind + ' class':>13} {'pad %':>5} {'warm s':>7} "
+            f"{'unpadded':>8} {'eval ms':>8} {'unpadded':>8} {same_label:>12} {new_label:>11}"
         )
-    print(
-        f"\n{'frames':>6} {'angles':>6} {'class':>5} {'pad %':>5} {'warm s':>7} "
-        f"{'unpadded':>8} {'eval ms':>8} {'unpadded':>8} {'subset s':>8} {'new count s':>11}"
-    )
-    for n, a in zip(frames, angles, strict=True):
-        padded, plain = runs[n, a, "all"], runs[n, a, "frames"]
-        size = shapes.angle_class(a)
-        # all angles but the last share the class of all unless that count is a class
-        same = a > 1 and shapes.angle_class(a - 1) == size
-        print(
-            f"{n:>6} {a:>6} {size:>5} {100 * (size - a) / a:>5.1f} {padded['warm_s']:>7.2f} "
-            f"{plain['warm_s']:>8.2f} {padded['eval_s'] * 1e3:>8.2f} "
-            f"{plain['eval_s'] * 1e3:>8.2f} "
-            + (f"{padded['subset_s']:>8.2f} {plain['subset_s']:>11.2f}" if same else ""),
-            flush=True,
-        )
+        for n, a in zip(frames, angles, strict=True):
+            padded, plain = runs[n, a, "all"], runs[n, a, unpadded]
+            count = n if kind == "frames" else a
+            size = size_class(count)
+            # all frames (angles) but the last share the class unless that count is one
+            same = count > 1 and size_class(count - 1) == size
+            print(
+                f"{n:>6} {a:>6} {size:>13} {100 * (size - count) / count:>5.1f} "
+                f"{padded['warm_s']:>7.2f} {plain['warm_s']:>8.2f} "
+                f"{padded['eval_s'] * 1e3:>8.2f} {plain['eval_s'] * 1e3:>8.2f} "
+                + (f"{padded[first]:>12.2f} {plain[first]:>11.2f}" if same else ""),
+                flush=True,
+            )
     print("load average after: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     print(
         "warm s: the second fit of one process; eval ms: one evaluation of the normal "
