@@ -81,6 +81,21 @@ print(sorted(m for m in ("numpyro", "arviz", "holoviews", "panel", "bokeh") if m
     assert run(code) == "[]"
 
 
+def test_the_libraries_load_with_the_collector_paused_then_frozen_and_it_comes_back_as_it_was():
+    code = """
+import gc, heterodyne as hd
+{before}
+hd.fit_nlsq  # loads JAX, SciPy and xarray
+import jax, scipy.optimize, xarray
+frozen = gc.get_freeze_count()
+print(gc.isenabled(), frozen > 100_000, len(gc.get_objects()) < frozen / 10)
+"""
+    # the libraries' objects are frozen (never traversed again), only a few left tracked
+    assert run(code.format(before="")) == "True True True"
+    # a collector the user turned off stays off
+    assert run(code.format(before="gc.disable()")) == "False True True"
+
+
 def test_cache_folder_moves_turns_off_and_refuses_an_unwritable_folder(tmp_path):
     before = compilation.cache_folder()
     try:
