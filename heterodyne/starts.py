@@ -299,15 +299,15 @@ _POLISH: dict = {}
 def _polish(vector, free, tau, y, w, phi, q, v_max):
     """``(misfit, vector)``: ``vector`` refined by least squares on the one-time model in
     its ``free`` entries, in the labelling convention (reference slower)."""
-    if not free:
-        return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q, np) ** 2)), vector
-    both = _polish_functions(free)
     # angles padded to their size class (shapes.angle_class) with no data: their residuals
-    # are zero and are cut off, so that every angle subset of a class shares the program
+    # are zero and are cut off, so that every angle subset of a class shares the programs
     n_angles = shapes.angle_class(phi.size)
     args = (vector, tau, shapes.pad_zeros(y, n_angles, 0), np.sqrt(w))
     args += (shapes.pad_edge(phi, n_angles), q)
     real = y.size
+    if not free:
+        return float(np.sum(_projected(*args, np)[:real] ** 2)), vector
+    both = _polish_functions(free)
     last = {}
 
     def at(x):

@@ -146,24 +146,28 @@ def test_padded_angles_add_nothing_to_the_normal_equations(scaling):
 
 def test_an_angle_subset_of_a_fitted_class_compiles_nothing_and_fits_as_unpadded(monkeypatch):
     """After fits of 4 angles (class 4) and of 2 (class 2), fits of 3 of the 4 and of 2 of
-    3 compile nothing (starts, multistart, result, verdict), and give the fit of the same
-    subset with the padding switched off (every angle count its own class) to 1e-8."""
+    3 compile nothing (starts estimated or given, multistart, result, verdict), and give
+    the fit of the same subset with the padding switched off (every angle count its own
+    class) to 1e-8."""
     phi = [-45.0, 0.0, 45.0, 90.0]
     ds = hd.simulate(TRUTH, n_frames=40, phi=phi, noise=0.01, seed=7)
+    given = hd.Parameters({k: 1.2 * v for k, v in TRUTH.items()})  # nothing to estimate
     for first in (phi, phi[2:]):
-        result = hd.fit_nlsq(hd.select(ds, phi=first), progress=False)
-        assert result.success and result.verdict.status != "fail"
+        for params in (None, given):
+            result = hd.fit_nlsq(hd.select(ds, phi=first), params, progress=False)
+            assert result.success and result.verdict.status != "fail"
     subsets = (phi[:3], phi[1:], [phi[0], phi[2]], phi[1:3])
     fits = []
     with Compiles() as compiles:
         for subset in subsets:
-            fits.append(hd.fit_nlsq(hd.select(ds, phi=subset), progress=False))
-            assert fits[-1].success and fits[-1].verdict.status != "fail", subset
-            assert abs(fits[-1].value("v0") - TRUTH["v0"]) < 4 * fits[-1].error("v0"), subset
+            for params in (None, given):
+                fits.append(hd.fit_nlsq(hd.select(ds, phi=subset), params, progress=False))
+                assert fits[-1].success and fits[-1].verdict.status != "fail", subset
+                assert abs(fits[-1].value("v0") - TRUTH["v0"]) < 4 * fits[-1].error("v0")
     assert compiles.names == []
 
     monkeypatch.setattr(shapes, "angle_class", lambda n: n)
-    for subset, padded in zip(subsets[:2], fits, strict=False):
+    for subset, padded in zip(subsets[:2], fits[::2], strict=False):
         plain = hd.fit_nlsq(hd.select(ds, phi=subset), progress=False)
         for name in padded.params.data_vars:
             np.testing.assert_allclose(
