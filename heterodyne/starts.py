@@ -38,7 +38,7 @@ import numpy as np
 import scipy.optimize
 import xarray as xr
 
-from heterodyne import model, shapes
+from heterodyne import compilation, model, shapes
 from heterodyne.pairs import fitted_rows
 from heterodyne.parameters import (
     ESTIMATED,
@@ -117,11 +117,14 @@ def _one_time(physics: np.ndarray, tau: np.ndarray, phi: np.ndarray, q: float) -
     )[:m]
 
 
-@jax.jit
-def _batched_g2(physics, tau, phi, q):
+def batched_g2(physics, tau, phi, q):
+    """:func:`heterodyne.model.g2` (contrast 1, offset 0) of the rows of ``physics``."""
     return jax.vmap(model.g2, in_axes=(0, None, None, None, None, None))(
         physics, 1.0, 0.0, tau, phi, q
     )
+
+
+_batched_g2 = compilation.exported(batched_g2)
 
 
 def _misfit(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -277,23 +280,20 @@ def _projected(physics, tau, y, root_w, phi, q, xp=jnp):
     return (root_w * (yc - slope[:, None] * gc)).ravel()
 
 
-def _polish_functions(free: tuple[int, ...]):
-    """Residuals of :func:`_projected` and their Jacobian in the ``free`` entries, from
-    one compiled program, compiled once per set of free entries."""
-    if free not in _POLISH:
-        index = np.asarray(free)
-
-        def residual(x, base, tau, y, root_w, phi, q):
-            return _projected(base.at[index].set(x), tau, y, root_w, phi, q)
-
-        def both(x, *args):
-            return residual(x, *args), jax.jacfwd(residual)(x, *args)
-
-        _POLISH[free] = jax.jit(both)
-    return _POLISH[free]
+def projected_residual(x, base, tau, y, root_w, phi, q, free: tuple[int, ...]):
+    """:func:`_projected` with the ``free`` entries of the physics vector ``base`` set
+    to ``x``."""
+    return _projected(base.at[np.asarray(free)].set(x), tau, y, root_w, phi, q)
 
 
-_POLISH: dict = {}
+def residual_and_jacobian(x, base, tau, y, root_w, phi, q, free: tuple[int, ...]):
+    """:func:`projected_residual` and its Jacobian in ``x``."""
+    args = (base, tau, y, root_w, phi, q, free)
+    return projected_residual(x, *args), jax.jacfwd(projected_residual)(x, *args)
+
+
+#: one compiled program per set of free entries (static), kept on disk
+_polish_program = compilation.exported(residual_and_jacobian, static_argnums=(7,))
 
 
 def _polish(vector, free, tau, y, w, phi, q, v_max):
@@ -302,18 +302,17 @@ def _polish(vector, free, tau, y, w, phi, q, v_max):
     # angles padded to their size class (shapes.angle_class) with no data: their residuals
     # are zero and are cut off, so that every angle subset of a class shares the programs
     n_angles = shapes.angle_class(phi.size)
-    args = (vector, tau, shapes.pad_zeros(y, n_angles, 0), np.sqrt(w))
-    args += (shapes.pad_edge(phi, n_angles), q)
+    data = (tau, shapes.pad_zeros(y, n_angles, 0), np.sqrt(w), shapes.pad_edge(phi, n_angles), q)
     real = y.size
     if not free:
-        return float(np.sum(_projected(*args, np)[:real] ** 2)), vector
-    both = _polish_functions(free)
+        return float(np.sum(_projected(vector, *data, np)[:real] ** 2)), vector
+    args = (vector, *data, free)
     last = {}
 
     def at(x):
         # least_squares asks for the residuals, then the Jacobian, at one x
         if last.get("x") is None or not np.array_equal(last["x"], x):
-            last.update(x=x.copy(), out=[np.asarray(v)[:real] for v in both(x, *args)])
+            last.update(x=x.copy(), out=[np.asarray(v)[:real] for v in _polish_program(x, *args)])
         return last["out"]
 
     bounds = {
