@@ -340,8 +340,9 @@ def run_fit(args) -> int:
     _outputs(args, _result_files(args.method))
     ds = hd.load(args.file, q=args.q, phi=args.phi, frames=args.frames, t_start=args.t_start)
     result = hd.fit_nlsq(ds, params, multistart=args.multistart)
+    # the answer first: the HTML page's plotting libraries take seconds to load
+    print(result.report(), flush=True)
     written = _write_result(result, args.out, args.method, overwrite=args.overwrite)
-    print(result.report())
     print(f"\nwrote {', '.join(str(path) for path in written)}")
     return 0
 

@@ -13,13 +13,24 @@ are serialised by a lock file (JAX's least-recently-used cache, which also keeps
 folder under ``CACHE_SIZE`` bytes).
 
 The folder must be writable by you alone: JAX runs the programs it finds there.
+
+The persistent cache saves the compilation, not the tracing and lowering that come
+before it: JAX runs the Python function again to find the program it looks up. For the
+programs of the first fit that cost most there (:func:`exported`), the traced program
+is kept too, as JAX's serialized export (StableHLO) in the ``exported`` subfolder,
+keyed by the function, the shapes and types of its arguments, its static arguments, the
+package's source code and the JAX version: a new process reads it back and runs the
+function's Python code only for a shape never seen. These files are small (tens of kB
+each) and are not counted in ``CACHE_SIZE``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
+from functools import cache, wraps
 from pathlib import Path
 
 import jax
@@ -107,6 +118,89 @@ def set_compilation_cache(folder: str | os.PathLike | None) -> Path | None:
     jax.config.update("jax_compilation_cache_max_size", CACHE_SIZE)
     jax.config.update("jax_enable_compilation_cache", True)
     return path
+
+
+def exported(fun, static_argnums: tuple[int, ...] = ()):
+    """``jax.jit(fun, static_argnums=...)`` whose traced program is also kept in the
+    cache folder (module docstring), so that a new process neither traces nor lowers
+    ``fun`` for a shape an earlier one ran; the compiled program comes from the
+    persistent cache as before. Arguments are pytrees of arrays, and hashable static
+    values at ``static_argnums``. Called inside another traced function, or with the
+    cache off, it is the plain ``jax.jit``."""
+    jitted = jax.jit(fun, static_argnums=static_argnums)
+    programs = {}
+
+    @wraps(fun)
+    def call(*args):
+        static = tuple(args[k] for k in static_argnums)
+        dynamic = [a for k, a in enumerate(args) if k not in static_argnums]
+        leaves, tree = jax.tree.flatten(dynamic)
+        folder = cache_folder()
+        if folder is None or any(isinstance(v, jax.core.Tracer) for v in leaves):
+            return jitted(*args)
+        types = tuple(_signature(v) for v in leaves)
+        key = (folder, len(args), static, str(tree), types)
+        if key not in programs:
+            programs[key] = _program(fun, len(args), static_argnums, static, tree, leaves, folder)
+        return programs[key](*leaves)
+
+    return call
+
+
+def _signature(value) -> tuple:
+    aval = jax.typeof(value)
+    return aval.shape, aval.dtype.str, bool(getattr(aval, "weak_type", False))
+
+
+def _program(fun, n_args: int, static_argnums, static, tree, leaves, folder: Path):
+    """``fun`` at these static values and argument types, as a compiled function of the
+    flat array arguments: read from the file of its exported program, else traced,
+    exported and written there (atomically: concurrent writers each write it whole)."""
+    from heterodyne.files import atomic_write
+
+    signature = repr((static, str(tree), [_signature(v) for v in leaves]))
+    name = f"{fun.__module__}.{fun.__qualname__}"
+    digest = hashlib.sha256(
+        "\n".join([name, signature, _source_digest(), jax.__version__]).encode()
+    ).hexdigest()[:40]
+    path = folder / "exported" / f"{name}-{digest}"
+    try:
+        program = jax.export.deserialize(bytearray(path.read_bytes()))
+    except Exception:  # missing, partly deleted or unreadable: trace it again
+        program = None
+    if program is None:
+
+        def flat(*values):
+            dynamic = iter(jax.tree.unflatten(tree, values))
+            fixed = dict(zip(static_argnums, static, strict=True))
+            return fun(*(fixed[k] if k in fixed else next(dynamic) for k in range(n_args)))
+
+        program = jax.export.export(jax.jit(flat))(*leaves)
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            data = program.serialize()
+            atomic_write(lambda tmp: tmp.write_bytes(data), path, overwrite=True)
+        except (OSError, ValueError):
+            # a read-only cache, or results JAX cannot serialize (a pytree of a type not
+            # registered with jax.export): the program runs, traced in each process
+            pass
+
+    def run(*values):
+        return program.call(*values)
+
+    # compiled under the function's own name (as jax.jit(fun) would be)
+    run.__name__, run.__qualname__ = fun.__name__, fun.__qualname__
+    return jax.jit(run)
+
+
+@cache
+def _source_digest() -> str:
+    """A digest of the package's source files: an exported program of older code is
+    never used."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    return digest.hexdigest()
 
 
 def folder_from_environment() -> Path | None:

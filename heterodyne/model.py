@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heterodyne import (
-    compilation,  # noqa: F401 (float64 and the compilation cache first)
-    shapes,
-)
+# compilation first: float64 and the compilation cache before any array exists
+from heterodyne import compilation, shapes
 
 # Largest exponent fed to exp in the fraction law: exp(700) ~ 1e304 is still finite, so
 # neither the value nor its gradient (value * (t - f2)) becomes inf * 0 = NaN.
@@ -340,8 +338,13 @@ def grid_rows(physics, contrast, offset, t, phi, q):
             # a call computes n_rows rows (one shape); those past the window are dropped
             first = min(start, t.shape[0] - n_rows)
             rows = np.arange(first, first + n_rows, dtype=np.int32)
-            block = np.asarray(c2_rows(*angle, rows))[0]
+            block = np.asarray(_c2_rows_kept(*angle, rows))[0]
             yield k, start, block[start - first : stop - first, :n]
+
+
+#: :func:`c2_rows` with its traced program kept on disk (every fit's result and starts
+#: compute model rows)
+_c2_rows_kept = compilation.exported(c2_rows)
 
 
 def c2_grid_rows(physics, contrast, offset, t, phi, q, dtype=np.float64) -> np.ndarray:

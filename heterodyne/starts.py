@@ -38,7 +38,7 @@ import numpy as np
 import scipy.optimize
 import xarray as xr
 
-from heterodyne import model, shapes
+from heterodyne import compilation, model, shapes
 from heterodyne.pairs import fitted_rows
 from heterodyne.parameters import (
     ESTIMATED,
@@ -117,11 +117,14 @@ def _one_time(physics: np.ndarray, tau: np.ndarray, phi: np.ndarray, q: float) -
     )[:m]
 
 
-@jax.jit
-def _batched_g2(physics, tau, phi, q):
+def batched_g2(physics, tau, phi, q):
+    """:func:`heterodyne.model.g2` (contrast 1, offset 0) of the rows of ``physics``."""
     return jax.vmap(model.g2, in_axes=(0, None, None, None, None, None))(
         physics, 1.0, 0.0, tau, phi, q
     )
+
+
+_batched_g2 = compilation.exported(batched_g2)
 
 
 def _misfit(g: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -263,50 +266,48 @@ def _refine(base, rate_ref, rate_sample, fraction, frequency, step, tau, y, w, q
     return trial[np.arange(y.shape[0]), misfit.argmin(axis=1)]
 
 
-def _projected(physics, tau, y, root_w, phi, q):
+def _projected(physics, tau, y, root_w, phi, q, xp=jnp):
     """Residuals of the one-time model with each angle's ``contrast`` and ``offset``
-    solved for by weighted linear least squares (variable projection): ``(n_phi * L,)``."""
-    g = model.g2(physics, 1.0, 0.0, tau, phi, q)
+    solved for by weighted linear least squares (variable projection): ``(n_phi * L,)``.
+    ``xp=np`` evaluates it outside any compiled program (one call: nothing to compile
+    beyond :func:`heterodyne.model.g2`)."""
+    g = xp.asarray(model.g2(physics, 1.0, 0.0, tau, phi, q))
     w = root_w * root_w
-    sw = jnp.sum(w)
+    sw = xp.sum(w)
     gm, ym = g @ w / sw, y @ w / sw
     gc, yc = g - gm[:, None], y - ym[:, None]
-    slope = (gc * yc) @ w / jnp.maximum((gc * gc) @ w, 1e-300)
+    slope = (gc * yc) @ w / xp.maximum((gc * gc) @ w, 1e-300)
     return (root_w * (yc - slope[:, None] * gc)).ravel()
 
 
-def _polish_functions(free: tuple[int, ...]):
-    """Residuals of :func:`_projected` and their Jacobian in the ``free`` entries, from
-    one compiled program, compiled once per set of free entries."""
-    if free not in _POLISH:
-        index = np.asarray(free)
-
-        def residual(x, base, tau, y, root_w, phi, q):
-            return _projected(base.at[index].set(x), tau, y, root_w, phi, q)
-
-        def both(x, *args):
-            return residual(x, *args), jax.jacfwd(residual)(x, *args)
-
-        _POLISH[free] = jax.jit(both)
-    return _POLISH[free]
+def projected_residual(x, base, tau, y, root_w, phi, q, free: tuple[int, ...]):
+    """:func:`_projected` with the ``free`` entries of the physics vector ``base`` set
+    to ``x``."""
+    return _projected(base.at[np.asarray(free)].set(x), tau, y, root_w, phi, q)
 
 
-_POLISH: dict = {}
+def residual_and_jacobian(x, base, tau, y, root_w, phi, q, free: tuple[int, ...]):
+    """:func:`projected_residual` and its Jacobian in ``x``."""
+    args = (base, tau, y, root_w, phi, q, free)
+    return projected_residual(x, *args), jax.jacfwd(projected_residual)(x, *args)
+
+
+#: one compiled program per set of free entries (static), kept on disk
+_polish_program = compilation.exported(residual_and_jacobian, static_argnums=(7,))
 
 
 def _polish(vector, free, tau, y, w, phi, q, v_max):
     """``(misfit, vector)``: ``vector`` refined by least squares on the one-time model in
     its ``free`` entries, in the labelling convention (reference slower)."""
     if not free:
-        return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q) ** 2)), vector
-    both = _polish_functions(free)
-    args = (vector, tau, y, np.sqrt(w), phi, q)
+        return float(np.sum(_projected(vector, tau, y, np.sqrt(w), phi, q, np) ** 2)), vector
+    args = (vector, tau, y, np.sqrt(w), phi, q, free)
     last = {}
 
     def at(x):
         # least_squares asks for the residuals, then the Jacobian, at one x
         if last.get("x") is None or not np.array_equal(last["x"], x):
-            last.update(x=x.copy(), out=[np.asarray(v) for v in both(x, *args)])
+            last.update(x=x.copy(), out=[np.asarray(v) for v in _polish_program(x, *args)])
         return last["out"]
 
     bounds = {

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from heterodyne import model, shapes
+from heterodyne import compilation, model, shapes
 from heterodyne.memory import aligned_zeros
 from heterodyne.pairs import STORAGE, fitted_rows, unpack
 from heterodyne.parameters import PHYSICS_NAMES
@@ -275,8 +275,10 @@ def stages(x, template, free, data: Blocks, n_scale: int, n_physics: int):
     return _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scale, n_physics)
 
 
-#: :func:`normal_equations` as one compiled program (the stages inlined).
-evaluate = jax.jit(stages, static_argnums=(4, 5))
+#: :func:`normal_equations` as one compiled program (the stages inlined), its traced
+#: program kept on disk (:func:`heterodyne.compilation.exported`): the first fit's
+#: largest.
+evaluate = compilation.exported(stages, static_argnums=(4, 5))
 
 
 @partial(jax.jit, static_argnums=(8, 9))

@@ -55,6 +55,72 @@ def test_a_second_process_compiles_nothing_that_the_first_compiled(tmp_path):
     assert second["v0"] == first["v0"]  # the same programs: the same fit, to the bit
 
 
+# A fresh process that fits and prints how often the Python code of the programs kept as
+# exports ran: it runs only while JAX traces them.
+TRACED = """
+import json
+import heterodyne as hd
+from heterodyne import starts, structured
+calls = {"normal equations": 0, "polish": 0}
+def counted(name, function):
+    def call(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+    return call
+structured._factor_stage = counted("normal equations", structured._factor_stage)
+starts.projected_residual = counted("polish", starts.projected_residual)
+ds = hd.simulate({"D0_ref": 3e3, "D0_sample": 2e4, "v0": 800.0, "f0": 0.4, "phi0": 20.0},
+                 n_frames=24, phi=[0.0, 45.0], noise=0.01, seed=1)
+result = hd.fit_nlsq(ds, progress=False)
+print(json.dumps({**calls, "v0": result.value("v0")}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_traces_none_of_the_programs_kept_as_exports(tmp_path):
+    first = json.loads(run(TRACED, HETERODYNE_CACHE=str(tmp_path)))
+    second = json.loads(run(TRACED, HETERODYNE_CACHE=str(tmp_path)))
+    assert first["normal equations"] > 0 and first["polish"] > 0
+    assert second["normal equations"] == second["polish"] == 0
+    assert second["v0"] == first["v0"]
+    # a damaged file is traced again and written anew
+    for path in (tmp_path / "exported").iterdir():
+        path.write_bytes(b"not a program")
+    third = json.loads(run(TRACED, HETERODYNE_CACHE=str(tmp_path)))
+    assert third["normal equations"] > 0 and third["v0"] == first["v0"]
+    assert json.loads(run(TRACED, HETERODYNE_CACHE=str(tmp_path)))["normal equations"] == 0
+    # with the cache off, each process traces
+    off = json.loads(run(TRACED, HETERODYNE_CACHE="off"))
+    assert off["normal equations"] > 0 and off["v0"] == first["v0"]
+
+
+def test_an_exported_program_computes_what_the_jitted_function_does(tmp_path):
+    import jax
+    import numpy as np
+
+    before = compilation.cache_folder()
+    try:
+        compilation.set_compilation_cache(tmp_path)
+
+        def model(x, scale, n):
+            return jax.numpy.cumsum(jax.numpy.sin(x * scale)) ** n, {"sum": x.sum()}
+
+        kept = compilation.exported(model, static_argnums=(2,))
+        x = np.linspace(0.0, 3.0, 7)
+        for n in (1, 2):
+            expected = jax.jit(model, static_argnums=(2,))(x, 1.5, n)
+            got = kept(x, 1.5, n)
+            np.testing.assert_array_equal(got[0], expected[0])
+            assert float(got[1]["sum"]) == float(expected[1]["sum"])
+        # one file for each static value; inside a traced function it is plain jit
+        assert len(list((tmp_path / "exported").iterdir())) == 2
+        assert float(jax.grad(lambda s: kept(x, s, 1)[0].sum())(1.5)) == float(
+            jax.grad(lambda s: model(x, s, 1)[0].sum())(1.5)
+        )
+    finally:
+        compilation.set_compilation_cache(before)
+
+
 def test_import_loads_no_jax_and_the_command_line_help_no_numerical_library():
     loaded = """
 import sys, heterodyne as hd
@@ -79,6 +145,21 @@ hd.fit_nlsq(ds, progress=False).report()
 print(sorted(m for m in ("numpyro", "arviz", "holoviews", "panel", "bokeh") if m in sys.modules))
 """
     assert run(code) == "[]"
+
+
+def test_the_libraries_load_with_the_collector_paused_then_frozen_and_it_comes_back_as_it_was():
+    code = """
+import gc, heterodyne as hd
+{before}
+hd.fit_nlsq  # loads JAX, SciPy and xarray
+import jax, scipy.optimize, xarray
+frozen = gc.get_freeze_count()
+print(gc.isenabled(), frozen > 100_000, len(gc.get_objects()) < frozen / 10)
+"""
+    # the libraries' objects are frozen (never traversed again), only a few left tracked
+    assert run(code.format(before="")) == "True True True"
+    # a collector the user turned off stays off
+    assert run(code.format(before="gc.disable()")) == "False True True"
 
 
 def test_cache_folder_moves_turns_off_and_refuses_an_unwritable_folder(tmp_path):
