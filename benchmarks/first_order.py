@@ -36,7 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from coverage import CASES, PHI
+from coverage import CASES, PHI, combine
 
 import heterodyne as hd
 from heterodyne import model
@@ -95,18 +95,6 @@ def run(args) -> dict:
         "speckle": np.asarray(speckle),
         "c2": np.asarray(c2),
     }
-
-
-def combine(files) -> dict:
-    """Saved runs with the same settings and no shared seed, joined."""
-    parts = [dict(np.load(f)) for f in files]
-    if len({str(p["settings"]) for p in parts}) > 1:
-        raise SystemExit("these runs have different settings: " + ", ".join(files))
-    seeds = np.concatenate([p["seed"] for p in parts])
-    if np.unique(seeds).size < seeds.size:
-        raise SystemExit("these runs share seeds: " + ", ".join(files))
-    joined = {k: np.concatenate([p[k] for p in parts]) for k in ("seed", "value", "speckle", "c2")}
-    return {"settings": parts[0]["settings"], **joined}
 
 
 def cumulants(gamma, shot):
