@@ -101,25 +101,32 @@ with ``Q`` and with the Jacobian at the neighbouring pairs.
 Scales
 ------
 The three non-negative scales ``theta = (kappa, kappa_n, sigma2)`` solve
-``E[m] = moments``, under two conditions from the physics:
+``E[m] = moments``, under a condition from the physics and a rule of parsimony:
 
 - with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1), the speckle's times
   (A4)'s factor, which is at least 1;
-- the white shape enters only when the speckle and shot shapes alone miss a moment by
-  more than ``MOMENT_TOLERANCE`` of its standard deviation (that of a sum of ``n_k``
-  independent products of residuals of variance ``v = m0 / n``: ``v sqrt(2 n)`` for
-  ``m0``, ``v sqrt(n_k)`` for ``m1``, ``m2``).
+- nested choices, the first that meets every moment within ``MOMENT_TOLERANCE`` of its
+  standard deviation (that of a sum of ``n_k`` independent products of residuals of
+  variance ``v = m0 / n``: ``v sqrt(2 n)`` for ``m0``, ``v sqrt(n_k)`` for ``m1``,
+  ``m2``) is taken: with counting, ``kappa = kappa_n`` (the factor at 1); then
+  ``kappa >= kappa_n`` free; then the white shape as well.
 
-The second is needed far below one photon per pixel and frame (``E >> contrast``). There
-the shot shape is dominated by the variance ``E_i E_j (1 + C_ij)``, nearly the same for
-every pair, so in ``m0`` it is indistinguishable from white; only its shared-frame part
-``E_f C_ab`` in ``m2`` tells them apart, and that is about as large as the noise of
-``m2``, ``sum E_f C_ab / P ~ v sqrt(n2)``. Fitting both leaves the split arbitrary, and
-the part given to white does not carry the shared-frame correlations into the
-parameters. Photon-counting detectors add no independent noise (A2), so the shot shape
-takes all of it unless the moments require more. Data with independent Gaussian errors
-(``E`` about 0, ``m2`` near 0) still get the white shape: a shot or speckle shape would
-predict an ``m2`` they do not have.
+The first is needed far below one photon per pixel and frame: the speckle shape is a
+tiny part of every moment (``C << E``), so ``m1``, the only moment without shot noise,
+is mostly noise and a free ``kappa`` can come out at many times ``1 / P``, inflating the
+errors of the quantities the speckle carries (a slow reference's rate) while the
+speckle's true share of their variance is negligible.
+
+The white shape comes last for a like reason (``E >> contrast``): the shot shape is then
+dominated by the variance ``E_i E_j (1 + C_ij)``, nearly the same for every pair, so in
+``m0`` it is indistinguishable from white; only its shared-frame part ``E_f C_ab`` in
+``m2`` tells them apart, and that is about as large as the noise of ``m2``, ``sum E_f
+C_ab / P ~ v sqrt(n2)``. Fitting both leaves the split arbitrary, and the part given to
+white does not carry the shared-frame correlations into the parameters. Photon-counting
+detectors add no independent noise (A2), so the shot shape takes all of it unless the
+moments require more. Data with independent Gaussian errors (``E`` about 0, ``m2`` near
+0) still get the white shape: a shot or speckle shape would predict an ``m2`` they do
+not have.
 
 The covariance of the fit is the sandwich::
 
@@ -606,21 +613,27 @@ def shape_scales(expected, moments, terms) -> np.ndarray:
     With photon counting (a shot shape that is not zero) the speckle scale is held at or
     above the shot scale, both being ``1 / P`` times (A4)'s factor (at least 1) and 1:
     ``theta = (kappa_n + delta, kappa_n, sigma2)`` with ``kappa_n, delta, sigma2 >= 0``.
-    ``terms`` is :func:`moment_terms` summed over the angles. The white shape is added
-    only where the speckle and shot shapes alone leave a moment further than
-    ``MOMENT_TOLERANCE`` standard deviations from its expectation, the standard
-    deviations those of sums of independent products of residuals of variance
-    ``v = m0 / n``: ``sd(m0) = v sqrt(2 n)``, ``sd(m1) = v sqrt(n1)``,
-    ``sd(m2) = v sqrt(n2)``.
+    ``terms`` is :func:`moment_terms` summed over the angles. Of the nested choices
+    ``delta = sigma2 = 0`` (counting only), ``sigma2 = 0``, and all three free, the first
+    that leaves no moment further than ``MOMENT_TOLERANCE`` standard deviations from its
+    expectation is taken, the standard deviations those of sums of independent products
+    of residuals of variance ``v = m0 / n``: ``sd(m0) = v sqrt(2 n)``,
+    ``sd(m1) = v sqrt(n1)``, ``sd(m2) = v sqrt(n2)``.
     """
     expected, moments = np.asarray(expected, float), np.asarray(moments, float)
     terms = np.asarray(terms, float)
-    bound = np.eye(3)
-    if np.any(expected[:, 1] != 0):
-        bound[0, 1] = 1.0
-    counted = bound[:2, :2] @ nonnegative_scales(expected[:, :2] @ bound[:2, :2], moments)
     variance = moments[0] / max(terms[0], 1.0)
     spread = variance * np.sqrt(np.array([2.0, 1.0, 1.0]) * terms)
-    if np.all(np.abs(expected[:, :2] @ counted - moments) <= MOMENT_TOLERANCE * spread):
-        return np.append(counted, 0.0)
+    bound = np.eye(3)
+    # nested choices, each taken where the moments allow it: speckle at the shot scale
+    # (counting only), speckle above it, then the white shape as well
+    choices = []
+    if np.any(expected[:, 1] != 0):
+        bound[0, 1] = 1.0
+        choices.append(np.array([[1.0], [1.0]]))
+    choices.append(bound[:2, :2])
+    for choice in choices:
+        scales = choice @ nonnegative_scales(expected[:, :2] @ choice, moments)
+        if np.all(np.abs(expected[:, :2] @ scales - moments) <= MOMENT_TOLERANCE * spread):
+            return np.append(scales, 0.0)
     return bound @ nonnegative_scales(expected @ bound, moments)

@@ -132,13 +132,16 @@ def test_pairs_sharing_a_counted_frame_are_correlated_by_its_shot_noise():
     assert isserlis.mean() < 0.8 * measured and exact.mean() < measured < 1.2 * exact.mean()
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, 4])
 def test_far_below_one_photon_the_shot_scale_counts_the_pixels_and_no_white_is_added(seed):
     """At 0.02 photons per pixel and frame the shot noise is nearly white in the summed
     squares and differs from white only in the weak shared-frame moment; the physics
     (first order in 1 / P, Poisson counting exact) fixes its scale at 1 / P. Fitted
     freely with a white part, the split between the two was arbitrary (shot 0 to 1 / P)
-    and the errors 20 % too small."""
+    and the errors 20 % too small. The speckle shape is a tiny part of every moment here,
+    so its excess over the shot scale ((A4)'s factor above 1) is not identified: fitted
+    freely it came out at 330 / P on seed 4 and inflated the reference rate's errors; it
+    stays at the shot scale."""
     pixels = 20000
     ds = hd.simulate(
         TRUTH, n_frames=50, phi=PHI, noise="speckle", n_pixels=pixels, counts=0.02, seed=seed
@@ -146,7 +149,7 @@ def test_far_below_one_photon_the_shot_scale_counts_the_pixels_and_no_white_is_a
     result = hd.fit_nlsq(ds, guess(), errors="speckle", progress=False)
     assert result.info["white_variance"] == 0.0
     assert result.info["shot_kappa"] * pixels == pytest.approx(1.0, abs=0.12)
-    assert result.info["speckle_kappa"] >= result.info["shot_kappa"]
+    assert result.info["speckle_kappa"] == result.info["shot_kappa"]
 
 
 def field_correlation(physics, t, phi):
