@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import heterodyne as hd
+from heterodyne import qbins
 from heterodyne.cli import build_parser
 from heterodyne.errors import HeterodyneError
 
@@ -208,7 +209,9 @@ def test_load_returns_a_valid_dataset_or_refuses(tiny_file, kwargs):
     result, error, compiled = outcome(lambda: hd.load(tiny_file, **kwargs))
     outcome_event(error)
     if error is None:
-        assert hd.validate(result) is result
+        # a list of q-values (even of one) asks for the multi-q form, one number for one bin
+        check = qbins.validate_multi if qbins.is_multi_q(result) else hd.validate
+        assert check(result) is result
     else:
         refused_before_compiling(error, compiled)
 
