@@ -5,6 +5,7 @@ import importlib
 import os
 import sys
 import types
+from contextlib import contextmanager
 
 # Float64 everywhere (MODEL.md): for the user's own JAX arrays too, as when the package
 # enabled it on import; heterodyne.compilation enables it again if JAX is already loaded.
@@ -64,21 +65,21 @@ def __getattr__(name):
     return value
 
 
-class _loading:
+@contextmanager
+def _loading():
     """Libraries loaded with the cyclic garbage collector paused, then frozen
     (``gc.freeze``). JAX, SciPy and xarray bring ~280 000 objects that live as long as
     the process, with about a thousand bytes of garbage; each full collection would
     traverse them all, during the load and again during the first fit (~0.3 s of the
     two on a 2-core machine)."""
-
-    def __enter__(self):
-        self.modules, self.enabled = len(sys.modules), gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc):
-        if len(sys.modules) > self.modules:
+    modules, enabled = len(sys.modules), gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if len(sys.modules) > modules:
             gc.freeze()
-        if self.enabled:
+        if enabled:
             gc.enable()
 
 
