@@ -209,8 +209,13 @@ def candidates(ds: xr.Dataset, p: Parameters, n: int, v_max: float) -> list[np.n
         0.0,
         q,
     )
-    g = _one_time(vectors, tau, np.zeros(1), q)[:, 0].reshape(pair.size, frequencies.size, -1)
-    misfit = _misfit(g.reshape(-1, tau.size), y, w).reshape(pair.size, frequencies.size, -1)
+    # a batch at a time: the one-time models of the whole grid are never held at once
+    misfit = np.concatenate(
+        [
+            _misfit(_one_time(vectors[k : k + BATCH], tau, np.zeros(1), q)[:, 0], y, w)
+            for k in range(0, len(vectors), BATCH)
+        ]
+    ).reshape(pair.size, frequencies.size, -1)
     best_frequency = misfit.argmin(axis=1)  # (pairs, n_phi)
     total = misfit.min(axis=1).sum(axis=1)
     kept = np.argsort(total)[:KEPT]
