@@ -9,7 +9,7 @@ from _work import Compiles
 from scipy.optimize import curve_fit
 
 import heterodyne as hd
-from heterodyne import model, nlsq, objective, starts, structured
+from heterodyne import model, nlsq, objective, structured
 from heterodyne.pairs import fitted_pairs
 from heterodyne.parameters import LOG_DECADES, PHYSICS_NAMES
 from heterodyne.results import at_entries, entry_label, index_of
@@ -45,21 +45,26 @@ def test_recovers_truth_from_a_guess_30_percent_off(dataset):
         assert np.all(np.abs(value - truth)[varied] < 3 * error[varied] + 1e-12), name
 
 
-def test_starting_scaling_is_the_least_squares_line_through_the_data(dataset):
-    """At the true physics, contrast and offset come out of the closed-form line fit; it
-    equals numpy's lstsq on the same pairs and recovers the simulated 0.5 and 1.0."""
+@pytest.mark.parametrize("path", ["blocks", "pairs"])
+def test_starting_scaling_is_the_least_squares_line_through_the_data(dataset, path):
+    """At the true physics, contrast and offset come out of the closed-form line fit from
+    the normal equations (of the separable path and of the pairs); it equals numpy's
+    lstsq on the same pairs and recovers the simulated 0.5 and 1.0."""
     c2 = dataset["c2"].values.copy()
     c2[1, 3:9, 20:30] = c2[1, 20:30, 3:9] = np.nan
     ds = hd.from_arrays(c2, dataset["t1"].values, dataset["phi"].values, float(dataset["q"]))
     physics = hd.Parameters(TRUTH).physics_values()
-    got = starts.estimate_scaling(ds, physics)
+    data = structured.blocks(ds) if path == "blocks" else fitted_pairs(ds)
+    assert data is not None
+    got = objective.estimate_scaling(ds, physics, data)
     t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
     g = np.asarray(model.c2_grid(physics, 1.0, 0.0, t, phi, q))
     i, j = np.triu_indices(c2.shape[-1], 1)
+    stored = c2.astype(np.float32).astype(np.float64)  # the data as a fit stores them
     for k in range(c2.shape[0]):
         ok = np.isfinite(c2[k, i, j])
         design = np.stack([np.ones(ok.sum()), g[k, i, j][ok]], axis=1)
-        (offset, contrast), *_ = np.linalg.lstsq(design, c2[k, i, j][ok], rcond=None)
+        (offset, contrast), *_ = np.linalg.lstsq(design, stored[k, i, j][ok], rcond=None)
         assert got["contrast"][k] == pytest.approx(contrast, rel=1e-10)
         assert got["offset"][k] == pytest.approx(offset, rel=1e-10)
     np.testing.assert_allclose(got["contrast"], 0.5, rtol=0.02)
@@ -72,7 +77,7 @@ def test_starting_scaling_falls_back_to_the_plateaus_where_g_does_not_vary(datas
     still = hd.Parameters(
         {**TRUTH, "D0_ref": 0.0, "D0_sample": 0.0, "v0": 0.0, "f0": 0.0}
     ).physics_values()
-    got = starts.estimate_scaling(dataset, still)
+    got = objective.estimate_scaling(dataset, still, objective.fit_data(dataset))
     c2 = dataset["c2"].values
     n = c2.shape[-1]
     i, j = np.triu_indices(n, 1)
