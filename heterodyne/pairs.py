@@ -100,15 +100,17 @@ def fitted_rows(ds: xr.Dataset, angle: int, start: int, stop: int, storage=STORA
     float64 numbers), ``weight`` ``1 / sigma`` (or 1) on the fitted pairs ``t_i < t_j`` with finite
     ``c2`` (and ``sigma``), 0 elsewhere, with ``c2`` 0 there too."""
     c2 = ds["c2"].values[angle, start:stop].astype(storage).astype(np.float64)
-    n = c2.shape[-1]
-    keep = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
-    keep &= np.isfinite(c2)
-    weight = np.ones_like(c2)
+    keep = np.isfinite(c2)
+    keep &= np.arange(c2.shape[-1])[None, :] > np.arange(start, stop)[:, None]
     if "sigma" in ds.data_vars:
         with np.errstate(divide="ignore"):
             weight = 1.0 / ds["sigma"].values[angle, start:stop]
         keep &= np.isfinite(weight)
-    return np.where(keep, c2, 0.0), np.where(keep, weight, 0.0)
+        np.copyto(weight, 0.0, where=~keep)
+    else:
+        weight = keep.astype(np.float64)
+    np.copyto(c2, 0.0, where=~keep)
+    return c2, weight
 
 
 def pair_counts(ds: xr.Dataset, rows: int = 256) -> np.ndarray:

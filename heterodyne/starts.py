@@ -81,11 +81,13 @@ def lag_profile(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = t.size
     sums = np.zeros((c2.shape[0], n - 1))
     counts = np.zeros((c2.shape[0], n - 1))
-    for lag in range(1, n):
-        diagonal = np.diagonal(c2, offset=lag, axis1=1, axis2=2)
-        finite = np.isfinite(diagonal)
-        sums[:, lag - 1] = np.where(finite, diagonal, 0.0).sum(axis=1)
-        counts[:, lag - 1] = finite.sum(axis=1)
+    # row by row: row i holds lags 1 .. N - 1 - i in order, read along memory (a diagonal
+    # is read one value per row)
+    for i in range(n - 1):
+        row = c2[:, i, i + 1 :]
+        finite = np.isfinite(row)
+        sums[:, : n - 1 - i] += np.where(finite, row, 0.0)
+        counts[:, : n - 1 - i] += finite
     lags = np.arange(1, n, dtype=float)
     if n - 1 > LAGS + LAG_BINS:
         edges = np.unique(np.geomspace(LAGS + 1, n, LAG_BINS + 1).astype(int))
