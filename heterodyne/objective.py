@@ -30,7 +30,6 @@ from heterodyne.errors import OptionError, ParameterError
 from heterodyne.pairs import (
     Pairs,
     fitted_pairs,
-    pair_counts,
     residuals,
     unpack,
 )
@@ -339,7 +338,8 @@ class Objective:
         p.validate(n_phi)
         for message in identifiability_warnings(p):
             warnings.warn(message, stacklevel=3)
-        n_pairs = int(pair_counts(ds).sum())
+        data = fit_data(ds)  # made once: the scaling's estimate and the fit read it
+        n_pairs = data.n_pairs
         n_scale = n_phi if scaling == "per_angle" else 1
         v_max = starts.resolvable_velocity(ds)
         if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
@@ -354,7 +354,6 @@ class Objective:
                 value = found[0][PHYSICS_INDEX[name]]
                 p[name].value = float(np.clip(value, p[name].min, p[name].max))
                 p[name].given = False
-        data = fit_data(ds)  # made once: the scaling's estimate reads it too
         estimates = estimate_scaling(ds, p.physics_values(), data)
         values, lower, upper, names, phis, free = [], [], [], [], [], []
         for name in PHYSICS_NAMES:

@@ -117,6 +117,12 @@ class Blocks(NamedTuple):
     masked_i: jax.Array  #: first frame of each masked pair
     masked_j: jax.Array  #: second frame of each masked pair
     masked_valid: jax.Array  #: 1 for a masked pair, 0 for padding
+    count: jax.Array  #: (n_phi',) number of fitted pairs of each angle
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of fitted pairs, all angles."""
+        return int(np.sum(self.count))
 
 
 def tile_pairs(n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,16 +166,38 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
     n_blocks = -(-n_class // size)
     starts = range(0, n, size)
 
+    phi_class = shapes.angle_class(n_phi)
+    tile_rows, tile_columns = tile_pairs(n_blocks)
+    tile_index = {(k, c): step * n_blocks + place for (step, place), k, c in
+                  zip(np.ndindex(tile_rows.shape), tile_rows.ravel(), tile_columns.ravel(),
+                      strict=True) if k < c}  # fmt: skip
+    # one pass over the Dataset: the values as stored, pairs not fitted (and padding) NaN;
+    # centered and zeroed below, once the centers are known
+    diagonal = np.full((n_blocks, phi_class, size, size), np.nan, dtype)
+    tiles = aligned_zeros((*tile_rows.shape, phi_class, size, size), dtype)
+    tiles.fill(np.nan)
+    flat_tiles = tiles.reshape(-1, phi_class, size, size)
     count, total = np.zeros(n_phi), np.zeros(n_phi)
     low, high = np.full(n_phi, np.inf), np.full(n_phi, -np.inf)
+    masked = []
     for a in range(n_phi):
-        for start in starts:
-            c2, w = fitted_rows(ds, a, start, min(start + size, n), storage)
+        for k, start in enumerate(starts):
+            stop = min(start + size, n)
+            c2, w = fitted_rows(ds, a, start, stop, storage)
             fitted = w > 0
             count[a] += np.count_nonzero(fitted)
             total[a] += c2.sum()
             if fitted.any():
                 low[a], high[a] = min(low[a], w[fitted].min()), max(high[a], w[fitted].max())
+            values = np.where(fitted, c2, np.nan).astype(dtype)  # the upper triangle
+            for column in range(k, n_blocks):
+                part = values[:, column * size : (column + 1) * size]
+                tile = diagonal[k] if column == k else flat_tiles[tile_index[k, column]]
+                tile[a, : part.shape[0], : part.shape[1]] = part
+            upper = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
+            i, j = np.nonzero(upper & ~fitted)
+            if i.size:
+                masked.append(np.stack([np.full(i.size, a), i + start, j]))
     if np.any(low[count > 0] != high[count > 0]):
         return None
     weight = np.where(count > 0, low, 0.0)
@@ -178,31 +206,15 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         return None
 
     center = (total / np.maximum(count, 1)).astype(np.float32).astype(np.float64)
-    phi_class = shapes.angle_class(n_phi)
-    tile_rows, tile_columns = tile_pairs(n_blocks)
-    tile_index = {(k, c): step * n_blocks + place for (step, place), k, c in
-                  zip(np.ndindex(tile_rows.shape), tile_rows.ravel(), tile_columns.ravel(),
-                      strict=True) if k < c}  # fmt: skip
-    diagonal = np.zeros((n_blocks, phi_class, size, size), dtype)
-    tiles = aligned_zeros((*tile_rows.shape, phi_class, size, size), dtype)
-    flat_tiles = tiles.reshape(-1, phi_class, size, size)
-    sum_d, sum_d2 = np.zeros(n_phi), np.zeros(n_phi)
-    masked = []
-    for a in range(n_phi):
-        for k, start in enumerate(starts):
-            stop = min(start + size, n)
-            c2, w = fitted_rows(ds, a, start, stop, storage)
-            d = np.where(w > 0, c2 - center[a], 0.0).astype(dtype)  # the upper triangle
-            for column in range(k, n_blocks):
-                part = d[:, column * size : (column + 1) * size]
-                tile = diagonal[k] if column == k else flat_tiles[tile_index[k, column]]
-                tile[a, : part.shape[0], : part.shape[1]] = part
-            sum_d[a] += d.sum(dtype=np.float64)
-            sum_d2[a] += np.square(d, dtype=np.float64).sum()
-            if count[a] and n_masked:
-                upper = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
-                i, j = np.nonzero(upper & (w == 0))
-                masked.append(np.stack([np.full(i.size, a), i + start, j]))
+    center = shapes.pad_zeros(center, phi_class)  # padded angles: no pair, center 0
+    sum_d, sum_d2 = np.zeros(phi_class), np.zeros(phi_class)
+    for a in range(phi_class):
+        for part in (diagonal[:, a], tiles[:, :, a]):
+            np.subtract(part, center[a].astype(dtype), out=part)
+            np.copyto(part, 0.0, where=np.isnan(part))
+            sum_d[a] += part.sum(dtype=np.float64)
+            sum_d2[a] += np.square(part, dtype=np.float64).sum()
+    masked = [m for m in masked if count[m[0, 0]] > 0]
 
     m_angle, m_i, m_j = (
         np.concatenate(masked, axis=1) if masked else np.zeros((3, 0), dtype=np.int32)
@@ -222,13 +234,14 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         diagonal=jax.device_put(diagonal),
         tiles=jax.device_put(tiles, may_alias=True),  # nearly the data's size: not copied
         weight=jax.device_put(shapes.pad_zeros(weight, phi_class)),
-        center=jax.device_put(shapes.pad_zeros(center, phi_class)),
-        sum_d=jax.device_put(shapes.pad_zeros(sum_d, phi_class)),
-        sum_d2=jax.device_put(shapes.pad_zeros(sum_d2, phi_class)),
+        center=jax.device_put(center),
+        sum_d=jax.device_put(sum_d),
+        sum_d2=jax.device_put(sum_d2),
         masked_angle=padded(m_angle),
         masked_i=padded(m_i),
         masked_j=padded(m_j),
         masked_valid=jax.device_put(valid),
+        count=jax.device_put(shapes.pad_zeros(count, phi_class)),
     )
 
 
