@@ -23,7 +23,6 @@ from IPython.display import display
 
 from heterodyne import model
 from heterodyne.data import validate
-from heterodyne.objective import estimate_scaling, fit_data
 from heterodyne.parameters import (
     LOG_DECADES,
     LOG_SCALE,
@@ -40,6 +39,7 @@ from heterodyne.plot import (
     offdiagonal,
     robust_range,
 )
+from heterodyne.starts import estimate_scaling
 
 # The time grid and q without data: those of hd.simulate's defaults.
 DEFAULT_FRAMES = 200
@@ -107,7 +107,7 @@ class Explorer(widgets.VBox):
             n_angles, q = ds.sizes["phi"], float(ds["q"])
         p.validate(n_angles)
         # contrast and offset are kept per angle; the two sliders show the current angle's.
-        estimate = None if ds is None else estimate_scaling(ds, p.physics_values(), fit_data(ds))
+        estimate = None if ds is None else estimate_scaling(ds, p.physics_values())
         self._scaling = {
             s.name: _per_angle(p[s.name].value, estimate, s.name, s.default, n_angles)
             for s in SCALING

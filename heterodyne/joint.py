@@ -133,7 +133,7 @@ class JointObjective:
         :meth:`Objective.build` reads it off one bin: its rates are the most typical of the
         file's, and reading every bin would cost as much as the fit); every bin is then
         built from that physics, its contrast and offset solved for given it
-        (:func:`heterodyne.objective.estimate_scaling`). The joint bounds of a physics
+        (:func:`heterodyne.starts.estimate_scaling`). The joint bounds of a physics
         parameter are the tightest of the bins' (``v0``'s default upper bound, the speed
         the frame rate resolves, ``pi / (q dt)``, is set by the largest ``q``). With
         ``multistart="auto"`` the middle bin's further distinct starts are kept as

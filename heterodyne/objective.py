@@ -54,9 +54,6 @@ from heterodyne.results import (
 SCALINGS = ("per_angle", "shared")
 # Starts of multistart="auto": the best estimate from the data and the next distinct ones.
 AUTO_STARTS = 3
-# g "does not vary" over the pairs (estimate_scaling) where S_1 S_gg - S_g² is below this
-# fraction of S_1 S_gg: rounding of the sums, not a slope
-VARYING = 1e-10
 
 
 # Pairs are processed in blocks of this many, so that the Jacobian is never held for all
@@ -184,62 +181,6 @@ def fit_data(ds: xr.Dataset) -> structured.Blocks | Pairs:
     return fitted_pairs(ds) if layout is None else layout
 
 
-def estimate_scaling(ds: xr.Dataset, physics, data) -> dict[str, np.ndarray]:
-    """Per-angle starting ``contrast`` and ``offset`` from the data.
-
-    ``c2 = offset + contrast g`` is linear in both, so given the starting physics (hence
-    ``g``) they are solved for by least squares over the fitted pairs (weights
-    ``1 / sigma²``), from the normal equations of that linear problem at contrast 1 and
-    offset 0, computed by the fit's own path on ``data`` (:class:`heterodyne.structured.
-    Blocks`, else the :class:`~heterodyne.pairs.Pairs`): per angle
-    ``J^T J = [[S_gg, S_g], [S_g, S_1]]`` and ``J^T r = [S_gg - S_gc, S_g - S_c]``, ``S``
-    the weighted sums of ``g²``, ``g``, 1, ``g c2`` and ``c2``, so::
-
-        contrast = (S_1 S_gc - S_g S_c) / (S_1 S_gg - S_g²),
-        offset = (S_c - contrast S_g) / S_1
-
-    Where that gives no positive contrast (a starting ``g`` far from the data, or one that
-    does not vary: ``S_1 S_gg - S_g²`` at rounding), the plateau estimate is used instead:
-    offset = median ``c2`` over the longest 10 % of lags, contrast = mean ``c2`` one frame
-    off the diagonal minus the offset.
-    """
-    n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
-    n_physics = len(PHYSICS_NAMES)
-    template = np.concatenate(
-        [np.asarray(physics, dtype=np.float64), np.ones(n_phi), np.zeros(n_phi)]
-    )
-    pad = pad_angles(template, np.arange(n_physics, template.size), n_phi)
-    x = _on_device(template[n_physics:], pad.tail)
-    if isinstance(data, structured.Blocks):
-        jtj, jtr, _ = structured.normal_equations(x, pad.template, pad.free, data, pad.n_scale, 0)
-    else:
-        jtj, jtr, _ = blocked_normal_equations(x, pad.template, pad.free, data, pad.n_scale)
-    jtj, jtr = np.asarray(jtj), np.asarray(jtr)
-    k = np.arange(n_phi)
-    s_gg, s_g, s_1 = jtj[k, k], jtj[k, n_phi + k], jtj[n_phi + k, n_phi + k]
-    s_gc, s_c = s_gg - jtr[k], s_g - jtr[n_phi + k]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        spread = s_1 * s_gg - s_g**2
-        scale = np.where(spread > VARYING * s_1 * s_gg, (s_1 * s_gc - s_g * s_c) / spread, np.nan)
-        base = (s_c - scale * s_g) / s_1
-    contrast, offset = np.full(n_phi, 0.1), np.ones(n_phi)
-    c2 = ds["c2"].values
-    far_lag = max(1, int(0.9 * (n - 1)))
-    for a in range(n_phi):
-        if not s_1[a] > 0:
-            continue
-        if not scale[a] > 0:
-            far = np.concatenate([np.diagonal(c2[a], lag) for lag in range(far_lag, n)])
-            near = np.diagonal(c2[a], 1)
-            far, near = far[np.isfinite(far)], near[np.isfinite(near)]
-            if far.size and near.size:
-                base[a] = np.median(far)
-                scale[a] = np.mean(near) - base[a]
-        if np.isfinite(base[a]) and np.isfinite(scale[a]) and scale[a] > 0:
-            contrast[a], offset[a] = scale[a], base[a]
-    return {"contrast": contrast, "offset": offset}
-
-
 class Errors(NamedTuple):
     """Outcome of :meth:`Objective.errors_at`."""
 
@@ -313,7 +254,7 @@ class Objective:
             Starting values, bounds and which parameters vary; varied physics without a
             given value start from estimates read off the data
             (:func:`heterodyne.starts.candidates`), ``contrast`` and ``offset`` left at
-            ``None`` from :func:`estimate_scaling`.
+            ``None`` from :func:`heterodyne.starts.estimate_scaling`.
         fix : sequence of str
             Names of parameters to hold at their value.
         scaling : {"per_angle", "shared"}
@@ -338,7 +279,7 @@ class Objective:
         p.validate(n_phi)
         for message in identifiability_warnings(p):
             warnings.warn(message, stacklevel=3)
-        data = fit_data(ds)  # made once: the scaling's estimate and the fit read it
+        data = fit_data(ds)  # the fit's layout, made once
         n_pairs = data.n_pairs
         n_scale = n_phi if scaling == "per_angle" else 1
         v_max = starts.resolvable_velocity(ds)
@@ -354,7 +295,7 @@ class Objective:
                 value = found[0][PHYSICS_INDEX[name]]
                 p[name].value = float(np.clip(value, p[name].min, p[name].max))
                 p[name].given = False
-        estimates = estimate_scaling(ds, p.physics_values(), data)
+        estimates = starts.estimate_scaling(ds, p.physics_values())
         values, lower, upper, names, phis, free = [], [], [], [], [], []
         for name in PHYSICS_NAMES:
             par = p[name]

@@ -39,6 +39,7 @@ import scipy.optimize
 import xarray as xr
 
 from heterodyne import compilation, model, shapes
+from heterodyne.pairs import fitted_rows
 from heterodyne.parameters import (
     ESTIMATED,
     FRACTION_NAMES,
@@ -57,6 +58,12 @@ REFINE = 24  # finer frequencies around each angle's best one
 PHI0_STEP = 0.5  # deg, grid of the flow direction
 KEPT = 8  # (rates, fraction) pairs whose frequencies are refined
 BATCH = 1024  # physics vectors of the one-time model per compiled call
+# Pairs per angle of the least-squares line of the starting contrast and offset
+# (estimate_scaling): beyond, blocks of rows spread over the record
+SCALING_VALUES = 2**21
+# A normalised speckle contrast is at most 1 (one coherent mode): a line through the data
+# steeper than that is a starting g that hardly varies where the data do (estimate_scaling)
+MAX_CONTRAST = 1.0
 # Distinct starts differ by this factor in a rate, this much in x_s, or in v0 or phi0.
 DISTINCT = {"rate": 1.5, "fraction": 0.1, "velocity": 0.1, "phi0": 10.0}
 
@@ -456,3 +463,59 @@ def exchange(physics: np.ndarray, p: Parameters, t: np.ndarray):
     )
     out[index] = fitted.x
     return out, False
+
+
+def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-angle starting ``contrast`` and ``offset`` from the data.
+
+    ``c2 = offset + contrast g`` is linear in both, so given the starting physics (hence
+    ``g``) they are solved for by linear least squares over the fitted pairs: of every
+    row up to ``SCALING_VALUES`` pairs per angle, beyond of blocks of rows spread evenly
+    over the record. Where that gives no contrast in ``(0, MAX_CONTRAST]`` (a starting
+    ``g`` far from the data, or one that hardly varies: a line too steep for any
+    speckle), the plateau estimate is used instead: offset = median ``c2`` over the
+    longest 10 % of lags, contrast = mean ``c2`` one frame off the diagonal minus the
+    offset.
+    """
+    c2 = ds["c2"].values
+    n = c2.shape[-1]
+    t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
+    contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
+    far_lag = max(1, int(0.9 * (n - 1)))
+    size = min(model.ROW_BLOCK, n)
+    first_rows = np.arange(0, n, size)
+    wanted = max(1, SCALING_VALUES // (size * n))
+    if first_rows.size > wanted:
+        first_rows = first_rows[
+            np.unique(np.linspace(0, first_rows.size - 1, wanted).round().astype(int))
+        ]
+    for k in range(c2.shape[0]):
+        # the least-squares line through (g, c2) over the fitted pairs, from sums taken a
+        # block of rows at a time about the first pair (so a g that does not vary gives
+        # exactly zero variance): memory O(N) rows, whatever the size of the grid
+        sums, origin = np.zeros(5), None
+        grid = model.grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q, first_rows)
+        for _, start, rows in grid:
+            data, weight = fitted_rows(ds, k, start, start + rows.shape[0], np.float64)
+            ok = weight > 0
+            g, d = rows[ok], data[ok]
+            if origin is None and g.size:
+                origin = g[0], d[0]
+            if g.size:
+                g, d = g - origin[0], d - origin[1]
+                sums += [g.size, g.sum(), d.sum(), g @ g, g @ d]
+        if origin is None:
+            continue
+        count, sg, sd, sgg, sgd = sums
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = (sgd - sg * sd / count) / (sgg - sg * sg / count)
+            base = origin[1] + (sd - scale * sg) / count - scale * origin[0]
+        far = np.concatenate([np.diagonal(c2[k], lag) for lag in range(far_lag, n)])
+        near = np.diagonal(c2[k], 1)
+        far, near = far[np.isfinite(far)], near[np.isfinite(near)]
+        if not 0 < scale <= MAX_CONTRAST and far.size and near.size:
+            base = np.median(far)
+            scale = np.mean(near) - base
+        if np.isfinite(base) and np.isfinite(scale) and 0 < scale <= MAX_CONTRAST:
+            contrast[k], offset[k] = scale, base
+    return {"contrast": contrast, "offset": offset}
