@@ -209,7 +209,8 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
     center = shapes.pad_zeros(center, phi_class)  # padded angles: no pair, center 0
     sum_d, sum_d2 = np.zeros(phi_class), np.zeros(phi_class)
     for a in range(phi_class):
-        for part in (diagonal[:, a], tiles[:, :, a]):
+        # a step of tiles at a time: the temporaries stay small next to the layout
+        for part in (diagonal[:, a], *tiles[:, :, a]):
             np.subtract(part, center[a].astype(dtype), out=part)
             np.copyto(part, 0.0, where=np.isnan(part))
             sum_d[a] += part.sum(dtype=np.float64)
