@@ -168,7 +168,7 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
 
     phi_class = shapes.angle_class(n_phi)
     tile_rows, tile_columns = tile_pairs(n_blocks)
-    tile_index = {(k, c): step * n_blocks + place for (step, place), k, c in
+    tile_index = {(k, c): step * tile_rows.shape[1] + place for (step, place), k, c in
                   zip(np.ndindex(tile_rows.shape), tile_rows.ravel(), tile_columns.ravel(),
                       strict=True) if k < c}  # fmt: skip
     # one pass over the Dataset: the values as stored, pairs not fitted (and padding) NaN;
