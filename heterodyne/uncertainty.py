@@ -328,12 +328,35 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
     a, b, e = model.correlation_factors(frames, q, q_parallel)
     excess = diagonal - scale
     gamma = model.field_correlation(frames, q, q_parallel)
-    speckle_cov = scale * jnp.abs(gamma) ** 2
+    magnitude = jnp.abs(gamma)
+    speckle_cov = scale * magnitude**2
     field = model.field_factors(frames, q, q_parallel)
 
     def both(u):
         """``(C_s u, E u)`` for a matrix ``u`` of columns."""
         return scale * correlation_apply(a, b, e, u), excess[:, None] * u
+
+    def field_apply(m):
+        """``gamma m`` for a matrix ``m`` of columns."""
+        return correlation_apply(*field, m, hermitian=True)
+
+    def cumulants(u):
+        """``sum_q Q_c(p, q) U_q`` of the speckle's cumulant terms (module doc) at every
+        ``p = (i, j)``, ``i < j``, for the symmetric grid ``u``."""
+        # Y = gamma (U o gamma) gamma = (gamma (gamma (U o gamma))^H)^H, all Hermitian
+        y = jnp.conj(field_apply(jnp.conj(field_apply(u * gamma)).T)).T
+        z = jnp.diagonal(y).real
+        v = jnp.sum(u * speckle_cov, axis=1)
+        kv = speckle_cov @ v
+        # gamma diag(v) gamma, Hermitian: the third cumulants of a pair with one frame of q
+        middle = field_apply(v[:, None] * gamma)
+        third = speckle_cov * (kv[:, None] + kv[None, :] - scale**2 * (z[:, None] + z[None, :]))
+        third = third - THIRD_CUMULANT * scale**2 * (gamma * middle.T).real
+        cycles = THIRD_CUMULANT * scale**3 * (gamma * y.T).real
+        # the crossed cycle in its product form: gamma (U o |gamma|)_upper gamma^T
+        upper = jnp.triu(u * magnitude, 1)
+        crossed = field_apply(field_apply(upper.T).T)
+        return third + cycles + THIRD_CUMULANT * scale**3 * magnitude * crossed.real
 
     def column(s_a):
         u = s_a * weight
@@ -344,8 +367,9 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
         total_w = sum(both(total.T)).T
         # the shared frame's third cumulant: Z = (U o gamma) gamma = conj(gamma conj(U o
         # gamma)^T)^T, gamma Hermitian
-        product = correlation_apply(*field, jnp.conj(u * gamma).T, hermitian=True)
-        return jnp.stack([speckle_w, total_w - speckle_w]), jnp.conj(product).T
+        product = field_apply(jnp.conj(u * gamma).T)
+        shapes = jnp.stack([speckle_w + cumulants(u), total_w - speckle_w])
+        return shapes, jnp.conj(product).T
 
     # one column at a time: O(N²) memory beyond the grids
     w, z = jax.lax.map(column, s)
@@ -432,10 +456,56 @@ def shape_moments(weight, cov, contrast, offset, gamma) -> np.ndarray:
     speckle_cov[np.arange(n), np.arange(n)] = contrast
     speckle = isserlis_moments(weight, speckle_cov)
     shot = isserlis_moments(weight, cov) - speckle
+    speckle = speckle + cumulant_moments(weight, gamma, contrast)
     shot[0] += np.sum(weight**2 * shot_grid(excess, cov, offset))
     shot += shared_frame_moments(weight, gamma, contrast, excess)
     white = np.array([np.count_nonzero(weight), 0.0, 0.0])
     return np.column_stack([speckle, shot, white])
+
+
+def cumulant_terms(gamma, contrast, i, j, k, l) -> np.ndarray:
+    """The speckle shape beyond Isserlis for pairs ``(i, j)``, ``(k, l)`` (index arrays,
+    ``i < j``, ``k < l``; module doc), per unit scale: with ``K = contrast |g|²`` and
+    ``k3(a, b, c) = THIRD_CUMULANT contrast² Re(g_ab g_bc g_ca)``::
+
+        - K_ij (k3(i,k,l) + k3(j,k,l)) - K_kl (k3(i,j,k) + k3(i,j,l))
+        + K_ij K_kl (K_ik + K_il + K_jk + K_jl)
+        + 2 contrast³ Re(g_ij g_jk g_kl g_li + g_ij g_jl g_lk g_ki)
+        + 2 contrast³ Re(g_ik g_jl) |g_ij| |g_kl|
+    """
+    g = np.asarray(gamma)
+    big_k = contrast * np.abs(g) ** 2
+    third = THIRD_CUMULANT * contrast**2
+
+    def k3(a, b, c):
+        return third * (g[a, b] * g[b, c] * g[c, a]).real
+
+    cycles = g[i, j] * g[j, k] * g[k, l] * g[l, i] + g[i, j] * g[j, l] * g[l, k] * g[k, i]
+    crossed = g[i, k] * g[j, l] * np.abs(g[i, j]) * np.abs(g[k, l])
+    return (
+        -big_k[i, j] * (k3(i, k, l) + k3(j, k, l))
+        - big_k[k, l] * (k3(i, j, k) + k3(i, j, l))
+        + big_k[i, j] * big_k[k, l] * (big_k[i, k] + big_k[i, l] + big_k[j, k] + big_k[j, l])
+        + THIRD_CUMULANT * contrast**3 * (cycles + crossed).real
+    )
+
+
+def cumulant_moments(weight, gamma, contrast) -> np.ndarray:
+    """Expectations of :func:`pair_moments` per unit scale of :func:`cumulant_terms`:
+    ``sum w_p w_q`` of them over the same pair, the diagonal neighbour and the neighbours
+    that share a frame, as :func:`isserlis_moments` sums the Isserlis form."""
+    n = weight.shape[0]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+
+    def at(w, *frames):
+        return np.sum(w * cumulant_terms(gamma, contrast, *frames))
+
+    same = at(weight**2, i, j, i, j)
+    a, b = i[:-1, :-1], j[:-1, :-1]
+    diagonal = at(weight[:-1, :-1] * weight[1:, 1:], a, b, a + 1, b + 1)
+    row = at(weight[:, :-1] * weight[:, 1:], i[:, :-1], j[:, :-1], i[:, :-1], j[:, :-1] + 1)
+    column = at(weight[:-1] * weight[1:], i[:-1], j[:-1], i[:-1] + 1, j[:-1])
+    return np.array([same, diagonal, row + column])
 
 
 def shared_frame_moments(weight, gamma, contrast, excess) -> np.ndarray:
