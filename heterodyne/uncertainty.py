@@ -18,9 +18,9 @@ pixels and frames (the detector adds no correlated noise): ``x = I + eta`` with
 normalised field correlation ``g_ij`` (:func:`heterodyne.model.field_correlation`,
 ``|g|² = G``, the model's correlation), so its third cumulant is
 ``k(I_i, I_j, I_k) = 2 beta_3 Re(g_ij g_jk g_ki)`` with ``beta_3 = contrast²`` (equal
-modes). Its fourth-order cumulants are taken as proportional to the Isserlis products of
-its covariance: true in shape for such fields, with a factor (1 to 1.5) that ``c2`` does
-not give.
+modes), and its fourth cumulant is ``2 beta_4`` times the real part of the three 4-cycles
+of ``g`` over the frames, ``beta_4 = contrast³``. Unequal modes have ``beta_n`` above
+``contrast^(n-1)``: the speckle's scale below then exceeds ``1 / P``.
 
 Derivation
 ----------
@@ -43,8 +43,8 @@ counting of a random rate): ``k(x_i, x_i) = k(I_i, I_i) + 1 / lambda``,
 diagonal above the model's ``offset + contrast``) and ``C_ik = c2_ik - offset`` the
 speckle covariance (the model; ``C_ii = contrast``), three kinds of pair pairs:
 
-- four different frames: no counting term; ``Q_s = C_ik C_jl + C_il C_jk`` (Isserlis),
-  times the factor of (A4);
+- four different frames: no counting term; ``Q_s``, the speckle's covariance below
+  (Isserlis, ``C_ik C_jl + C_il C_jk``, and the speckle's higher cumulants);
 - one shared frame, ``i = k``: ``Q_s`` plus ``E_i (C_jl + k(I_i, I_j, I_l) - K_ij K_il)``;
 - the same pair, ``(i, j) = (k, l)``: ``Q_s`` plus
   ``(E_i C_jj + E_j C_ii) + E_i E_j (1 + C_ij / offset)``, the last term exact
@@ -61,25 +61,43 @@ first-order covariance needs no free factor::
 
 and ``Cov(y_ij, y_kl)`` above with these. Its terms beyond Isserlis are of relative size
 ``contrast`` where all four frames are within a correlation time, and shrink as they
-separate, not in one proportion over the matrix. The last cycle of ``k(i,j,k,l)``
-couples each frame of one pair to both frames of the other and has no product form over
-the grid; the error model below keeps the Isserlis shape with a free scale instead.
+separate, not in one proportion over the matrix: a single factor on the Isserlis shape
+would weigh the pairs wrongly. All of them but one are sums of products over the grid
+(``K_ij k(i,k,l)`` needs ``diag(g (U o g) g)``, ``g_ij g_jk g_kl g_li`` needs
+``g (U o g) g``, for the grid ``U`` of a Jacobian column). The crossed cycle
+``g_ik g_kj g_jl g_li`` couples each frame of one pair to both frames of the other and
+has none; the speckle shape takes it in the product form::
+
+    2 contrast³ Re(g_ik g_kj g_jl g_li)  ~  2 contrast³ Re(g_ik g_jl) |g_ij| |g_kl|
+
+(``i < j``, ``k < l``: early frame with early, late with late), exact for the same pair
+and, for a real ``g``, for pairs that share their early or their late frame; for
+neighbouring pairs
+(``k ~ i``, ``l ~ j``) ``g_kj g_li ~ |g_ij| |g_kl|``, and where the pairs are far apart
+both forms vanish. It keeps the shape positive semi-definite (``Re`` of the Hermitian
+``g_ik g_jl`` over the pairs times a rank-one matrix), and like the crossed cycle it lies
+between ``-contrast`` and ``+contrast`` times the Isserlis shape in the Loewner order
+(``|2 Re(a conj b)| <= |a|² + |b|²`` for the matrices ``a = g_ik g_jl``,
+``b = g_il g_jk``: ``|a -+ b|²`` are Schur products of semi-definite matrices).
 
 Isserlis on the total covariance ``C + E`` gives all of these but the ``E_i E_j C_ij``
-term, the third cumulants and the factor. Near the diagonal the third cumulant is as large
-as ``C_jl``: leaving it out makes the shared-frame correlations, which carry the
-velocity, half what they are. So the covariance of the weighted residuals ``r_p`` is
-modelled as three shapes with three scales::
+term and the cumulants. Near the diagonal the third cumulant is as large as ``C_jl``:
+leaving it out makes the shared-frame correlations, which carry the velocity, half what
+they are. So the covariance of the weighted residuals ``r_p`` is modelled as three shapes
+with three scales::
 
     Cov(r_p, r_q) = w_p w_q [kappa Q_s + kappa_n Q_n] + sigma2 delta_pq
-    Q_s = Q[C],    Q[C]_pq = C_ik C_jl + C_il C_jk
+    Q_s = Q[C] - K_ij (k(i,k,l) + k(j,k,l)) - K_kl (k(i,j,k) + k(i,j,l))
+          + K_ij K_kl (K_ik + K_il + K_jk + K_jl) + k(i,j,k,l)
+    Q[C]_pq = C_ik C_jl + C_il C_jk
     Q_n = Q[C + E] - Q[C] + delta_pq E_i E_j C_ij / offset
           + sum_{f shared by p, q} E_f (2 contrast² Re(g_fa g_ab g_bf) - K_fa K_fb)
 
-(``a``, ``b`` the other frames of ``p`` and ``q``).
+(``C_ii = contrast`` in ``Q_s``, ``k`` the speckle's cumulants above with the crossed
+cycle in product form; ``a``, ``b`` the other frames of ``p`` and ``q``).
 
 (``p = (i, j)``, ``q = (k, l)``, ``w`` the weights ``1 / sigma``): speckle,
-``kappa ~ 1/P`` times (A4)'s factor; shot noise, ``kappa_n ~ 1/P`` (0 without counting,
+``kappa ~ 1/P``; shot noise, ``kappa_n ~ 1/P`` (0 without counting,
 where ``E = 0``); and independent ("white") noise, for data with Gaussian errors. The shot
 shape is not white: pairs that share frame ``i`` are correlated through ``E_i C_jl``, and
 pairs near the diagonal have the larger variance ``E_i E_j (1 + C_ij)``; both propagate
@@ -103,12 +121,12 @@ Scales
 The three non-negative scales ``theta = (kappa, kappa_n, sigma2)`` solve
 ``E[m] = moments``, under a condition from the physics and a rule of parsimony:
 
-- with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1), the speckle's times
-  (A4)'s factor, which is at least 1;
+- with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1), the speckle's larger
+  for unequal modes (A4);
 - nested choices, the first that meets every moment within ``MOMENT_TOLERANCE`` of its
   standard deviation (that of a sum of ``n_k`` independent products of residuals of
   variance ``v = m0 / n``: ``v sqrt(2 n)`` for ``m0``, ``v sqrt(n_k)`` for ``m1``,
-  ``m2``) is taken: with counting, ``kappa = kappa_n`` (the factor at 1); then
+  ``m2``) is taken: with counting, ``kappa = kappa_n``; then
   ``kappa >= kappa_n`` free; then the white shape as well.
 
 The first is needed far below one photon per pixel and frame: the speckle shape is a
@@ -136,10 +154,7 @@ The covariance of the fit is the sandwich::
 computed per angle (angles are different pixels, hence independent) on the ``N x N``
 grid from the Jacobian and the separable forms of the model's correlation and of the
 field correlation, in ``O(p N²)`` time and memory. Without counting the shot shape
-vanishes and the model is the speckle one of issue 9. Where the frames of both pairs lie
-within a correlation time, the speckle variance is larger than ``Q_s`` (the fourth
-cumulant; speckle simulations: up to 1.5 times at lag 1); the free ``kappa`` absorbs most
-of it, and what it cannot shows as slightly too large errors of a slow reference's rate.
+vanishes and the model is the speckle one of issue 9, with the speckle's cumulants.
 Resampling frame blocks, or cluster-robust sandwiches over them, has too few independent
 blocks to estimate this covariance when a slowly decorrelating reference makes the matrix
 a few large correlated blocks.
@@ -308,7 +323,15 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
     ``C_s = contrast G`` (the speckle covariance; ``G`` the model's normalised correlation
     at ``x``, :func:`correlation_apply`, ``G_ii = 1``) and ``C = C_s + E``,
     ``E = diag(diagonal - contrast)`` the shot-noise variance of each frame. The speckle
-    shape is ``Q[C_s]``; the shot shape is ``Q[C] - Q[C_s]`` plus the variance term
+    shape is ``Q[C_s]`` plus the speckle's cumulant terms (:func:`cumulant_terms`), whose
+    ``W^a`` add, with ``K = C_s``, ``g`` the field correlation (applied as
+    :func:`correlation_apply` with :func:`heterodyne.model.field_factors`),
+    ``Y = g (U^a o g) g``, ``v = (U^a o K) 1``, ``c`` the contrast::
+
+        K_ij ((K v)_i + (K v)_j - c² Re(Y_ii + Y_jj)) - 2 c² Re(g_ij (g diag(v) g)_ji)
+        + 2 c³ Re(g_ij Y_ji) + 2 c³ |g_ij| Re(g triu(U^a o |g|) g^T)_ij
+
+    The shot shape is ``Q[C] - Q[C_s]`` plus the variance term
     ``sum_{i<j} U^a_ij U'^b_ij shot_grid_ij`` (``shot_grid = E_i E_j C_ij / offset``).
 
     Returns
@@ -681,7 +704,7 @@ def shape_scales(expected, moments, terms) -> np.ndarray:
     moment equations ``expected @ theta = moments`` (module doc, "Scales").
 
     With photon counting (a shot shape that is not zero) the speckle scale is held at or
-    above the shot scale, both being ``1 / P`` times (A4)'s factor (at least 1) and 1:
+    above the shot scale, both being ``1 / P`` (the speckle's more for unequal modes):
     ``theta = (kappa_n + delta, kappa_n, sigma2)`` with ``kappa_n, delta, sigma2 >= 0``.
     ``terms`` is :func:`moment_terms` summed over the angles. Of the nested choices
     ``delta = sigma2 = 0`` (counting only), ``sigma2 = 0``, and all three free, the first
