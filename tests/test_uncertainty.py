@@ -186,6 +186,24 @@ def test_field_correlation_squared_is_the_model_correlation():
     np.testing.assert_allclose(np.abs(gamma) ** 2, g, rtol=1e-12, atol=1e-14)
 
 
+def angle_grids(problem, x, angle, weight):
+    """:func:`heterodyne.uncertainty.jacobian_grid` of one angle at ``x``."""
+    pairs = problem.pairs
+    columns = uncertainty.angle_columns(problem.free, problem.n_scale, angle)
+    return uncertainty.jacobian_grid_jit(
+        x,
+        problem.template,
+        problem.free,
+        columns,
+        pairs.t,
+        pairs.phi,
+        pairs.q,
+        angle,
+        weight,
+        problem.n_scale,
+    )
+
+
 def speckle_cumulants(y, contrast):
     """Joint cumulants of order 2 to 4 of one pixel's speckle intensity over its mean, for
     equal modes: sums over the cyclic orders of the frames of ``contrast^(n-1) y y ...``,
@@ -244,18 +262,7 @@ def test_speckle_shape_is_the_first_order_covariance_with_the_crossed_cycle_in_p
         c = contrast[angle]
         columns = uncertainty.angle_columns(problem.free, problem.n_scale, angle)
         weight = 1.0 - np.eye(n)
-        grids = uncertainty.jacobian_grid_jit(
-            x,
-            problem.template,
-            problem.free,
-            columns,
-            pairs.t,
-            pairs.phi,
-            pairs.q,
-            angle,
-            weight,
-            problem.n_scale,
-        )
+        grids = angle_grids(problem, x, angle, weight)
         products = uncertainty.speckle_products_jit(
             x,
             problem.template,
@@ -425,20 +432,7 @@ def test_jacobian_grids_rebuild_the_normal_matrix(speckled):
     rebuilt = np.zeros_like(jtj)
     for k in range(ds.sizes["phi"]):
         columns = uncertainty.angle_columns(problem.free, problem.n_scale, k)
-        grids = np.asarray(
-            uncertainty.jacobian_grid_jit(
-                x,
-                problem.template,
-                problem.free,
-                columns,
-                pairs.t,
-                pairs.phi,
-                pairs.q,
-                k,
-                weight[k] + weight[k].T,
-                problem.n_scale,
-            )
-        )
+        grids = np.asarray(angle_grids(problem, x, k, weight[k] + weight[k].T))
         rebuilt[np.ix_(columns, columns)] += 0.5 * np.einsum("aij,bij->ab", grids, grids)
     np.testing.assert_allclose(rebuilt, jtj, rtol=1e-10, atol=1e-12 * np.abs(jtj).max())
 
