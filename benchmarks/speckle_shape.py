@@ -25,17 +25,20 @@ follow the exact ``Q``. Candidates for ``cross``: left out; bounded by ``c Q_s``
 the same pair and, for a real ``g``, for pairs that share their early or late frame; the
 package's speckle shape is the last row.
 
-With ``--seeds S`` it prints only the scatter of the linearised estimates over the data of
-``hd.simulate`` seeds ``0 .. S - 1`` (no dense covariance: any ``--frames``), per 20 seeds,
-the spread that the rows of ``benchmarks/coverage.py`` see. With ``--replicas R`` it
-simulates ``R`` independent ``c2`` of ``--pixels`` pixels
-and compares the scatter of the linearised estimates ``A^-1 J^T (c2 - model)`` with the
-exact sandwich, so that the target itself is checked.
+With ``--sandwich`` it prints only the sandwiches at ``1 / P`` (exact, Isserlis, the
+package's shape), summed in blocks of rows: any ``--frames``. With ``--seeds S`` it
+prints only the scatter of the linearised estimates over the data of ``hd.simulate``
+seeds ``0 .. S - 1`` (no dense covariance: any ``--frames``), per 20 seeds, the spread
+that the rows of ``benchmarks/coverage.py`` see. With ``--replicas R`` it simulates
+``R`` independent ``c2`` of ``--pixels`` pixels and compares the scatter of the
+linearised estimates ``A^-1 J^T (c2 - model)`` with the exact sandwich, so that the
+target itself is checked.
 
     .venv/bin/python benchmarks/speckle_shape.py [--frames 50] [--phi -45 0]
                                                  [--pixels 2000] [--replicas 0]
     .venv/bin/python benchmarks/speckle_shape.py --frames 150 --phi -45 0 45 90 --seeds 600
                                                  [--counts C]
+    .venv/bin/python benchmarks/speckle_shape.py --frames 150 --phi -45 0 45 90 --sandwich
 """
 
 import argparse
@@ -51,13 +54,13 @@ from heterodyne import model, speckle
 TRUTH, FIXED = CASES["flow"]
 
 
-def parts(gamma, first, second):
+def parts(gamma, first, second, rows=slice(None)):
     """Dense ``(Q_s, third, cycles, cross, approximation of cross)`` of one angle, per
-    pixel, over the pairs ``(first, second)``."""
+    pixel, between the pairs ``rows`` of ``(first, second)`` and all of them."""
     c = CONTRAST
     g = gamma
     big_k = c * np.abs(g) ** 2
-    i, j = first[:, None], second[:, None]
+    i, j = first[rows, None], second[rows, None]
     k, l = first[None, :], second[None, :]
 
     def k3(a, b, d):
@@ -103,6 +106,9 @@ def main():
         "--seeds", type=int, default=0, help="only the scatter of linearised estimates"
     )
     parser.add_argument("--counts", type=float, default=None)
+    parser.add_argument(
+        "--sandwich", action="store_true", help="only the sandwiches at 1 / P, in row blocks"
+    )
     args = parser.parse_args()
     n, phis, pixels = args.frames, args.phi, args.pixels
     names, columns, physics, t, frames, first, second = flow_grid(n)
@@ -110,6 +116,9 @@ def main():
     jac, truths = truth_jacobian(physics, columns, t, phis, first, second)
     if args.seeds:
         linear_scatter(args, jac, truths, first, second)
+        return
+    if args.sandwich:
+        sandwiches(args, jac, physics, frames, first, second)
         return
     blocks = np.zeros((5, len(phis) * n_pairs, len(phis) * n_pairs))
     near = np.zeros((2, len(phis) * n_pairs, len(phis) * n_pairs))
@@ -209,6 +218,42 @@ def main():
             f"lags 2-10 {variance[(lags > 1) & (lags <= 10)].mean():.3f}, "
             f"lags > 10 {variance[lags > 10].mean():.3f}"
         )
+
+
+def sandwiches(args, jac, physics, frames, first, second, block=100) -> None:
+    """Sandwich sd of the exact covariance and of the shapes at ``1 / P``, ``J^T Q J``
+    summed over blocks of rows of ``Q``: memory ``O(block N²)``, for any ``--frames``."""
+    n_pairs = first.size
+    products = np.zeros((5, jac.shape[1], jac.shape[1]))
+    start = time.perf_counter()
+    for angle, phi in enumerate(args.phi):
+        gamma = np.asarray(
+            model.field_correlation(frames, Q_BIN, model.parallel_wavevector(physics, phi, Q_BIN))
+        )
+        own = jac[angle * n_pairs : (angle + 1) * n_pairs]
+        for low in range(0, n_pairs, block):
+            rows = slice(low, min(low + block, n_pairs))
+            for b, piece in enumerate(parts(gamma, first, second, rows)):
+                products[b] += own[rows].T @ piece @ own / args.pixels
+    isserlis, third, cycles, cross, approximation = products
+    inverse = np.linalg.inv(jac.T @ jac)
+
+    def sd(b):
+        return np.sqrt(np.diag(inverse @ b @ inverse))[: len(TRUTH)]
+
+    reference = sd(isserlis + third + cycles + cross)
+    print(
+        f"flow case, N = {args.frames}, phi = {args.phi}, {args.pixels} pixels, no counting "
+        f"({time.perf_counter() - start:.0f} s): sandwich sd at 1 / P"
+    )
+    print(f"{'shape':<22}" + "".join(f"{name:>11}" for name in TRUTH))
+    print(f"{'exact (sd)':<22}" + "".join(f"{v:>11.4g}" for v in reference))
+    for label, b in (
+        ("Isserlis", isserlis),
+        ("+third+cycles", isserlis + third + cycles),
+        ("package's shape", isserlis + third + cycles + approximation),
+    ):
+        print(f"{label:<22}" + "".join(f"{v:>11.3f}" for v in sd(b) / reference))
 
 
 def linear_scatter(args, jac, truths, first, second) -> None:
