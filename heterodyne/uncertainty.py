@@ -354,45 +354,40 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
     magnitude = jnp.abs(gamma)
     speckle_cov = scale * magnitude**2
     field = model.field_factors(frames, q, q_parallel)
+    n = t.shape[0]
 
-    def both(u):
-        """``(C_s u, E u)`` for a matrix ``u`` of columns."""
-        return scale * correlation_apply(a, b, e, u), excess[:, None] * u
-
-    def field_apply(m):
-        """``gamma m`` for a matrix ``m`` of columns."""
-        return correlation_apply(*field, m, hermitian=True)
-
-    def cumulants(u):
-        """``sum_q Q_c(p, q) U_q`` of the speckle's cumulant terms (module doc) at every
-        ``p = (i, j)``, ``i < j``, for the symmetric grid ``u``."""
-        # Y = gamma (U o gamma) gamma = (gamma (gamma (U o gamma))^H)^H, all Hermitian
-        y = jnp.conj(field_apply(jnp.conj(field_apply(u * gamma)).T)).T
-        z = jnp.diagonal(y).real
-        v = jnp.sum(u * speckle_cov, axis=1)
-        kv = speckle_cov @ v
-        # gamma diag(v) gamma, Hermitian: the third cumulants of a pair with one frame of q
-        middle = field_apply(v[:, None] * gamma)
-        third = speckle_cov * (kv[:, None] + kv[None, :] - scale**2 * (z[:, None] + z[None, :]))
-        third = third - THIRD_CUMULANT * scale**2 * (gamma * middle.T).real
-        cycles = THIRD_CUMULANT * scale**3 * (gamma * y.T).real
-        # the crossed cycle in its product form: gamma (U o |gamma|)_upper gamma^T
-        upper = jnp.triu(u * magnitude, 1)
-        crossed = field_apply(field_apply(upper.T).T)
-        return third + cycles + THIRD_CUMULANT * scale**3 * magnitude * crossed.real
+    def field_apply(*blocks):
+        """``gamma m`` for each ``N x N`` matrix ``m`` of ``blocks``, in one pass."""
+        out = correlation_apply(*field, jnp.concatenate(blocks, axis=1), hermitian=True)
+        return jnp.split(out, len(blocks), axis=1)
 
     def column(s_a):
         u = s_a * weight
-        speckle_u, shot_u = both(u)
+        speckle_u = scale * correlation_apply(a, b, e, u)
+        total = speckle_u + excess[:, None] * u
         # W = C U C = (C (C U)^T)^T, C symmetric: speckle C_s U C_s, and C U C in total
-        speckle_w = both(speckle_u.T)[0].T
-        total = speckle_u + shot_u
-        total_w = sum(both(total.T)).T
-        # the shared frame's third cumulant: Z = (U o gamma) gamma = conj(gamma conj(U o
-        # gamma)^T)^T, gamma Hermitian
-        product = field_apply(jnp.conj(u * gamma).T)
-        shapes = jnp.stack([speckle_w + cumulants(u), total_w - speckle_w])
-        return shapes, jnp.conj(product).T
+        rows = scale * correlation_apply(a, b, e, jnp.concatenate([speckle_u.T, total.T], axis=1))
+        speckle_w, total_w = rows[:, :n].T, (rows[:, n:] + excess[:, None] * total.T).T
+        # X = U o gamma is Hermitian, like gamma. The shared frame's third cumulant with
+        # shot noise: Z = X gamma = (gamma X)^H. The speckle's cumulants (module doc):
+        # Y = gamma X gamma = gamma Z; gamma diag(v) gamma for the third cumulants of a
+        # pair with one frame of the other; gamma triu(U o |gamma|) gamma^T for the
+        # crossed cycle's product form.
+        v = jnp.sum(u * speckle_cov, axis=1)
+        upper = jnp.triu(u * magnitude, 1)
+        left, middle, half = field_apply(u * gamma, v[:, None] * gamma, upper.T)
+        product = jnp.conj(left).T
+        y, crossed = field_apply(product, half.T)
+        z = jnp.diagonal(y).real
+        kv = speckle_cov @ v
+        third = speckle_cov * (kv[:, None] + kv[None, :] - scale**2 * (z[:, None] + z[None, :]))
+        cumulants = (
+            third
+            - THIRD_CUMULANT * scale**2 * (gamma * middle.T).real
+            + THIRD_CUMULANT * scale**3 * ((gamma * y.T).real + magnitude * crossed.real)
+        )
+        shapes = jnp.stack([speckle_w + cumulants, total_w - speckle_w])
+        return shapes, product
 
     # one column at a time: O(N²) memory beyond the grids
     w, z = jax.lax.map(column, s)
