@@ -19,8 +19,9 @@ normalised field correlation ``g_ij`` (:func:`heterodyne.model.field_correlation
 ``|g|² = G``, the model's correlation), so its third cumulant is
 ``k(I_i, I_j, I_k) = 2 beta_3 Re(g_ij g_jk g_ki)`` with ``beta_3 = contrast²`` (equal
 modes), and its fourth cumulant is ``2 beta_4`` times the real part of the three 4-cycles
-of ``g`` over the frames, ``beta_4 = contrast³``. Unequal modes have ``beta_n`` above
-``contrast^(n-1)``: the speckle's scale below then exceeds ``1 / P``.
+of ``g`` over the frames, ``beta_4 = contrast³``. Unequal modes have larger ``beta_n``
+than ``contrast^(n-1)``: the free scale of the speckle shape below takes up the
+difference on average.
 
 Derivation
 ----------
@@ -72,13 +73,14 @@ has none; the speckle shape takes it in the product form::
 
 (``i < j``, ``k < l``: early frame with early, late with late), exact for the same pair
 and, for a real ``g``, for pairs that share their early or their late frame; for
-neighbouring pairs
-(``k ~ i``, ``l ~ j``) ``g_kj g_li ~ |g_ij| |g_kl|``, and where the pairs are far apart
-both forms vanish. It keeps the shape positive semi-definite (``Re`` of the Hermitian
-``g_ik g_jl`` over the pairs times a rank-one matrix), and like the crossed cycle it lies
-between ``-contrast`` and ``+contrast`` times the Isserlis shape in the Loewner order
-(``|2 Re(a conj b)| <= |a|² + |b|²`` for the matrices ``a = g_ik g_jl``,
-``b = g_il g_jk``: ``|a -+ b|²`` are Schur products of semi-definite matrices).
+neighbouring pairs (``k ~ i``, ``l ~ j``) ``g_kj g_li ~ |g_ij| |g_kl|``, and where the
+pairs are far apart both forms vanish. The form is positive semi-definite (``Re`` of
+the Hermitian ``g_ik g_jl`` over the pairs, Schur product with a rank-one matrix). The crossed
+cycle itself lies between ``-contrast`` and ``+contrast`` times the Isserlis shape in
+the Loewner order (``|2 Re(a conj b)| <= |a|² + |b|²`` for the matrices
+``a = g_ik g_jl``, ``b = g_il g_jk``: ``|a -+ b|²`` are Schur products of semi-definite
+matrices), so it moves no variance by more than ``contrast`` times the Isserlis
+shape's.
 
 Isserlis on the total covariance ``C + E`` gives all of these but the ``E_i E_j C_ij``
 term and the cumulants. Near the diagonal the third cumulant is as large as ``C_jl``:
@@ -121,8 +123,8 @@ Scales
 The three non-negative scales ``theta = (kappa, kappa_n, sigma2)`` solve
 ``E[m] = moments``, under a condition from the physics and a rule of parsimony:
 
-- with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1), the speckle's larger
-  for unequal modes (A4);
+- with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1); the speckle's may be
+  larger where its cumulants are (unequal modes, (A4));
 - nested choices, the first that meets every moment within ``MOMENT_TOLERANCE`` of its
   standard deviation (that of a sum of ``n_k`` independent products of residuals of
   variance ``v = m0 / n``: ``v sqrt(2 n)`` for ``m0``, ``v sqrt(n_k)`` for ``m1``,
