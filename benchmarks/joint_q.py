@@ -195,7 +195,10 @@ def speed(args):
     for _ in range(5):
         t0 = time.perf_counter()
         for blocks in stored:
-            float(np.sum(np.asarray(blocks.panels), dtype=np.float64))
+            sum(
+                float(np.sum(np.asarray(v), dtype=np.float64))
+                for v in (blocks.diagonal, blocks.tiles)
+            )
         reads.append(time.perf_counter() - t0)
     read = min(reads)
     fit = timings[False]

@@ -205,7 +205,7 @@ def evaluation(hd, structured, ds) -> dict:
         "model_s": best_of(
             lambda: [np.asarray(v) for v in factors(physics, data.t, data.phi, data.q)]
         ),
-        "read_MB": int(data.panels.nbytes) / 1e6,
+        "read_MB": (data.diagonal.nbytes + data.tiles.nbytes) / 1e6,
         "bandwidth": bandwidth(),
     }
 

@@ -299,9 +299,8 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
     if not np.all(np.isfinite(phi)):
         raise DataError(f"phi holds non-finite angles: {phi}")
     # One angle at a time: validation must not need a copy of the whole grid.
-    upper = ~np.tri(n1, dtype=bool)  # a mask: index arrays would take 2 matrices of int64
     values = c2.values
-    empty = [k for k in range(n_phi) if not np.isfinite(values[k][upper]).any()]
+    empty = [k for k in range(n_phi) if not _any_pair(values[k])]
     if empty:
         raise DataError(
             f"c2 is all NaN/inf for phi = {phi[empty].tolist()} deg; drop those "
@@ -325,35 +324,67 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
                 f"{c2.dims} {c2.shape}"
             )
         for matrix in sigma.values:
-            part = matrix[upper]
-            if np.any(part[np.isfinite(part)] <= 0):
+            if any(
+                np.triu(np.isfinite(rows) & (rows <= 0), 1).any() for rows in _upper_rows(matrix)
+            ):
                 raise DataError("sigma must be > 0 where finite")
     return ds
 
 
+def _upper_rows(matrix: np.ndarray):
+    """``matrix`` in blocks of ``_ROWS`` rows, each from its first row's diagonal on (a
+    view): ``np.triu(block, 1)`` keeps its pairs ``t1 < t2``. Memory ``O(_ROWS N)``."""
+    for start in range(0, matrix.shape[0], _ROWS):
+        yield matrix[start : start + _ROWS, start:]
+
+
+def _any_pair(matrix: np.ndarray) -> bool:
+    """Whether ``matrix`` holds a finite value above its diagonal (it stops at the first
+    block of rows with one)."""
+    return any(np.triu(np.isfinite(rows), 1).any() for rows in _upper_rows(matrix))
+
+
 def _first_asymmetric(matrix: np.ndarray) -> tuple[int, int] | None:
     """The first pair ``(i, j)``, ``i < j`` in row order, where ``matrix`` is not symmetric
-    (:func:`validate`); ``None`` when it is."""
-    blocks = [
-        (start, matrix[start : start + _ROWS], matrix[:, start : start + _ROWS].T)
-        for start in range(0, matrix.shape[0], _ROWS)
+    (:func:`validate`); ``None`` when it is.
+
+    Compared in tiles of ``_ROWS x _ROWS`` (a tile above the diagonal against the
+    transpose of its mirror, both read along their rows); most matrices are exactly
+    symmetric (from_arrays fills a triangle by copying): only the tiles that are not are
+    compared within the tolerance."""
+    edges = range(0, matrix.shape[0], _ROWS)
+    unequal = [
+        (a, b)
+        for a in edges
+        for b in edges
+        if b >= a and not np.array_equal(*_mirrored(matrix, a, b))
     ]
-    # Most matrices are exactly symmetric (from_arrays fills a triangle by copying): only
-    # blocks that are not are compared within the tolerance.
-    unequal = [block for block in blocks if not np.array_equal(block[1], block[2])]
     if not unequal:
         return None
-    scale = max(_off_diagonal_scale(start, rows) for start, rows, _ in blocks)
-    for start, rows, columns in unequal:
-        with np.errstate(invalid="ignore"):  # inf - inf; inf == inf is caught by ==
-            same = (rows == columns) | (np.abs(rows - columns) <= _RTOL_SYMMETRY * scale)
-        same |= np.isnan(rows) & np.isnan(columns)
-        if not same.all():
-            # The first mismatch in row order lies above the diagonal: had (j, i) with
-            # j > i come first, (i, j) would have been met in an earlier row.
-            i, j = np.argwhere(~same)[0]
-            return int(start + i), int(j)
+    scale = max(_off_diagonal_scale(a, matrix[a : a + _ROWS]) for a in edges)
+    for row in sorted({a for a, _ in unequal}):
+        found = []
+        for a, b in unequal:
+            if a != row:
+                continue
+            rows, columns = _mirrored(matrix, a, b)
+            with np.errstate(invalid="ignore"):  # inf - inf; inf == inf is caught by ==
+                same = (rows == columns) | (np.abs(rows - columns) <= _RTOL_SYMMETRY * scale)
+            same |= np.isnan(rows) & np.isnan(columns)
+            if not same.all():
+                i, j = np.argwhere(~same)[0]
+                found.append((int(a + i), int(b + j)))
+        if found:
+            # the first in row order lies above the diagonal: had (j, i) with j > i come
+            # first, (i, j) would have been met in an earlier row
+            return min(found)
     return None
+
+
+def _mirrored(matrix: np.ndarray, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tile of ``matrix`` at rows ``a`` and columns ``b`` (``_ROWS`` each), and the
+    transpose of its mirror tile."""
+    return matrix[a : a + _ROWS, b : b + _ROWS], matrix[b : b + _ROWS, a : a + _ROWS].T
 
 
 def _off_diagonal_scale(start: int, rows: np.ndarray) -> float:
@@ -396,14 +427,14 @@ def count_dropped_frames(ds: xr.Dataset) -> int:
 
 def count_nan_pairs(ds: xr.Dataset) -> int:
     """Number of non-finite ``c2`` (or ``sigma``) values at pairs ``t1 < t2``, all angles."""
-    upper = ~np.tri(ds.sizes["t1"], dtype=bool)
     sigma = ds["sigma"].values if "sigma" in ds.data_vars else None
     count = 0
     for k, matrix in enumerate(ds["c2"].values):
-        bad = ~np.isfinite(matrix[upper])
-        if sigma is not None:
-            bad |= ~np.isfinite(sigma[k][upper])
-        count += int(bad.sum())
+        blocks = zip(
+            _upper_rows(matrix), _upper_rows(matrix if sigma is None else sigma[k]), strict=True
+        )
+        for rows, sigma_rows in blocks:
+            count += int(np.triu(~(np.isfinite(rows) & np.isfinite(sigma_rows)), 1).sum())
     return count
 
 

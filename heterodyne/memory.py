@@ -26,19 +26,18 @@ WINDOW_REMEDY = (
 )
 # Peak memory of fit_nlsq beyond its Dataset: a part that does not grow with the data
 # (compiled code, libraries) and bytes per value of the c2 grid (n_phi x N x N; a fitted
-# pair is two values). The nominal fit holds the fast path's float32 copy of the data (4
-# bytes per value of the size class, up to 27 % more values) and the evaluation's
-# temporaries; the result's model and residual grids (float32) are made only when read.
-# The peak RSS of fresh processes that read the data with hd.load rose by 0.29 GB at
-# 2000 frames x 4 angles (16 M values) and 0.52 GB at 5000 x 2 (50 M values) above the
-# Dataset and the libraries (~0.17 GB + 7 bytes per value), taken as 0.8 GB + 8 bytes per
-# value. errors="speckle" also builds the flat pairs and their residuals and adds ~56
-# bytes per value and ~240 per value of one N x N matrix (its Jacobian grids are built one
-# angle at a time), taken as 70 and 290. CMC builds the flat pairs and the rows of its
-# shards: the former NLSQ figure (measured with the flat pairs), 0.8 GB + 30 bytes per
-# value.
+# pair is two values). The nominal fit holds the fast path's float32 copy of the upper
+# triangle of the data (2 bytes per value of the size class, up to 27 % more values) and
+# the evaluation's temporaries; the result's model and residual grids (float32) are made
+# only when read. The peak RSS of fresh processes that read the data with hd.load rose by
+# 0.22-0.34 GB at 2000 frames x 4 angles (16 M values) and 0.36-0.39 GB at 5000 x 2 (50 M
+# values) above the Dataset and the libraries, taken as 0.8 GB + 4 bytes per value.
+# errors="speckle" also builds the flat pairs and their residuals and adds ~56 bytes per
+# value and ~240 per value of one N x N matrix (its Jacobian grids are built one angle at
+# a time), taken as 70 and 290. CMC builds the flat pairs and the rows of its shards: 0.8
+# GB + 30 bytes per value.
 FIT_MEMORY = {
-    "nominal": {"per_value": 8.0, "fixed": 0.8e9},
+    "nominal": {"per_value": 4.0, "fixed": 0.8e9},
     "speckle": {"per_value": 70.0, "per_angle": 290.0, "fixed": 0.8e9},
     "cmc": {"per_value": 30.0, "fixed": 0.8e9},
 }

@@ -316,13 +316,14 @@ def c2_rows(physics, contrast, offset, t, phi, q, rows):
 ROW_BLOCK = 128
 
 
-def grid_rows(physics, contrast, offset, t, phi, q):
+def grid_rows(physics, contrast, offset, t, phi, q, first_rows=None):
     """:func:`c2_grid` in pieces: yields ``(angle index, first row, rows)``, ``rows`` the
     model ``c2`` of up to ``ROW_BLOCK`` consecutive rows of one angle, float64
     ``(R, N)``, computed by :func:`c2_rows`: memory ``O(ROW_BLOCK N)``, never the grid's
     several ``N x N`` intermediates. The frames are padded to their size class
     (:mod:`heterodyne.shapes`), so that one compiled program serves every angle and
-    windows of similar length."""
+    windows of similar length. ``first_rows`` (multiples of ``min(ROW_BLOCK, N)``) picks
+    some of the blocks; default all."""
     n, n_phi = int(np.shape(t)[0]), int(np.shape(phi)[0])
     t = shapes.pad_edge(t, shapes.size_class(n))
     size = min(ROW_BLOCK, n)
@@ -333,7 +334,7 @@ def grid_rows(physics, contrast, offset, t, phi, q):
     n_rows = min(ROW_BLOCK, t.shape[0])
     for k in range(n_phi):
         angle = (physics, contrast[k : k + 1], offset[k : k + 1], t, phi[k : k + 1], q)
-        for start in range(0, n, size):
+        for start in range(0, n, size) if first_rows is None else first_rows:
             stop = min(start + size, n)
             # a call computes n_rows rows (one shape); those past the window are dropped
             first = min(start, t.shape[0] - n_rows)

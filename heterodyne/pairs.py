@@ -100,30 +100,17 @@ def fitted_rows(ds: xr.Dataset, angle: int, start: int, stop: int, storage=STORA
     float64 numbers), ``weight`` ``1 / sigma`` (or 1) on the fitted pairs ``t_i < t_j`` with finite
     ``c2`` (and ``sigma``), 0 elsewhere, with ``c2`` 0 there too."""
     c2 = ds["c2"].values[angle, start:stop].astype(storage).astype(np.float64)
-    n = c2.shape[-1]
-    keep = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
-    keep &= np.isfinite(c2)
-    weight = np.ones_like(c2)
+    keep = np.isfinite(c2)
+    keep &= np.arange(c2.shape[-1])[None, :] > np.arange(start, stop)[:, None]
     if "sigma" in ds.data_vars:
         with np.errstate(divide="ignore"):
             weight = 1.0 / ds["sigma"].values[angle, start:stop]
         keep &= np.isfinite(weight)
-    return np.where(keep, c2, 0.0), np.where(keep, weight, 0.0)
-
-
-def pair_counts(ds: xr.Dataset, rows: int = 256) -> np.ndarray:
-    """The number of fitted pairs of each angle (:func:`fitted_rows`), counted ``rows``
-    rows at a time."""
-    n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
-    return np.array(
-        [
-            sum(
-                int(np.count_nonzero(fitted_rows(ds, a, s, min(s + rows, n))[1]))
-                for s in range(0, n, rows)
-            )
-            for a in range(n_phi)
-        ]
-    )
+        np.copyto(weight, 0.0, where=~keep)
+    else:
+        weight = keep.astype(np.float64)
+    np.copyto(c2, 0.0, where=~keep)
+    return c2, weight
 
 
 def residual_grid(ds: xr.Dataset, model_rows, dtype=STORAGE) -> tuple[np.ndarray, float]:

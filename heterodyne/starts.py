@@ -58,6 +58,12 @@ REFINE = 24  # finer frequencies around each angle's best one
 PHI0_STEP = 0.5  # deg, grid of the flow direction
 KEPT = 8  # (rates, fraction) pairs whose frequencies are refined
 BATCH = 1024  # physics vectors of the one-time model per compiled call
+# Pairs per angle of the least-squares line of the starting contrast and offset
+# (estimate_scaling): beyond, blocks of rows spread over the record
+SCALING_VALUES = 2**21
+# A normalised speckle contrast is at most 1 (one coherent mode): a line through the data
+# steeper than that is a starting g that hardly varies where the data do (estimate_scaling)
+MAX_CONTRAST = 1.0
 # Distinct starts differ by this factor in a rate, this much in x_s, or in v0 or phi0.
 DISTINCT = {"rate": 1.5, "fraction": 0.1, "velocity": 0.1, "phi0": 10.0}
 
@@ -82,11 +88,13 @@ def lag_profile(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = t.size
     sums = np.zeros((c2.shape[0], n - 1))
     counts = np.zeros((c2.shape[0], n - 1))
-    for lag in range(1, n):
-        diagonal = np.diagonal(c2, offset=lag, axis1=1, axis2=2)
-        finite = np.isfinite(diagonal)
-        sums[:, lag - 1] = np.where(finite, diagonal, 0.0).sum(axis=1)
-        counts[:, lag - 1] = finite.sum(axis=1)
+    # row by row: row i holds lags 1 .. N - 1 - i in order, read along memory (a diagonal
+    # is read one value per row)
+    for i in range(n - 1):
+        row = c2[:, i, i + 1 :]
+        finite = np.isfinite(row)
+        sums[:, : n - 1 - i] += np.where(finite, row, 0.0)
+        counts[:, : n - 1 - i] += finite
     lags = np.arange(1, n, dtype=float)
     if n - 1 > LAGS + LAG_BINS:
         edges = np.unique(np.geomspace(LAGS + 1, n, LAG_BINS + 1).astype(int))
@@ -209,8 +217,13 @@ def candidates(ds: xr.Dataset, p: Parameters, n: int, v_max: float) -> list[np.n
         0.0,
         q,
     )
-    g = _one_time(vectors, tau, np.zeros(1), q)[:, 0].reshape(pair.size, frequencies.size, -1)
-    misfit = _misfit(g.reshape(-1, tau.size), y, w).reshape(pair.size, frequencies.size, -1)
+    # a batch at a time: the one-time models of the whole grid are never held at once
+    misfit = np.concatenate(
+        [
+            _misfit(_one_time(vectors[k : k + BATCH], tau, np.zeros(1), q)[:, 0], y, w)
+            for k in range(0, len(vectors), BATCH)
+        ]
+    ).reshape(pair.size, frequencies.size, -1)
     best_frequency = misfit.argmin(axis=1)  # (pairs, n_phi)
     total = misfit.min(axis=1).sum(axis=1)
     kept = np.argsort(total)[:KEPT]
@@ -456,22 +469,33 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
     """Per-angle starting ``contrast`` and ``offset`` from the data.
 
     ``c2 = offset + contrast g`` is linear in both, so given the starting physics (hence
-    ``g``) they are solved for by linear least squares over the fitted pairs. Where that
-    gives no positive contrast (a starting ``g`` far from the data, or one that does not
-    vary), the plateau estimate is used instead: offset = median ``c2`` over the longest
-    10 % of lags, contrast = mean ``c2`` one frame off the diagonal minus the offset.
+    ``g``) they are solved for by linear least squares over the fitted pairs: of every
+    row up to ``SCALING_VALUES`` pairs per angle, beyond of blocks of rows spread evenly
+    over the record. Where that gives no contrast in ``(0, MAX_CONTRAST]`` (a starting
+    ``g`` far from the data, or one that hardly varies: a line too steep for any
+    speckle), the plateau estimate is used instead: offset = median ``c2`` over the
+    longest 10 % of lags, contrast = mean ``c2`` one frame off the diagonal minus the
+    offset.
     """
     c2 = ds["c2"].values
     n = c2.shape[-1]
     t, phi, q = ds["t1"].values, ds["phi"].values, float(ds["q"])
     contrast, offset = np.full(c2.shape[0], 0.1), np.ones(c2.shape[0])
     far_lag = max(1, int(0.9 * (n - 1)))
+    size = min(model.ROW_BLOCK, n)
+    first_rows = np.arange(0, n, size)
+    wanted = max(1, SCALING_VALUES // (size * n))
+    if first_rows.size > wanted:
+        first_rows = first_rows[
+            np.unique(np.linspace(0, first_rows.size - 1, wanted).round().astype(int))
+        ]
     for k in range(c2.shape[0]):
         # the least-squares line through (g, c2) over the fitted pairs, from sums taken a
         # block of rows at a time about the first pair (so a g that does not vary gives
         # exactly zero variance): memory O(N) rows, whatever the size of the grid
         sums, origin = np.zeros(5), None
-        for _, start, rows in model.grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q):
+        grid = model.grid_rows(physics, 1.0, 0.0, t, phi[k : k + 1], q, first_rows)
+        for _, start, rows in grid:
             data, weight = fitted_rows(ds, k, start, start + rows.shape[0], np.float64)
             ok = weight > 0
             g, d = rows[ok], data[ok]
@@ -489,9 +513,9 @@ def estimate_scaling(ds: xr.Dataset, physics: np.ndarray) -> dict[str, np.ndarra
         far = np.concatenate([np.diagonal(c2[k], lag) for lag in range(far_lag, n)])
         near = np.diagonal(c2[k], 1)
         far, near = far[np.isfinite(far)], near[np.isfinite(near)]
-        if not scale > 0 and far.size and near.size:
+        if not 0 < scale <= MAX_CONTRAST and far.size and near.size:
             base = np.median(far)
             scale = np.mean(near) - base
-        if np.isfinite(base) and np.isfinite(scale) and scale > 0:
+        if np.isfinite(base) and np.isfinite(scale) and 0 < scale <= MAX_CONTRAST:
             contrast[k], offset[k] = scale, base
     return {"contrast": contrast, "offset": offset}

@@ -88,24 +88,27 @@ MIN_MASK_PAD = 256
 
 
 class Blocks(NamedTuple):
-    """The fitted pairs of a Dataset laid out in row panels of frames (a JAX pytree).
+    """The fitted pairs of a Dataset laid out in square tiles of frames (a JAX pytree).
 
     The ``N`` frames are padded to their size class ``N'`` (:mod:`heterodyne.shapes`:
     windows of similar length share the compiled code), and that to ``n_blocks * B``;
     ``live`` marks the frames of the data. The angles are padded to their class
     ``n_phi'`` (:func:`heterodyne.shapes.angle_class`): a padded angle repeats the last
     ``phi`` and has no data, weight 0 and center 0, so it adds nothing to any sum.
-    ``panels[K, a]`` holds rows ``K B .. K B + B - 1`` of angle ``a``'s symmetric matrix
-    (both triangles, all columns), whose block ``K`` of columns holds the block's pairs
-    with itself. They hold ``d = c2 - center`` (centering makes the expanded ``r^T r`` a
-    difference of smaller sums); pairs that are not fitted (diagonal, non-finite, padding) are zero.
+    Only the upper triangle is stored, in tiles of ``B x B`` frames: ``diagonal[K, a]``
+    the pairs of block ``K`` with itself (above its diagonal), and ``tiles[s, c, a]`` those
+    of rows of block ``K`` with columns of a later block ``L``, ``(K, L)`` the tile
+    ``s * n_blocks + c`` of :func:`tile_pairs` (tiles past the last are zero). They hold
+    ``d = c2 - center`` (centering makes the expanded ``r^T r`` a difference of smaller
+    sums); pairs that are not fitted (diagonal, non-finite, padding) are zero.
     """
 
     t: jax.Array  #: frame times [s], padded with the last one, (N',)
     live: jax.Array  #: 1 for a frame of the data, 0 for padding, (N',)
     phi: jax.Array  #: angles [deg], padded with the last one, (n_phi',)
     q: jax.Array  #: wavevector [1/Å], ()
-    panels: jax.Array  #: (n_blocks, n_phi', B, n_blocks * B) rows of the symmetric data
+    diagonal: jax.Array  #: (n_blocks, n_phi', B, B) tiles of each block with itself
+    tiles: jax.Array  #: (n_steps, n_blocks, n_phi', B, B) tiles of a block with a later one
     weight: jax.Array  #: (n_phi',) the weight 1 / sigma of every pair of each angle
     center: jax.Array  #: (n_phi',) mean c2 of each angle's fitted pairs, subtracted
     sum_d: jax.Array  #: (n_phi',) sum of the centered c2 ``d`` over each angle's fitted pairs
@@ -114,6 +117,23 @@ class Blocks(NamedTuple):
     masked_i: jax.Array  #: first frame of each masked pair
     masked_j: jax.Array  #: second frame of each masked pair
     masked_valid: jax.Array  #: 1 for a masked pair, 0 for padding
+    count: jax.Array  #: (n_phi',) number of fitted pairs of each angle
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of fitted pairs, all angles."""
+        return int(np.sum(self.count))
+
+
+def tile_pairs(n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column blocks ``(K, L)``, ``K < L``, of the off-diagonal tiles of
+    :class:`Blocks`, in row order, padded with ``(0, 0)`` (a zero tile) to a whole number
+    of steps of ``n_blocks`` tiles (at least one), shape ``(n_steps, n_blocks)`` each."""
+    rows, columns = np.triu_indices(n_blocks, 1)
+    n_steps = max(1, -(-rows.size // n_blocks))
+    pad = n_steps * n_blocks - rows.size
+    rows, columns = (np.pad(v, (0, pad)).reshape(n_steps, n_blocks) for v in (rows, columns))
+    return rows, columns
 
 
 def block_size(n_frames: int) -> int:
@@ -146,16 +166,38 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
     n_blocks = -(-n_class // size)
     starts = range(0, n, size)
 
+    phi_class = shapes.angle_class(n_phi)
+    tile_rows, tile_columns = tile_pairs(n_blocks)
+    tile_index = {(k, c): step * n_blocks + place for (step, place), k, c in
+                  zip(np.ndindex(tile_rows.shape), tile_rows.ravel(), tile_columns.ravel(),
+                      strict=True) if k < c}  # fmt: skip
+    # one pass over the Dataset: the values as stored, pairs not fitted (and padding) NaN;
+    # centered and zeroed below, once the centers are known
+    diagonal = np.full((n_blocks, phi_class, size, size), np.nan, dtype)
+    tiles = aligned_zeros((*tile_rows.shape, phi_class, size, size), dtype)
+    tiles.fill(np.nan)
+    flat_tiles = tiles.reshape(-1, phi_class, size, size)
     count, total = np.zeros(n_phi), np.zeros(n_phi)
     low, high = np.full(n_phi, np.inf), np.full(n_phi, -np.inf)
+    masked = []
     for a in range(n_phi):
-        for start in starts:
-            c2, w = fitted_rows(ds, a, start, min(start + size, n), storage)
+        for k, start in enumerate(starts):
+            stop = min(start + size, n)
+            c2, w = fitted_rows(ds, a, start, stop, storage)
             fitted = w > 0
             count[a] += np.count_nonzero(fitted)
             total[a] += c2.sum()
             if fitted.any():
                 low[a], high[a] = min(low[a], w[fitted].min()), max(high[a], w[fitted].max())
+            values = np.where(fitted, c2, np.nan).astype(dtype)  # the upper triangle
+            for column in range(k, n_blocks):
+                part = values[:, column * size : (column + 1) * size]
+                tile = diagonal[k] if column == k else flat_tiles[tile_index[k, column]]
+                tile[a, : part.shape[0], : part.shape[1]] = part
+            upper = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
+            i, j = np.nonzero(upper & ~fitted)
+            if i.size:
+                masked.append(np.stack([np.full(i.size, a), i + start, j]))
     if np.any(low[count > 0] != high[count > 0]):
         return None
     weight = np.where(count > 0, low, 0.0)
@@ -164,28 +206,16 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         return None
 
     center = (total / np.maximum(count, 1)).astype(np.float32).astype(np.float64)
-    phi_class = shapes.angle_class(n_phi)
-    panels = aligned_zeros((n_blocks, phi_class, size, n_blocks * size), dtype)
-    sum_d, sum_d2 = np.zeros(n_phi), np.zeros(n_phi)
-    masked = []
-    for a in range(n_phi):
-        for k, start in enumerate(starts):
-            stop = min(start + size, n)
-            c2, w = fitted_rows(ds, a, start, stop, storage)
-            d = np.where(w > 0, c2 - center[a], 0.0).astype(dtype)
-            panels[k, a, : stop - start, :n] = d  # the upper triangle, mirrored below
-            sum_d[a] += d.sum(dtype=np.float64)
-            sum_d2[a] += np.square(d, dtype=np.float64).sum()
-            if count[a] and n_masked:
-                upper = np.arange(n)[None, :] > np.arange(start, stop)[:, None]
-                i, j = np.nonzero(upper & (w == 0))
-                masked.append(np.stack([np.full(i.size, a), i + start, j]))
-        for k in range(len(starts)):
-            columns = slice(k * size, (k + 1) * size)
-            own = panels[k, a, :, columns].copy()
-            panels[k, a, :, columns] = own + own.T
-            for later in range(k + 1, len(starts)):
-                panels[later, a, :, columns] = panels[k, a, :, later * size : (later + 1) * size].T
+    center = shapes.pad_zeros(center, phi_class)  # padded angles: no pair, center 0
+    sum_d, sum_d2 = np.zeros(phi_class), np.zeros(phi_class)
+    for a in range(phi_class):
+        # a step of tiles at a time: the temporaries stay small next to the layout
+        for part in (diagonal[:, a], *tiles[:, :, a]):
+            np.subtract(part, center[a].astype(dtype), out=part)
+            np.copyto(part, 0.0, where=np.isnan(part))
+            sum_d[a] += part.sum(dtype=np.float64)
+            sum_d2[a] += np.square(part, dtype=np.float64).sum()
+    masked = [m for m in masked if count[m[0, 0]] > 0]
 
     m_angle, m_i, m_j = (
         np.concatenate(masked, axis=1) if masked else np.zeros((3, 0), dtype=np.int32)
@@ -202,15 +232,17 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         live=jax.device_put((np.arange(n_class) < n).astype(np.float64)),
         phi=jax.device_put(shapes.pad_edge(ds["phi"].values.astype(np.float64), phi_class)),
         q=jax.device_put(np.asarray(float(ds["q"]))),
-        panels=jax.device_put(panels, may_alias=True),  # the data's size: not copied
+        diagonal=jax.device_put(diagonal),
+        tiles=jax.device_put(tiles, may_alias=True),  # nearly the data's size: not copied
         weight=jax.device_put(shapes.pad_zeros(weight, phi_class)),
-        center=jax.device_put(shapes.pad_zeros(center, phi_class)),
-        sum_d=jax.device_put(shapes.pad_zeros(sum_d, phi_class)),
-        sum_d2=jax.device_put(shapes.pad_zeros(sum_d2, phi_class)),
+        center=jax.device_put(center),
+        sum_d=jax.device_put(sum_d),
+        sum_d2=jax.device_put(sum_d2),
         masked_angle=padded(m_angle),
         masked_i=padded(m_i),
         masked_j=padded(m_j),
         masked_valid=jax.device_put(valid),
+        count=jax.device_put(shapes.pad_zeros(count, phi_class)),
     )
 
 
@@ -264,7 +296,8 @@ def normal_equations(x, template, free, data: Blocks, n_scale: int, n_physics: i
     evaluation takes a millisecond, four calls cost a third more in dispatch.
     """
     args = (x, template, free, data, n_scale, n_physics)
-    if data.panels.shape[1] * data.panels.shape[-1] ** 2 <= ONE_PROGRAM:
+    n_blocks, n_phi, size, _ = data.diagonal.shape
+    if n_phi * (n_blocks * size) ** 2 <= ONE_PROGRAM:
         return evaluate(*args)
     return stages(*args)
 
@@ -274,7 +307,7 @@ def stages(x, template, free, data: Blocks, n_scale: int, n_physics: int):
     a, b, e, Da, Db, scale, base = _factor_stage(
         x, template, free, data.t, data.live, data.phi, data.q, data.center, n_scale, n_physics
     )
-    X, Y, dg = _data_pass(a, b, e, data.panels)
+    X, Y, dg = _data_pass(a, b, e, data.diagonal, data.tiles)
     masked = (data.masked_angle, data.masked_i, data.masked_j, data.masked_valid)
     gram, magnitude = _fitted_gram(a, b, e, Da, Db, scale, data.live, masked)
     sums = (data.weight, data.sum_d, data.sum_d2)
@@ -357,21 +390,23 @@ def _assemble(X, Y, dg, gram, magnitude, Da, Db, scale, base, free, sums, n_scal
 
 
 @jax.jit
-def _data_pass(a, b, e, panels):
+def _data_pass(a, b, e, diagonal, tiles):
     """One pass over the data ``d``: ``X``, ``Y`` of the module docstring, shape
     ``(n_phi, N, M)``, and per angle ``sum d g = sum a X``
-    over the fitted pairs (``d`` is zero elsewhere); ``panels`` as in :class:`Blocks`.
+    over the fitted pairs (``d`` is zero elsewhere); ``diagonal`` and ``tiles`` as in
+    :class:`Blocks`, the upper triangle only.
 
     For the rows of block ``K`` (first frame ``s``, next block's first frame ``s'``),
     ``X_i = exp(e_i - e_s') sum_{j >= s'} d_ij exp(e_s' - e_j) b_j`` and
-    ``Y_i = exp(e_s - e_i) sum_{j < s} d_ij exp(e_j - e_s) a_j`` (``d`` is symmetric):
-    one matrix product of the panel with ``2 M`` columns, every factor ``<= 1``. The
-    pairs of the diagonal block (its upper triangle, read from the panel) are added: split
-    at the block's first frame where its exponents span at most ``DIAG_SPAN``, else pair
-    by pair.
+    ``Y_i = exp(e_s - e_i) sum_{j < s} d_ij exp(e_j - e_s) a_j``, every factor ``<= 1``.
+    A tile ``d_KL`` (``K < L``) adds to the sum of ``X`` over the rows of ``K`` and,
+    transposed (``d`` is symmetric), to that of ``Y`` over the rows of ``L``: the stored
+    data are read once, ``n_blocks`` tiles a step. The pairs of each diagonal block (its
+    upper triangle) are added: split at the block's first frame where its exponents span
+    at most ``DIAG_SPAN``, else pair by pair.
     """
     n_phi, n, m = a.shape
-    n_blocks, _, size, _ = panels.shape
+    n_blocks, _, size, _ = diagonal.shape
     n_pad = n_blocks * size
     pad = n_pad - n
     # padded frames have a = b = 0 and the last exponent, so every factor stays <= 1
@@ -381,34 +416,30 @@ def _data_pass(a, b, e, panels):
     e_blocks = e.reshape(n_blocks, size, m)
     start = e_blocks[:, 0]
     after = jnp.concatenate([start[1:], e[-1:]])
-    # the weights' factors exp(after_K - e_j) (j in a later block L) and exp(e_j - start_K)
-    # (j in an earlier block L) as a factor within block L times one between the blocks,
-    # exp(after_K - start_L) or exp(after_L - start_K), each <= 1: O(N M) exponentials
-    # instead of O(K N M)
+    # the weights' factors exp(after_K - e_j) (j in a later block L) and exp(e_j - start_L)
+    # (j in an earlier block K) as a factor within the block times one between the blocks,
+    # exp(after_K - start_L), each <= 1: O(N M) exponentials instead of O(K N M)
     to_start = jnp.exp(start[:, None] - e_blocks)  # (L, B, M), exp(start_L - e_j)
     to_after = jnp.exp(e_blocks - after[:, None])  # exp(e_j - after_L)
-    index = np.arange(n_blocks)
-    later = (index[None, :] > index[:, None])[:, :, None]  # (K, L, 1)
-    between = jnp.where(later, jnp.exp(jnp.minimum(after[:, None] - start[None], 0.0)), 0.0)
-    frames_x = (to_start * b.reshape(n_phi, n_blocks, size, m))[:, None]  # (a, 1, L, B, M)
-    frames_y = (to_after * a.reshape(n_phi, n_blocks, size, m))[:, None]
-    weights = jnp.concatenate(
-        [
-            between[None, :, :, None] * frames_x,  # (a, K, L, B, M)
-            between.transpose(1, 0, 2)[None, :, :, None] * frames_y,
-        ],
-        -1,
-    ).reshape(n_phi, n_blocks, n_pad, 2 * m)
+    between = jnp.exp(jnp.minimum(after[:, None] - start[None], 0.0))  # (K, L, M)
+    frames_x = to_start[:, None] * b.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
+    frames_y = to_after[:, None] * a.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
+    rows, columns = tile_pairs(n_blocks)
 
-    def panel_product(_, panel):
-        # one block of rows at a time, in float64: the stored data are never converted whole
-        rows, columns = panel
-        return None, jnp.matmul(rows.astype(columns.dtype), columns)
+    def tile_step(sums, step):
+        # n_blocks tiles in float64 at a time: the stored data are never converted whole
+        d, k, l = step
+        d = d.astype(a.dtype)
+        factor = between[k, l][:, None, None]  # (tiles, 1, 1, M)
+        x_add = jnp.einsum("tpij,tpjm->tpim", d, factor * frames_x[l])
+        y_add = jnp.einsum("tpij,tpim->tpjm", d, factor * frames_y[k])
+        x_sum, y_sum = sums
+        return (x_sum.at[k].add(x_add), y_sum.at[l].add(y_add)), None
 
-    _, products = jax.lax.scan(panel_product, None, (panels, weights.transpose(1, 0, 2, 3)))
-    products = products.transpose(1, 0, 2, 3)  # (n_phi, K, B, 2M)
-    x_off = to_after * products[..., :m]
-    y_off = to_start * products[..., m:]
+    zeros = jnp.zeros((n_blocks, n_phi, size, m), dtype=a.dtype)
+    (x_sum, y_sum), _ = jax.lax.scan(tile_step, (zeros, zeros), (tiles, rows, columns))
+    x_off = to_after[:, None] * x_sum  # (K, n_phi, B, M)
+    y_off = to_start[:, None] * y_sum
 
     upper = jnp.triu(jnp.ones((size, size), dtype=bool), 1)[:, :, None]
 
@@ -430,9 +461,8 @@ def _data_pass(a, b, e, panels):
         return x_part, y_part
 
     def diag_block(_, block):
-        a_k, b_k, e_k, panel, k = block
+        a_k, b_k, e_k, own = block
         # the block's pairs with itself, upper triangle, in float64 one block at a time
-        own = jax.lax.dynamic_slice_in_dim(panel, k * size, size, axis=-1)
         d = jnp.where(upper[..., 0], own, 0.0).astype(a_k.dtype)
         narrow = jnp.max(e_k[-1] - e_k[0]) <= DIAG_SPAN
         return None, jax.lax.cond(narrow, split_diag, pairwise_diag, a_k, b_k, e_k, d)
@@ -441,11 +471,11 @@ def _data_pass(a, b, e, panels):
         return v.reshape(n_phi, n_blocks, size, m).transpose(1, 0, 2, 3)
 
     _, (x_diag, y_diag) = jax.lax.scan(
-        diag_block, None, (by_block(a), by_block(b), e_blocks, panels, jnp.arange(n_blocks))
+        diag_block, None, (by_block(a), by_block(b), e_blocks, diagonal)
     )
 
     def by_frame(off, diag):
-        return (off + diag.transpose(1, 0, 2, 3)).reshape(n_phi, n_pad, m)[:, :n]
+        return (off + diag).transpose(1, 0, 2, 3).reshape(n_phi, n_pad, m)[:, :n]
 
     X, Y = by_frame(x_off, x_diag), by_frame(y_off, y_diag)
     return X, Y, jnp.sum(a[:, :n] * X, (1, 2))

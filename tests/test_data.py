@@ -144,6 +144,32 @@ def test_validate_names_the_first_asymmetric_pair():
     assert "one triangle" in message
 
 
+def test_validate_over_several_tiles_finds_the_first_pair_in_row_order():
+    """600 frames: the symmetry is compared in tiles of 256 and the search for a pair
+    stops at the first; an independent reading of the matrix gives the same answers."""
+    n = 600
+    rng = np.random.default_rng(3)
+    upper = np.triu(rng.uniform(1.0, 1.5, (1, n, n)))
+    c2 = upper + np.swapaxes(np.triu(upper, 1), 1, 2)
+    t = DT * np.arange(1, n + 1)
+    for i, j in [(270, 260), (300, 550), (590, 10)]:  # lower-triangle entries changed
+        c2[0, i, j] += 0.01
+    for first in [(10, 590), (260, 270), (300, 550)]:
+        mismatch = np.argwhere(np.triu(c2[0] != c2[0].T, 1))[0]
+        assert tuple(mismatch) == first  # row order, read independently
+        with pytest.raises(DataError, match=f"c2\\[{first[0]}, {first[1]}\\]"):
+            hd.from_arrays(c2, t, [0.0], 0.01)
+        c2[0, first[1], first[0]] = c2[0, first[0], first[1]]
+    hd.from_arrays(c2, t, [0.0], 0.01)
+    sparse = np.full((1, n, n), np.nan)
+    sparse[0, 550, 560] = sparse[0, 560, 550] = 1.2  # one pair, in the last block of rows
+    np.fill_diagonal(sparse[0], 1.5)
+    assert hd.from_arrays(sparse, t, [0.0], 0.01).sizes["t1"] == n
+    sparse[0, 550, 560] = sparse[0, 560, 550] = np.nan
+    with pytest.raises(DataError, match="all NaN/inf"):
+        hd.from_arrays(sparse, t, [0.0], 0.01)
+
+
 def test_validate_symmetry_treats_nan_as_data_and_allows_float32_rounding():
     c2 = _c2()
     c2[0, 1, 4] = c2[0, 4, 1] = np.nan  # a masked pair, both triangles

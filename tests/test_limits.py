@@ -254,10 +254,10 @@ def test_simulate_refuses_a_million_frames_on_this_machine(monkeypatch):
 
 
 def test_fit_nlsq_refuses_before_any_compile(memory_limit):
-    # 0.8 GB + 40² x 2 angles x 8 bytes (memory.FIT_MEMORY, errors="nominal") = 800.026 MB;
+    # 0.8 GB + 40² x 2 angles x 4 bytes (memory.FIT_MEMORY, errors="nominal") = 800.013 MB;
     # errors="speckle": 0.8 GB + 40² x (2 x 70 + 290) = 800.688 MB.
     ds = hd.simulate(TRUTH, n_frames=40, phi=[0.0, 90.0], noise=0.01, seed=4)
-    memory_limit("800.02M")
+    memory_limit("800.01M")
     with NoWork() as work, pytest.raises(DataError) as info:
         hd.fit_nlsq(ds, progress=False)
     assert "fit_nlsq needs about 800 MB for 2 angle(s) x 40² frame pairs" in str(info.value)

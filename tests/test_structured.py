@@ -275,14 +275,14 @@ def test_float32_storage_moves_the_fit_by_a_negligible_fraction_of_its_errors():
     ds = hd.simulate(TRUTH, n_frames=60, phi=[-30.0, 30.0], noise=0.01, seed=9)
     guess = hd.Parameters({k: 1.3 * v for k, v in TRUTH.items()})
     problem = hd.Objective.build(ds, guess, fix=(), scaling="per_angle")
-    assert problem.pairs.c2.dtype == problem.blocks.panels.dtype == np.float32
+    assert problem.pairs.c2.dtype == problem.blocks.tiles.dtype == np.float32
     single = both_paths(problem, problem.x0)
     assert_same_normal_equations(*single)
     fits = {}
     for dtype in (np.float32, np.float64):
         problem.pairs = pairs.fitted_pairs(ds, dtype=dtype)
         problem.blocks = structured.blocks(ds, storage=dtype)
-        assert problem.blocks.panels.dtype == dtype
+        assert problem.blocks.tiles.dtype == problem.blocks.diagonal.dtype == dtype
         fits[dtype] = (
             problem.normal_equations(problem.x0),
             nlsq.solve(problem, problem.x0, {"x_scale": "jac", "method": "trf"}, progress=False),
