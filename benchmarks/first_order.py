@@ -97,6 +97,40 @@ def run(args) -> dict:
     }
 
 
+def flow_grid(n):
+    """The flow case on ``n`` frames: varied names, their physics indices, the physics
+    vector, frame times, frame integrals, and the pairs ``i < j`` (two index arrays)."""
+    names = list(TRUTH)
+    physics = np.asarray(Parameters.coerce(TRUTH).physics_values())
+    t = DT + DT * np.arange(n)
+    first, second = np.triu_indices(n, 1)
+    columns = [PHYSICS_INDEX[name] for name in names]
+    return names, columns, physics, t, model.frame_integrals(physics, t), first, second
+
+
+def truth_jacobian(physics, columns, t, phis, first, second):
+    """Jacobian of ``c2`` at the pairs ``(first, second)`` of each angle, stacked by angle,
+    with respect to the physics ``columns`` and each angle's contrast and offset, at the
+    truth (contrast ``CONTRAST``, offset 1); and ``c2`` there, ``(n_phi, n_pairs)``."""
+    n_physics, n_pairs = len(columns), first.size
+    jac = np.zeros((len(phis) * n_pairs, n_physics + 2 * len(phis)))
+    values = []
+    x0 = jnp.array([physics[c] for c in columns] + [CONTRAST, 1.0])
+    for angle, phi in enumerate(phis):
+
+        def pairs_model(x, phi=phi):
+            full = jnp.asarray(physics).at[jnp.array(columns)].set(x[:n_physics])
+            grid = model.c2_grid(full, x[n_physics], x[n_physics + 1], t, jnp.array([phi]), Q_BIN)
+            return grid[0][first, second]
+
+        own = np.asarray(jax.jacfwd(pairs_model)(x0))
+        rows = slice(angle * n_pairs, (angle + 1) * n_pairs)
+        jac[rows, :n_physics] = own[:, :n_physics]
+        jac[rows, n_physics + 2 * angle : n_physics + 2 * angle + 2] = own[:, n_physics:]
+        values.append(np.asarray(pairs_model(x0)))
+    return jac, np.asarray(values)
+
+
 def cumulants(gamma, shot):
     """Joint cumulants ``k2, k3, k4`` of one pixel's counts over their mean, ``x = n / lambda``,
     as functions of frame-index arrays (repeats allowed).
@@ -177,15 +211,10 @@ def analyse(outcome: dict, shown) -> None:
     settings = json.loads(str(outcome["settings"]))
     n, pixels, counts = settings["frames"], settings["pixels"], settings["counts"]
     shot = 1.0 / counts
-    names = list(TRUTH)
-    columns = [PHYSICS_INDEX[name] for name in names]
-    physics = np.asarray(Parameters.coerce(TRUTH).physics_values())
-    t = DT + DT * np.arange(n)
-    frames = model.frame_integrals(physics, t)
-    first, second = np.triu_indices(n, 1)
+    names, columns, physics, t, frames, first, second = flow_grid(n)
     pair_of = np.zeros((n, n), dtype=int)
     pair_of[first, second] = pair_of[second, first] = np.arange(first.size)
-    n_physics, n_quantities = len(names), len(names) + 2 * len(PHI)
+    n_quantities = len(names) + 2 * len(PHI)
     seeds, values, c2 = outcome["seed"], outcome["value"], outcome["c2"]
     a_matrix, b_matrix = (
         np.zeros((n_quantities, n_quantities)),
@@ -198,19 +227,10 @@ def analyse(outcome: dict, shown) -> None:
         f"{len(PHI)} angles, {pixels} pixels, {counts} photons per pixel and frame"
     )
     print("replica covariance over the exact first-order Q, summed over each kind of pair pair:")
+    stacked, at_truth = truth_jacobian(physics, columns, t, PHI, first, second)
     for angle, phi in enumerate(PHI):
-
-        def pairs_model(x, phi=phi):
-            full = jnp.asarray(physics).at[jnp.array(columns)].set(x[:n_physics])
-            grid = model.c2_grid(full, x[n_physics], x[n_physics + 1], t, jnp.array([phi]), Q_BIN)
-            return grid[0][first, second]
-
-        x0 = jnp.array([physics[c] for c in columns] + [CONTRAST, 1.0])
-        own = np.asarray(jax.jacfwd(pairs_model)(x0))
-        jac = np.zeros((first.size, n_quantities))
-        jac[:, :n_physics] = own[:, :n_physics]
-        jac[:, n_physics + 2 * angle : n_physics + 2 * angle + 2] = own[:, n_physics:]
-        deviation = c2[:, angle] - np.asarray(pairs_model(x0))[None]
+        jac = stacked[angle * first.size : (angle + 1) * first.size]
+        deviation = c2[:, angle] - at_truth[angle][None]
         centred = deviation - deviation.mean(axis=0)
         gamma = np.asarray(
             model.field_correlation(frames, Q_BIN, model.parallel_wavevector(physics, phi, Q_BIN))

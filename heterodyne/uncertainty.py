@@ -18,9 +18,10 @@ pixels and frames (the detector adds no correlated noise): ``x = I + eta`` with
 normalised field correlation ``g_ij`` (:func:`heterodyne.model.field_correlation`,
 ``|g|² = G``, the model's correlation), so its third cumulant is
 ``k(I_i, I_j, I_k) = 2 beta_3 Re(g_ij g_jk g_ki)`` with ``beta_3 = contrast²`` (equal
-modes). Its fourth-order cumulants are taken as proportional to the Isserlis products of
-its covariance: true in shape for such fields, with a factor (1 to 1.5) that ``c2`` does
-not give.
+modes), and its fourth cumulant is ``2 beta_4`` times the real part of the three 4-cycles
+of ``g`` over the frames, ``beta_4 = contrast³``. Unequal modes have larger ``beta_n``
+than ``contrast^(n-1)``: the free scale of the speckle shape below takes up the
+difference on average.
 
 Derivation
 ----------
@@ -43,8 +44,8 @@ counting of a random rate): ``k(x_i, x_i) = k(I_i, I_i) + 1 / lambda``,
 diagonal above the model's ``offset + contrast``) and ``C_ik = c2_ik - offset`` the
 speckle covariance (the model; ``C_ii = contrast``), three kinds of pair pairs:
 
-- four different frames: no counting term; ``Q_s = C_ik C_jl + C_il C_jk`` (Isserlis),
-  times the factor of (A4);
+- four different frames: no counting term; ``Q_s``, the speckle's covariance below
+  (Isserlis, ``C_ik C_jl + C_il C_jk``, and the speckle's higher cumulants);
 - one shared frame, ``i = k``: ``Q_s`` plus ``E_i (C_jl + k(I_i, I_j, I_l) - K_ij K_il)``;
 - the same pair, ``(i, j) = (k, l)``: ``Q_s`` plus
   ``(E_i C_jj + E_j C_ii) + E_i E_j (1 + C_ij / offset)``, the last term exact
@@ -61,25 +62,44 @@ first-order covariance needs no free factor::
 
 and ``Cov(y_ij, y_kl)`` above with these. Its terms beyond Isserlis are of relative size
 ``contrast`` where all four frames are within a correlation time, and shrink as they
-separate, not in one proportion over the matrix. The last cycle of ``k(i,j,k,l)``
-couples each frame of one pair to both frames of the other and has no product form over
-the grid; the error model below keeps the Isserlis shape with a free scale instead.
+separate, not in one proportion over the matrix: a single factor on the Isserlis shape
+would weigh the pairs wrongly. All of them but one are sums of products over the grid
+(``K_ij k(i,k,l)`` needs ``diag(g (U o g) g)``, ``g_ij g_jk g_kl g_li`` needs
+``g (U o g) g``, for the grid ``U`` of a Jacobian column). The crossed cycle
+``g_ik g_kj g_jl g_li`` couples each frame of one pair to both frames of the other and
+has none; the speckle shape takes it in the product form::
+
+    2 contrast³ Re(g_ik g_kj g_jl g_li)  ~  2 contrast³ Re(g_ik g_jl) |g_ij| |g_kl|
+
+(``i < j``, ``k < l``: early frame with early, late with late), exact for the same pair
+and, for a real ``g``, for pairs that share their early or their late frame; for
+neighbouring pairs (``k ~ i``, ``l ~ j``) ``g_kj g_li ~ |g_ij| |g_kl|``, and where the
+pairs are far apart both forms vanish. The form is positive semi-definite (``Re`` of
+the Hermitian ``g_ik g_jl`` over the pairs, Schur product with a rank-one matrix). The crossed
+cycle itself lies between ``-contrast`` and ``+contrast`` times the Isserlis shape in
+the Loewner order (``|2 Re(a conj b)| <= |a|² + |b|²`` for the matrices
+``a = g_ik g_jl``, ``b = g_il g_jk``: ``|a -+ b|²`` are Schur products of semi-definite
+matrices), so it moves no variance by more than ``contrast`` times the Isserlis
+shape's.
 
 Isserlis on the total covariance ``C + E`` gives all of these but the ``E_i E_j C_ij``
-term, the third cumulants and the factor. Near the diagonal the third cumulant is as large
-as ``C_jl``: leaving it out makes the shared-frame correlations, which carry the
-velocity, half what they are. So the covariance of the weighted residuals ``r_p`` is
-modelled as three shapes with three scales::
+term and the cumulants. Near the diagonal the third cumulant is as large as ``C_jl``:
+leaving it out makes the shared-frame correlations, which carry the velocity, half what
+they are. So the covariance of the weighted residuals ``r_p`` is modelled as three shapes
+with three scales::
 
     Cov(r_p, r_q) = w_p w_q [kappa Q_s + kappa_n Q_n] + sigma2 delta_pq
-    Q_s = Q[C],    Q[C]_pq = C_ik C_jl + C_il C_jk
+    Q_s = Q[C] - K_ij (k(i,k,l) + k(j,k,l)) - K_kl (k(i,j,k) + k(i,j,l))
+          + K_ij K_kl (K_ik + K_il + K_jk + K_jl) + k(i,j,k,l)
+    Q[C]_pq = C_ik C_jl + C_il C_jk
     Q_n = Q[C + E] - Q[C] + delta_pq E_i E_j C_ij / offset
           + sum_{f shared by p, q} E_f (2 contrast² Re(g_fa g_ab g_bf) - K_fa K_fb)
 
-(``a``, ``b`` the other frames of ``p`` and ``q``).
+(``C_ii = contrast`` in ``Q_s``, ``k`` the speckle's cumulants above with the crossed
+cycle in product form; ``a``, ``b`` the other frames of ``p`` and ``q``).
 
 (``p = (i, j)``, ``q = (k, l)``, ``w`` the weights ``1 / sigma``): speckle,
-``kappa ~ 1/P`` times (A4)'s factor; shot noise, ``kappa_n ~ 1/P`` (0 without counting,
+``kappa ~ 1/P``; shot noise, ``kappa_n ~ 1/P`` (0 without counting,
 where ``E = 0``); and independent ("white") noise, for data with Gaussian errors. The shot
 shape is not white: pairs that share frame ``i`` are correlated through ``E_i C_jl``, and
 pairs near the diagonal have the larger variance ``E_i E_j (1 + C_ij)``; both propagate
@@ -103,12 +123,12 @@ Scales
 The three non-negative scales ``theta = (kappa, kappa_n, sigma2)`` solve
 ``E[m] = moments``, under a condition from the physics and a rule of parsimony:
 
-- with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1), the speckle's times
-  (A4)'s factor, which is at least 1;
+- with counting, ``kappa >= kappa_n``: both are ``1 / P`` (A1); the speckle's may be
+  larger where its cumulants are (unequal modes, (A4));
 - nested choices, the first that meets every moment within ``MOMENT_TOLERANCE`` of its
   standard deviation (that of a sum of ``n_k`` independent products of residuals of
   variance ``v = m0 / n``: ``v sqrt(2 n)`` for ``m0``, ``v sqrt(n_k)`` for ``m1``,
-  ``m2``) is taken: with counting, ``kappa = kappa_n`` (the factor at 1); then
+  ``m2``) is taken: with counting, ``kappa = kappa_n``; then
   ``kappa >= kappa_n`` free; then the white shape as well.
 
 The first is needed far below one photon per pixel and frame: the speckle shape is a
@@ -136,10 +156,7 @@ The covariance of the fit is the sandwich::
 computed per angle (angles are different pixels, hence independent) on the ``N x N``
 grid from the Jacobian and the separable forms of the model's correlation and of the
 field correlation, in ``O(p N²)`` time and memory. Without counting the shot shape
-vanishes and the model is the speckle one of issue 9. Where the frames of both pairs lie
-within a correlation time, the speckle variance is larger than ``Q_s`` (the fourth
-cumulant; speckle simulations: up to 1.5 times at lag 1); the free ``kappa`` absorbs most
-of it, and what it cannot shows as slightly too large errors of a slow reference's rate.
+vanishes and the model is the speckle one of issue 9, with the speckle's cumulants.
 Resampling frame blocks, or cluster-robust sandwiches over them, has too few independent
 blocks to estimate this covariance when a slowly decorrelating reference makes the matrix
 a few large correlated blocks.
@@ -308,7 +325,15 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
     ``C_s = contrast G`` (the speckle covariance; ``G`` the model's normalised correlation
     at ``x``, :func:`correlation_apply`, ``G_ii = 1``) and ``C = C_s + E``,
     ``E = diag(diagonal - contrast)`` the shot-noise variance of each frame. The speckle
-    shape is ``Q[C_s]``; the shot shape is ``Q[C] - Q[C_s]`` plus the variance term
+    shape is ``Q[C_s]`` plus the speckle's cumulant terms (:func:`cumulant_terms`), whose
+    ``W^a`` add, with ``K = C_s``, ``g`` the field correlation (applied as
+    :func:`correlation_apply` with :func:`heterodyne.model.field_factors`),
+    ``Y = g (U^a o g) g``, ``v = (U^a o K) 1``, ``c`` the contrast::
+
+        K_ij ((K v)_i + (K v)_j - c² Re(Y_ii + Y_jj)) - 2 c² Re(g_ij (g diag(v) g)_ji)
+        + 2 c³ Re(g_ij Y_ji) + 2 c³ |g_ij| Re(g triu(U^a o |g|) g^T)_ij
+
+    The shot shape is ``Q[C] - Q[C_s]`` plus the variance term
     ``sum_{i<j} U^a_ij U'^b_ij shot_grid_ij`` (``shot_grid = E_i E_j C_ij / offset``).
 
     Returns
@@ -328,24 +353,43 @@ def speckle_products(x, template, free, t, phi, q, angle, s, weight, diagonal, s
     a, b, e = model.correlation_factors(frames, q, q_parallel)
     excess = diagonal - scale
     gamma = model.field_correlation(frames, q, q_parallel)
-    speckle_cov = scale * jnp.abs(gamma) ** 2
+    magnitude = jnp.abs(gamma)
+    speckle_cov = scale * magnitude**2
     field = model.field_factors(frames, q, q_parallel)
+    n = t.shape[0]
 
-    def both(u):
-        """``(C_s u, E u)`` for a matrix ``u`` of columns."""
-        return scale * correlation_apply(a, b, e, u), excess[:, None] * u
+    def field_apply(*blocks):
+        """``gamma m`` for each ``N x N`` matrix ``m`` of ``blocks``, in one pass."""
+        out = correlation_apply(*field, jnp.concatenate(blocks, axis=1), hermitian=True)
+        return jnp.split(out, len(blocks), axis=1)
 
     def column(s_a):
         u = s_a * weight
-        speckle_u, shot_u = both(u)
+        speckle_u = scale * correlation_apply(a, b, e, u)
+        total = speckle_u + excess[:, None] * u
         # W = C U C = (C (C U)^T)^T, C symmetric: speckle C_s U C_s, and C U C in total
-        speckle_w = both(speckle_u.T)[0].T
-        total = speckle_u + shot_u
-        total_w = sum(both(total.T)).T
-        # the shared frame's third cumulant: Z = (U o gamma) gamma = conj(gamma conj(U o
-        # gamma)^T)^T, gamma Hermitian
-        product = correlation_apply(*field, jnp.conj(u * gamma).T, hermitian=True)
-        return jnp.stack([speckle_w, total_w - speckle_w]), jnp.conj(product).T
+        rows = scale * correlation_apply(a, b, e, jnp.concatenate([speckle_u.T, total.T], axis=1))
+        speckle_w, total_w = rows[:, :n].T, (rows[:, n:] + excess[:, None] * total.T).T
+        # X = U o gamma is Hermitian, like gamma. The shared frame's third cumulant with
+        # shot noise: Z = X gamma = (gamma X)^H. The speckle's cumulants (module doc):
+        # Y = gamma X gamma = gamma Z; gamma diag(v) gamma for the third cumulants of a
+        # pair with one frame of the other; gamma triu(U o |gamma|) gamma^T for the
+        # crossed cycle's product form.
+        v = jnp.sum(u * speckle_cov, axis=1)
+        upper = jnp.triu(u * magnitude, 1)
+        left, middle, half = field_apply(u * gamma, v[:, None] * gamma, upper.T)
+        product = jnp.conj(left).T
+        y, crossed = field_apply(product, half.T)
+        z = jnp.diagonal(y).real
+        kv = speckle_cov @ v
+        third = speckle_cov * (kv[:, None] + kv[None, :] - scale**2 * (z[:, None] + z[None, :]))
+        cumulants = (
+            third
+            - THIRD_CUMULANT * scale**2 * (gamma * middle.T).real
+            + THIRD_CUMULANT * scale**3 * ((gamma * y.T).real + magnitude * crossed.real)
+        )
+        shapes = jnp.stack([speckle_w + cumulants, total_w - speckle_w])
+        return shapes, product
 
     # one column at a time: O(N²) memory beyond the grids
     w, z = jax.lax.map(column, s)
@@ -432,10 +476,56 @@ def shape_moments(weight, cov, contrast, offset, gamma) -> np.ndarray:
     speckle_cov[np.arange(n), np.arange(n)] = contrast
     speckle = isserlis_moments(weight, speckle_cov)
     shot = isserlis_moments(weight, cov) - speckle
+    speckle = speckle + cumulant_moments(weight, gamma, contrast)
     shot[0] += np.sum(weight**2 * shot_grid(excess, cov, offset))
     shot += shared_frame_moments(weight, gamma, contrast, excess)
     white = np.array([np.count_nonzero(weight), 0.0, 0.0])
     return np.column_stack([speckle, shot, white])
+
+
+def cumulant_terms(gamma, contrast, i, j, k, l) -> np.ndarray:
+    """The speckle shape beyond Isserlis for pairs ``(i, j)``, ``(k, l)`` (index arrays,
+    ``i < j``, ``k < l``; module doc), per unit scale: with ``K = contrast |g|²`` and
+    ``k3(a, b, c) = THIRD_CUMULANT contrast² Re(g_ab g_bc g_ca)``::
+
+        - K_ij (k3(i,k,l) + k3(j,k,l)) - K_kl (k3(i,j,k) + k3(i,j,l))
+        + K_ij K_kl (K_ik + K_il + K_jk + K_jl)
+        + 2 contrast³ Re(g_ij g_jk g_kl g_li + g_ij g_jl g_lk g_ki)
+        + 2 contrast³ Re(g_ik g_jl) |g_ij| |g_kl|
+    """
+    g = np.asarray(gamma)
+    big_k = contrast * np.abs(g) ** 2
+    third = THIRD_CUMULANT * contrast**2
+
+    def k3(a, b, c):
+        return third * (g[a, b] * g[b, c] * g[c, a]).real
+
+    cycles = g[i, j] * g[j, k] * g[k, l] * g[l, i] + g[i, j] * g[j, l] * g[l, k] * g[k, i]
+    crossed = g[i, k] * g[j, l] * np.abs(g[i, j]) * np.abs(g[k, l])
+    return (
+        -big_k[i, j] * (k3(i, k, l) + k3(j, k, l))
+        - big_k[k, l] * (k3(i, j, k) + k3(i, j, l))
+        + big_k[i, j] * big_k[k, l] * (big_k[i, k] + big_k[i, l] + big_k[j, k] + big_k[j, l])
+        + THIRD_CUMULANT * contrast**3 * (cycles + crossed).real
+    )
+
+
+def cumulant_moments(weight, gamma, contrast) -> np.ndarray:
+    """Expectations of :func:`pair_moments` per unit scale of :func:`cumulant_terms`:
+    ``sum w_p w_q`` of them over the same pair, the diagonal neighbour and the neighbours
+    that share a frame, as :func:`isserlis_moments` sums the Isserlis form."""
+    n = weight.shape[0]
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+
+    def at(w, *frames):
+        return np.sum(w * cumulant_terms(gamma, contrast, *frames))
+
+    same = at(weight**2, i, j, i, j)
+    a, b = i[:-1, :-1], j[:-1, :-1]
+    diagonal = at(weight[:-1, :-1] * weight[1:, 1:], a, b, a + 1, b + 1)
+    row = at(weight[:, :-1] * weight[:, 1:], i[:, :-1], j[:, :-1], i[:, :-1], j[:, :-1] + 1)
+    column = at(weight[:-1] * weight[1:], i[:-1], j[:-1], i[:-1] + 1, j[:-1])
+    return np.array([same, diagonal, row + column])
 
 
 def shared_frame_moments(weight, gamma, contrast, excess) -> np.ndarray:
@@ -611,7 +701,7 @@ def shape_scales(expected, moments, terms) -> np.ndarray:
     moment equations ``expected @ theta = moments`` (module doc, "Scales").
 
     With photon counting (a shot shape that is not zero) the speckle scale is held at or
-    above the shot scale, both being ``1 / P`` times (A4)'s factor (at least 1) and 1:
+    above the shot scale, both being ``1 / P`` (the speckle's more for unequal modes):
     ``theta = (kappa_n + delta, kappa_n, sigma2)`` with ``kappa_n, delta, sigma2 >= 0``.
     ``terms`` is :func:`moment_terms` summed over the angles. Of the nested choices
     ``delta = sigma2 = 0`` (counting only), ``sigma2 = 0``, and all three free, the first
