@@ -30,6 +30,7 @@ from heterodyne.errors import OptionError, ParameterError
 from heterodyne.pairs import (
     Pairs,
     fitted_pairs,
+    pair_counts,
     residuals,
     unpack,
 )
@@ -174,13 +175,6 @@ def _on_device(x, tail=()):
     return jax.device_put(np.concatenate([np.asarray(x, dtype=np.float64), tail]))
 
 
-def fit_data(ds: xr.Dataset) -> structured.Blocks | Pairs:
-    """The fitted pairs of ``ds`` as a fit reads them: the block layout of the separable
-    path (:func:`heterodyne.structured.blocks`) where its rule allows, else flat pairs."""
-    layout = structured.blocks(ds)
-    return fitted_pairs(ds) if layout is None else layout
-
-
 class Errors(NamedTuple):
     """Outcome of :meth:`Objective.errors_at`."""
 
@@ -279,8 +273,7 @@ class Objective:
         p.validate(n_phi)
         for message in identifiability_warnings(p):
             warnings.warn(message, stacklevel=3)
-        data = fit_data(ds)  # the fit's layout, made once
-        n_pairs = data.n_pairs
+        n_pairs = int(pair_counts(ds).sum())
         n_scale = n_phi if scaling == "per_angle" else 1
         v_max = starts.resolvable_velocity(ds)
         if not p["v0"].max_given and p["v0"].max > v_max >= p["v0"].min:
@@ -340,10 +333,6 @@ class Objective:
             n_scale,
             scaling,
         )
-        if isinstance(data, structured.Blocks):
-            made.blocks = data
-        else:
-            made.blocks, made.pairs = None, data
         # with estimated starts the first candidate is x0 itself; given starts are kept
         # and the data's candidates added where they differ
         alternatives = [made.pack(v) for v in found[1 if estimated else 0 :]]

@@ -113,6 +113,21 @@ def fitted_rows(ds: xr.Dataset, angle: int, start: int, stop: int, storage=STORA
     return c2, weight
 
 
+def pair_counts(ds: xr.Dataset, rows: int = 256) -> np.ndarray:
+    """The number of fitted pairs of each angle (:func:`fitted_rows`), counted ``rows``
+    rows at a time."""
+    n_phi, n = ds.sizes["phi"], ds.sizes["t1"]
+    return np.array(
+        [
+            sum(
+                int(np.count_nonzero(fitted_rows(ds, a, s, min(s + rows, n))[1]))
+                for s in range(0, n, rows)
+            )
+            for a in range(n_phi)
+        ]
+    )
+
+
 def residual_grid(ds: xr.Dataset, model_rows, dtype=STORAGE) -> tuple[np.ndarray, float]:
     """The weighted residuals ``(model - c2) / sigma`` on the grid, NaN where a pair is
     not fitted (the diagonal, non-finite ``c2``), the lower triangle the mirror of the

@@ -117,12 +117,6 @@ class Blocks(NamedTuple):
     masked_i: jax.Array  #: first frame of each masked pair
     masked_j: jax.Array  #: second frame of each masked pair
     masked_valid: jax.Array  #: 1 for a masked pair, 0 for padding
-    count: jax.Array  #: (n_phi',) number of fitted pairs of each angle
-
-    @property
-    def n_pairs(self) -> int:
-        """Number of fitted pairs, all angles."""
-        return int(np.sum(self.count))
 
 
 def tile_pairs(n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +236,6 @@ def blocks(ds: xr.Dataset, block: int | None = None, dtype=None, storage=STORAGE
         masked_i=padded(m_i),
         masked_j=padded(m_j),
         masked_valid=jax.device_put(valid),
-        count=jax.device_put(shapes.pad_zeros(count, phi_class)),
     )
 
 

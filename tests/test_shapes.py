@@ -94,7 +94,7 @@ def test_an_angle_class_is_the_next_power_of_two():
 
 def _unpadded(blocks, n_phi):
     """``blocks`` cut back to its ``n_phi`` real angles: the layout without angle padding."""
-    per_angle = ("phi", "weight", "center", "sum_d", "sum_d2", "count")
+    per_angle = ("phi", "weight", "center", "sum_d", "sum_d2")
     cut = {name: getattr(blocks, name)[:n_phi] for name in per_angle}
     return blocks._replace(
         diagonal=blocks.diagonal[:, :n_phi], tiles=blocks.tiles[:, :, :n_phi], **cut
