@@ -425,14 +425,17 @@ def _data_pass(a, b, e, diagonal, tiles):
         d = d.astype(a.dtype)
         factor = between[k, l][:, None, None]  # (tiles, 1, 1, M)
         x_add = jnp.einsum("tpij,tpjm->tpim", d, factor * frames_x[l])
-        y_add = jnp.einsum("tpij,tpim->tpjm", d, factor * frames_y[k])
+        # u^T d, transposed at the end: d is read along its rows, as it is laid out
+        y_add = jnp.einsum("tpim,tpij->tpmj", factor * frames_y[k], d)
         x_sum, y_sum = sums
         return (x_sum.at[k].add(x_add), y_sum.at[l].add(y_add)), None
 
     zeros = jnp.zeros((n_blocks, n_phi, size, m), dtype=a.dtype)
-    (x_sum, y_sum), _ = jax.lax.scan(tile_step, (zeros, zeros), (tiles, rows, columns))
+    (x_sum, y_sum), _ = jax.lax.scan(
+        tile_step, (zeros, jnp.swapaxes(zeros, -1, -2)), (tiles, rows, columns)
+    )
     x_off = to_after[:, None] * x_sum  # (K, n_phi, B, M)
-    y_off = to_start[:, None] * y_sum
+    y_off = to_start[:, None] * jnp.swapaxes(y_sum, -1, -2)
 
     upper = jnp.triu(jnp.ones((size, size), dtype=bool), 1)[:, :, None]
 
