@@ -73,6 +73,9 @@ DIAG_SPAN = 300.0
 # Frames per block of the J^T J sums: pairs within a block are summed one by one, pairs
 # across blocks through per-block sums (8 was fastest at N = 200 to 2000).
 GRAM_BLOCK = 8
+# Frames x angles per step of the J^T J sums: the temporaries of a step (~8 kB per frame
+# and angle) stay a few MB, where larger ones were paged in anew at every evaluation.
+GRAM_CHUNK = 2048
 # A column of J^T J smaller than this fraction of its magnitude (the sum of its separate
 # terms' squares) is rounding: its terms cancel to below what the sums resolve (~1e-15).
 RESOLUTION = 1e-11
@@ -502,81 +505,109 @@ def _separable_gram(a, b, e, Da, Db, scale, n_live):
     ``exp(e_t - e_t') <= 1``) and ``P`` the sums over all earlier blocks of ``a' a'^T`` and
     ``a'`` (prefix sums). Pairs within a block are summed one by one; the terms ``n = m``
     of the products alone give the magnitude. Cost ``O(N M² P²)``, with no recurrence
-    over frames.
+    over frames. The per-block sums and the sums over pairs go ``GRAM_CHUNK`` frames x
+    angles a step, so that their temporaries stay a few MB whatever ``N``.
     """
     n_phi, n, m = a.shape
-    c = scale[:, None, None, None]
-    A = jnp.concatenate([c * Da, a[..., None]], -1)
-    B = jnp.concatenate([c * Db, jnp.zeros_like(b[..., None])], -1)
     size = GRAM_BLOCK
     n_blocks = -(-n // size)
+    per_chunk = min(n_blocks, max(1, GRAM_CHUNK // (n_phi * size)))
+    n_chunks = -(-n_blocks // per_chunk)
+    n_blocks = n_chunks * per_chunk
     pad = n_blocks * size - n
+    c = scale[:, None, None, None, None]  # (n_phi, block, frame, term, parameter)
 
-    def by_block(v):
-        # padded frames: zero factors, the last exponent (every shift stays <= 1)
+    def by_chunk(v):
+        # (n_phi, N, ...) -> (chunk, n_phi, block, frame, ...); padded frames: zero factors
         v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
-        return v.reshape(n_phi, n_blocks, size, *v.shape[2:])
+        return jnp.swapaxes(v.reshape(n_phi, n_chunks, per_chunk, size, *v.shape[2:]), 0, 1)
 
-    A, B, a, b = by_block(A), by_block(B), by_block(a), by_block(b)
+    # padded frames take the last exponent: every shift stays <= 1
     e = jnp.pad(e, ((0, pad), (0, 0)), mode="edge").reshape(n_blocks, size, m)
     start = e[:, 0]
     after = jnp.concatenate([start[1:], e[-1:, -1]])
-    left_shift = jnp.exp(e - after[:, None])[None]
-    right_shift = jnp.exp(start[:, None] - e)[None]
-    a1, A1 = a * left_shift, A * left_shift[..., None]
-    b1, B1 = b * right_shift, B * right_shift[..., None]
+    frames = (by_chunk(a), by_chunk(b), by_chunk(Da), by_chunk(Db)) + tuple(
+        v.reshape(n_chunks, per_chunk, *v.shape[1:]) for v in (e, start, after)
+    )
 
-    # per block (as dot products: the broadcast-and-sum was slower here)
-    r_bb = jnp.einsum("akim,akin->akmn", b1, b1)
-    r_bB = jnp.einsum("akim,akinq->akmnq", b1, B1)
-    l_aa = jnp.einsum("akim,akin->akmn", a1, a1)
+    def shifted(a, b, Da, Db, e, start, after):
+        A = jnp.concatenate([c * Da, a[..., None]], -1)
+        B = jnp.concatenate([c * Db, jnp.zeros_like(b[..., None])], -1)
+        left_shift = jnp.exp(e - after[:, None])[None]
+        right_shift = jnp.exp(start[:, None] - e)[None]
+        a1, b1 = a * left_shift, b * right_shift
+        return A, B, a1, A * left_shift[..., None], b1, B * right_shift[..., None]
+
+    def block_sums(chunk):
+        # per block (as dot products: the broadcast-and-sum was slower here)
+        _, _, a1, _, b1, B1 = shifted(*chunk)
+        r_bb = jnp.einsum("akim,akin->akmn", b1, b1)
+        r_bB = jnp.einsum("akim,akinq->akmnq", b1, B1)
+        l_aa = jnp.einsum("akim,akin->akmn", a1, a1)
+        return (r_bb, r_bB, jnp.sum(b1, 2)), (l_aa, jnp.sum(a1, 2))
+
+    def whole(v):  # (chunk, n_phi, block, ...) -> (n_phi, all blocks, ...)
+        return jnp.swapaxes(v, 0, 1).reshape(n_phi, n_blocks, *v.shape[3:])
+
+    right, left = jax.tree.map(whole, jax.lax.map(block_sums, frames))
     step = jnp.exp(start[:-1] - start[1:])  # from block K + 1's start to block K's
     step = jnp.concatenate([step, jnp.ones((1, m))])[None]
     step2 = step[..., :, None] * step[..., None, :]
-
-    right = (r_bb, r_bB, jnp.sum(b1, 2))
-    left = (l_aa, jnp.sum(a1, 2))
     decay = (step2, step2[..., None], step)
     later = _linear_recurrence(decay, right, reverse=True)
     earlier = _linear_recurrence(decay[::2], left, reverse=False)
     # exclusive: the blocks strictly after K (from K + 1's start), strictly before K
-    R_bb, R_bB, R_b = (jnp.pad(v[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (v.ndim - 2)) for v in later)
-    P_aa, P_a = (jnp.pad(v[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (v.ndim - 2)) for v in earlier)
-
-    # contractions over the second term index written out term by term, as one elementwise
-    # loop (as dot products they would be thousands of tiny ones; as a broadcast product
-    # summed over an axis of 4, several times slower), then one product over frames, terms
-    row = sum(
-        0.5 * R_bb[:, :, None, :, n, None] * A1[:, :, :, None, n]
-        + a1[:, :, :, None, n, None] * R_bB[:, :, None, :, n]
-        for n in range(m)
+    later = [jnp.pad(v[:, 1:], [(0, 0), (0, 1)] + [(0, 0)] * (v.ndim - 2)) for v in later]
+    earlier = [jnp.pad(v[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (v.ndim - 2)) for v in earlier]
+    carried = tuple(
+        jnp.swapaxes(v.reshape(n_phi, n_chunks, per_chunk, *v.shape[2:]), 0, 1)
+        for v in later + earlier
     )
-    col = 0.5 * sum(P_aa[:, :, None, :, n, None] * B1[:, :, :, None, n] for n in range(m))
-    half = jnp.einsum("akimp,akimq->apq", A1, row) + jnp.einsum("akimp,akimq->apq", B1, col)
-    gram = half + half.transpose(0, 2, 1)
-    total = jnp.einsum("akimp,akm->ap", A1, R_b) + jnp.einsum("akimp,akm->ap", B1, P_a)
-
-    def same_term(X):
-        return jnp.diagonal(X, axis1=2, axis2=3)
-
-    magnitude = (
-        jnp.einsum("akimp,akm->ap", A1 * A1, same_term(R_bb))
-        + 2 * jnp.einsum("akimp,akpm->ap", A1 * a1[..., None], same_term(R_bB))
-        + jnp.einsum("akimp,akm->ap", B1 * B1, same_term(P_aa))
-    )
-
-    # pairs within a block, the sum over terms written out as above
     i, j = np.triu_indices(size, 1)
-    E = jnp.exp(e[:, i] - e[:, j])[None]
-    terms = [
-        (E * b[:, :, j])[..., n, None] * A[:, :, i, n]
-        + (E * a[:, :, i])[..., n, None] * B[:, :, j, n]
-        for n in range(m)
-    ]
-    v = sum(terms)
-    magnitude = magnitude + jnp.sum(sum(t**2 for t in terms), (1, 2))
-    gram = gram + jnp.einsum("akip,akiq->apq", v, v)
-    total = total + jnp.sum(v, (1, 2))
+
+    def chunk_sums(sums, chunk):
+        part, (R_bb, R_bB, R_b, P_aa, P_a) = chunk
+        a, b, e = part[0], part[1], part[4]
+        A, B, a1, A1, b1, B1 = shifted(*part)
+        # contractions over the second term index written out term by term, as one
+        # elementwise loop (as dot products they would be thousands of tiny ones; as a
+        # broadcast product summed over an axis of 4, several times slower), then one
+        # product over frames, terms
+        row = sum(
+            0.5 * R_bb[:, :, None, :, n, None] * A1[:, :, :, None, n]
+            + a1[:, :, :, None, n, None] * R_bB[:, :, None, :, n]
+            for n in range(m)
+        )
+        col = 0.5 * sum(P_aa[:, :, None, :, n, None] * B1[:, :, :, None, n] for n in range(m))
+        half = jnp.einsum("akimp,akimq->apq", A1, row) + jnp.einsum("akimp,akimq->apq", B1, col)
+        gram = half + half.transpose(0, 2, 1)
+        total = jnp.einsum("akimp,akm->ap", A1, R_b) + jnp.einsum("akimp,akm->ap", B1, P_a)
+
+        def same_term(X):
+            return jnp.diagonal(X, axis1=2, axis2=3)
+
+        magnitude = (
+            jnp.einsum("akimp,akm->ap", A1 * A1, same_term(R_bb))
+            + 2 * jnp.einsum("akimp,akpm->ap", A1 * a1[..., None], same_term(R_bB))
+            + jnp.einsum("akimp,akm->ap", B1 * B1, same_term(P_aa))
+        )
+
+        # pairs within a block, the sum over terms written out as above
+        E = jnp.exp(e[:, i] - e[:, j])[None]
+        terms = [
+            (E * b[:, :, j])[..., n, None] * A[:, :, i, n]
+            + (E * a[:, :, i])[..., n, None] * B[:, :, j, n]
+            for n in range(m)
+        ]
+        v = sum(terms)
+        magnitude = magnitude + jnp.sum(sum(t**2 for t in terms), (1, 2))
+        gram = gram + jnp.einsum("akip,akiq->apq", v, v)
+        total = total + jnp.sum(v, (1, 2))
+        return jax.tree.map(jnp.add, sums, (gram, total, magnitude)), None
+
+    width = Da.shape[-1] + 1
+    zeros = (jnp.zeros((n_phi, width, width)), jnp.zeros((n_phi, width)), jnp.zeros((n_phi, width)))
+    (gram, total, magnitude), _ = jax.lax.scan(chunk_sums, zeros, (frames, carried))
 
     # pairs of padded frames have zero factors: only their count must leave out
     count = jnp.full((n_phi, 1, 1), n_live * (n_live - 1) / 2)

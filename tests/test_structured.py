@@ -1,5 +1,6 @@
 """The separable normal equations against the blocked-Jacobian path they replace."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -187,6 +188,43 @@ def test_mostly_masked_data_falls_back_to_the_blocked_jacobian():
     c2[:, far] = np.nan
     ds = hd.from_arrays(c2, ds["t1"].values, ds["phi"].values, float(ds["q"]))
     assert structured.blocks(problem_for(ds, TRUTH).ds) is None
+
+
+def test_gram_in_chunks_equals_the_pairwise_sum(monkeypatch):
+    """``sum v v^T`` over the upper triangle, with the frames in one chunk and in chunks
+    of one block (13 of them, the last padded), against the pairs summed one by one in
+    numpy: ``v = [c dg, g, 1]`` from the factors of the module docstring."""
+    rng = np.random.default_rng(11)
+    truth = random_physics(rng)
+    ds = hd.simulate(truth, n_frames=100, phi=[-30.0, 20.0, 70.0], noise=0.01, seed=2)
+    problem = problem_for(ds, truth)
+    pad, data = problem.padding, problem.blocks
+    n_physics = int(np.sum(np.asarray(problem.free) < len(PHYSICS_NAMES)))
+    x = jnp.asarray(np.concatenate([problem.x0, pad.tail]))
+    a, b, e, Da, Db, scale, _ = structured._factor_stage(
+        x, pad.template, pad.free, data.t, data.live, data.phi, data.q, data.center,
+        pad.n_scale, n_physics,
+    )  # fmt: skip
+    # the 100 frames of the data (the class pads them with zero factors)
+    a, b, Da, Db = (np.asarray(v)[:, :100] for v in (a, b, Da, Db))
+    e, scale = np.asarray(e)[:100], np.asarray(scale)
+    i, j = np.triu_indices(100, 1)
+    E = np.exp(e[i] - e[j])  # (pairs, M)
+    g = np.einsum("apm,pm->ap", a[:, i] * b[:, j], E)
+    dg = np.einsum("apmq,pm->apq", Da[:, i] * b[:, j, :, None] + a[:, i, :, None] * Db[:, j], E)
+    v = np.concatenate([scale[:, None, None] * dg, g[..., None], np.ones_like(g[..., None])], -1)
+    pairwise = np.einsum("apq,apr->aqr", v, v)
+
+    def gram():  # a new function each time: traced with the GRAM_CHUNK of the moment
+        return jax.jit(lambda *f: structured._separable_gram(*f, 100))(a, b, e, Da, Db, scale)[0]
+
+    whole = np.asarray(gram())
+    monkeypatch.setattr(structured, "GRAM_CHUNK", 1)
+    chunked = np.asarray(gram())
+    scale_of = np.sqrt(np.einsum("aqq,arr->aqr", pairwise, pairwise))
+    for got in (whole, chunked):
+        assert np.max(np.abs(got - pairwise) / scale_of) < 1e-12
+    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-14 * np.max(whole))
 
 
 def test_no_overflow_where_the_exponents_span_thousands():
