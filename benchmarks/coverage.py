@@ -72,10 +72,12 @@ def main():
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--save", help="write each seed's outcome to this .npz file")
     parser.add_argument("--load", nargs="+", help="print the tables of saved runs")
-    parser.add_argument("--table", nargs="+", help="one summary line per saved run")
+    parser.add_argument(
+        "--table", nargs="+", help="one summary line per saved run (a+b.npz: runs joined)"
+    )
     args = parser.parse_args()
     if args.table:
-        summary([dict(np.load(f)) for f in args.table])
+        summary([combine(f.split("+")) for f in args.table])
         return
     outcome = combine(args.load) if args.load else run(args)
     if args.save:
