@@ -160,6 +160,12 @@ vanishes and the model is the speckle one of issue 9, with the speckle's cumulan
 Resampling frame blocks, or cluster-robust sandwiches over them, has too few independent
 blocks to estimate this covariance when a slowly decorrelating reference makes the matrix
 a few large correlated blocks.
+
+Validated (``benchmarks/coverage.py``, independent speckle simulations with Poisson
+counting, 150 frames, 4 angles, 200 seeds each): the errors are 0.89 to 1.12 of the
+scatter of the fitted values, and ``value -+ stderr`` covers the truth 61 to 76 % of the
+time: 2000 pixels per angle without counting and at 10, 1 and 0.1 photons per pixel and
+frame, 500 pixels at 1 photon, 50 000 pixels at 0.01 photon.
 """
 
 from __future__ import annotations
