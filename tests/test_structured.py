@@ -191,8 +191,8 @@ def test_mostly_masked_data_falls_back_to_the_blocked_jacobian():
 
 
 def test_gram_in_chunks_equals_the_pairwise_sum(monkeypatch):
-    """``sum v v^T`` over the upper triangle, with the frames in one chunk and in chunks
-    of one block (13 of them, the last padded), against the pairs summed one by one in
+    """``sum v v^T`` over the upper triangle, with the frames in one chunk, in chunks of
+    one block and of two (the last a block of padding), against the pairs summed one by one in
     numpy: ``v = [c dg, g, 1]`` from the factors of the module docstring."""
     rng = np.random.default_rng(11)
     truth = random_physics(rng)
@@ -219,12 +219,14 @@ def test_gram_in_chunks_equals_the_pairwise_sum(monkeypatch):
         return jax.jit(lambda *f: structured._separable_gram(*f, 100))(a, b, e, Da, Db, scale)[0]
 
     whole = np.asarray(gram())
-    monkeypatch.setattr(structured, "GRAM_CHUNK", 1)
-    chunked = np.asarray(gram())
     scale_of = np.sqrt(np.einsum("aqq,arr->aqr", pairwise, pairwise))
-    for got in (whole, chunked):
-        assert np.max(np.abs(got - pairwise) / scale_of) < 1e-12
-    np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-14 * np.max(whole))
+    assert np.max(np.abs(whole - pairwise) / scale_of) < 1e-12
+    # one block a step (13 steps); two blocks a step (7 steps, the last a padding block)
+    for chunk in (1, 64):
+        monkeypatch.setattr(structured, "GRAM_CHUNK", chunk)
+        chunked = np.asarray(gram())
+        assert np.max(np.abs(chunked - pairwise) / scale_of) < 1e-12
+        np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=1e-14 * np.max(whole))
 
 
 def test_no_overflow_where_the_exponents_span_thousands():
